@@ -1,0 +1,1 @@
+//! CPU reference for `aux_loss` (to be written).

@@ -1,0 +1,1 @@
+//! CPU reference for `bias_update` (to be written).

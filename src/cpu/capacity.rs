@@ -1,0 +1,1 @@
+//! CPU reference for `capacity` (to be written).

@@ -1,0 +1,1 @@
+//! CPU reference for `expert_choice` (to be written).

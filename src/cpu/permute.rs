@@ -1,0 +1,1 @@
+//! CPU reference for `permute` (to be written).

@@ -1,0 +1,1 @@
+//! CPU reference for `router_stats` (to be written).

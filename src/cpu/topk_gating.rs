@@ -1,0 +1,1 @@
+//! CPU reference for `topk_gating` (to be written).

@@ -1,0 +1,1 @@
+//! CPU reference for `z_loss` (to be written).

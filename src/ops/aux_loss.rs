@@ -1,0 +1,1 @@
+//! `aux_loss` (to be written).

@@ -1,0 +1,1 @@
+//! `permute` (to be written).

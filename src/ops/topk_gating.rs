@@ -1,0 +1,1 @@
+//! `topk_gating` (to be written).

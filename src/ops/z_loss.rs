@@ -1,0 +1,1 @@
+//! `z_loss` (to be written).
