@@ -9,7 +9,13 @@ use crate::philox::{uniform, Domain};
 /// `u = uniform(seed, offset, ExpertMasking, t * E + e) < rate`. If that leaves fewer
 /// than `topk` unmasked candidates, the masked candidates with the largest `u`
 /// (ties: lower expert index) are unmasked until exactly `topk` remain.
-pub fn expert_mask_row(t: usize, num_experts: usize, topk: usize, cfg: &DropoutConfig, masked: &mut [bool]) {
+pub fn expert_mask_row(
+    t: usize,
+    num_experts: usize,
+    topk: usize,
+    cfg: &DropoutConfig,
+    masked: &mut [bool],
+) {
     let base = (t * num_experts) as u64;
     let mut unmasked = 0usize;
     for (e, m) in masked.iter_mut().enumerate().take(num_experts) {

@@ -26,7 +26,12 @@ impl DropoutConfig {
     /// `rate` must be finite and in `[0, 1)`.
     pub fn validate(&self, op: &'static str, arg: &'static str) -> Result<()> {
         if !(self.rate.is_finite() && self.rate >= 0.0 && self.rate < 1.0) {
-            return Err(Error::invalid(op, arg, format_args!("rate {}", self.rate), "the dropout rate must be finite and in [0, 1)"));
+            return Err(Error::invalid(
+                op,
+                arg,
+                format_args!("rate {}", self.rate),
+                "the dropout rate must be finite and in [0, 1)",
+            ));
         }
         Ok(())
     }
