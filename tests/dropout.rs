@@ -760,7 +760,8 @@ fn dropout_bad_indices() {
 fn dropout_bad_lengths() {
     let idx = [0, 1, 2, 3];
     let w = [0.25f32; 4];
-    let cases: [(&[i32], &[f32], [usize; 3], &str); 5] = [
+    type Case<'a> = (&'a [i32], &'a [f32], [usize; 3], &'a str);
+    let cases: [Case; 5] = [
         (&idx[..3], &w, [4; 3], "indices"),
         (&idx, &w[..3], [4; 3], "weights"),
         (&idx, &w, [3, 4, 4], "out.indices"),

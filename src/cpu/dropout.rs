@@ -31,7 +31,8 @@ pub fn expert_mask_row(
         for (e, &m) in masked.iter().enumerate().take(num_experts) {
             if m {
                 let u = uniform(cfg.seed, cfg.offset, Domain::ExpertMasking, base + e as u64);
-                if best.is_none_or(|(bu, _)| u > bu) {
+                // (`Option::is_none_or` would need Rust 1.82; the MSRV is 1.80.)
+                if best.map_or(true, |(bu, _)| u > bu) {
                     best = Some((u, e));
                 }
             }
