@@ -167,7 +167,9 @@ def _float(op: str, name: str, v, lo: Optional[float] = None, hi: Optional[float
     if isinstance(v, bool) or not isinstance(v, (int, float, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"moe_router.{op}: `{name}` must be a float, got {type(v).__name__} {v!r}")
     v = float(v) if isinstance(v, (int, float)) else v
-    bad = isinstance(v, float) and not math.isfinite(v)
+    # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) `v` may be
+    # a SymFloat, whose comparisons become guards while math.isfinite breaks the graph.
+    bad = not (v == v and -math.inf < v < math.inf)
     if lo is not None:
         bad = bad or (v <= lo if lo_open else v < lo)
     if hi is not None:
