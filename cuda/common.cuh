@@ -149,12 +149,12 @@ __device__ __forceinline__ float uniform_f32(u32 x) {
     return (float)(x >> 8) * (1.0f / 16777216.0f);
 }
 
-__device__ __forceinline__ float philox_uniform(u64 seed, u64 offset, u32 domain, u64 index) {
+__device__ __noinline__ float philox_uniform(u64 seed, u64 offset, u32 domain, u64 index) {
     return uniform_f32(random_u32x4(seed, offset, domain, index).x);
 }
 
 // Standard normal by Box-Muller in double, rounded once to f32 (src/philox.rs::normal).
-__device__ __forceinline__ float philox_normal(u64 seed, u64 offset, u32 domain, u64 index) {
+__device__ __noinline__ float philox_normal(u64 seed, u64 offset, u32 domain, u64 index) {
     u32x4 x = random_u32x4(seed, offset, domain, index);
     double u1 = ((double)(x.x >> 8) + 1.0) * (1.0 / 16777216.0);
     double u2 = (double)(x.y >> 8) * (1.0 / 16777216.0);

@@ -5,12 +5,15 @@
 #![cfg(feature = "cuda")]
 
 use moe_router::cuda::{compile_all_kernels, nvrtc_available, nvrtc_version, MODULES};
+use std::io::Write as _;
 
 fn nvrtc_or_skip() -> bool {
     if nvrtc_available() {
         return true;
     }
-    eprintln!(
+    // Straight to the stderr handle: not swallowed by the test harness's capture.
+    let _ = writeln!(
+        std::io::stderr(),
         "SKIPPED: libnvrtc not found (LD_LIBRARY_PATH={:?}); install nvidia-cuda-nvrtc==13.0.* and add its nvidia/cu13/lib to LD_LIBRARY_PATH",
         std::env::var("LD_LIBRARY_PATH").unwrap_or_default()
     );
