@@ -217,7 +217,9 @@ template <typename T>
 __device__ __forceinline__ float raw_weight(const T* row, const GatingParams& P, int lane, int ej,
                                             float m, float inv, float& zj) {
     const int k = P.topk;
-    zj = lane < k ? to_f32(row[ej]) : 0.0f;
+    // A replay index out of range is never dereferenced: its logit reads as NaN.
+    const bool in_range = ej >= 0 && ej < P.num_experts;
+    zj = lane < k ? (in_range ? to_f32(row[ej]) : MOE_NAN) : 0.0f;
     if (!P.sigmoid && !P.pre_softmax) {
         float mm = warp_seq_sel_max(zj, k);
         float w = expf(zj - mm);

@@ -83,3 +83,29 @@ fn a_broken_source_is_a_compile_error_with_the_log() {
     let err = moe_router::cuda::compile_module(&missing, "sm_80").unwrap_err();
     assert!(err.to_string().contains("missing_f32"), "{err}");
 }
+
+#[test]
+fn ptx_is_cached_on_disk_and_reused() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("moe-router-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // The only test in this binary that reads the variable.
+    std::env::set_var("MOE_ROUTER_CACHE_DIR", &dir);
+    let m = &MODULES[0];
+    let first = moe_router::cuda::cached_ptx(m, "sm_80")
+        .expect("compile")
+        .to_src();
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("cache dir written")
+        .collect();
+    assert_eq!(files.len(), 1, "one cached PTX file");
+    let t0 = std::time::Instant::now();
+    let second = moe_router::cuda::cached_ptx(m, "sm_80")
+        .expect("cached")
+        .to_src();
+    assert_eq!(first, second);
+    eprintln!("cache hit in {:?}", t0.elapsed());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -449,6 +449,17 @@ ptxas info    : Used 40 registers, used 1 barriers, 392 bytes cmem[0]\n";
     }
 
     #[test]
+    fn no_device_is_an_error_not_a_panic() {
+        if !device_available() {
+            let err = CudaBackend::new(0).unwrap_err();
+            assert!(matches!(err, Error::NoDevice(_)), "{err}");
+        }
+        // An ordinal past the device count is refused the same way.
+        let err = CudaBackend::new(usize::MAX).unwrap_err();
+        assert!(matches!(err, Error::NoDevice(_)), "{err}");
+    }
+
+    #[test]
     fn cache_key_depends_on_every_part() {
         let a = fnv1a(&[b"src", b"sm_80"]);
         assert_ne!(a, fnv1a(&[b"src", b"sm_90"]));
