@@ -567,7 +567,7 @@ pub struct UnpermuteGrads<T> {
 /// `row [num_tokens, k]`, `weights [num_tokens, k]`, `grad_y [num_rows, hidden]`,
 /// `grad_weights [num_tokens, k]`.
 ///
-/// The dot product runs over `hidden` in 8 interleaved `f32` partial sums combined in a
+/// The dot product runs over `hidden` in 32 interleaved `f32` partial sums combined in a
 /// fixed order (deterministic, independent of threads).
 ///
 /// # Errors
