@@ -1,6 +1,6 @@
 //! CPU reference for permute / unpermute and their backward passes.
 //!
-//! Arguments are assumed validated by [`crate::ops::permute`]; on unvalidated input
+//! Arguments are assumed validated by [`mod@crate::ops::permute`]; on unvalidated input
 //! these functions still never panic or write out of bounds (a row or token index that
 //! is out of range is treated as not routed), they just compute something meaningless.
 //!

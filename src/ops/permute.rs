@@ -26,7 +26,8 @@
 //! ([`Error::Overflow`]), `row_to_token` entries in `[-1, num_tokens)` and `row` entries
 //! in `[-1, num_rows)` and distinct ([`Error::InvalidArgument`]); the ndarray forms also
 //! require standard (row-major, contiguous) layout ([`Error::Layout`]). Weights need not
-//! be finite: NaN and infinities propagate as values. `hidden = 0`, `num_tokens = 0`,
+//! be finite: NaN and infinities propagate as values (the weights of dropped
+//! assignments are never read). `hidden = 0`, `num_tokens = 0`,
 //! `num_rows = 0` and `k = 0` are valid (empty or zero outputs).
 
 use crate::cpu;
