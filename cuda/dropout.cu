@@ -27,6 +27,7 @@ struct DropoutParams {
     int num_experts;
     int topk;
     int renormalize;
+    int pad_;
 };
 
 template <int NT>

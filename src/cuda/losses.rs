@@ -289,6 +289,14 @@ fn one_block(threads: u32, blocks: usize) -> LaunchConfig {
     }
 }
 
+/// The aux outputs of [`run_forward`]: loss, counts, scores_sum, total_tokens.
+type AuxOutRefs<'r, 'a> = (
+    &'r mut CudaViewMut<'a, f32>,
+    &'r mut CudaViewMut<'a, i64>,
+    &'r mut CudaViewMut<'a, f32>,
+    &'r mut CudaViewMut<'a, i64>,
+);
+
 /// The three launches of the forward. Buffers already checked.
 #[allow(clippy::too_many_arguments)]
 fn run_forward<T: RouterFloat + DeviceRepr>(
@@ -298,12 +306,7 @@ fn run_forward<T: RouterFloat + DeviceRepr>(
     logits: &CudaView<'_, T>,
     mask: Option<&CudaView<'_, bool>>,
     counts_in: Option<&CudaView<'_, i64>>,
-    mut aux: Option<(
-        &mut CudaViewMut<'_, f32>,
-        &mut CudaViewMut<'_, i64>,
-        &mut CudaViewMut<'_, f32>,
-        &mut CudaViewMut<'_, i64>,
-    )>,
+    mut aux: Option<AuxOutRefs<'_, '_>>,
     mut z: Option<&mut ZLossCudaBuffers<'_>>,
     workspace: &mut CudaViewMut<'_, f64>,
 ) -> Result<()> {

@@ -5,6 +5,10 @@
 //! |-------------------------------------|----------------------------------------------|
 //! | `&[T]`, `&mut [T]`                  | [`CudaView<T>`], [`CudaViewMut<T>`]          |
 //! | `crate::cpu::topk_gating::forward`  | [`topk_gating::topk_gating_cuda`]            |
+//! | `crate::cpu::aux_loss`, `z_loss`    | [`losses::aux_loss_cuda`] (z-loss fused), ... |
+//! | `crate::cpu::dropout`               | [`dropout::assignment_dropout_cuda`], ...    |
+//! | `crate::cpu::router_stats`          | [`router_stats::router_stats_cuda`]          |
+//! | `crate::cpu::bias_update`           | [`bias_update::update_expert_bias_cuda`]     |
 //! | validation in [`crate::ops`]        | the same validation, then a launch           |
 //!
 //! Nothing CUDA is linked at build time: `libcuda` and `libnvrtc` are loaded when
@@ -22,8 +26,11 @@
 //! on a stream the caller owns, such as PyTorch's current stream) and never
 //! synchronise with the host.
 
+pub mod bias_update;
+pub mod dropout;
 pub mod kernels;
 pub mod losses;
+pub mod router_stats;
 pub mod topk_gating;
 
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut};
