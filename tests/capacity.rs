@@ -41,7 +41,10 @@ fn evaluated_in_f64_exactly_as_written() {
 fn zero_tokens() {
     assert_eq!(cap(0, 8, 2, &CapacityConfig::new(1.0)), 0);
     assert_eq!(cap(0, 8, 2, &CapacityConfig::new(1.0).min_capacity(4)), 4);
-    assert_eq!(cap(0, 8, 2, &CapacityConfig::new(1.0).capacity_multiple(8)), 0);
+    assert_eq!(
+        cap(0, 8, 2, &CapacityConfig::new(1.0).capacity_multiple(8)),
+        0
+    );
 }
 
 #[test]
@@ -61,15 +64,30 @@ fn capacity_multiple() {
     assert_eq!(cap(10, 3, 1, &base.clone().capacity_multiple(3)), 6);
     assert_eq!(cap(10, 3, 1, &base.clone().capacity_multiple(16)), 16);
     // minimum first, then the rounding: max(4, 6) = 6 -> 8
-    assert_eq!(cap(10, 3, 1, &base.clone().min_capacity(6).capacity_multiple(4)), 8);
-    assert_eq!(cap(4096, 8, 2, &CapacityConfig::new(1.1).capacity_multiple(16)), 1136);
+    assert_eq!(
+        cap(10, 3, 1, &base.clone().min_capacity(6).capacity_multiple(4)),
+        8
+    );
+    assert_eq!(
+        cap(4096, 8, 2, &CapacityConfig::new(1.1).capacity_multiple(16)),
+        1136
+    );
 }
 
 #[test]
 fn bad_capacity_factor() {
     for cf in [0.0, -0.0, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
         let err = capacity(16, 4, 2, &CapacityConfig::new(cf)).unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument { arg: "capacity_factor", .. }), "{cf}: {err}");
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    arg: "capacity_factor",
+                    ..
+                }
+            ),
+            "{cf}: {err}"
+        );
         assert!(err.to_string().contains("capacity_factor"), "{err}");
     }
 }
@@ -78,13 +96,34 @@ fn bad_capacity_factor() {
 fn bad_num_experts_topk_multiple() {
     let cfg = CapacityConfig::new(1.0);
     let err = capacity(16, 0, 2, &cfg).unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument { arg: "num_experts", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::InvalidArgument {
+                arg: "num_experts",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("num_experts"));
     let err = capacity(16, 4, 0, &cfg).unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument { arg: "topk", .. }), "{err}");
+    assert!(
+        matches!(err, Error::InvalidArgument { arg: "topk", .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("topk"));
     let err = capacity(16, 4, 2, &cfg.clone().capacity_multiple(0)).unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument { arg: "capacity_multiple", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::InvalidArgument {
+                arg: "capacity_multiple",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("capacity_multiple"));
 }
 
@@ -94,7 +133,16 @@ fn overflow() {
     // exactly i32::MAX is fine
     assert_eq!(cap(max, 1, 1, &CapacityConfig::new(1.0)), max);
     let err = capacity(max + 1, 1, 1, &CapacityConfig::new(1.0)).unwrap_err();
-    assert!(matches!(err, Error::Overflow { what: "capacity", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Overflow {
+                what: "capacity",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("capacity"));
     let err = capacity(1 << 20, 1, 1 << 12, &CapacityConfig::new(1.0)).unwrap_err();
     assert!(matches!(err, Error::Overflow { .. }), "{err}");

@@ -7,7 +7,12 @@
 /// `int / int`. Assumes `num_experts >= 1`; returns `+inf` only if the product
 /// overflows `f64`.
 #[inline]
-pub fn capacity_f64(num_tokens: usize, num_experts: usize, topk: usize, capacity_factor: f64) -> f64 {
+pub fn capacity_f64(
+    num_tokens: usize,
+    num_experts: usize,
+    topk: usize,
+    capacity_factor: f64,
+) -> f64 {
     let assignments = (num_tokens as u128) * (topk as u128);
     (((assignments as f64) / (num_experts as f64)) * capacity_factor).ceil()
 }

@@ -99,10 +99,20 @@ impl CapacityConfig {
 /// let cfg = CapacityConfig::new(1.0).min_capacity(6).capacity_multiple(4);
 /// assert_eq!(capacity(10, 3, 1, &cfg).unwrap(), 8);
 /// ```
-pub fn capacity(num_tokens: usize, num_experts: usize, topk: usize, cfg: &CapacityConfig) -> Result<usize> {
+pub fn capacity(
+    num_tokens: usize,
+    num_experts: usize,
+    topk: usize,
+    cfg: &CapacityConfig,
+) -> Result<usize> {
     cfg.validate()?;
     if num_experts == 0 {
-        return Err(Error::invalid(OP, "num_experts", 0, "the number of experts must be >= 1"));
+        return Err(Error::invalid(
+            OP,
+            "num_experts",
+            0,
+            "the number of experts must be >= 1",
+        ));
     }
     if topk == 0 {
         return Err(Error::invalid(OP, "topk", 0, "topk must be >= 1"));
@@ -113,10 +123,15 @@ pub fn capacity(num_tokens: usize, num_experts: usize, topk: usize, cfg: &Capaci
         value,
         max: i32::MAX as i64,
     };
-    let raw = crate::cpu::capacity::capacity_f64(num_tokens, num_experts, topk, cfg.capacity_factor);
+    let raw =
+        crate::cpu::capacity::capacity_f64(num_tokens, num_experts, topk, cfg.capacity_factor);
     // `raw` is >= 0 and not NaN (validated factor); `+inf` only if f64 overflowed.
     if raw > MAX_I32_INDEX as f64 {
-        let value = if raw.is_finite() { raw as u128 } else { u128::MAX };
+        let value = if raw.is_finite() {
+            raw as u128
+        } else {
+            u128::MAX
+        };
         return Err(overflow(value));
     }
     let mut cap = (raw as usize).max(cfg.min_capacity);
