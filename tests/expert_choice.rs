@@ -203,6 +203,29 @@ proptest! {
 }
 
 #[test]
+fn sorted_and_constant_columns() {
+    // Increasing, decreasing, constant and random columns; capacities that take the
+    // few-winners path (cap * 8 <= T), the selection path and all tokens.
+    let (t_n, e_n) = (200, 4);
+    let mut rng = Rng::new(3);
+    let mut z = Vec::new();
+    for t in 0..t_n {
+        z.extend([
+            t as f32 * 0.01,
+            -(t as f32) * 0.01,
+            0.5,
+            rng.normal() as f32,
+        ]);
+    }
+    for cap in [1, 5, 25, 26, 100, 199, 200, 250] {
+        check_selection(&z, t_n, e_n, cap).unwrap();
+    }
+    // all logits equal: every p ties, the lowest tokens win
+    let out = expert_choice(Array2::<f32>::zeros((40, 3)).view(), 3).unwrap();
+    assert_eq!(check_structure(&out, 40, 3, 3), vec![vec![0, 1, 2]; 3]);
+}
+
+#[test]
 fn larger_batch_selection() {
     let mut rng = Rng::new(5);
     let z = random_logits(1000, 23, &mut rng);

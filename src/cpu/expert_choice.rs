@@ -1,9 +1,13 @@
 //! CPU reference for expert-choice routing.
 //!
-//! 1. `p = softmax(z_t)` per token chunk (rayon) into `weights`.
-//! 2. Per expert (rayon): the `capacity` largest [`rank_key`]`(p[t, e], t)` (so ties
-//!    go to the lower token, NaN last) by a selection, then a scan in token order
-//!    writes the expert's rows.
+//! 1. Per token chunk (rayon): `p = softmax(z_t)` into `weights`, and a copy of the
+//!    chunk's `p` transposed to `[E, chunk]` (so an expert's column is read as
+//!    contiguous runs of `CHUNK` values, not one strided value per row). The copy
+//!    lives, as bits, in the `row` output, which step 3 overwrites: no scratch.
+//! 2. Per expert (rayon): the threshold of its `capacity` largest
+//!    [`rank_key`]`(p[t, e], t)` (ties to the lower token, NaN last; keys are
+//!    distinct): a min-heap of the best keys when few tokens win, a selection
+//!    (`select_nth_unstable`) otherwise; then a scan in token order stores the rows.
 //! 3. Per token chunk (rayon): `row[t, e]` found by binary search in expert `e`'s
 //!    (token-sorted) rows; unchosen weights zeroed.
 
@@ -12,9 +16,66 @@ use crate::dtype::RouterFloat;
 use crate::ops::ExpertChoiceBuffers;
 use crate::select::rank_key;
 use rayon::prelude::*;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
-/// Experts per block of the transpose of `p`: 16 f32 = one 64-byte cache line.
-const TRANSPOSE_BLOCK: usize = 16;
+/// `(t, p[t, e])` in token order from the chunk-transposed copy `pt` of `p` (f32
+/// bits): chunk `c` (tokens `c * CHUNK ..`, `n` of them) holds expert `e`'s values
+/// at `pt[c * CHUNK * E + e * n ..][..n]`.
+fn column(
+    pt: &[i32],
+    num_tokens: usize,
+    num_experts: usize,
+    e: usize,
+) -> impl Iterator<Item = (usize, f32)> + '_ {
+    (0..num_tokens.div_ceil(CHUNK)).flat_map(move |c| {
+        let t0 = c * CHUNK;
+        let n = CHUNK.min(num_tokens - t0);
+        let base = t0 * num_experts + e * n;
+        pt[base..base + n]
+            .iter()
+            .enumerate()
+            .map(move |(i, &v)| (t0 + i, f32::from_bits(v as u32)))
+    })
+}
+
+/// The threshold key of the `taken` best tokens of one expert (`1 <= taken <
+/// num_tokens`): exactly `taken` keys of the column are `>=` it.
+fn threshold(
+    col: impl Iterator<Item = (usize, f32)>,
+    num_tokens: usize,
+    taken: usize,
+    heap: &mut BinaryHeap<Reverse<u64>>,
+    keys: &mut Vec<u64>,
+) -> u64 {
+    if taken.saturating_mul(8) <= num_tokens {
+        // Few winners: keep the best `taken` keys in a min-heap; most tokens are
+        // rejected by one comparison with the current minimum.
+        heap.clear();
+        let mut min = 0u64;
+        for (t, pe) in col {
+            let key = rank_key(pe, t);
+            if key <= min {
+                continue;
+            }
+            if heap.len() < taken {
+                heap.push(Reverse(key));
+                if heap.len() < taken {
+                    continue;
+                }
+            } else if let Some(mut top) = heap.peek_mut() {
+                *top = Reverse(key);
+            }
+            min = heap.peek().map_or(0, |r| r.0);
+        }
+        min
+    } else {
+        keys.clear();
+        keys.extend(col.map(|(t, pe)| rank_key(pe, t)));
+        keys.select_nth_unstable_by(taken - 1, |x, y| y.cmp(x));
+        keys[taken - 1]
+    }
+}
 
 /// Expert-choice forward (see [`crate::ops::expert_choice`]). Assumes validated
 /// sizes: `num_experts >= 1`, every buffer of the documented length.
@@ -27,17 +88,32 @@ pub fn expert_choice<T: RouterFloat>(
 ) {
     let ne = num_experts;
     let len = CHUNK * ne;
-    out.weights
-        .par_chunks_mut(len)
-        .zip(logits.par_chunks(len))
-        .for_each(|(p, z)| {
-            for (p, z) in p.chunks_mut(ne).zip(z.chunks(ne)) {
-                softmax_row(z.iter().map(|v| v.to_f32()), p);
-            }
-        });
-    let p: &[f32] = out.weights;
-
     let taken = capacity.min(num_tokens);
+    // p of one token chunk, and its transposed copy when one is wanted.
+    let chunk_softmax = |p: &mut [f32], z: &[T], mut ptc: Option<&mut [i32]>| {
+        let n = p.len() / ne;
+        for (i, (p, z)) in p.chunks_mut(ne).zip(z.chunks(ne)).enumerate() {
+            softmax_row(z.iter().map(|v| v.to_f32()), p);
+            if let Some(ptc) = ptc.as_deref_mut() {
+                for (e, &v) in p.iter().enumerate() {
+                    ptc[e * n + i] = v.to_bits() as i32;
+                }
+            }
+        }
+    };
+    if taken > 0 {
+        out.weights
+            .par_chunks_mut(len)
+            .zip(logits.par_chunks(len))
+            .zip(out.row.par_chunks_mut(len))
+            .for_each(|((p, z), ptc)| chunk_softmax(p, z, Some(ptc)));
+    } else {
+        out.weights
+            .par_chunks_mut(len)
+            .zip(logits.par_chunks(len))
+            .for_each(|(p, z)| chunk_softmax(p, z, None));
+    }
+
     for (e, x) in out.expert_offsets.iter_mut().enumerate() {
         *x = (e * capacity) as i32;
     }
@@ -46,48 +122,31 @@ pub fn expert_choice<T: RouterFloat>(
         out.row_to_token.fill(-1);
         out.row_weights.fill(0.0);
     } else {
-        // p transposed to [E, T] (blocks of experts, one cache line of p per token),
-        // so each expert scans a contiguous column.
-        let mut pt = vec![0.0f32; ne * num_tokens];
-        pt.par_chunks_mut(TRANSPOSE_BLOCK * num_tokens)
-            .enumerate()
-            .for_each(|(b, block)| {
-                let e0 = b * TRANSPOSE_BLOCK;
-                let width = block.len() / num_tokens;
-                for (t, prow) in p.chunks(ne).enumerate() {
-                    for (i, &v) in prow[e0..e0 + width].iter().enumerate() {
-                        block[i * num_tokens + t] = v;
-                    }
-                }
-            });
+        let pt: &[i32] = out.row;
         out.row_to_token
             .par_chunks_mut(capacity)
             .zip(out.row_weights.par_chunks_mut(capacity))
-            .zip(pt.par_chunks(num_tokens))
-            .for_each_init(Vec::<u64>::new, |keys, ((rt, rw), col)| {
-                rt.fill(-1);
-                rw.fill(0.0);
-                if taken == num_tokens {
-                    for (t, ((r, w), &pe)) in rt.iter_mut().zip(rw.iter_mut()).zip(col).enumerate()
-                    {
-                        *r = t as i32;
-                        *w = pe;
+            .enumerate()
+            .for_each_init(
+                || (BinaryHeap::new(), Vec::new()),
+                |(heap, keys), (e, (rt, rw))| {
+                    let thr = if taken < num_tokens {
+                        threshold(column(pt, num_tokens, ne, e), num_tokens, taken, heap, keys)
+                    } else {
+                        0 // every key is >= 0: all tokens
+                    };
+                    rt.fill(-1);
+                    rw.fill(0.0);
+                    let mut s = 0;
+                    for (t, pe) in column(pt, num_tokens, ne, e) {
+                        if rank_key(pe, t) >= thr {
+                            rt[s] = t as i32;
+                            rw[s] = pe;
+                            s += 1;
+                        }
                     }
-                    return;
-                }
-                keys.clear();
-                keys.extend(col.iter().enumerate().map(|(t, &pe)| rank_key(pe, t)));
-                keys.select_nth_unstable_by(taken - 1, |x, y| y.cmp(x));
-                let threshold = keys[taken - 1];
-                let mut s = 0;
-                for (t, &pe) in col.iter().enumerate() {
-                    if rank_key(pe, t) >= threshold {
-                        rt[s] = t as i32;
-                        rw[s] = pe;
-                        s += 1;
-                    }
-                }
-            });
+                },
+            );
     }
 
     let row_to_token: &[i32] = out.row_to_token;
