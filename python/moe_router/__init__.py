@@ -42,7 +42,7 @@ from .functional import (
 
 __version__ = _native.__version__
 
-_MODULE_EXPORTS = ("TopkRouter", "MoELayer")
+_MODULE_EXPORTS = ("TopkRouter", "TopKRouter", "MoELayer", "update_router_biases")
 
 
 def __getattr__(name):
