@@ -277,6 +277,11 @@ def topk_gating(
     _int(op, "topk", topk, 1, e, valid=f"in [1, num_experts] = [1, {e}]")
     _choice(op, "score_function", score_function, SCORE_FUNCTIONS)
     _bool(op, "pre_softmax", pre_softmax)
+    if pre_softmax and score_function == "sigmoid":
+        raise ValueError(
+            f"moe_router.{op}: invalid `pre_softmax` = True: it applies to score_function 'softmax' only; "
+            "set it to False for 'sigmoid'"
+        )
     _bool(op, "normalize", normalize)
     if (num_groups is None) != (group_topk is None):
         raise ValueError(
@@ -290,6 +295,16 @@ def topk_gating(
                 f"moe_router.{op}: invalid `num_groups` = {num_groups}: it must divide num_experts = {e}"
             )
         _int(op, "group_topk", group_topk, 1, num_groups, valid=f"in [1, num_groups] = [1, {num_groups}]")
+        if group_topk > topk:
+            raise ValueError(
+                f"moe_router.{op}: invalid `group_topk` = {group_topk}: a group's score sums its top "
+                f"topk // group_topk experts, so group_topk must be <= topk = {topk}"
+            )
+        if group_topk * (e // num_groups) < topk:
+            raise ValueError(
+                f"moe_router.{op}: invalid `topk` = {topk}: not reachable within group_topk = {group_topk} groups "
+                f"of {e // num_groups} experts; need group_topk * num_experts / num_groups >= topk"
+            )
     if expert_bias is not None:
         _tensor(op, "expert_bias", expert_bias, (torch.float32,), 1, "[num_experts]", "pass `expert_bias.float()`")
         _dim(op, "expert_bias", expert_bias, 0, e, "num_experts (columns of `logits`)")
@@ -338,6 +353,11 @@ def topk_gating_replay(
     _same_device(op, "logits", logits, indices=indices)
     _choice(op, "score_function", score_function, SCORE_FUNCTIONS)
     _bool(op, "pre_softmax", pre_softmax)
+    if pre_softmax and score_function == "sigmoid":
+        raise ValueError(
+            f"moe_router.{op}: invalid `pre_softmax` = True: it applies to score_function 'softmax' only; "
+            "set it to False for 'sigmoid'"
+        )
     _bool(op, "normalize", normalize)
     scaling_factor = _float(op, "scaling_factor", scaling_factor, valid="finite")
     return _moe.topk_gating_replay(logits, indices, score_function, pre_softmax, normalize, scaling_factor)

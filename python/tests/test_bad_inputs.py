@@ -69,6 +69,8 @@ CASES = [
     ("replay/indices-neg", lambda: mr.topk_gating_replay(Z, IDX - 1), ValueError, "indices"),
     ("replay/indices-repeat", lambda: mr.topk_gating_replay(Z, IDX[:, :1].repeat(1, 2)), ValueError, "indices"),
     ("replay/indices-int64-overflow", lambda: mr.topk_gating_replay(Z, IDX + 2**32), ValueError, "indices"),
+    ("replay/pre-softmax-sigmoid", lambda: mr.topk_gating_replay(Z, IDX, score_function="sigmoid", pre_softmax=True),
+     ValueError, "pre_softmax"),
     ("replay/indices-device", lambda: mr.topk_gating_replay(Z, IDX.to(META)), ValueError, "indices"),
     # capacity
     ("capacity/factor-0", lambda: mr.capacity(8, 4, 2, 0.0), ValueError, "capacity_factor"),
