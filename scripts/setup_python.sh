@@ -26,9 +26,16 @@ command -v cargo >/dev/null || { echo "setup_python.sh: cargo not found; the ext
 if [ ! -x "$venv/bin/python" ]; then
   say "creating virtual environment $venv ($("$py" --version 2>&1))"
   if ! "$py" -m venv "$venv"; then
-    echo "setup_python.sh: '$py -m venv' failed; on Debian/Ubuntu: apt-get install python3-venv" >&2
     rm -rf "$venv"
-    exit 1
+    # Debian's system python ships venv/ensurepip separately (python3-venv).
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      say "'$py -m venv' failed: installing python3-venv with apt-get"
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+      "$py" -m venv "$venv" || { rm -rf "$venv"; echo "setup_python.sh: '$py -m venv' still fails" >&2; exit 1; }
+    else
+      echo "setup_python.sh: '$py -m venv' failed; on Debian/Ubuntu: apt-get install python3-venv" >&2
+      exit 1
+    fi
   fi
 else
   say "reusing virtual environment $venv"
