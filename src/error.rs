@@ -101,9 +101,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub(crate) fn invalid(
-        /// The op that rejected its input.
         op: &'static str,
-        /// The argument at fault.
         arg: &'static str,
         value: impl std::fmt::Display,
         valid: impl Into<String>,
@@ -118,9 +116,7 @@ impl Error {
 
     /// Shorthand for [`Error::Shape`].
     pub(crate) fn shape(
-        /// The op that rejected its input.
         op: &'static str,
-        /// The argument at fault.
         arg: &'static str,
         expected: impl Into<String>,
         got: impl Into<String>,
