@@ -9,6 +9,7 @@
 //! | `crate::cpu::dropout`               | [`dropout::assignment_dropout_cuda`], ...    |
 //! | `crate::cpu::router_stats`          | [`router_stats::router_stats_cuda`]          |
 //! | `crate::cpu::bias_update`           | [`bias_update::update_expert_bias_cuda`]     |
+//! | `crate::cpu::permute`               | [`permute::permute_cuda`], [`permute::unpermute_cuda`], ... |
 //! | validation in [`crate::ops`]        | the same validation, then a launch           |
 //!
 //! Nothing CUDA is linked at build time: `libcuda` and `libnvrtc` are loaded when
@@ -30,6 +31,7 @@ pub mod bias_update;
 pub mod dropout;
 pub mod kernels;
 pub mod losses;
+pub mod permute;
 pub mod router_stats;
 pub mod topk_gating;
 
