@@ -16,8 +16,9 @@ echo "== [1/4] python environment and extension (scripts/setup_python.sh)"
 bash scripts/setup_python.sh
 PY=.venv/bin/python
 
-echo "== [2/4] cargo test (CPU reference)"
+echo "== [2/4] cargo test (CPU reference), and every target (benches, examples) type-checks"
 cargo test --locked
+cargo check --locked --all-targets
 
 echo "== [3/4] CUDA kernels: NVRTC compile for sm_80 / sm_90, GPU tests if a device is present"
 SP=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -40,3 +40,8 @@ pub mod select;
 pub use dtype::{kernel_name, DType, RouterFloat};
 pub use error::{Error, Result};
 pub use ops::*;
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,5 +1,10 @@
-//! GPU kernels against the CPU reference (feature `cuda`, needs a CUDA device; prints
-//! `SKIPPED: no CUDA device` and returns without one).
+//! GPU kernels against the CPU reference (feature `cuda`, needs a CUDA device).
+//!
+//! A custom harness (`harness = false`): `main` runs every test function, catching
+//! panics, and prints `test <name> ... ok | FAILED | SKIPPED (<reason>)` per test and
+//! a closing `gpu_vs_cpu: P passed, F failed, S skipped` line; it exits non-zero on
+//! any failure. Without a CUDA device every test is reported SKIPPED, never passed.
+//! Arguments that do not start with `-` filter tests by substring; `--list` lists them.
 //!
 //! Top-k gating forward, replay and backward over token counts {0, 1, 31, 33, 257,
 //! 4099}, expert counts {1, 7, 8, 60, 64, 128, 160, 256, 1024, 2048} (both the
@@ -11,7 +16,6 @@
 //! near-ties are counted and must stay rare. Values within the SPEC tolerance.
 //! Every output buffer is poisoned before each launch. 20 repeated runs must be
 //! bitwise identical.
-#![cfg(feature = "cuda")]
 
 mod common;
 
@@ -25,19 +29,6 @@ use moe_router::{
     topk_gating_backward_into, topk_gating_into, topk_gating_replay_into, RouterFloat,
     ScoreFunction, TopkGatingConfig,
 };
-use std::io::Write as _;
-
-fn backend_or_skip() -> Option<CudaBackend> {
-    if !device_available() {
-        // Straight to the stderr handle: not swallowed by the test harness's capture.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: no CUDA device (libcuda not loadable or no device visible); the GPU-vs-CPU tests did not run"
-        );
-        return None;
-    }
-    Some(CudaBackend::new(0).expect("CUDA device 0"))
-}
 
 const TOKENS: [usize; 6] = [0, 1, 31, 33, 257, 4099];
 const EXPERTS: [usize; 10] = [1, 7, 8, 60, 64, 128, 160, 256, 1024, 2048];
@@ -293,9 +284,7 @@ fn topks(e: usize) -> Vec<usize> {
     v
 }
 
-#[test]
-fn topk_gating_matches_cpu_every_shape_and_mode() {
-    let Some(be) = backend_or_skip() else { return };
+fn topk_gating_matches_cpu_every_shape_and_mode(be: &CudaBackend) {
     let mut rng = Rng::new(2024);
     let (mut tokens, mut near_ties) = (0usize, 0usize);
     for &e in &EXPERTS {
@@ -311,7 +300,7 @@ fn topk_gating_matches_cpu_every_shape_and_mode() {
                     let bias: Option<Vec<f32>> = with_bias.then(|| rng.normal_vec(e, 0.1));
                     let what = format!("T={t} E={e} k={k} cfg#{ci} {kind:?}");
                     near_ties += check_case::<f32>(
-                        &be,
+                        be,
                         &z,
                         t,
                         e,
@@ -323,7 +312,7 @@ fn topk_gating_matches_cpu_every_shape_and_mode() {
                     tokens += t;
                     if ci == 1 || ci == 2 {
                         near_ties += check_case::<f16>(
-                            &be,
+                            be,
                             &z,
                             t,
                             e,
@@ -333,7 +322,7 @@ fn topk_gating_matches_cpu_every_shape_and_mode() {
                             &format!("{what} f16"),
                         );
                         near_ties += check_case::<bf16>(
-                            &be,
+                            be,
                             &z,
                             t,
                             e,
@@ -355,9 +344,7 @@ fn topk_gating_matches_cpu_every_shape_and_mode() {
     );
 }
 
-#[test]
-fn topk_gating_is_bitwise_reproducible() {
-    let Some(be) = backend_or_skip() else { return };
+fn topk_gating_is_bitwise_reproducible(be: &CudaBackend) {
     let mut rng = Rng::new(7);
     for &(t, e) in &[(4099usize, 256usize), (257, 2048)] {
         let k = 8;
@@ -375,7 +362,7 @@ fn topk_gating_is_bitwise_reproducible() {
                 .unwrap();
             let mut di = s.clone_htod(&vec![-1 - run as i32; t * k]).unwrap();
             topk_gating_cuda(
-                &be,
+                be,
                 &dz.as_view(),
                 t,
                 e,
@@ -403,15 +390,13 @@ fn topk_gating_is_bitwise_reproducible() {
     }
 }
 
-#[test]
-fn topk_gating_cuda_rejects_what_the_cpu_rejects() {
-    let Some(be) = backend_or_skip() else { return };
+fn topk_gating_cuda_rejects_what_the_cpu_rejects(be: &CudaBackend) {
     let s = be.stream();
     let dz = s.clone_htod(&vec![0f32; 4 * 8]).unwrap();
     let mut dw = s.alloc_zeros::<f32>(4 * 2).unwrap();
     let mut di = s.alloc_zeros::<i32>(4 * 2).unwrap();
     let err = topk_gating_cuda(
-        &be,
+        be,
         &dz.as_view(),
         4,
         8,
@@ -423,7 +408,7 @@ fn topk_gating_cuda_rejects_what_the_cpu_rejects() {
     .unwrap_err();
     assert!(err.to_string().contains("topk"), "{err}");
     let err = topk_gating_cuda(
-        &be,
+        be,
         &dz.as_view(),
         4,
         8,
@@ -435,7 +420,7 @@ fn topk_gating_cuda_rejects_what_the_cpu_rejects() {
     .unwrap_err();
     assert!(err.to_string().contains("weights"), "{err}");
     let err = topk_gating_cuda(
-        &be,
+        be,
         &dz.as_view(),
         5,
         8,
@@ -450,7 +435,7 @@ fn topk_gating_cuda_rejects_what_the_cpu_rejects() {
     let mut w1 = s.alloc_zeros::<f32>(2).unwrap();
     let mut i1 = s.alloc_zeros::<i32>(2).unwrap();
     let err = topk_gating_cuda(
-        &be,
+        be,
         &big.as_view(),
         1,
         4096,
@@ -731,9 +716,7 @@ fn check_losses<T: RouterFloat + cudarc::driver::DeviceRepr>(
     }
 }
 
-#[test]
-fn losses_match_cpu_every_shape_and_mode() {
-    let Some(be) = backend_or_skip() else { return };
+fn losses_match_cpu_every_shape_and_mode(be: &CudaBackend) {
     let mut rng = Rng::new(99);
     for &(t, e) in &LOSS_SHAPES {
         for k in [1usize, 2, 8].map(|k| k.min(e)) {
@@ -757,7 +740,7 @@ fn losses_match_cpu_every_shape_and_mode() {
                     let what = format!("T={t} E={e} k={k} {sf:?} mask={m} counts={cc} seq={sl:?}");
                     let mk = m.then_some(mask.as_slice());
                     check_losses::<f32>(
-                        &be,
+                        be,
                         &z,
                         t,
                         e,
@@ -770,7 +753,7 @@ fn losses_match_cpu_every_shape_and_mode() {
                     );
                     if ci == 0 && !cc {
                         check_losses::<f16>(
-                            &be,
+                            be,
                             &z,
                             t,
                             e,
@@ -782,7 +765,7 @@ fn losses_match_cpu_every_shape_and_mode() {
                             &format!("{what} f16"),
                         );
                         check_losses::<bf16>(
-                            &be,
+                            be,
                             &z,
                             t,
                             e,
@@ -800,9 +783,7 @@ fn losses_match_cpu_every_shape_and_mode() {
     }
 }
 
-#[test]
-fn losses_are_bitwise_reproducible() {
-    let Some(be) = backend_or_skip() else { return };
+fn losses_are_bitwise_reproducible(be: &CudaBackend) {
     let mut rng = Rng::new(5);
     let (t, e) = (4099usize, 128usize);
     let z = rng.normal_vec(t * e, 2.0);
@@ -821,7 +802,7 @@ fn losses_are_bitwise_reproducible() {
         let mut dzl = s.alloc_zeros::<f32>(1).unwrap();
         let mut dzv = s.alloc_zeros::<i64>(1).unwrap();
         aux_loss_cuda(
-            &be,
+            be,
             &dz.as_view(),
             t,
             e,
@@ -859,9 +840,7 @@ fn losses_are_bitwise_reproducible() {
     }
 }
 
-#[test]
-fn dropout_matches_cpu() {
-    let Some(be) = backend_or_skip() else { return };
+fn dropout_matches_cpu(be: &CudaBackend) {
     let s = be.stream();
     let mut rng = Rng::new(31);
     for &(t, e, k) in &[
@@ -879,7 +858,7 @@ fn dropout_matches_cpu() {
             let mut cm = vec![false; t * e];
             moe_router::expert_mask_into(t, e, k, &cfg, &mut cm).unwrap();
             let mut dm = s.clone_htod(&vec![true; t * e]).unwrap();
-            expert_mask_cuda(&be, t, e, k, &cfg, &mut dm.as_view_mut()).unwrap();
+            expert_mask_cuda(be, t, e, k, &cfg, &mut dm.as_view_mut()).unwrap();
             assert_eq!(s.clone_dtoh(&dm).unwrap(), cm, "{what}: expert mask");
             // Assignment dropout, indices with some unrouted (-1) entries.
             let kk = k.min(16);
@@ -927,7 +906,7 @@ fn dropout_matches_cpu() {
                 let mut gok = s.clone_htod(&vec![true; t * kk]).unwrap();
                 let mut gd = s.clone_htod(&[u64::MAX]).unwrap();
                 assignment_dropout_cuda(
-                    &be,
+                    be,
                     &di.as_view(),
                     &dw.as_view(),
                     t,
@@ -969,7 +948,7 @@ fn dropout_matches_cpu() {
                 let dgo = s.clone_htod(&go).unwrap();
                 let mut dgw = s.clone_htod(&vec![f32::NAN; t * kk]).unwrap();
                 assignment_dropout_backward_cuda(
-                    &be,
+                    be,
                     &di.as_view(),
                     &dw.as_view(),
                     &gok.as_view(),
@@ -994,9 +973,7 @@ fn dropout_matches_cpu() {
     }
 }
 
-#[test]
-fn router_stats_and_bias_update_match_cpu() {
-    let Some(be) = backend_or_skip() else { return };
+fn router_stats_and_bias_update_match_cpu(be: &CudaBackend) {
     let s = be.stream();
     let mut rng = Rng::new(77);
     for &(t, e, k) in &[
@@ -1041,7 +1018,7 @@ fn router_stats_and_bias_update_match_cpu() {
                 .clone_htod(&vec![f64::NAN; router_stats_workspace_len(t)])
                 .unwrap();
             router_stats_cuda(
-                &be,
+                be,
                 &dz.as_view(),
                 t,
                 e,
@@ -1091,7 +1068,7 @@ fn router_stats_and_bias_update_match_cpu() {
                 moe_router::update_expert_bias(&mut cb, &counts, 1e-3).unwrap();
                 let mut db = s.clone_htod(&bias).unwrap();
                 let dc = s.clone_htod(&counts).unwrap();
-                update_expert_bias_cuda(&be, &mut db.as_view_mut(), &dc.as_view(), 1e-3).unwrap();
+                update_expert_bias_cuda(be, &mut db.as_view_mut(), &dc.as_view(), 1e-3).unwrap();
                 let gb = s.clone_dtoh(&db).unwrap();
                 assert_eq!(
                     gb.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -1100,5 +1077,507 @@ fn router_stats_and_bias_update_match_cpu() {
                 );
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Permute / unpermute (cuda/permute.cu) against src/cpu/permute.rs: the same
+// arithmetic in the same order, so every value must have the CPU's bits (NaN
+// payloads aside; the inputs here are finite).
+// ---------------------------------------------------------------------------
+
+/// Bits of an element for comparison (`f16`/`bf16` widen injectively to `f32`).
+fn ebits<T: RouterFloat>(v: T) -> u32 {
+    v.to_f32().to_bits()
+}
+
+fn assert_bits<T: RouterFloat>(gpu: &[T], cpu: &[T], what: &str) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: length");
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        let (gf, cf) = (g.to_f32(), c.to_f32());
+        let same = ebits(*g) == ebits(*c) || (gf.is_nan() && cf.is_nan());
+        assert!(same, "{what}: element {i}: gpu {gf:e} != cpu {cf:e}");
+    }
+}
+
+/// A routing with drops, padding rows, one repeated row and a few out-of-range
+/// entries (which both backends must treat as unrouted / padding).
+struct PermuteCase {
+    num_tokens: usize,
+    num_rows: usize,
+    k: usize,
+    row: Vec<i32>,
+    row_to_token: Vec<i32>,
+    weights: Vec<f32>,
+}
+
+fn permute_case(rng: &mut Rng, num_tokens: usize, k: usize) -> PermuteCase {
+    let num_rows = num_tokens * k + 5;
+    let mut perm: Vec<i32> = (0..num_rows as i32).collect();
+    for i in (1..perm.len()).rev() {
+        perm.swap(i, rng.below(i + 1));
+    }
+    let mut row: Vec<i32> = (0..num_tokens * k)
+        .map(|a| if rng.below(5) == 0 { -1 } else { perm[a] })
+        .collect();
+    let mut row_to_token = vec![-1i32; num_rows];
+    for (a, &r) in row.iter().enumerate() {
+        if r >= 0 {
+            row_to_token[r as usize] = (a / k) as i32;
+        }
+    }
+    if row.len() >= 4 {
+        // Out of range both ways, and a row used twice (the first owner wins grad_y).
+        row[0] = num_rows as i32 + 3;
+        row[1] = -7;
+        row[3] = row[2];
+    }
+    // Invalid token indices in padding rows give zero rows.
+    let pads: Vec<usize> = (0..num_rows).filter(|&r| row_to_token[r] < 0).collect();
+    if pads.len() >= 2 {
+        row_to_token[pads[0]] = num_tokens as i32 + 2;
+        row_to_token[pads[1]] = -9;
+    }
+    let weights = (0..num_tokens * k)
+        .map(|_| (rng.normal() * 0.8) as f32)
+        .collect();
+    PermuteCase {
+        num_tokens,
+        num_rows,
+        k,
+        row,
+        row_to_token,
+        weights,
+    }
+}
+
+fn poison<T: RouterFloat>(n: usize) -> Vec<T> {
+    vec![T::from_f32(f32::NAN); n]
+}
+
+/// Upload `v` at element offset `off` (1 makes every 16-byte chunk misaligned: the
+/// scalar path).
+fn upload<T: cudarc::driver::DeviceRepr + Copy + Default>(
+    be: &CudaBackend,
+    v: &[T],
+    off: usize,
+) -> cudarc::driver::CudaSlice<T> {
+    let mut h = vec![T::default(); off];
+    h.extend_from_slice(v);
+    be.stream().clone_htod(&h).unwrap()
+}
+
+fn check_permute<T: RouterFloat + cudarc::driver::DeviceRepr>(
+    be: &CudaBackend,
+    rng: &mut Rng,
+    hidden: usize,
+    off: usize,
+) {
+    use moe_router::cuda::permute::*;
+    let nt = if hidden >= 1024 { 37 } else { 301 };
+    let c = permute_case(rng, nt, 3);
+    let (nr, k) = (c.num_rows, c.k);
+    let s = be.stream();
+    let ctx = format!("{} hidden={hidden} offset={off}", T::DTYPE);
+    let x: Vec<T> = (0..nt * hidden)
+        .map(|_| T::from_f32(rng.normal() as f32))
+        .collect();
+    let y: Vec<T> = (0..nr * hidden)
+        .map(|_| T::from_f32(rng.normal() as f32))
+        .collect();
+    let go: Vec<T> = (0..nt * hidden)
+        .map(|_| T::from_f32(rng.normal() as f32))
+        .collect();
+    let (dx, dy, dgo) = (
+        upload(be, &x, off),
+        upload(be, &y, off),
+        upload(be, &go, off),
+    );
+    let drow = upload(be, &c.row, 0);
+    let drtt = upload(be, &c.row_to_token, 0);
+    let dw = upload(be, &c.weights, 0);
+
+    // permute
+    let mut cpu = vec![T::default(); nr * hidden];
+    moe_router::cpu::permute::permute(&x, hidden, &c.row_to_token, &mut cpu);
+    let mut dout = upload(be, &poison::<T>(nr * hidden), off);
+    permute_cuda(
+        be,
+        &dx.slice(off..),
+        nt,
+        hidden,
+        &drtt.as_view(),
+        &mut dout.slice_mut(off..),
+    )
+    .unwrap();
+    assert_bits(
+        &s.clone_dtoh(&dout.slice(off..)).unwrap(),
+        &cpu,
+        &format!("permute {ctx}"),
+    );
+
+    // permute backward (grad_buf = y)
+    let mut cpu = vec![T::default(); nt * hidden];
+    moe_router::cpu::permute::permute_backward(&y, hidden, &c.row, k, &mut cpu);
+    let mut dgx = upload(be, &poison::<T>(nt * hidden), off);
+    permute_backward_cuda(
+        be,
+        &dy.slice(off..),
+        nr,
+        hidden,
+        &drow.as_view(),
+        nt,
+        k,
+        &mut dgx.slice_mut(off..),
+    )
+    .unwrap();
+    assert_bits(
+        &s.clone_dtoh(&dgx.slice(off..)).unwrap(),
+        &cpu,
+        &format!("permute_backward {ctx}"),
+    );
+
+    // unpermute
+    let mut cpu = vec![T::default(); nt * hidden];
+    moe_router::cpu::permute::unpermute(&y, hidden, &c.row, &c.weights, k, &mut cpu);
+    let mut dout = upload(be, &poison::<T>(nt * hidden), off);
+    unpermute_cuda(
+        be,
+        &dy.slice(off..),
+        nr,
+        hidden,
+        &drow.as_view(),
+        &dw.as_view(),
+        nt,
+        k,
+        &mut dout.slice_mut(off..),
+    )
+    .unwrap();
+    assert_bits(
+        &s.clone_dtoh(&dout.slice(off..)).unwrap(),
+        &cpu,
+        &format!("unpermute {ctx}"),
+    );
+
+    // unpermute backward
+    let mut cgy = vec![T::default(); nr * hidden];
+    let mut cgw = vec![0f32; nt * k];
+    moe_router::cpu::permute::unpermute_backward(
+        &go, &y, hidden, &c.row, &c.weights, k, &mut cgy, &mut cgw,
+    );
+    let mut dgy = upload(be, &poison::<T>(nr * hidden), off);
+    let mut dgw = upload(be, &vec![f32::NAN; nt * k], 0);
+    let mut dws = upload(be, &vec![-5i32; unpermute_backward_workspace_len(nr)], 0);
+    unpermute_backward_cuda(
+        be,
+        &dgo.slice(off..),
+        &dy.slice(off..),
+        nr,
+        hidden,
+        &drow.as_view(),
+        &dw.as_view(),
+        nt,
+        k,
+        &mut UnpermuteBackwardCudaBuffers {
+            grad_y: dgy.slice_mut(off..),
+            grad_weights: dgw.as_view_mut(),
+            workspace: dws.as_view_mut(),
+        },
+    )
+    .unwrap();
+    assert_bits(
+        &s.clone_dtoh(&dgy.slice(off..)).unwrap(),
+        &cgy,
+        &format!("grad_y {ctx}"),
+    );
+    assert_bits(
+        &s.clone_dtoh(&dgw).unwrap(),
+        &cgw,
+        &format!("grad_weights {ctx}"),
+    );
+}
+
+fn permute_matches_cpu(be: &CudaBackend) {
+    let mut rng = Rng::new(0x9e37);
+    for hidden in [1usize, 7, 64, 4096] {
+        // Offset 0: the 16-byte path where hidden allows it; offset 1: scalar.
+        for off in [0usize, 1] {
+            check_permute::<f32>(be, &mut rng, hidden, off);
+            check_permute::<f16>(be, &mut rng, hidden, off);
+            check_permute::<bf16>(be, &mut rng, hidden, off);
+        }
+    }
+    use moe_router::cuda::permute::permute_vector_path;
+    use moe_router::DType;
+    assert!(permute_vector_path(DType::BF16, 64, &[256, 512]));
+    assert!(!permute_vector_path(DType::BF16, 7, &[256, 512]));
+    assert!(!permute_vector_path(DType::F32, 64, &[256, 514]));
+}
+
+fn permute_empty_and_k0(be: &CudaBackend) {
+    use moe_router::cuda::permute::*;
+    let s = be.stream();
+    // num_tokens = 0, num_rows = 0, k = 0 launch nothing and succeed.
+    let e = s.clone_htod(&[0f32; 1]).unwrap();
+    let ei = s.clone_htod(&[0i32; 1]).unwrap();
+    let mut eo = s.clone_htod(&[0f32; 1]).unwrap();
+    permute_cuda(
+        be,
+        &e.slice(0..0),
+        0,
+        8,
+        &ei.slice(0..0),
+        &mut eo.slice_mut(0..0),
+    )
+    .unwrap();
+    // k = 0: unpermute gives zeros.
+    let y = s.clone_htod(&[1f32; 4 * 3]).unwrap();
+    let mut out = s.clone_htod(&[f32::NAN; 2 * 3]).unwrap();
+    unpermute_cuda(
+        be,
+        &y.as_view(),
+        4,
+        3,
+        &ei.slice(0..0),
+        &e.slice(0..0),
+        2,
+        0,
+        &mut out.as_view_mut(),
+    )
+    .unwrap();
+    assert_eq!(s.clone_dtoh(&out).unwrap(), vec![0f32; 6]);
+    // Wrong lengths are shape errors naming the argument.
+    let err = permute_cuda(
+        be,
+        &y.as_view(),
+        5,
+        3,
+        &ei.as_view(),
+        &mut out.as_view_mut(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("x"), "{err}");
+}
+
+fn permute_is_bitwise_reproducible(be: &CudaBackend) {
+    use moe_router::cuda::permute::*;
+    let mut rng = Rng::new(77);
+    let (hidden, s) = (4096usize, be.stream());
+    let c = permute_case(&mut rng, 211, 4);
+    let (nt, nr, k) = (c.num_tokens, c.num_rows, c.k);
+    let y: Vec<bf16> = (0..nr * hidden)
+        .map(|_| bf16::from_f32(rng.normal() as f32))
+        .collect();
+    let go: Vec<bf16> = (0..nt * hidden)
+        .map(|_| bf16::from_f32(rng.normal() as f32))
+        .collect();
+    let (dy, dgo) = (upload(be, &y, 0), upload(be, &go, 0));
+    let (drow, dw) = (upload(be, &c.row, 0), upload(be, &c.weights, 0));
+    let mut first: Option<(Vec<u16>, Vec<u16>, Vec<u32>)> = None;
+    for run in 0..20 {
+        let mut dout = upload(be, &vec![bf16::from_bits(run as u16); nt * hidden], 0);
+        unpermute_cuda(
+            be,
+            &dy.as_view(),
+            nr,
+            hidden,
+            &drow.as_view(),
+            &dw.as_view(),
+            nt,
+            k,
+            &mut dout.as_view_mut(),
+        )
+        .unwrap();
+        let mut dgy = upload(be, &vec![bf16::from_bits(run as u16); nr * hidden], 0);
+        let mut dgw = upload(be, &vec![run as f32; nt * k], 0);
+        let mut dws = upload(be, &vec![run; nr], 0);
+        unpermute_backward_cuda(
+            be,
+            &dgo.as_view(),
+            &dy.as_view(),
+            nr,
+            hidden,
+            &drow.as_view(),
+            &dw.as_view(),
+            nt,
+            k,
+            &mut UnpermuteBackwardCudaBuffers {
+                grad_y: dgy.as_view_mut(),
+                grad_weights: dgw.as_view_mut(),
+                workspace: dws.as_view_mut(),
+            },
+        )
+        .unwrap();
+        let o: Vec<u16> = s
+            .clone_dtoh(&dout)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let gy: Vec<u16> = s
+            .clone_dtoh(&dgy)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let gw: Vec<u32> = s
+            .clone_dtoh(&dgw)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        match &first {
+            None => first = Some((o, gy, gw)),
+            Some((o0, gy0, gw0)) => {
+                assert!(&o == o0, "run {run}: unpermute differs bitwise");
+                assert!(&gy == gy0, "run {run}: grad_y differs bitwise");
+                assert!(&gw == gw0, "run {run}: grad_weights differs bitwise");
+            }
+        }
+    }
+}
+
+/// The raw-pointer entry on a caller-owned stream gives the safe wrapper's result.
+fn permute_raw_entry_matches(be: &CudaBackend) {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use moe_router::cuda::permute::*;
+    let mut rng = Rng::new(5);
+    let (hidden, s) = (64usize, be.stream());
+    let c = permute_case(&mut rng, 50, 2);
+    let x: Vec<f16> = (0..c.num_tokens * hidden)
+        .map(|_| f16::from_f32(rng.normal() as f32))
+        .collect();
+    let mut cpu = vec![f16::default(); c.num_rows * hidden];
+    moe_router::cpu::permute::permute(&x, hidden, &c.row_to_token, &mut cpu);
+    let dx = upload(be, &x, 0);
+    let drtt = upload(be, &c.row_to_token, 0);
+    let mut dbuf = upload(be, &poison::<f16>(c.num_rows * hidden), 0);
+    {
+        let (xp, _g1) = dx.device_ptr(s);
+        let (rp, _g2) = drtt.device_ptr(s);
+        let (bp, _g3) = dbuf.device_ptr_mut(s);
+        let sizes = PermuteSizes {
+            num_tokens: c.num_tokens,
+            num_rows: c.num_rows,
+            hidden,
+            k: 0,
+        };
+        let ptrs = PermuteRawPtrs {
+            x: xp,
+            row_to_token: rp,
+            buf: bp,
+            ..Default::default()
+        };
+        // SAFETY: live buffers of this context with the documented shapes, on the
+        // backend's own stream.
+        unsafe {
+            permute_raw(
+                be,
+                s.cu_stream(),
+                PermutePass::Permute,
+                moe_router::DType::F16,
+                sizes,
+                ptrs,
+            )
+        }
+        .unwrap();
+    }
+    assert_bits(&s.clone_dtoh(&dbuf).unwrap(), &cpu, "permute_raw f16");
+}
+
+// ---------------------------------------------------------------------------
+// The harness.
+// ---------------------------------------------------------------------------
+
+type TestFn = fn(&CudaBackend);
+
+const TESTS: &[(&str, TestFn)] = &[
+    (
+        "topk_gating_matches_cpu_every_shape_and_mode",
+        topk_gating_matches_cpu_every_shape_and_mode,
+    ),
+    (
+        "topk_gating_is_bitwise_reproducible",
+        topk_gating_is_bitwise_reproducible,
+    ),
+    (
+        "topk_gating_cuda_rejects_what_the_cpu_rejects",
+        topk_gating_cuda_rejects_what_the_cpu_rejects,
+    ),
+    (
+        "losses_match_cpu_every_shape_and_mode",
+        losses_match_cpu_every_shape_and_mode,
+    ),
+    (
+        "losses_are_bitwise_reproducible",
+        losses_are_bitwise_reproducible,
+    ),
+    ("dropout_matches_cpu", dropout_matches_cpu),
+    (
+        "router_stats_and_bias_update_match_cpu",
+        router_stats_and_bias_update_match_cpu,
+    ),
+    ("permute_matches_cpu", permute_matches_cpu),
+    ("permute_empty_and_k0", permute_empty_and_k0),
+    (
+        "permute_is_bitwise_reproducible",
+        permute_is_bitwise_reproducible,
+    ),
+    ("permute_raw_entry_matches", permute_raw_entry_matches),
+];
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let filters: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with('-'))
+        .map(String::as_str)
+        .collect();
+    let selected: Vec<&(&str, TestFn)> = TESTS
+        .iter()
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f)))
+        .collect();
+    if args.iter().any(|a| a == "--list") {
+        for (name, _) in &selected {
+            println!("{name}: test");
+        }
+        return;
+    }
+    // A device that is present but cannot be opened is a failure, not a skip.
+    let backend: Result<CudaBackend, (bool, String)> = if device_available() {
+        CudaBackend::new(0).map_err(|e| (true, format!("CUDA device 0 could not be opened: {e}")))
+    } else {
+        Err((
+            false,
+            "no CUDA device: libcuda not loadable or no device visible".to_string(),
+        ))
+    };
+    let (mut passed, mut failed, mut skipped) = (0usize, 0usize, 0usize);
+    println!("\nrunning {} tests", selected.len());
+    for (name, f) in &selected {
+        match &backend {
+            Ok(be) => {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(be)));
+                if r.is_ok() {
+                    passed += 1;
+                    println!("test {name} ... ok");
+                } else {
+                    failed += 1;
+                    println!("test {name} ... FAILED");
+                }
+            }
+            Err((true, why)) => {
+                failed += 1;
+                println!("test {name} ... FAILED ({why})");
+            }
+            Err((false, why)) => {
+                skipped += 1;
+                println!("test {name} ... SKIPPED ({why})");
+            }
+        }
+    }
+    println!("gpu_vs_cpu: {passed} passed, {failed} failed, {skipped} skipped");
+    if failed > 0 {
+        std::process::exit(1);
     }
 }

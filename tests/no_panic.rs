@@ -168,4 +168,48 @@ proptest! {
         let mut gwt = vec![0f32; len(&mut r, t * k)];
         let _ = unpermute_backward_into(&go, &y, rows, h, &row, &w, t, k, &mut gy, &mut gwt);
     }
+
+    #[test]
+    fn capacity_dispatch_expert_choice_never_panic(seed in any::<u64>()) {
+        let mut r = Rng::new(seed);
+        let (t, e, k) = (small(&mut r, 30), small(&mut r, 16), small(&mut r, 6));
+        let cf = [0.0, -1.0, f64::NAN, f64::INFINITY, 0.5, 1.0, 1.25, 4.0, 1e300][r.below(9)];
+        let mut ccfg = CapacityConfig::new(cf).min_capacity(small(&mut r, 4));
+        if r.below(2) == 0 { ccfg = ccfg.capacity_multiple(small(&mut r, 8)); }
+        let cap = capacity(t, e, k, &ccfg).ok();
+        let policy = match r.below(5) {
+            0 => DropPolicy::Position,
+            1 => DropPolicy::ChoiceThenPosition,
+            2 => DropPolicy::Probs,
+            3 => DropPolicy::BatchPrioritized,
+            _ => DropPolicy::Random { seed, offset: 1 },
+        };
+        let layout = match r.below(3) {
+            0 => DispatchLayout::PadToCapacity,
+            1 => DispatchLayout::Compact,
+            _ => DispatchLayout::Dropless { align: small(&mut r, 5) },
+        };
+        let mut cfg = DispatchConfig::new(e).drop_policy(policy).layout(layout).renormalize(r.below(2) == 0).ep_size(small(&mut r, 4));
+        if r.below(4) != 0 { cfg = cfg.capacity(cap.unwrap_or_else(|| small(&mut r, 9))); }
+        let idx = il(&mut r, t * k, e);
+        let w = fl(&mut r, t * k);
+        let rows = dispatch_max_rows(t, k, &cfg).unwrap_or_else(|_| small(&mut r, 50)).min(10_000);
+        let (mut slot, mut row, mut kw) = (vec![0i32; len(&mut r, t * k)], vec![0i32; len(&mut r, t * k)], vec![0f32; len(&mut r, t * k)]);
+        let (mut tpe, mut r2t, mut off, mut rpr) = (vec![0i32; len(&mut r, e)], vec![0i32; len(&mut r, rows)], vec![0i32; len(&mut r, e + 1)], vec![0i32; cfg.ep_size]);
+        let out = DispatchBuffers { slot: &mut slot, row: &mut row, kept_weights: &mut kw, tokens_per_expert: &mut tpe, row_to_token: &mut r2t, expert_offsets: &mut off, rows_per_rank: &mut rpr };
+        if let Ok(c) = dispatch_into(&idx, &w, t, k, &cfg, out) {
+            prop_assert!(row.iter().all(|&x| x >= -1 && (x as i64) < c.num_rows as i64));
+            prop_assert!(r2t.iter().all(|&x| x >= -1 && (x as i64) < t as i64));
+        }
+        let z = fl(&mut r, t * e);
+        let c = small(&mut r, 12);
+        let (mut ew, mut er, mut ert, mut erw) = (vec![0f32; len(&mut r, t * e)], vec![0i32; len(&mut r, t * e)], vec![0i32; len(&mut r, e * c)], vec![0f32; len(&mut r, e * c)]);
+        let (mut etpe, mut eoff) = (vec![0i32; len(&mut r, e)], vec![0i32; len(&mut r, e + 1)]);
+        let out = ExpertChoiceBuffers { weights: &mut ew, row: &mut er, row_to_token: &mut ert, row_weights: &mut erw, tokens_per_expert: &mut etpe, expert_offsets: &mut eoff };
+        let _ = expert_choice_into(&z, t, e, c, out);
+        let gw = fl(&mut r, t * e);
+        let mut gz = vec![0f32; len(&mut r, t * e)];
+        let bad_rows = il(&mut r, t * e, e * c + 1);
+        let _ = expert_choice_backward_into(&z, t, e, &bad_rows, &gw, &mut gz);
+    }
 }

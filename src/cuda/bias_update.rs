@@ -70,3 +70,35 @@ pub fn update_expert_bias_cuda(
     }?;
     Ok(())
 }
+
+/// [`update_expert_bias_cuda`] on raw device pointers and a caller-owned stream
+/// (PyTorch's current stream), without synchronising: `bias [num_experts]` f32 in
+/// place, `counts [num_experts]` i64.
+///
+/// # Safety
+/// 1. `stream` is a live CUDA stream of `backend`'s context, kept alive until the
+///    kernel has finished.
+/// 2. `bias` and `counts` are device addresses in that context, valid for
+///    `num_experts` elements of their type, and stay valid until the kernel has
+///    finished on `stream`.
+/// 3. `bias` does not overlap `counts`.
+///
+/// # Errors
+/// As [`update_expert_bias_cuda`].
+pub unsafe fn update_expert_bias_raw(
+    backend: &CudaBackend,
+    stream: cudarc::driver::sys::CUstream,
+    bias: u64,
+    counts: u64,
+    num_experts: usize,
+    rate: f32,
+) -> Result<()> {
+    use super::BorrowedSlice;
+    // SAFETY: (1).
+    let be = unsafe { backend.on_borrowed_stream(stream) };
+    // SAFETY: (2) and (3).
+    let mut b = unsafe { BorrowedSlice::<f32>::new(be.stream(), bias, num_experts) };
+    // SAFETY: (2).
+    let c = unsafe { BorrowedSlice::<i64>::new(be.stream(), counts, num_experts) };
+    update_expert_bias_cuda(&be, &mut b.view_mut(), &c.view(), rate)
+}

@@ -263,3 +263,131 @@ pub fn assignment_dropout_backward_cuda(
     unsafe { b.launch(per_token(num_tokens)) }?;
     Ok(())
 }
+
+/// Device addresses of an assignment-dropout call (forward or backward), each
+/// `[num_tokens, topk]` but `dropped` (`[1]` u64).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AssignmentDropoutRawPtrs {
+    /// Input `indices` i32.
+    pub indices: u64,
+    /// Input `weights` f32.
+    pub weights: u64,
+    /// Forward output / backward input: `keep` (bytes, 0 or 1).
+    pub keep: u64,
+    /// Forward output: surviving `indices` i32.
+    pub out_indices: u64,
+    /// Forward output: surviving `weights` f32.
+    pub out_weights: u64,
+    /// Forward output: `dropped [1]` u64.
+    pub dropped: u64,
+    /// Backward input: `grad_out` f32.
+    pub grad_out: u64,
+    /// Backward output: `grad_weights` f32.
+    pub grad_weights: u64,
+}
+
+/// [`expert_mask_cuda`] on a raw `masked [num_tokens, num_experts]` (bytes) and a
+/// caller-owned stream, without synchronising.
+///
+/// # Safety
+/// 1. `stream` is a live CUDA stream of `backend`'s context, kept alive until the
+///    kernel has finished.
+/// 2. `masked` is a device address in that context valid for
+///    `num_tokens * num_experts` bytes until the kernel has finished on `stream`.
+///
+/// # Errors
+/// As [`expert_mask_cuda`].
+pub unsafe fn expert_mask_raw(
+    backend: &CudaBackend,
+    stream: cudarc::driver::sys::CUstream,
+    num_tokens: usize,
+    num_experts: usize,
+    topk: usize,
+    cfg: &DropoutConfig,
+    masked: u64,
+) -> Result<()> {
+    use super::BorrowedSlice;
+    let n = num_tokens.checked_mul(num_experts).ok_or(Error::Overflow {
+        op: OP_MASK,
+        what: "num_tokens * num_experts",
+        value: num_tokens as u128 * num_experts as u128,
+        max: i64::MAX,
+    })?;
+    // SAFETY: (1).
+    let be = unsafe { backend.on_borrowed_stream(stream) };
+    // SAFETY: (2).
+    let mut m = unsafe { BorrowedSlice::<bool>::new(be.stream(), masked, n) };
+    expert_mask_cuda(&be, num_tokens, num_experts, topk, cfg, &mut m.view_mut())
+}
+
+/// [`assignment_dropout_cuda`] (`backward = false`) or
+/// [`assignment_dropout_backward_cuda`] (`backward = true`) on raw device pointers
+/// and a caller-owned stream, without synchronising.
+///
+/// # Safety
+/// 1. `stream` is a live CUDA stream of `backend`'s context, kept alive until the
+///    kernels have finished.
+/// 2. Every pointer of `ptrs` the pass uses (see [`AssignmentDropoutRawPtrs`]) is a
+///    device address in that context, valid for its documented shape and type, and
+///    stays valid until the kernels have finished on `stream`.
+/// 3. Output buffers do not overlap any other buffer of the call.
+///
+/// # Errors
+/// As the safe functions.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn assignment_dropout_raw(
+    backend: &CudaBackend,
+    stream: cudarc::driver::sys::CUstream,
+    backward: bool,
+    num_tokens: usize,
+    topk: usize,
+    num_experts: usize,
+    cfg: &DropoutConfig,
+    renormalize: bool,
+    ptrs: AssignmentDropoutRawPtrs,
+) -> Result<()> {
+    use super::BorrowedSlice;
+    let op = if backward { OP_DROP_BWD } else { OP_DROP };
+    let n = checked_i32_product(op, "num_tokens * topk", num_tokens, topk)?;
+    // SAFETY: (1).
+    let be = unsafe { backend.on_borrowed_stream(stream) };
+    let s = be.stream();
+    // SAFETY (every BorrowedSlice below): (2) and (3).
+    let idx = unsafe { BorrowedSlice::<i32>::new(s, ptrs.indices, n) };
+    let w = unsafe { BorrowedSlice::<f32>::new(s, ptrs.weights, n) };
+    let mut keep = unsafe { BorrowedSlice::<bool>::new(s, ptrs.keep, n) };
+    if backward {
+        let go = unsafe { BorrowedSlice::<f32>::new(s, ptrs.grad_out, n) };
+        let mut gw = unsafe { BorrowedSlice::<f32>::new(s, ptrs.grad_weights, n) };
+        return assignment_dropout_backward_cuda(
+            &be,
+            &idx.view(),
+            &w.view(),
+            &keep.view(),
+            num_tokens,
+            topk,
+            renormalize,
+            &go.view(),
+            &mut gw.view_mut(),
+        );
+    }
+    let mut oi = unsafe { BorrowedSlice::<i32>::new(s, ptrs.out_indices, n) };
+    let mut ow = unsafe { BorrowedSlice::<f32>::new(s, ptrs.out_weights, n) };
+    let mut dr = unsafe { BorrowedSlice::<u64>::new(s, ptrs.dropped, 1) };
+    assignment_dropout_cuda(
+        &be,
+        &idx.view(),
+        &w.view(),
+        num_tokens,
+        topk,
+        num_experts,
+        cfg,
+        renormalize,
+        AssignmentDropoutCudaBuffers {
+            indices: oi.view_mut(),
+            weights: ow.view_mut(),
+            keep: keep.view_mut(),
+            dropped: dr.view_mut(),
+        },
+    )
+}

@@ -868,3 +868,259 @@ pub fn z_loss_backward_cuda<T: RouterFloat + DeviceRepr>(
     unsafe { b.launch(lc) }?;
     Ok(())
 }
+
+/// Which loss kernels [`losses_raw`] launches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossesPass {
+    /// [`aux_loss_cuda`] (`seq_len = None`) or [`seq_aux_loss_cuda`], with the z-loss
+    /// fused when `z_loss_coeff` is given.
+    AuxForward,
+    /// [`aux_loss_backward_cuda`] or [`seq_aux_loss_backward_cuda`].
+    AuxBackward,
+    /// [`z_loss_cuda`] (coefficient `z_loss_coeff`).
+    ZForward,
+    /// [`z_loss_backward_cuda`] (coefficient `z_loss_coeff`).
+    ZBackward,
+}
+
+/// Device addresses of a [`losses_raw`] call (`0` for an absent optional buffer);
+/// shapes and types as in the safe functions' arguments.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LossesRawPtrs {
+    /// `logits [num_tokens, num_experts]`, element type `dtype`.
+    pub logits: u64,
+    /// `padding_mask [num_tokens]` bytes, or 0.
+    pub padding_mask: u64,
+    /// Aux forward: caller counts `[segments, num_experts]` i64 or 0; aux backward:
+    /// the forward's counts.
+    pub counts: u64,
+    /// Aux forward outputs (see [`AuxLossCudaBuffers`]).
+    pub loss: u64,
+    /// `[segments, num_experts]` i64 (aux forward output).
+    pub out_counts: u64,
+    /// `[segments, num_experts]` f32 (aux forward output).
+    pub scores_sum: u64,
+    /// `[segments]` i64: aux forward output, aux backward input.
+    pub total_tokens: u64,
+    /// f64 forward workspace ([`losses_workspace_len`]) or f32 aux backward workspace
+    /// ([`aux_loss_backward_workspace_len`]).
+    pub workspace: u64,
+    /// `[1]` f32: the z-loss (z forward, or fused into the aux forward).
+    pub z_loss: u64,
+    /// `[1]` i64: valid tokens (z forward output, z / sequence-level backward input).
+    pub valid_tokens: u64,
+    /// `[1]` f32 (backward input).
+    pub grad_loss: u64,
+    /// `[num_tokens, num_experts]`, element type `dtype` (backward output).
+    pub grad_logits: u64,
+}
+
+/// Launch a loss pass on raw device pointers and a caller-owned stream (PyTorch's
+/// current stream), without synchronising; the checks and kernels of the safe
+/// functions named in [`LossesPass`]. `seq_len` selects the sequence-level aux loss;
+/// `total_tokens` is the global aux loss's caller `T_total`.
+///
+/// # Safety
+/// 1. `stream` is a live CUDA stream of `backend`'s context, kept alive until the
+///    kernels have finished.
+/// 2. Every pointer the pass uses is a device address in that context, valid for
+///    its documented shape and type, and stays valid until the kernels have
+///    finished on `stream`.
+/// 3. Output buffers (and workspaces) do not overlap any other buffer of the call.
+///
+/// # Errors
+/// As the safe functions.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn losses_raw(
+    backend: &CudaBackend,
+    stream: cudarc::driver::sys::CUstream,
+    pass: LossesPass,
+    dtype: crate::DType,
+    num_tokens: usize,
+    num_experts: usize,
+    seq_len: Option<usize>,
+    total_tokens: Option<usize>,
+    cfg: &AuxLossConfig,
+    z_loss_coeff: Option<f32>,
+    ptrs: LossesRawPtrs,
+) -> Result<()> {
+    use super::BorrowedSlice;
+    use crate::DType;
+    let op = match pass {
+        LossesPass::AuxForward | LossesPass::AuxBackward => AUX_OP,
+        _ => Z_OP,
+    };
+    let nl = num_tokens.checked_mul(num_experts).ok_or(Error::Overflow {
+        op,
+        what: "num_tokens * num_experts",
+        value: num_tokens as u128 * num_experts as u128,
+        max: i64::MAX,
+    })?;
+    let plan = Plan::new(num_tokens, seq_len);
+    let segs = plan.segments;
+    let ne_s = segs.saturating_mul(num_experts);
+    // SAFETY: (1).
+    let be = unsafe { backend.on_borrowed_stream(stream) };
+    let s = be.stream();
+    // SAFETY (every BorrowedSlice below): (2) and (3); lengths are the documented
+    // shapes for these sizes.
+    let mask = (ptrs.padding_mask != 0)
+        .then(|| unsafe { BorrowedSlice::<bool>::new(s, ptrs.padding_mask, num_tokens) });
+    let mask_v = mask.as_ref().map(|b| b.view());
+    let z_coeff = z_loss_coeff.unwrap_or(0.0);
+    macro_rules! run {
+        ($t:ty) => {{
+            let z = unsafe { BorrowedSlice::<$t>::new(s, ptrs.logits, nl) };
+            match pass {
+                LossesPass::AuxForward => {
+                    let counts = (ptrs.counts != 0)
+                        .then(|| unsafe { BorrowedSlice::<i64>::new(s, ptrs.counts, ne_s) });
+                    let counts_v = counts.as_ref().map(|b| b.view());
+                    let mut loss = unsafe { BorrowedSlice::<f32>::new(s, ptrs.loss, 1) };
+                    let mut oc = unsafe { BorrowedSlice::<i64>::new(s, ptrs.out_counts, ne_s) };
+                    let mut ss = unsafe { BorrowedSlice::<f32>::new(s, ptrs.scores_sum, ne_s) };
+                    let mut tt = unsafe { BorrowedSlice::<i64>::new(s, ptrs.total_tokens, segs) };
+                    let mut ws = unsafe {
+                        BorrowedSlice::<f64>::new(
+                            s,
+                            ptrs.workspace,
+                            plan.workspace_len(num_experts),
+                        )
+                    };
+                    let mut zl = unsafe { BorrowedSlice::<f32>::new(s, ptrs.z_loss, 1) };
+                    let mut vt = unsafe { BorrowedSlice::<i64>::new(s, ptrs.valid_tokens, 1) };
+                    let out = AuxLossCudaBuffers {
+                        loss: loss.view_mut(),
+                        counts: oc.view_mut(),
+                        scores_sum: ss.view_mut(),
+                        total_tokens: tt.view_mut(),
+                        workspace: ws.view_mut(),
+                        z_loss: z_loss_coeff.map(|_| ZLossCudaBuffers {
+                            loss: zl.view_mut(),
+                            valid_tokens: vt.view_mut(),
+                        }),
+                    };
+                    match seq_len {
+                        None => aux_loss_cuda::<$t>(
+                            &be,
+                            &z.view(),
+                            num_tokens,
+                            num_experts,
+                            mask_v.as_ref(),
+                            counts_v.as_ref(),
+                            total_tokens,
+                            cfg,
+                            z_loss_coeff,
+                            out,
+                        ),
+                        Some(sl) => seq_aux_loss_cuda::<$t>(
+                            &be,
+                            &z.view(),
+                            num_tokens,
+                            num_experts,
+                            sl,
+                            mask_v.as_ref(),
+                            counts_v.as_ref(),
+                            cfg,
+                            z_loss_coeff,
+                            out,
+                        ),
+                    }
+                }
+                LossesPass::AuxBackward => {
+                    let counts = unsafe { BorrowedSlice::<i64>::new(s, ptrs.counts, ne_s) };
+                    let gl = unsafe { BorrowedSlice::<f32>::new(s, ptrs.grad_loss, 1) };
+                    let mut ws = unsafe {
+                        BorrowedSlice::<f32>::new(
+                            s,
+                            ptrs.workspace,
+                            aux_loss_backward_workspace_len(num_tokens, num_experts, seq_len),
+                        )
+                    };
+                    let mut g = unsafe { BorrowedSlice::<$t>::new(s, ptrs.grad_logits, nl) };
+                    match seq_len {
+                        None => {
+                            let tt = unsafe { BorrowedSlice::<i64>::new(s, ptrs.total_tokens, 1) };
+                            aux_loss_backward_cuda::<$t>(
+                                &be,
+                                &z.view(),
+                                num_tokens,
+                                num_experts,
+                                mask_v.as_ref(),
+                                &counts.view(),
+                                &tt.view(),
+                                cfg,
+                                &gl.view(),
+                                &mut ws.view_mut(),
+                                &mut g.view_mut(),
+                            )
+                        }
+                        Some(sl) => {
+                            let vt =
+                                unsafe { BorrowedSlice::<i64>::new(s, ptrs.total_tokens, segs) };
+                            seq_aux_loss_backward_cuda::<$t>(
+                                &be,
+                                &z.view(),
+                                num_tokens,
+                                num_experts,
+                                sl,
+                                mask_v.as_ref(),
+                                &counts.view(),
+                                &vt.view(),
+                                cfg,
+                                &gl.view(),
+                                &mut ws.view_mut(),
+                                &mut g.view_mut(),
+                            )
+                        }
+                    }
+                }
+                LossesPass::ZForward => {
+                    let mut ws = unsafe {
+                        BorrowedSlice::<f64>::new(
+                            s,
+                            ptrs.workspace,
+                            losses_workspace_len(num_tokens, num_experts, None),
+                        )
+                    };
+                    let mut zl = unsafe { BorrowedSlice::<f32>::new(s, ptrs.z_loss, 1) };
+                    let mut vt = unsafe { BorrowedSlice::<i64>::new(s, ptrs.valid_tokens, 1) };
+                    z_loss_cuda::<$t>(
+                        &be,
+                        &z.view(),
+                        num_tokens,
+                        num_experts,
+                        mask_v.as_ref(),
+                        z_coeff,
+                        &mut ws.view_mut(),
+                        ZLossCudaBuffers {
+                            loss: zl.view_mut(),
+                            valid_tokens: vt.view_mut(),
+                        },
+                    )
+                }
+                LossesPass::ZBackward => {
+                    let vt = unsafe { BorrowedSlice::<i64>::new(s, ptrs.valid_tokens, 1) };
+                    let gl = unsafe { BorrowedSlice::<f32>::new(s, ptrs.grad_loss, 1) };
+                    let mut g = unsafe { BorrowedSlice::<$t>::new(s, ptrs.grad_logits, nl) };
+                    z_loss_backward_cuda::<$t>(
+                        &be,
+                        &z.view(),
+                        num_tokens,
+                        num_experts,
+                        mask_v.as_ref(),
+                        &vt.view(),
+                        z_coeff,
+                        &gl.view(),
+                        &mut g.view_mut(),
+                    )
+                }
+            }
+        }};
+    }
+    match dtype {
+        DType::F32 => run!(f32),
+        DType::F16 => run!(half::f16),
+        DType::BF16 => run!(half::bf16),
+    }
+}

@@ -9,6 +9,7 @@
 //! | `crate::cpu::dropout`               | [`dropout::assignment_dropout_cuda`], ...    |
 //! | `crate::cpu::router_stats`          | [`router_stats::router_stats_cuda`]          |
 //! | `crate::cpu::bias_update`           | [`bias_update::update_expert_bias_cuda`]     |
+//! | `crate::cpu::permute`               | [`permute::permute_cuda`], [`permute::unpermute_cuda`], ... |
 //! | validation in [`crate::ops`]        | the same validation, then a launch           |
 //!
 //! Nothing CUDA is linked at build time: `libcuda` and `libnvrtc` are loaded when
@@ -30,6 +31,7 @@ pub mod bias_update;
 pub mod dropout;
 pub mod kernels;
 pub mod losses;
+pub mod permute;
 pub mod router_stats;
 pub mod topk_gating;
 
@@ -340,7 +342,7 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: String,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    modules: Arc<Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -375,8 +377,26 @@ impl CudaBackend {
             ctx,
             stream,
             arch: format!("sm_{major}{minor}"),
-            modules: Mutex::new(HashMap::new()),
+            modules: Arc::new(Mutex::new(HashMap::new())),
         })
+    }
+
+    /// The same device and loaded kernels, launching on a stream the caller owns
+    /// (PyTorch's `torch.cuda.current_stream().cuda_stream`): what the `*_raw` entry
+    /// points use.
+    ///
+    /// # Safety
+    /// `stream` is a live CUDA stream of this backend's context and outlives the
+    /// returned backend and every launch made through it.
+    pub unsafe fn on_borrowed_stream(&self, stream: cudarc::driver::sys::CUstream) -> CudaBackend {
+        // SAFETY: guaranteed by the caller; the wrapper does not own the stream.
+        let stream = unsafe { self.ctx.wrap_borrowed_stream(stream) };
+        CudaBackend {
+            ctx: self.ctx.clone(),
+            stream,
+            arch: self.arch.clone(),
+            modules: self.modules.clone(),
+        }
     }
 
     /// The device's context.
@@ -418,6 +438,57 @@ impl CudaBackend {
             }
         };
         Ok(m.load_function(entry)?)
+    }
+}
+
+/// A caller-owned device buffer (a PyTorch tensor's `data_ptr()`) seen as a
+/// [`CudaSlice`] for the length of a raw call, so that the raw entry points run the
+/// safe wrappers' checks and launches. Never freed: dropping it only lets go of the
+/// handle.
+pub struct BorrowedSlice<T> {
+    inner: std::mem::ManuallyDrop<CudaSlice<T>>,
+}
+
+impl<T> std::fmt::Debug for BorrowedSlice<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BorrowedSlice")
+            .field("len", &self.inner.len())
+            .finish()
+    }
+}
+
+impl<T> BorrowedSlice<T> {
+    /// Wrap `len` elements of `T` at device address `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` is a device address in `stream`'s context, valid, aligned for `T` and
+    /// holding `len` elements of `T` (any address when `len == 0`: it is never
+    /// dereferenced), until every kernel launched on it has finished.
+    pub unsafe fn new(stream: &Arc<CudaStream>, ptr: u64, len: usize) -> Self {
+        // SAFETY: guaranteed by the caller; the slice is never freed (see Drop).
+        let s = unsafe { stream.upgrade_device_ptr::<T>(ptr, len) };
+        BorrowedSlice {
+            inner: std::mem::ManuallyDrop::new(s),
+        }
+    }
+
+    /// The whole buffer, read-only.
+    pub fn view(&self) -> CudaView<'_, T> {
+        self.inner.as_view()
+    }
+
+    /// The whole buffer, writable.
+    pub fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.inner.as_view_mut()
+    }
+}
+
+impl<T> Drop for BorrowedSlice<T> {
+    fn drop(&mut self) {
+        // SAFETY: `inner` is taken exactly once, here.
+        let s = unsafe { std::mem::ManuallyDrop::take(&mut self.inner) };
+        // The caller owns the memory: release the handle without freeing it.
+        let _ = s.leak();
     }
 }
 

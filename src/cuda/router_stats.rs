@@ -234,3 +234,106 @@ pub fn router_stats_cuda<T: RouterFloat + DeviceRepr>(
     }?;
     Ok(())
 }
+
+/// Device addresses of a [`router_stats_cuda`] call (`0` for an absent optional
+/// input).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouterStatsRawPtrs {
+    /// `logits [num_tokens, num_experts]`, element type `dtype`.
+    pub logits: u64,
+    /// `indices [num_tokens, topk]` i32.
+    pub indices: u64,
+    /// `slots [num_tokens, topk]` i32, or 0.
+    pub slots: u64,
+    /// `padding_mask [num_tokens]` bytes, or 0.
+    pub padding_mask: u64,
+    /// Outputs, as in [`RouterStatsCudaBuffers`].
+    pub selected_counts: u64,
+    /// `[num_experts]` i64.
+    pub kept_counts: u64,
+    /// `[4]` i64.
+    pub scalars: u64,
+    /// `[4]` f32.
+    pub floats: u64,
+    /// `[router_stats_workspace_len(num_tokens)]` f64.
+    pub workspace: u64,
+}
+
+/// [`router_stats_cuda`] on raw device pointers and a caller-owned stream, without
+/// synchronising.
+///
+/// # Safety
+/// 1. `stream` is a live CUDA stream of `backend`'s context, kept alive until the
+///    kernels have finished.
+/// 2. Every non-zero pointer of `ptrs` is a device address in that context, valid
+///    for its documented shape and type (`dtype` for the logits), and stays valid
+///    until the kernels have finished on `stream`.
+/// 3. Output buffers do not overlap any other buffer of the call.
+///
+/// # Errors
+/// As [`router_stats_cuda`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn router_stats_raw(
+    backend: &CudaBackend,
+    stream: cudarc::driver::sys::CUstream,
+    dtype: crate::DType,
+    num_tokens: usize,
+    num_experts: usize,
+    topk: usize,
+    ptrs: RouterStatsRawPtrs,
+) -> Result<()> {
+    use super::BorrowedSlice;
+    use crate::DType;
+    let nl = num_tokens.checked_mul(num_experts).ok_or(Error::Overflow {
+        op: OP,
+        what: "num_tokens * num_experts",
+        value: num_tokens as u128 * num_experts as u128,
+        max: i64::MAX,
+    })?;
+    let na = crate::ops::checked_i32_product(OP, "num_tokens * topk", num_tokens, topk)?;
+    // SAFETY: (1).
+    let be = unsafe { backend.on_borrowed_stream(stream) };
+    let s = be.stream();
+    // SAFETY (every BorrowedSlice below): (2) and (3).
+    let idx = unsafe { BorrowedSlice::<i32>::new(s, ptrs.indices, na) };
+    let slots = (ptrs.slots != 0).then(|| unsafe { BorrowedSlice::<i32>::new(s, ptrs.slots, na) });
+    let mask = (ptrs.padding_mask != 0)
+        .then(|| unsafe { BorrowedSlice::<bool>::new(s, ptrs.padding_mask, num_tokens) });
+    let mut sel = unsafe { BorrowedSlice::<i64>::new(s, ptrs.selected_counts, num_experts) };
+    let mut kept = unsafe { BorrowedSlice::<i64>::new(s, ptrs.kept_counts, num_experts) };
+    let mut sc = unsafe { BorrowedSlice::<i64>::new(s, ptrs.scalars, 4) };
+    let mut fl = unsafe { BorrowedSlice::<f32>::new(s, ptrs.floats, 4) };
+    let mut ws = unsafe {
+        BorrowedSlice::<f64>::new(s, ptrs.workspace, router_stats_workspace_len(num_tokens))
+    };
+    let slots_v = slots.as_ref().map(|b| b.view());
+    let mask_v = mask.as_ref().map(|b| b.view());
+    let out = RouterStatsCudaBuffers {
+        selected_counts: sel.view_mut(),
+        kept_counts: kept.view_mut(),
+        scalars: sc.view_mut(),
+        floats: fl.view_mut(),
+        workspace: ws.view_mut(),
+    };
+    macro_rules! run {
+        ($t:ty) => {{
+            let z = unsafe { BorrowedSlice::<$t>::new(s, ptrs.logits, nl) };
+            router_stats_cuda::<$t>(
+                &be,
+                &z.view(),
+                num_tokens,
+                num_experts,
+                &idx.view(),
+                topk,
+                slots_v.as_ref(),
+                mask_v.as_ref(),
+                out,
+            )
+        }};
+    }
+    match dtype {
+        DType::F32 => run!(f32),
+        DType::F16 => run!(half::f16),
+        DType::BF16 => run!(half::bf16),
+    }
+}
