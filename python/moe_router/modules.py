@@ -640,6 +640,9 @@ class TopKRouter(nn.Module):
             indices = indices.to(torch.int64)
 
         # ---- counts (for the bias update and logging) ----
+        # As Megatron: only forwards that will be trained on (training mode, grad
+        # enabled) count towards the bias update.
+        count_for_bias = training and self.enable_expert_bias and torch.is_grad_enabled()
         with torch.no_grad():
             valid = selected >= 0
             if pad is not None:
@@ -648,7 +651,7 @@ class TopKRouter(nn.Module):
             tokens_per_expert.index_add_(
                 0, selected.clamp(min=0).reshape(-1), valid.reshape(-1).to(torch.int64)
             )
-            if training and self.enable_expert_bias and torch.is_grad_enabled():
+            if count_for_bias:
                 self.local_tokens_per_expert += tokens_per_expert
 
         # ---- losses ----
