@@ -50,7 +50,15 @@ mod sealed {
 ///
 /// Sealed: the kernels exist for exactly these three.
 pub trait RouterFloat:
-    sealed::Sealed + Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + bytemuck::Pod + 'static
+    sealed::Sealed
+    + Copy
+    + Send
+    + Sync
+    + Default
+    + PartialEq
+    + std::fmt::Debug
+    + bytemuck::Pod
+    + 'static
 {
     /// This type's runtime tag.
     const DTYPE: DType;

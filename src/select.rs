@@ -76,7 +76,11 @@ mod tests {
     #[test]
     fn top_k_desc_orders() {
         let qs = [0.5f32, 0.9, 0.5, f32::NAN, -1.0, 0.9];
-        let mut keys: Vec<u64> = qs.iter().enumerate().map(|(i, &q)| rank_key(q, i)).collect();
+        let mut keys: Vec<u64> = qs
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| rank_key(q, i))
+            .collect();
         top_k_desc(&mut keys, 4);
         let idx: Vec<usize> = keys[..4].iter().map(|&k| key_index(k)).collect();
         assert_eq!(idx, vec![1, 5, 0, 2]);

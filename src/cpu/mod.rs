@@ -49,7 +49,13 @@ where
 /// yields NaN probabilities, as the maths does.
 #[inline]
 pub fn softmax_row(z: impl Iterator<Item = f32> + Clone, out: &mut [f32]) -> (f32, f32) {
-    let m = z.clone().fold(f32::NEG_INFINITY, |a, b| if b > a || b.is_nan() && !a.is_nan() { b } else { a });
+    let m = z.clone().fold(f32::NEG_INFINITY, |a, b| {
+        if b > a || b.is_nan() && !a.is_nan() {
+            b
+        } else {
+            a
+        }
+    });
     let mut s = 0.0f32;
     for (o, v) in out.iter_mut().zip(z) {
         let e = (v - m).exp();

@@ -1,1 +1,602 @@
-//! `aux_loss` (to be written).
+//! Auxiliary load-balance loss: Switch / GShard (global, optionally with counts from
+//! a larger batch) and sequence-level (DeepSeek-V2/V3), forward and gradient.
+//!
+//! # Definition
+//! Aux scores `P [T, E]` (f32 per token): `softmax(z)` for softmax routers,
+//! `σ(z) / (Σ_e σ(z_e) + 1e-20)` for sigmoid routers. Counts `c_e` = number of
+//! assignments to expert `e` in the plain top-k of `P` over valid tokens (no bias, no
+//! groups; ranked with [`crate::select::rank_key`]: lower expert index first on ties,
+//! NaN lowest), unless the caller passes counts (global batch: summed over
+//! micro-batches / data-parallel ranks).
+//!
+//! Switch / GShard (Megatron `switch_load_balancing_loss_func`):
+//! `L = coeff · E / (k · T_total²) · Σ_e c_e · Σ_t P[t, e]`, where the inner sum runs
+//! over valid tokens and `T_total` is the number of valid tokens unless the caller
+//! says how many tokens its counts cover. The gradient flows through `P` only.
+//!
+//! HF Mixtral's `load_balancing_loss_func` (`E · Σ_{j,e} mean_t(onehot_j[t, e]) ·
+//! mean_t P[t, e]`, with the attention mask as our padding mask inverted) is exactly
+//! this loss with `coeff = k`: `E · Σ_e (c_e / T) · (Σ_t P[t, e] / T)`
+//! `= k · E / (k · T²) · Σ_e c_e Σ_t P[t, e]`. HF then multiplies by
+//! `router_aux_loss_coef` outside the function.
+//!
+//! Sequence-level (DeepSeek-V2/V3 `seq_aux_loss`): logits are `[B · S, E]`, batch-major
+//! (`S = seq_len` consecutive tokens per sequence). The same loss is computed for every
+//! sequence from that sequence's own counts and scores, with that sequence's valid
+//! token count as `T_total`, then averaged over the sequences that have at least one
+//! valid token (0 if none has).
+//!
+//! Padding masks (`true` = padding) remove tokens from counts, scores and `T`;
+//! padding tokens get zero gradient. `T = 0` is valid: the loss is 0.
+//!
+//! Sums over tokens use f64 accumulators in a fixed chunk order, so results are
+//! bitwise independent of the number of threads.
+
+use crate::cpu;
+use crate::cpu::aux_loss::AuxProblem;
+use crate::dtype::RouterFloat;
+use crate::error::{Error, Result};
+use crate::ops::{as_rows, check_finite, check_len};
+use ndarray::{Array2, ArrayView2};
+
+pub use crate::ops::topk_gating::ScoreFunction;
+
+const OP: &str = "aux_loss";
+const SEQ_OP: &str = "seq_aux_loss";
+
+/// Configuration of the auxiliary load-balance loss.
+///
+/// ```
+/// use moe_router::{AuxLossConfig, ScoreFunction};
+/// let cfg = AuxLossConfig::new(2).score_function(ScoreFunction::Sigmoid).coeff(1e-2);
+/// assert_eq!(cfg.topk, 2);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AuxLossConfig {
+    /// `k`: assignments per token used for the counts and in `E / (k · T²)`; in `1..=E`.
+    pub topk: usize,
+    /// How logits become aux scores (softmax, or sigmoid normalised over experts).
+    pub score_function: ScoreFunction,
+    /// Loss coefficient (`α`, `moe_aux_loss_coeff`); must be finite.
+    pub coeff: f32,
+}
+
+impl AuxLossConfig {
+    /// `topk = k`, softmax scores, `coeff = 1`.
+    pub fn new(topk: usize) -> Self {
+        AuxLossConfig {
+            topk,
+            score_function: ScoreFunction::Softmax,
+            coeff: 1.0,
+        }
+    }
+
+    /// Set the score function.
+    pub fn score_function(mut self, score_function: ScoreFunction) -> Self {
+        self.score_function = score_function;
+        self
+    }
+
+    /// Set the loss coefficient.
+    pub fn coeff(mut self, coeff: f32) -> Self {
+        self.coeff = coeff;
+        self
+    }
+
+    /// Check the config against `num_experts`: `num_experts >= 1`, `topk` in
+    /// `1..=num_experts`, `coeff` finite. `op` names the calling op in errors.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `num_experts`, `topk` or `coeff`.
+    pub fn validate(&self, op: &'static str, num_experts: usize) -> Result<()> {
+        if num_experts == 0 {
+            return Err(Error::invalid(
+                op,
+                "num_experts",
+                0,
+                "there must be at least 1 expert",
+            ));
+        }
+        if self.topk == 0 || self.topk > num_experts {
+            return Err(Error::invalid(
+                op,
+                "topk",
+                self.topk,
+                format!("topk must be in 1..={num_experts} (num_experts)"),
+            ));
+        }
+        check_finite(
+            op,
+            "coeff",
+            self.coeff as f64,
+            "the loss coefficient must be finite",
+        )
+    }
+}
+
+/// Result of [`aux_loss`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuxLossOutput {
+    /// The loss `L`.
+    pub loss: f32,
+    /// `[num_experts]`: the counts `c_e` used (computed, or the caller's). `i64`
+    /// because counts summed over many ranks can exceed `i32`.
+    pub counts: Vec<i64>,
+    /// `[num_experts]`: `Σ_t P[t, e]` over valid tokens (summed in f64).
+    pub scores_sum: Vec<f32>,
+    /// `T_total` used: the caller's `total_tokens`, or the number of valid tokens.
+    /// Pass it (with `counts`) to [`aux_loss_backward_into`].
+    pub total_tokens: usize,
+}
+
+/// Result of [`seq_aux_loss`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqAuxLossOutput {
+    /// The loss, averaged over sequences with at least one valid token.
+    pub loss: f32,
+    /// `[batch, num_experts]`: per-sequence counts used (computed, or the caller's).
+    pub counts: Vec<i64>,
+    /// `[batch, num_experts]`: per-sequence `Σ_t P[t, e]` over valid tokens.
+    pub scores_sum: Vec<f32>,
+    /// `[batch]`: valid tokens of each sequence (its `T_total`).
+    pub valid_tokens: Vec<usize>,
+}
+
+/// `num_tokens * num_experts` elements expected for `arg`, or a Shape error.
+pub(crate) fn check_logits(
+    op: &'static str,
+    arg: &'static str,
+    got: usize,
+    num_tokens: usize,
+    num_experts: usize,
+) -> Result<()> {
+    let shape = format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]");
+    match num_tokens.checked_mul(num_experts) {
+        Some(n) => check_len(op, arg, got, n, shape),
+        None => Err(Error::shape(
+            op,
+            arg,
+            format!("{shape} (more elements than usize can count)"),
+            format!("{got} elements"),
+        )),
+    }
+}
+
+pub(crate) fn check_mask(
+    op: &'static str,
+    padding_mask: Option<&[bool]>,
+    num_tokens: usize,
+) -> Result<()> {
+    if let Some(m) = padding_mask {
+        check_len(
+            op,
+            "padding_mask",
+            m.len(),
+            num_tokens,
+            format_args!("[num_tokens] = [{num_tokens}]"),
+        )?;
+    }
+    Ok(())
+}
+
+fn check_counts(
+    op: &'static str,
+    counts: &[i64],
+    expected: usize,
+    shape: std::fmt::Arguments<'_>,
+) -> Result<()> {
+    check_len(op, "counts", counts.len(), expected, shape)?;
+    if let Some((i, &c)) = counts.iter().enumerate().find(|(_, &c)| c < 0) {
+        return Err(Error::invalid(
+            op,
+            "counts",
+            format_args!("{c} at index {i}"),
+            "counts must be >= 0",
+        ));
+    }
+    Ok(())
+}
+
+fn check_seq_len(op: &'static str, seq_len: usize, num_tokens: usize) -> Result<()> {
+    if seq_len == 0 {
+        return Err(Error::invalid(op, "seq_len", 0, "seq_len must be >= 1"));
+    }
+    if num_tokens % seq_len != 0 {
+        return Err(Error::invalid(
+            op,
+            "seq_len",
+            seq_len,
+            format!("seq_len must divide num_tokens = {num_tokens} (logits are [batch * seq_len, num_experts])"),
+        ));
+    }
+    Ok(())
+}
+
+/// Validation shared by the forward and backward of the global loss.
+fn validate_global<T>(
+    logits: &[T],
+    num_tokens: usize,
+    num_experts: usize,
+    padding_mask: Option<&[bool]>,
+    cfg: &AuxLossConfig,
+) -> Result<()> {
+    cfg.validate(OP, num_experts)?;
+    check_logits(OP, "logits", logits.len(), num_tokens, num_experts)?;
+    check_mask(OP, padding_mask, num_tokens)
+}
+
+/// Validation shared by the forward and backward of the sequence-level loss.
+fn validate_seq<T>(
+    logits: &[T],
+    num_tokens: usize,
+    num_experts: usize,
+    seq_len: usize,
+    padding_mask: Option<&[bool]>,
+    cfg: &AuxLossConfig,
+) -> Result<()> {
+    cfg.validate(SEQ_OP, num_experts)?;
+    check_seq_len(SEQ_OP, seq_len, num_tokens)?;
+    check_logits(SEQ_OP, "logits", logits.len(), num_tokens, num_experts)?;
+    check_mask(SEQ_OP, padding_mask, num_tokens)
+}
+
+/// Switch / GShard auxiliary load-balance loss of router logits
+/// `[num_tokens, num_experts]` (see the [module docs](self) for the formula).
+///
+/// - `padding_mask [num_tokens]`: `true` = padding, excluded from counts, scores and `T`.
+/// - `counts [num_experts]`: the caller's counts (global batch); computed from the
+///   plain top-k of `P` over valid tokens when `None`.
+/// - `total_tokens`: `T_total`, the number of tokens the counts cover; the number of
+///   valid tokens when `None`. With zero valid tokens and no `total_tokens` the loss is 0.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for `num_experts == 0`, `topk` outside `1..=E`,
+/// non-finite `coeff`, a negative count, `total_tokens == Some(0)`;
+/// [`Error::Shape`] for `logits`, `padding_mask` or `counts` of the wrong length.
+///
+/// # Example
+/// ```
+/// use moe_router::{aux_loss, AuxLossConfig};
+/// // two tokens, two experts, k = 1: P = [0.5, 0.5] and [0.75, 0.25];
+/// // both tokens pick expert 0 (the first one by the tie rule), so c = [2, 0]
+/// let z = [0.0f32, 0.0, 3f32.ln(), 0.0];
+/// let out = aux_loss(&z, 2, 2, None, None, None, &AuxLossConfig::new(1)).unwrap();
+/// assert_eq!(out.counts, vec![2, 0]);
+/// // L = E / (k T²) · c_0 · (0.5 + 0.75) = 2 / 4 · 2 · 1.25
+/// assert!((out.loss - 1.25).abs() < 1e-6);
+/// ```
+pub fn aux_loss<T: RouterFloat>(
+    logits: &[T],
+    num_tokens: usize,
+    num_experts: usize,
+    padding_mask: Option<&[bool]>,
+    counts: Option<&[i64]>,
+    total_tokens: Option<usize>,
+    cfg: &AuxLossConfig,
+) -> Result<AuxLossOutput> {
+    validate_global(logits, num_tokens, num_experts, padding_mask, cfg)?;
+    if let Some(c) = counts {
+        check_counts(
+            OP,
+            c,
+            num_experts,
+            format_args!("[num_experts] = [{num_experts}]"),
+        )?;
+    }
+    if total_tokens == Some(0) {
+        return Err(Error::invalid(
+            OP,
+            "total_tokens",
+            0,
+            "total_tokens must be >= 1 (the number of tokens the counts cover)",
+        ));
+    }
+    let problem = AuxProblem {
+        logits,
+        num_tokens,
+        num_experts,
+        seq_len: num_tokens,
+        padding_mask,
+        score_function: cfg.score_function,
+    };
+    let stats = cpu::aux_loss::aux_stats(&problem, counts.is_none().then_some(cfg.topk));
+    let mut scores_sum = stats.scores_sum;
+    scores_sum.resize(num_experts, 0.0); // T = 0: no segment
+    let counts = match counts {
+        Some(c) => c.to_vec(),
+        None => {
+            let mut c = stats.counts;
+            c.resize(num_experts, 0);
+            c
+        }
+    };
+    let total = total_tokens.unwrap_or_else(|| stats.valid_tokens.first().copied().unwrap_or(0));
+    let loss = cpu::aux_loss::switch_loss(&scores_sum, &counts, cfg.topk, total, cfg.coeff);
+    Ok(AuxLossOutput {
+        loss: loss as f32,
+        counts,
+        scores_sum: scores_sum.iter().map(|&s| s as f32).collect(),
+        total_tokens: total,
+    })
+}
+
+/// Gradient of [`aux_loss`] w.r.t. the logits, written into `grad_logits
+/// [num_tokens, num_experts]` (overwritten): `grad_loss · ∂L/∂z` with the counts held
+/// fixed (the gradient flows through `P` only). Padding tokens get 0.
+///
+/// Pass the `counts` and `total_tokens` the forward used ([`AuxLossOutput::counts`],
+/// [`AuxLossOutput::total_tokens`]); `total_tokens` may be 0 only when no token is
+/// valid (the gradient is then 0).
+///
+/// # Errors
+/// As [`aux_loss`], plus [`Error::Shape`] for `grad_logits` of the wrong length and
+/// [`Error::InvalidArgument`] for `total_tokens == 0` with valid tokens present.
+#[allow(clippy::too_many_arguments)]
+pub fn aux_loss_backward_into<T: RouterFloat>(
+    logits: &[T],
+    num_tokens: usize,
+    num_experts: usize,
+    padding_mask: Option<&[bool]>,
+    counts: &[i64],
+    total_tokens: usize,
+    cfg: &AuxLossConfig,
+    grad_loss: f32,
+    grad_logits: &mut [T],
+) -> Result<()> {
+    validate_global(logits, num_tokens, num_experts, padding_mask, cfg)?;
+    check_counts(
+        OP,
+        counts,
+        num_experts,
+        format_args!("[num_experts] = [{num_experts}]"),
+    )?;
+    check_logits(
+        OP,
+        "grad_logits",
+        grad_logits.len(),
+        num_tokens,
+        num_experts,
+    )?;
+    if total_tokens == 0 {
+        let any_valid = match padding_mask {
+            None => num_tokens > 0,
+            Some(m) => m.iter().any(|&pad| !pad),
+        };
+        if any_valid {
+            return Err(Error::invalid(
+                OP,
+                "total_tokens",
+                0,
+                "total_tokens must be >= 1 when some token is valid (pass AuxLossOutput::total_tokens)",
+            ));
+        }
+    }
+    let problem = AuxProblem {
+        logits,
+        num_tokens,
+        num_experts,
+        seq_len: num_tokens,
+        padding_mask,
+        score_function: cfg.score_function,
+    };
+    let scale = cpu::aux_loss::switch_scale(num_experts, cfg.topk, total_tokens, cfg.coeff)
+        * grad_loss as f64;
+    let mut g = vec![0.0f32; num_experts];
+    cpu::aux_loss::switch_grad_p(counts, scale, &mut g);
+    cpu::aux_loss::aux_grad_into(&problem, &g, grad_logits);
+    Ok(())
+}
+
+/// Allocating form of [`aux_loss_backward_into`] over an [`ndarray`] view of the
+/// logits `[num_tokens, num_experts]`; returns `grad_logits` of the same shape.
+///
+/// # Errors
+/// As [`aux_loss_backward_into`], plus [`Error::Layout`] for a non-contiguous `logits`.
+pub fn aux_loss_backward<T: RouterFloat>(
+    logits: ArrayView2<'_, T>,
+    padding_mask: Option<&[bool]>,
+    counts: &[i64],
+    total_tokens: usize,
+    cfg: &AuxLossConfig,
+    grad_loss: f32,
+) -> Result<Array2<T>> {
+    let (t, e) = logits.dim();
+    let z = as_rows(OP, "logits", &logits)?;
+    validate_global(z, t, e, padding_mask, cfg)?;
+    let mut grad = Array2::from_elem((t, e), T::from_f32(0.0));
+    let out = grad.as_slice_mut().ok_or(Error::Layout {
+        op: OP,
+        arg: "grad_logits",
+    })?;
+    aux_loss_backward_into(
+        z,
+        t,
+        e,
+        padding_mask,
+        counts,
+        total_tokens,
+        cfg,
+        grad_loss,
+        out,
+    )?;
+    Ok(grad)
+}
+
+/// Per-sequence `∂L/∂P` rows `[batch, E]` of the sequence-level loss:
+/// `coeff · E / (k · T_b²) · c_{b,e} · grad_loss / n`, `n` = sequences with valid tokens.
+fn seq_grad_p(
+    counts: &[i64],
+    valid: &[usize],
+    num_experts: usize,
+    cfg: &AuxLossConfig,
+    grad_loss: f32,
+) -> Vec<f32> {
+    let n_valid = valid.iter().filter(|&&v| v > 0).count();
+    let mut g = vec![0.0f32; valid.len() * num_experts];
+    if n_valid == 0 {
+        return g;
+    }
+    for ((gb, cb), &v) in g
+        .chunks_mut(num_experts)
+        .zip(counts.chunks(num_experts))
+        .zip(valid)
+    {
+        let scale = cpu::aux_loss::switch_scale(num_experts, cfg.topk, v, cfg.coeff)
+            * grad_loss as f64
+            / n_valid as f64;
+        cpu::aux_loss::switch_grad_p(cb, scale, gb);
+    }
+    g
+}
+
+/// Sequence-level auxiliary load-balance loss (DeepSeek-V2/V3) of router logits
+/// `[batch * seq_len, num_experts]`, batch-major (see the [module docs](self)): the
+/// Switch loss of every sequence, with its own counts and its valid tokens as
+/// `T_total`, averaged over the sequences that have at least one valid token (0 if
+/// none has).
+///
+/// - `padding_mask [num_tokens]`: `true` = padding.
+/// - `counts [batch, num_experts]`: caller counts per sequence; computed from the
+///   plain top-k of `P` when `None`.
+///
+/// # Errors
+/// As [`aux_loss`], plus [`Error::InvalidArgument`] for `seq_len == 0` or `seq_len`
+/// not dividing `num_tokens`; `counts` must have `batch * num_experts` elements.
+///
+/// # Example
+/// ```
+/// use moe_router::{seq_aux_loss, AuxLossConfig};
+/// // two sequences of one token each, uniform scores: each sequence's loss is coeff
+/// let z = [0.0f32; 2 * 4];
+/// let out = seq_aux_loss(&z, 2, 4, 1, None, None, &AuxLossConfig::new(2).coeff(0.1)).unwrap();
+/// assert!((out.loss - 0.1).abs() < 1e-7);
+/// assert_eq!(out.counts, vec![1, 1, 0, 0, 1, 1, 0, 0]);
+/// ```
+pub fn seq_aux_loss<T: RouterFloat>(
+    logits: &[T],
+    num_tokens: usize,
+    num_experts: usize,
+    seq_len: usize,
+    padding_mask: Option<&[bool]>,
+    counts: Option<&[i64]>,
+    cfg: &AuxLossConfig,
+) -> Result<SeqAuxLossOutput> {
+    validate_seq(logits, num_tokens, num_experts, seq_len, padding_mask, cfg)?;
+    let batch = num_tokens / seq_len;
+    if let Some(c) = counts {
+        check_counts(
+            SEQ_OP,
+            c,
+            batch * num_experts,
+            format_args!("[batch, num_experts] = [{batch}, {num_experts}]"),
+        )?;
+    }
+    let problem = AuxProblem {
+        logits,
+        num_tokens,
+        num_experts,
+        seq_len,
+        padding_mask,
+        score_function: cfg.score_function,
+    };
+    let stats = cpu::aux_loss::aux_stats(&problem, counts.is_none().then_some(cfg.topk));
+    let counts = counts.map_or(stats.counts, <[i64]>::to_vec);
+    let mut total = 0.0f64;
+    let mut n_valid = 0usize;
+    for ((s, c), &v) in stats
+        .scores_sum
+        .chunks(num_experts)
+        .zip(counts.chunks(num_experts))
+        .zip(&stats.valid_tokens)
+    {
+        if v > 0 {
+            total += cpu::aux_loss::switch_loss(s, c, cfg.topk, v, cfg.coeff);
+            n_valid += 1;
+        }
+    }
+    let loss = if n_valid > 0 {
+        total / n_valid as f64
+    } else {
+        0.0
+    };
+    Ok(SeqAuxLossOutput {
+        loss: loss as f32,
+        counts,
+        scores_sum: stats.scores_sum.iter().map(|&s| s as f32).collect(),
+        valid_tokens: stats.valid_tokens,
+    })
+}
+
+/// Gradient of [`seq_aux_loss`] w.r.t. the logits, written into `grad_logits
+/// [num_tokens, num_experts]` (overwritten), counts held fixed. Pass the `counts
+/// [batch, num_experts]` the forward used ([`SeqAuxLossOutput::counts`]). Padding
+/// tokens get 0.
+///
+/// # Errors
+/// As [`seq_aux_loss`], plus [`Error::Shape`] for `grad_logits` of the wrong length.
+#[allow(clippy::too_many_arguments)]
+pub fn seq_aux_loss_backward_into<T: RouterFloat>(
+    logits: &[T],
+    num_tokens: usize,
+    num_experts: usize,
+    seq_len: usize,
+    padding_mask: Option<&[bool]>,
+    counts: &[i64],
+    cfg: &AuxLossConfig,
+    grad_loss: f32,
+    grad_logits: &mut [T],
+) -> Result<()> {
+    validate_seq(logits, num_tokens, num_experts, seq_len, padding_mask, cfg)?;
+    let batch = num_tokens / seq_len;
+    check_counts(
+        SEQ_OP,
+        counts,
+        batch * num_experts,
+        format_args!("[batch, num_experts] = [{batch}, {num_experts}]"),
+    )?;
+    check_logits(
+        SEQ_OP,
+        "grad_logits",
+        grad_logits.len(),
+        num_tokens,
+        num_experts,
+    )?;
+    let valid = cpu::aux_loss::valid_per_segment(padding_mask, num_tokens, seq_len);
+    let g = seq_grad_p(counts, &valid, num_experts, cfg, grad_loss);
+    let problem = AuxProblem {
+        logits,
+        num_tokens,
+        num_experts,
+        seq_len,
+        padding_mask,
+        score_function: cfg.score_function,
+    };
+    cpu::aux_loss::aux_grad_into(&problem, &g, grad_logits);
+    Ok(())
+}
+
+/// Allocating form of [`seq_aux_loss_backward_into`] over an [`ndarray`] view of the
+/// logits `[batch * seq_len, num_experts]`; returns `grad_logits` of the same shape.
+///
+/// # Errors
+/// As [`seq_aux_loss_backward_into`], plus [`Error::Layout`] for a non-contiguous
+/// `logits`.
+pub fn seq_aux_loss_backward<T: RouterFloat>(
+    logits: ArrayView2<'_, T>,
+    seq_len: usize,
+    padding_mask: Option<&[bool]>,
+    counts: &[i64],
+    cfg: &AuxLossConfig,
+    grad_loss: f32,
+) -> Result<Array2<T>> {
+    let (t, e) = logits.dim();
+    let z = as_rows(SEQ_OP, "logits", &logits)?;
+    validate_seq(z, t, e, seq_len, padding_mask, cfg)?;
+    let mut grad = Array2::from_elem((t, e), T::from_f32(0.0));
+    let out = grad.as_slice_mut().ok_or(Error::Layout {
+        op: SEQ_OP,
+        arg: "grad_logits",
+    })?;
+    seq_aux_loss_backward_into(z, t, e, seq_len, padding_mask, counts, cfg, grad_loss, out)?;
+    Ok(grad)
+}

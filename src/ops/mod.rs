@@ -51,21 +51,39 @@ pub(crate) fn check_len(
 }
 
 /// `a * b`, or [`Error::Overflow`] if it exceeds `i32::MAX` (row indices are `i32`).
-pub(crate) fn checked_i32_product(op: &'static str, what: &'static str, a: usize, b: usize) -> Result<usize> {
+pub(crate) fn checked_i32_product(
+    op: &'static str,
+    what: &'static str,
+    a: usize,
+    b: usize,
+) -> Result<usize> {
     let p = (a as u128) * (b as u128);
     if p > MAX_I32_INDEX as u128 {
-        return Err(Error::Overflow { op, what, value: p, max: i32::MAX as i64 });
+        return Err(Error::Overflow {
+            op,
+            what,
+            value: p,
+            max: i32::MAX as i64,
+        });
     }
     Ok(p as usize)
 }
 
 /// The contiguous row-major data of a 2-D view, or [`Error::Layout`].
-pub(crate) fn as_rows<'a, T>(op: &'static str, arg: &'static str, v: &ArrayView2<'a, T>) -> Result<&'a [T]> {
+pub(crate) fn as_rows<'a, T>(
+    op: &'static str,
+    arg: &'static str,
+    v: &ArrayView2<'a, T>,
+) -> Result<&'a [T]> {
     v.to_slice().ok_or(Error::Layout { op, arg })
 }
 
 /// The contiguous data of a 1-D view, or [`Error::Layout`].
-pub(crate) fn as_vec<'a, T>(op: &'static str, arg: &'static str, v: &ArrayView1<'a, T>) -> Result<&'a [T]> {
+pub(crate) fn as_vec<'a, T>(
+    op: &'static str,
+    arg: &'static str,
+    v: &ArrayView1<'a, T>,
+) -> Result<&'a [T]> {
     v.to_slice().ok_or(Error::Layout { op, arg })
 }
 
@@ -89,7 +107,13 @@ pub(crate) fn check_indices(
     num_experts: usize,
     allow_unrouted: bool,
 ) -> Result<()> {
-    check_len(op, arg, indices.len(), num_tokens * k, format_args!("[num_tokens, topk] = [{num_tokens}, {k}]"))?;
+    check_len(
+        op,
+        arg,
+        indices.len(),
+        num_tokens * k,
+        format_args!("[num_tokens, topk] = [{num_tokens}, {k}]"),
+    )?;
     for t in 0..num_tokens {
         let row = &indices[t * k..(t + 1) * k];
         for (j, &e) in row.iter().enumerate() {
@@ -102,7 +126,12 @@ pub(crate) fn check_indices(
                 } else {
                     format!("expert indices must be in [0, {num_experts})")
                 };
-                return Err(Error::invalid(op, arg, format_args!("{e} at token {t}, choice {j}"), valid));
+                return Err(Error::invalid(
+                    op,
+                    arg,
+                    format_args!("{e} at token {t}, choice {j}"),
+                    valid,
+                ));
             }
             if row[..j].contains(&e) {
                 return Err(Error::invalid(

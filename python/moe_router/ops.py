@@ -1,0 +1,978 @@
+"""torch.library custom ops of moe_router (namespace ``moe_router::``).
+
+Every op here is an opaque call into the Rust CPU reference (``moe_router._native``)
+registered with :func:`torch.library.custom_op`, a shapes-only fake kernel
+(:func:`torch.library.register_fake`, so ``torch.compile(fullgraph=True)`` traces
+through without a graph break) and, where it has a gradient, an autograd formula
+(:func:`torch.library.register_autograd`) whose backward calls this package's own
+``*_backward`` custom ops.
+
+These are the building blocks of :mod:`moe_router.functional`, which validates every
+argument first; call that, not these. Conventions of the ops themselves:
+
+- index tensors (indices, slots, rows) are ``int32`` on output; index inputs may be
+  ``int32`` or ``int64`` (int64 is narrowed after a range check);
+- routing weights are ``float32``; logits / hidden states ``float32``, ``float16`` or
+  ``bfloat16``; per-expert counts ``int32`` (dispatch) or ``int64`` (losses, stats);
+- every output shape depends only on input shapes and options, never on values:
+  ``dispatch`` returns ``row_to_token`` with :func:`dispatch_max_rows` entries
+  (unused tail ``-1``) and the actual row count as a 0-d tensor;
+- a seed or offset is a ``uint64`` carried in a signed ``int`` (two's complement);
+- CUDA tensors raise ``RuntimeError``: the CUDA kernels are not built yet (no silent copy).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _native
+
+__all__ = ["dispatch_max_rows", "NATIVE_OPS", "native_has"]
+
+_FLOAT_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_U64 = 2**64
+
+#: Names of the native functions this build of ``moe_router._native`` provides.
+NATIVE_OPS = frozenset(n for n in dir(_native) if not n.startswith("_") and callable(getattr(_native, n)))
+
+
+def native_has(name: str) -> bool:
+    """Whether this build's native module provides ``name``."""
+    return name in NATIVE_OPS
+
+
+def _native_fn(op: str, name: str):
+    fn = getattr(_native, name, None)
+    if fn is None:
+        raise NotImplementedError(
+            f"moe_router.{op}: this build of moe_router._native does not provide `{name}` "
+            "(the Rust op has not landed in the core crate yet); rebuild from a newer checkout"
+        )
+    return fn
+
+
+# --------------------------------------------------------------------------------------
+# Buffer helpers. The op implementations run on concrete tensors only (never fake ones).
+
+
+def _cpu_only(op: str, **tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cpu":
+            raise RuntimeError(
+                f"moe_router.{op}: CUDA kernels are not built in this wheel yet; move the tensors to CPU "
+                f"(`{name}` is on {t.device}: pass `{name}.cpu()`), or route on CPU and move the results back. "
+                "Tensors are never copied between devices silently."
+            )
+
+
+def _float_name(op: str, name: str, t: Tensor) -> str:
+    try:
+        return _FLOAT_NAMES[t.dtype]
+    except KeyError:
+        raise TypeError(
+            f"moe_router.{op}: `{name}` has dtype {t.dtype}; valid dtypes are float32, float16, bfloat16"
+        ) from None
+
+
+def _dense(op: str, name: str, t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """`t` contiguous (a copy only if it is not), checked to be of `dtype` if given."""
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"moe_router.{op}: `{name}` has dtype {t.dtype}, expected {dtype}")
+    return t.contiguous()
+
+
+def _i32(op: str, name: str, t: Tensor) -> Tensor:
+    """An int32 contiguous copy/view of an int32 or int64 index tensor (range-checked)."""
+    if t.dtype == torch.int32:
+        return t.contiguous()
+    if t.dtype != torch.int64:
+        raise TypeError(f"moe_router.{op}: `{name}` has dtype {t.dtype}, expected int32 or int64")
+    if t.numel() > 0:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < _I32_MIN or hi > _I32_MAX:
+            raise ValueError(
+                f"moe_router.{op}: `{name}` holds {lo if lo < _I32_MIN else hi}, outside the int32 range of "
+                "expert / row indices"
+            )
+    return t.to(torch.int32).contiguous()
+
+
+def _i64(op: str, name: str, t: Tensor) -> Tensor:
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"moe_router.{op}: `{name}` has dtype {t.dtype}, expected int32 or int64")
+    return t.to(torch.int64).contiguous()
+
+
+def _mask(op: str, name: str, t: Optional[Tensor]) -> Optional[Tensor]:
+    if t is None:
+        return None
+    return _dense(op, name, t, torch.bool)
+
+
+def _buf(t: Tensor) -> Tuple[int, int]:
+    return (t.data_ptr(), t.numel())
+
+
+def _obuf(t: Optional[Tensor]) -> Optional[Tuple[int, int]]:
+    return None if t is None else _buf(t)
+
+
+def _u64(v: int) -> int:
+    """A uint64 carried in a signed int64 (schema `int`) back to its unsigned value."""
+    return v % _U64
+
+
+# --------------------------------------------------------------------------------------
+# Shapes that the fake kernels and the functional layer share.
+
+
+def dispatch_max_rows(
+    num_tokens, topk: int, num_experts: int, capacity: Optional[int], layout: str, align: int
+):
+    """Rows of the dispatch buffer (length of ``row_to_token``), a function of sizes and
+    options only, so it is known without looking at the routing:
+
+    - ``pad_to_capacity``: ``num_experts * capacity``;
+    - ``compact``: ``min(num_tokens * topk, num_experts * capacity)`` (``num_tokens * topk``
+      without a capacity);
+    - ``dropless``: ``num_tokens * topk`` plus up to ``align - 1`` padding rows for each
+      expert that can receive a token: ``num_tokens * topk + min(num_experts, num_tokens *
+      topk) * (align - 1)``.
+
+    Works on ints and on ``torch.SymInt`` (used by the fake kernels). Matches the core
+    crate's ``dispatch_max_rows`` (checked by the tests).
+    """
+    assignments = num_tokens * topk
+    if layout == "pad_to_capacity":
+        return num_experts * capacity
+    if layout == "compact":
+        return assignments if capacity is None else torch.sym_min(assignments, num_experts * capacity)
+    if layout == "dropless":
+        return assignments + torch.sym_min(num_experts, assignments) * (align - 1)
+    raise ValueError(f"moe_router.dispatch: invalid `layout` = {layout!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Top-k gating
+
+
+@torch.library.custom_op("moe_router::topk_gating", mutates_args=())
+def topk_gating(
+    logits: Tensor,
+    expert_bias: Optional[Tensor],
+    topk: int,
+    score_function: str,
+    pre_softmax: bool,
+    normalize: bool,
+    num_groups: Optional[int],
+    group_topk: Optional[int],
+    scaling_factor: float,
+    noise_std: float,
+    expert_mask_rate: float,
+    seed: int,
+    offset: int,
+) -> Tuple[Tensor, Tensor]:
+    """weights [T, k] f32, indices [T, k] i32."""
+    op = "topk_gating"
+    _cpu_only(op, logits=logits, expert_bias=expert_bias)
+    dt = _float_name(op, "logits", logits)
+    logits = _dense(op, "logits", logits)
+    bias = None if expert_bias is None else _dense(op, "expert_bias", expert_bias, torch.float32)
+    t, e = logits.shape
+    weights = torch.empty((t, topk), dtype=torch.float32)
+    indices = torch.empty((t, topk), dtype=torch.int32)
+    _native_fn(op, "topk_gating")(
+        dt, _buf(logits), t, e, _obuf(bias), topk, score_function, pre_softmax, normalize,
+        num_groups, group_topk, scaling_factor, noise_std, expert_mask_rate, _u64(seed), _u64(offset),
+        _buf(weights), _buf(indices),
+    )  # fmt: skip
+    return weights, indices
+
+
+@topk_gating.register_fake
+def _(logits, expert_bias, topk, score_function, pre_softmax, normalize, num_groups, group_topk,
+      scaling_factor, noise_std, expert_mask_rate, seed, offset):  # fmt: skip
+    t = logits.shape[0]
+    return (
+        logits.new_empty((t, topk), dtype=torch.float32),
+        logits.new_empty((t, topk), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("moe_router::topk_gating_replay", mutates_args=())
+def topk_gating_replay(
+    logits: Tensor,
+    indices: Tensor,
+    score_function: str,
+    pre_softmax: bool,
+    normalize: bool,
+    scaling_factor: float,
+) -> Tensor:
+    """weights [T, k] f32 of the given indices [T, k]."""
+    op = "topk_gating_replay"
+    _cpu_only(op, logits=logits, indices=indices)
+    dt = _float_name(op, "logits", logits)
+    logits = _dense(op, "logits", logits)
+    idx = _i32(op, "indices", indices)
+    t, e = logits.shape
+    k = idx.shape[1]
+    weights = torch.empty((t, k), dtype=torch.float32)
+    _native_fn(op, "topk_gating_replay")(
+        dt, _buf(logits), t, e, _buf(idx), k, score_function, pre_softmax, normalize, scaling_factor, _buf(weights)
+    )
+    return weights
+
+
+@topk_gating_replay.register_fake
+def _(logits, indices, score_function, pre_softmax, normalize, scaling_factor):
+    return logits.new_empty(indices.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("moe_router::topk_gating_backward", mutates_args=())
+def topk_gating_backward(
+    logits: Tensor,
+    indices: Tensor,
+    grad_weights: Tensor,
+    score_function: str,
+    pre_softmax: bool,
+    normalize: bool,
+    scaling_factor: float,
+) -> Tensor:
+    """grad_logits [T, E] (dtype of logits) from grad_weights [T, k] f32."""
+    op = "topk_gating_backward"
+    _cpu_only(op, logits=logits, indices=indices, grad_weights=grad_weights)
+    dt = _float_name(op, "logits", logits)
+    logits = _dense(op, "logits", logits)
+    idx = _i32(op, "indices", indices)
+    gw = _dense(op, "grad_weights", grad_weights.to(torch.float32))
+    t, e = logits.shape
+    grad_logits = torch.empty((t, e), dtype=logits.dtype)
+    _native_fn(op, "topk_gating_backward")(
+        dt, _buf(logits), t, e, _buf(idx), idx.shape[1], _buf(gw), score_function, pre_softmax, normalize,
+        scaling_factor, _buf(grad_logits),
+    )  # fmt: skip
+    return grad_logits
+
+
+@topk_gating_backward.register_fake
+def _(logits, indices, grad_weights, score_function, pre_softmax, normalize, scaling_factor):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _topk_gating_setup(ctx, inputs, output):
+    logits = inputs[0]
+    ctx.opts = (inputs[3], inputs[4], inputs[5], inputs[8])  # score_function, pre_softmax, normalize, scaling
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(logits, output[1])
+
+
+def _topk_gating_bwd(ctx, grad_weights, grad_indices):
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        logits, indices = ctx.saved_tensors
+        grad_logits = torch.ops.moe_router.topk_gating_backward(logits, indices, grad_weights, *ctx.opts)
+    return (grad_logits,) + (None,) * 12
+
+
+topk_gating.register_autograd(_topk_gating_bwd, setup_context=_topk_gating_setup)
+
+
+def _replay_setup(ctx, inputs, output):
+    ctx.opts = tuple(inputs[2:6])
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(inputs[0], inputs[1])
+
+
+def _replay_bwd(ctx, grad_weights):
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        logits, indices = ctx.saved_tensors
+        grad_logits = torch.ops.moe_router.topk_gating_backward(logits, indices, grad_weights, *ctx.opts)
+    return (grad_logits,) + (None,) * 5
+
+
+topk_gating_replay.register_autograd(_replay_bwd, setup_context=_replay_setup)
+
+
+# --------------------------------------------------------------------------------------
+# Dispatch (not differentiable: the functional layer computes the differentiable
+# kept weights from `slot` with torch ops)
+
+
+@torch.library.custom_op("moe_router::dispatch", mutates_args=())
+def dispatch(
+    indices: Tensor,
+    weights: Tensor,
+    num_experts: int,
+    capacity: Optional[int],
+    drop_policy: str,
+    layout: str,
+    align: int,
+    renormalize: bool,
+    ep_size: int,
+    seed: int,
+    offset: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """slot, row [T, k] i32; kept_weights [T, k] f32; tokens_per_expert [E] i32;
+    row_to_token [max_rows] i32 (tail -1); expert_offsets [E+1] i32; rows_per_rank
+    [ep_size] i32; counts [2] i64 = (num_rows, dropped)."""
+    op = "dispatch"
+    _cpu_only(op, indices=indices, weights=weights)
+    idx = _i32(op, "indices", indices)
+    w = _dense(op, "weights", weights, torch.float32)
+    t, k = idx.shape
+    max_rows = _native_fn(op, "dispatch_max_rows")(
+        t, k, num_experts, capacity, drop_policy, layout, align, renormalize, ep_size, _u64(seed), _u64(offset)
+    )
+    slot = torch.empty((t, k), dtype=torch.int32)
+    row = torch.empty((t, k), dtype=torch.int32)
+    kept = torch.empty((t, k), dtype=torch.float32)
+    tpe = torch.empty((num_experts,), dtype=torch.int32)
+    r2t = torch.empty((max_rows,), dtype=torch.int32)
+    offsets = torch.empty((num_experts + 1,), dtype=torch.int32)
+    per_rank = torch.empty((ep_size,), dtype=torch.int32)
+    num_rows, dropped = _native_fn(op, "dispatch")(
+        _buf(idx), _buf(w), t, k, num_experts, capacity, drop_policy, layout, align, renormalize, ep_size,
+        _u64(seed), _u64(offset), _buf(slot), _buf(row), _buf(kept), _buf(tpe), _buf(r2t), _buf(offsets),
+        _buf(per_rank),
+    )  # fmt: skip
+    counts = torch.tensor([num_rows, dropped], dtype=torch.int64)
+    return slot, row, kept, tpe, r2t, offsets, per_rank, counts
+
+
+@dispatch.register_fake
+def _(indices, weights, num_experts, capacity, drop_policy, layout, align, renormalize, ep_size, seed, offset):
+    t, k = indices.shape
+    max_rows = dispatch_max_rows(t, k, num_experts, capacity, layout, align)
+    i32 = dict(dtype=torch.int32)
+    return (
+        indices.new_empty((t, k), **i32),
+        indices.new_empty((t, k), **i32),
+        weights.new_empty((t, k), dtype=torch.float32),
+        indices.new_empty((num_experts,), **i32),
+        indices.new_empty((max_rows,), **i32),
+        indices.new_empty((num_experts + 1,), **i32),
+        indices.new_empty((ep_size,), **i32),
+        indices.new_empty((2,), dtype=torch.int64),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Expert choice
+
+
+@torch.library.custom_op("moe_router::expert_choice", mutates_args=())
+def expert_choice(logits: Tensor, capacity: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """weights [T, E] f32, row [T, E] i32, row_to_token [E*cap] i32, row_weights [E*cap]
+    f32, tokens_per_expert [E] i32, expert_offsets [E+1] i32."""
+    op = "expert_choice"
+    _cpu_only(op, logits=logits)
+    dt = _float_name(op, "logits", logits)
+    logits = _dense(op, "logits", logits)
+    t, e = logits.shape
+    weights = torch.empty((t, e), dtype=torch.float32)
+    row = torch.empty((t, e), dtype=torch.int32)
+    r2t = torch.empty((e * capacity,), dtype=torch.int32)
+    row_weights = torch.empty((e * capacity,), dtype=torch.float32)
+    tpe = torch.empty((e,), dtype=torch.int32)
+    offsets = torch.empty((e + 1,), dtype=torch.int32)
+    _native_fn(op, "expert_choice")(
+        dt, _buf(logits), t, e, capacity, _buf(weights), _buf(row), _buf(r2t), _buf(row_weights), _buf(tpe),
+        _buf(offsets),
+    )  # fmt: skip
+    return weights, row, r2t, row_weights, tpe, offsets
+
+
+@expert_choice.register_fake
+def _(logits, capacity):
+    t, e = logits.shape
+    return (
+        logits.new_empty((t, e), dtype=torch.float32),
+        logits.new_empty((t, e), dtype=torch.int32),
+        logits.new_empty((e * capacity,), dtype=torch.int32),
+        logits.new_empty((e * capacity,), dtype=torch.float32),
+        logits.new_empty((e,), dtype=torch.int32),
+        logits.new_empty((e + 1,), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("moe_router::expert_choice_backward", mutates_args=())
+def expert_choice_backward(logits: Tensor, row: Tensor, grad_weights: Tensor) -> Tensor:
+    """grad_logits [T, E] from grad_weights [T, E] f32 (through the softmax)."""
+    op = "expert_choice_backward"
+    _cpu_only(op, logits=logits, row=row, grad_weights=grad_weights)
+    dt = _float_name(op, "logits", logits)
+    logits = _dense(op, "logits", logits)
+    row32 = _i32(op, "row", row)
+    gw = _dense(op, "grad_weights", grad_weights.to(torch.float32))
+    t, e = logits.shape
+    grad_logits = torch.empty((t, e), dtype=logits.dtype)
+    _native_fn(op, "expert_choice_backward")(dt, _buf(logits), t, e, _buf(row32), _buf(gw), _buf(grad_logits))
+    return grad_logits
+
+
+@expert_choice_backward.register_fake
+def _(logits, row, grad_weights):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _ec_setup(ctx, inputs, output):
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(inputs[0], output[1])
+
+
+def _ec_bwd(ctx, g_weights, g_row, g_r2t, g_row_weights, g_tpe, g_offsets):
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    logits, row = ctx.saved_tensors
+    # row_weights[row[t, e]] == weights[t, e] for every chosen (t, e): fold its gradient in.
+    chosen = row >= 0
+    g = g_weights + torch.where(chosen, g_row_weights[row.clamp(min=0).long()], 0.0)
+    return torch.ops.moe_router.expert_choice_backward(logits, row, g), None
+
+
+expert_choice.register_autograd(_ec_bwd, setup_context=_ec_setup)
+
+
+# --------------------------------------------------------------------------------------
+# Permute / unpermute
+
+
+@torch.library.custom_op("moe_router::permute", mutates_args=())
+def permute(x: Tensor, row_to_token: Tensor, row: Tensor) -> Tensor:
+    """buf [rows, H] = x[row_to_token] (0 where row_to_token is -1). `row` [T, k] is not
+    read here: backward needs it."""
+    op = "permute"
+    _cpu_only(op, x=x, row_to_token=row_to_token, row=row)
+    dt = _float_name(op, "x", x)
+    x = _dense(op, "x", x)
+    r2t = _i32(op, "row_to_token", row_to_token)
+    t, h = x.shape
+    out = torch.empty((r2t.shape[0], h), dtype=x.dtype)
+    _native_fn(op, "permute")(dt, _buf(x), t, h, _buf(r2t), _buf(out))
+    return out
+
+
+@permute.register_fake
+def _(x, row_to_token, row):
+    return x.new_empty((row_to_token.shape[0], x.shape[1]))
+
+
+@torch.library.custom_op("moe_router::permute_backward", mutates_args=())
+def permute_backward(grad_buf: Tensor, row: Tensor, num_tokens: int) -> Tensor:
+    """grad_x [T, H]: grad_x[t] = sum_j grad_buf[row[t, j]] over row[t, j] >= 0."""
+    op = "permute_backward"
+    _cpu_only(op, grad_buf=grad_buf, row=row)
+    dt = _float_name(op, "grad_buf", grad_buf)
+    gb = _dense(op, "grad_buf", grad_buf)
+    row32 = _i32(op, "row", row)
+    r, h = gb.shape
+    grad_x = torch.empty((num_tokens, h), dtype=gb.dtype)
+    _native_fn(op, "permute_backward")(dt, _buf(gb), r, h, _buf(row32), num_tokens, row32.shape[1], _buf(grad_x))
+    return grad_x
+
+
+@permute_backward.register_fake
+def _(grad_buf, row, num_tokens):
+    return grad_buf.new_empty((num_tokens, grad_buf.shape[1]))
+
+
+def _permute_setup(ctx, inputs, output):
+    x, _, row = inputs
+    ctx.num_tokens = x.shape[0]
+    ctx.x_dtype = x.dtype
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(row)
+
+
+def _permute_bwd(ctx, grad_buf):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None
+    (row,) = ctx.saved_tensors
+    grad_x = torch.ops.moe_router.permute_backward(grad_buf.to(ctx.x_dtype), row, ctx.num_tokens)
+    return grad_x, None, None
+
+
+permute.register_autograd(_permute_bwd, setup_context=_permute_setup)
+
+
+@torch.library.custom_op("moe_router::unpermute", mutates_args=())
+def unpermute(y: Tensor, row: Tensor, weights: Tensor) -> Tensor:
+    """out [T, H] (dtype of y) = sum_j weights[t, j] * y[row[t, j]] over row[t, j] >= 0,
+    accumulated in f32."""
+    op = "unpermute"
+    _cpu_only(op, y=y, row=row, weights=weights)
+    dt = _float_name(op, "y", y)
+    y = _dense(op, "y", y)
+    row32 = _i32(op, "row", row)
+    w = _dense(op, "weights", weights, torch.float32)
+    r, h = y.shape
+    t, k = row32.shape
+    out = torch.empty((t, h), dtype=y.dtype)
+    _native_fn(op, "unpermute")(dt, _buf(y), r, h, _buf(row32), _buf(w), t, k, _buf(out))
+    return out
+
+
+@unpermute.register_fake
+def _(y, row, weights):
+    return y.new_empty((row.shape[0], y.shape[1]))
+
+
+@torch.library.custom_op("moe_router::unpermute_backward", mutates_args=())
+def unpermute_backward(grad_out: Tensor, y: Tensor, row: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor]:
+    """grad_y [rows, H] (dtype of y), grad_weights [T, k] f32."""
+    op = "unpermute_backward"
+    _cpu_only(op, grad_out=grad_out, y=y, row=row, weights=weights)
+    dt = _float_name(op, "y", y)
+    y = _dense(op, "y", y)
+    go = _dense(op, "grad_out", grad_out.to(y.dtype))
+    row32 = _i32(op, "row", row)
+    w = _dense(op, "weights", weights, torch.float32)
+    r, h = y.shape
+    t, k = row32.shape
+    grad_y = torch.empty((r, h), dtype=y.dtype)
+    grad_w = torch.empty((t, k), dtype=torch.float32)
+    _native_fn(op, "unpermute_backward")(
+        dt, _buf(go), _buf(y), r, h, _buf(row32), _buf(w), t, k, _buf(grad_y), _buf(grad_w)
+    )
+    return grad_y, grad_w
+
+
+@unpermute_backward.register_fake
+def _(grad_out, y, row, weights):
+    return (
+        torch.empty_like(y, memory_format=torch.contiguous_format),
+        weights.new_empty(row.shape, dtype=torch.float32),
+    )
+
+
+def _unpermute_setup(ctx, inputs, output):
+    y, row, weights = inputs
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+        ctx.save_for_backward(y, row, weights)
+
+
+def _unpermute_bwd(ctx, grad_out):
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
+        return None, None, None
+    y, row, weights = ctx.saved_tensors
+    grad_y, grad_w = torch.ops.moe_router.unpermute_backward(grad_out, y, row, weights)
+    return (
+        grad_y if ctx.needs_input_grad[0] else None,
+        None,
+        grad_w if ctx.needs_input_grad[2] else None,
+    )
+
+
+unpermute.register_autograd(_unpermute_bwd, setup_context=_unpermute_setup)
+
+
+# --------------------------------------------------------------------------------------
+# Losses. The scalar loss is a 0-d float32 tensor; backward reads grad_loss as a number.
+
+
+@torch.library.custom_op("moe_router::aux_loss", mutates_args=())
+def aux_loss(
+    logits: Tensor,
+    padding_mask: Optional[Tensor],
+    counts: Optional[Tensor],
+    total_tokens: Optional[Tensor],
+    topk: int,
+    score_function: str,
+    coeff: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """loss [] f32, counts used [E] i64, total_tokens used [] i64."""
+    op = "aux_loss"
+    _cpu_only(op, logits=logits, padding_mask=padding_mask, counts=counts, total_tokens=total_tokens)
+    dt = _float_name(op, "logits", logits)
+    logits = _dense(op, "logits", logits)
+    mask = _mask(op, "padding_mask", padding_mask)
+    c = None if counts is None else _i64(op, "counts", counts)
+    total = None if total_tokens is None else int(total_tokens)
+    if total is not None and total < 0:
+        raise ValueError(f"moe_router.{op}: invalid `total_tokens` = {total}: it must be >= 0")
+    t, e = logits.shape
+    counts_out = torch.empty((e,), dtype=torch.int64)
+    loss, used_total = _native_fn(op, "aux_loss")(
+        dt, _buf(logits), t, e, _obuf(mask), _obuf(c), total, topk, score_function, coeff, _buf(counts_out)
+    )
+    return (
+        torch.tensor(loss, dtype=torch.float32),
+        counts_out,
+        torch.tensor(used_total, dtype=torch.int64),
+    )
+
+
+@aux_loss.register_fake
+def _(logits, padding_mask, counts, total_tokens, topk, score_function, coeff):
+    e = logits.shape[1]
+    return (
+        logits.new_empty((), dtype=torch.float32),
+        logits.new_empty((e,), dtype=torch.int64),
+        logits.new_empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("moe_router::aux_loss_backward", mutates_args=())
+def aux_loss_backward(
+    logits: Tensor,
+    padding_mask: Optional[Tensor],
+    counts: Tensor,
+    total_tokens: Tensor,
+    topk: int,
+    score_function: str,
+    coeff: float,
+    grad_loss: Tensor,
+) -> Tensor:
+    """grad_logits [T, E] (dtype of logits)."""
+    op = "aux_loss_backward"
+    _cpu_only(op, logits=logits, padding_mask=padding_mask, counts=counts, grad_loss=grad_loss)
+    dt = _float_name(op, "logits", logits)
+    logits = _dense(op, "logits", logits)
+    mask = _mask(op, "padding_mask", padding_mask)
+    c = _i64(op, "counts", counts)
+    t, e = logits.shape
+    grad_logits = torch.empty((t, e), dtype=logits.dtype)
+    _native_fn(op, "aux_loss_backward")(
+        dt, _buf(logits), t, e, _obuf(mask), _buf(c), int(total_tokens), topk, score_function, coeff,
+        float(grad_loss), _buf(grad_logits),
+    )  # fmt: skip
+    return grad_logits
+
+
+@aux_loss_backward.register_fake
+def _(logits, padding_mask, counts, total_tokens, topk, score_function, coeff, grad_loss):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _aux_setup(ctx, inputs, output):
+    logits, mask, _, _, topk, sf, coeff = inputs
+    ctx.opts = (topk, sf, coeff)
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(logits, mask, output[1], output[2])
+
+
+def _aux_bwd(ctx, grad_loss, grad_counts, grad_total):
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    logits, mask, counts, total = ctx.saved_tensors
+    g = torch.ops.moe_router.aux_loss_backward(logits, mask, counts, total, *ctx.opts, grad_loss)
+    return (g,) + (None,) * 6
+
+
+aux_loss.register_autograd(_aux_bwd, setup_context=_aux_setup)
+
+
+@torch.library.custom_op("moe_router::seq_aux_loss", mutates_args=())
+def seq_aux_loss(
+    logits: Tensor,
+    padding_mask: Optional[Tensor],
+    seq_len: int,
+    topk: int,
+    score_function: str,
+    coeff: float,
+) -> Tuple[Tensor, Tensor]:
+    """loss [] f32, per-sequence counts [T // seq_len, E] i64."""
+    op = "seq_aux_loss"
+    _cpu_only(op, logits=logits, padding_mask=padding_mask)
+    dt = _float_name(op, "logits", logits)
+    logits = _dense(op, "logits", logits)
+    mask = _mask(op, "padding_mask", padding_mask)
+    t, e = logits.shape
+    b = t // seq_len if seq_len > 0 else 0
+    counts_out = torch.empty((b, e), dtype=torch.int64)
+    loss = _native_fn(op, "seq_aux_loss")(
+        dt, _buf(logits), t, e, seq_len, _obuf(mask), topk, score_function, coeff, _buf(counts_out)
+    )
+    return torch.tensor(loss, dtype=torch.float32), counts_out
+
+
+@seq_aux_loss.register_fake
+def _(logits, padding_mask, seq_len, topk, score_function, coeff):
+    t, e = logits.shape
+    return logits.new_empty((), dtype=torch.float32), logits.new_empty((t // seq_len, e), dtype=torch.int64)
+
+
+@torch.library.custom_op("moe_router::seq_aux_loss_backward", mutates_args=())
+def seq_aux_loss_backward(
+    logits: Tensor,
+    padding_mask: Optional[Tensor],
+    counts: Tensor,
+    seq_len: int,
+    topk: int,
+    score_function: str,
+    coeff: float,
+    grad_loss: Tensor,
+) -> Tensor:
+    """grad_logits [T, E] (dtype of logits)."""
+    op = "seq_aux_loss_backward"
+    _cpu_only(op, logits=logits, padding_mask=padding_mask, counts=counts, grad_loss=grad_loss)
+    dt = _float_name(op, "logits", logits)
+    logits = _dense(op, "logits", logits)
+    mask = _mask(op, "padding_mask", padding_mask)
+    c = _i64(op, "counts", counts)
+    t, e = logits.shape
+    grad_logits = torch.empty((t, e), dtype=logits.dtype)
+    _native_fn(op, "seq_aux_loss_backward")(
+        dt, _buf(logits), t, e, seq_len, _obuf(mask), _buf(c), topk, score_function, coeff, float(grad_loss),
+        _buf(grad_logits),
+    )  # fmt: skip
+    return grad_logits
+
+
+@seq_aux_loss_backward.register_fake
+def _(logits, padding_mask, counts, seq_len, topk, score_function, coeff, grad_loss):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _seq_setup(ctx, inputs, output):
+    logits, mask, seq_len, topk, sf, coeff = inputs
+    ctx.opts = (seq_len, topk, sf, coeff)
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(logits, mask, output[1])
+
+
+def _seq_bwd(ctx, grad_loss, grad_counts):
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 6
+    logits, mask, counts = ctx.saved_tensors
+    g = torch.ops.moe_router.seq_aux_loss_backward(logits, mask, counts, *ctx.opts, grad_loss)
+    return (g,) + (None,) * 5
+
+
+seq_aux_loss.register_autograd(_seq_bwd, setup_context=_seq_setup)
+
+
+@torch.library.custom_op("moe_router::z_loss", mutates_args=())
+def z_loss(logits: Tensor, padding_mask: Optional[Tensor], coeff: float) -> Tensor:
+    """loss [] f32."""
+    op = "z_loss"
+    _cpu_only(op, logits=logits, padding_mask=padding_mask)
+    dt = _float_name(op, "logits", logits)
+    logits = _dense(op, "logits", logits)
+    mask = _mask(op, "padding_mask", padding_mask)
+    t, e = logits.shape
+    loss, _valid = _native_fn(op, "z_loss")(dt, _buf(logits), t, e, _obuf(mask), coeff)
+    return torch.tensor(loss, dtype=torch.float32)
+
+
+@z_loss.register_fake
+def _(logits, padding_mask, coeff):
+    return logits.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("moe_router::z_loss_backward", mutates_args=())
+def z_loss_backward(logits: Tensor, padding_mask: Optional[Tensor], coeff: float, grad_loss: Tensor) -> Tensor:
+    """grad_logits [T, E] (dtype of logits)."""
+    op = "z_loss_backward"
+    _cpu_only(op, logits=logits, padding_mask=padding_mask, grad_loss=grad_loss)
+    dt = _float_name(op, "logits", logits)
+    logits = _dense(op, "logits", logits)
+    mask = _mask(op, "padding_mask", padding_mask)
+    t, e = logits.shape
+    grad_logits = torch.empty((t, e), dtype=logits.dtype)
+    _native_fn(op, "z_loss_backward")(dt, _buf(logits), t, e, _obuf(mask), coeff, float(grad_loss), _buf(grad_logits))
+    return grad_logits
+
+
+@z_loss_backward.register_fake
+def _(logits, padding_mask, coeff, grad_loss):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _z_setup(ctx, inputs, output):
+    logits, mask, coeff = inputs
+    ctx.coeff = coeff
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(logits, mask)
+
+
+def _z_bwd(ctx, grad_loss):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None
+    logits, mask = ctx.saved_tensors
+    return torch.ops.moe_router.z_loss_backward(logits, mask, ctx.coeff, grad_loss), None, None
+
+
+z_loss.register_autograd(_z_bwd, setup_context=_z_setup)
+
+
+# --------------------------------------------------------------------------------------
+# Expert dropout
+
+
+@torch.library.custom_op("moe_router::expert_mask", mutates_args=())
+def expert_mask(
+    num_tokens: int, num_experts: int, topk: int, rate: float, seed: int, offset: int, device: torch.device
+) -> Tensor:
+    """masked [T, E] bool (True = masked), at least topk candidates left per token."""
+    op = "expert_mask"
+    if torch.device(device).type != "cpu":
+        raise RuntimeError(
+            f"moe_router.{op}: CUDA kernels are not built in this wheel yet; pass device='cpu' "
+            f"(got {device}) and move the mask with `.to(device)`"
+        )
+    masked = torch.zeros((num_tokens, num_experts), dtype=torch.bool)
+    _native_fn(op, "expert_mask")(num_tokens, num_experts, topk, rate, _u64(seed), _u64(offset), _buf(masked))
+    return masked
+
+
+@expert_mask.register_fake
+def _(num_tokens, num_experts, topk, rate, seed, offset, device):
+    return torch.empty((num_tokens, num_experts), dtype=torch.bool, device=device)
+
+
+@torch.library.custom_op("moe_router::assignment_dropout", mutates_args=())
+def assignment_dropout(
+    indices: Tensor, weights: Tensor, num_experts: int, rate: float, seed: int, offset: int, renormalize: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """indices [T, k] i32 (-1 where dropped), weights [T, k] f32, keep [T, k] bool."""
+    op = "assignment_dropout"
+    _cpu_only(op, indices=indices, weights=weights)
+    idx = _i32(op, "indices", indices)
+    w = _dense(op, "weights", weights, torch.float32)
+    t, k = idx.shape
+    out_idx = torch.empty((t, k), dtype=torch.int32)
+    out_w = torch.empty((t, k), dtype=torch.float32)
+    keep = torch.zeros((t, k), dtype=torch.bool)
+    _native_fn(op, "assignment_dropout")(
+        _buf(idx), _buf(w), t, k, num_experts, rate, _u64(seed), _u64(offset), renormalize, _buf(out_idx),
+        _buf(out_w), _buf(keep),
+    )  # fmt: skip
+    return out_idx, out_w, keep
+
+
+@assignment_dropout.register_fake
+def _(indices, weights, num_experts, rate, seed, offset, renormalize):
+    return (
+        indices.new_empty(indices.shape, dtype=torch.int32),
+        weights.new_empty(indices.shape, dtype=torch.float32),
+        indices.new_empty(indices.shape, dtype=torch.bool),
+    )
+
+
+@torch.library.custom_op("moe_router::assignment_dropout_backward", mutates_args=())
+def assignment_dropout_backward(weights: Tensor, keep: Tensor, renormalize: bool, grad_out: Tensor) -> Tensor:
+    """grad_weights [T, k] f32."""
+    op = "assignment_dropout_backward"
+    _cpu_only(op, weights=weights, keep=keep, grad_out=grad_out)
+    w = _dense(op, "weights", weights, torch.float32)
+    kp = _dense(op, "keep", keep, torch.bool)
+    go = _dense(op, "grad_out", grad_out.to(torch.float32))
+    t, k = w.shape
+    grad_w = torch.empty((t, k), dtype=torch.float32)
+    _native_fn(op, "assignment_dropout_backward")(_buf(w), _buf(kp), t, k, renormalize, _buf(go), _buf(grad_w))
+    return grad_w
+
+
+@assignment_dropout_backward.register_fake
+def _(weights, keep, renormalize, grad_out):
+    return weights.new_empty(weights.shape, dtype=torch.float32)
+
+
+def _ad_setup(ctx, inputs, output):
+    ctx.renormalize = inputs[6]
+    if ctx.needs_input_grad[1]:
+        ctx.save_for_backward(inputs[1], output[2])
+
+
+def _ad_bwd(ctx, g_idx, g_weights, g_keep):
+    if not ctx.needs_input_grad[1]:
+        return (None,) * 7
+    weights, keep = ctx.saved_tensors
+    g = torch.ops.moe_router.assignment_dropout_backward(weights, keep, ctx.renormalize, g_weights)
+    return (None, g) + (None,) * 5
+
+
+assignment_dropout.register_autograd(_ad_bwd, setup_context=_ad_setup)
+
+
+# --------------------------------------------------------------------------------------
+# Aux-loss-free bias update (in place) and router statistics
+
+
+@torch.library.custom_op("moe_router::update_expert_bias", mutates_args={"bias"})
+def update_expert_bias(bias: Tensor, counts: Tensor, rate: float) -> None:
+    """bias [E] f32 += rate * sign(mean(counts) - counts), in place."""
+    op = "update_expert_bias"
+    _cpu_only(op, bias=bias, counts=counts)
+    if bias.dtype != torch.float32 or not bias.is_contiguous():
+        raise ValueError(f"moe_router.{op}: `bias` must be a contiguous float32 tensor (it is updated in place)")
+    c = _i64(op, "counts", counts)
+    _native_fn(op, "update_expert_bias")(_buf(bias), _buf(c), rate)
+
+
+@update_expert_bias.register_fake
+def _(bias, counts, rate):
+    return None
+
+
+@torch.library.custom_op("moe_router::router_stats", mutates_args=())
+def router_stats(
+    logits: Tensor,
+    indices: Tensor,
+    slot: Optional[Tensor],
+    padding_mask: Optional[Tensor],
+    strict: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """selected_counts [E] i64; kept_counts [E] i64 (zeros without slot); ints [3] i64 =
+    (num_tokens, dropped, nonfinite_logits); floats [4] f32 = (max_violation,
+    mean_entropy, mean_lse, max_lse)."""
+    op = "router_stats"
+    _cpu_only(op, logits=logits, indices=indices, slot=slot, padding_mask=padding_mask)
+    dt = _float_name(op, "logits", logits)
+    logits = _dense(op, "logits", logits)
+    idx = _i32(op, "indices", indices)
+    sl = None if slot is None else _i32(op, "slot", slot)
+    mask = _mask(op, "padding_mask", padding_mask)
+    t, e = logits.shape
+    selected = torch.empty((e,), dtype=torch.int64)
+    kept = torch.zeros((e,), dtype=torch.int64)
+    n, dropped, max_violation, entropy, mean_lse, max_lse, nonfinite = _native_fn(op, "router_stats")(
+        dt, _buf(logits), t, e, _buf(idx), idx.shape[1], _obuf(sl), _obuf(mask), strict, _buf(selected),
+        None if sl is None else _buf(kept),
+    )  # fmt: skip
+    ints = torch.tensor([n, dropped, nonfinite], dtype=torch.int64)
+    floats = torch.tensor([max_violation, entropy, mean_lse, max_lse], dtype=torch.float32)
+    return selected, kept, ints, floats
+
+
+@router_stats.register_fake
+def _(logits, indices, slot, padding_mask, strict):
+    e = logits.shape[1]
+    return (
+        logits.new_empty((e,), dtype=torch.int64),
+        logits.new_empty((e,), dtype=torch.int64),
+        logits.new_empty((3,), dtype=torch.int64),
+        logits.new_empty((4,), dtype=torch.float32),
+    )
+
+
+#: Every custom op of the package (the tests run ``torch.library.opcheck`` on each).
+CUSTOM_OPS: List[str] = [
+    "topk_gating",
+    "topk_gating_replay",
+    "topk_gating_backward",
+    "dispatch",
+    "expert_choice",
+    "expert_choice_backward",
+    "permute",
+    "permute_backward",
+    "unpermute",
+    "unpermute_backward",
+    "aux_loss",
+    "aux_loss_backward",
+    "seq_aux_loss",
+    "seq_aux_loss_backward",
+    "z_loss",
+    "z_loss_backward",
+    "expert_mask",
+    "assignment_dropout",
+    "assignment_dropout_backward",
+    "update_expert_bias",
+    "router_stats",
+]

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Run every test of the project on this machine, doing all set-up first.
+#   scripts/test.sh
+# 1. Rust: the CPU reference suite (unit, integration, property and doc tests) and
+#    one pass of every criterion bench in test mode;
+# 2. CUDA kernels: compiled by NVRTC for sm_80 and sm_90 (no GPU needed; NVRTC comes
+#    from the PyTorch wheel installed in step 3's venv); GPU-vs-CPU tests run when a
+#    device is present and print "SKIPPED: no CUDA device" otherwise;
+# 3. Python: creates .venv (torch==2.11.*, pytest, ...), builds and installs the
+#    extension, runs the pytest suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+echo "== [1/4] python environment and extension (scripts/setup_python.sh)"
+bash scripts/setup_python.sh
+PY=.venv/bin/python
+
+echo "== [2/4] cargo test (CPU reference)"
+cargo test --locked
+
+echo "== [3/4] CUDA kernels: NVRTC compile for sm_80 / sm_90, GPU tests if a device is present"
+SP=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+NVLIB="$SP/nvidia/cu13/lib"
+if [ -d "$NVLIB" ]; then
+  export LD_LIBRARY_PATH="$NVLIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export MOE_ROUTER_NVRTC_INCLUDE="$SP/nvidia/cu13/include"
+else
+  echo "note: $NVLIB not found; the NVRTC compile test will report SKIPPED"
+fi
+cargo test --locked --features cuda --test nvrtc_compile --test gpu_vs_cpu -- --nocapture
+
+echo "== [4/4] pytest"
+$PY -m pytest -q -rs python/tests
