@@ -26,16 +26,22 @@ import os
 import sys
 import time
 
-import torch
-from torch import nn
+# `python python/demo.py` puts python/ first on sys.path, where the moe_router source
+# tree (without its compiled _native module) would shadow the installed package.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or os.getcwd()) == _HERE:
+    sys.path.pop(0)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 try:
-    from tqdm import tqdm
+    from tqdm import tqdm  # noqa: E402
 except ImportError:  # pragma: no cover - the setup script installs tqdm
     tqdm = None
 
-import moe_router
-from moe_router.modules import MoELayer, update_router_biases
+import moe_router  # noqa: E402
+from moe_router.modules import MoELayer, update_router_biases  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------

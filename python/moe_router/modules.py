@@ -41,6 +41,7 @@ from . import functional as F
 __all__ = [
     "RouterOutput",
     "TopKRouter",
+    "TopkRouter",
     "ExpertMLPs",
     "MoELayer",
     "attach_aux_loss",
@@ -777,6 +778,10 @@ class TopKRouter(nn.Module):
         if self.frozen:
             parts.append("frozen=True")
         return ", ".join(parts)
+
+
+#: Alias of :class:`TopKRouter` (the spelling ``moe_router.__init__`` exports lazily).
+TopkRouter = TopKRouter
 
 
 @torch.no_grad()
