@@ -723,7 +723,8 @@ def global_aux_loss(
     _, counts, total = _moe.aux_loss(logits.detach(), mask, None, None, topk, score_function, coeff)
     packed = torch.cat([counts, total.reshape(1)])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    loss, _, _ = _moe.aux_loss(logits, mask, packed[:-1], packed[-1], topk, score_function, coeff)
+    # No valid token anywhere: every count is 0 and so is the loss; T_total = 1 avoids 0 / 0.
+    loss, _, _ = _moe.aux_loss(logits, mask, packed[:-1], packed[-1].clamp(min=1), topk, score_function, coeff)
     return loss
 
 
@@ -827,8 +828,11 @@ def assignment_dropout(
 ) -> Tuple[Tensor, Tensor]:
     """Assignment dropout (NLLB's expert output masking): each assignment is dropped
     with probability ``rate`` (its index becomes ``-1``, its weight 0, it takes no
-    capacity), deterministically from ``(seed, offset)``; optionally each token's
-    surviving weights are renormalised. Identity at ``rate = 0``. Training only.
+    capacity), deterministically from ``(seed, offset)`` (Philox, element ``t * k + j``).
+    With ``renormalize``, each token that lost an assignment has its kept weights scaled
+    so that its weight sum is preserved: ``w' = keep * w * S / (S_keep + 1e-20)``.
+    Identity at ``rate = 0`` (up to zeroing the weights of unrouted entries). Training
+    only.
 
     Args:
         indices: ``[T, k]`` int32 / int64 experts (``-1`` = not routed).

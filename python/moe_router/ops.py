@@ -856,35 +856,41 @@ def _(indices, weights, num_experts, rate, seed, offset, renormalize):
 
 
 @torch.library.custom_op("moe_router::assignment_dropout_backward", mutates_args=())
-def assignment_dropout_backward(weights: Tensor, keep: Tensor, renormalize: bool, grad_out: Tensor) -> Tensor:
-    """grad_weights [T, k] f32."""
+def assignment_dropout_backward(
+    indices: Tensor, weights: Tensor, keep: Tensor, renormalize: bool, grad_out: Tensor
+) -> Tensor:
+    """grad_weights [T, k] f32 from the forward's input indices / weights, its keep mask
+    and grad_out [T, k]."""
     op = "assignment_dropout_backward"
-    _cpu_only(op, weights=weights, keep=keep, grad_out=grad_out)
+    _cpu_only(op, indices=indices, weights=weights, keep=keep, grad_out=grad_out)
+    idx = _i32(op, "indices", indices)
     w = _dense(op, "weights", weights, torch.float32)
     kp = _dense(op, "keep", keep, torch.bool)
     go = _dense(op, "grad_out", grad_out.to(torch.float32))
     t, k = w.shape
     grad_w = torch.empty((t, k), dtype=torch.float32)
-    _native_fn(op, "assignment_dropout_backward")(_buf(w), _buf(kp), t, k, renormalize, _buf(go), _buf(grad_w))
+    _native_fn(op, "assignment_dropout_backward")(
+        _buf(idx), _buf(w), _buf(kp), t, k, renormalize, _buf(go), _buf(grad_w)
+    )
     return grad_w
 
 
 @assignment_dropout_backward.register_fake
-def _(weights, keep, renormalize, grad_out):
+def _(indices, weights, keep, renormalize, grad_out):
     return weights.new_empty(weights.shape, dtype=torch.float32)
 
 
 def _ad_setup(ctx, inputs, output):
     ctx.renormalize = inputs[6]
     if ctx.needs_input_grad[1]:
-        ctx.save_for_backward(inputs[1], output[2])
+        ctx.save_for_backward(inputs[0], inputs[1], output[2])
 
 
 def _ad_bwd(ctx, g_idx, g_weights, g_keep):
     if not ctx.needs_input_grad[1]:
         return (None,) * 7
-    weights, keep = ctx.saved_tensors
-    g = torch.ops.moe_router.assignment_dropout_backward(weights, keep, ctx.renormalize, g_weights)
+    indices, weights, keep = ctx.saved_tensors
+    g = torch.ops.moe_router.assignment_dropout_backward(indices, weights, keep, ctx.renormalize, g_weights)
     return (None, g) + (None,) * 5
 
 

@@ -35,8 +35,8 @@ pub(crate) fn expert_mask(
 
 /// Assignment dropout (NLLB expert output masking): each of the `[num_tokens, topk]`
 /// assignments is dropped with probability `rate`. Outputs `out_indices` (i32, -1 where
-/// dropped), `out_weights` (f32, 0 where dropped, renormalised per token if asked) and
-/// `keep` (bool). Returns the number dropped.
+/// dropped), `out_weights` (f32, 0 where dropped; with `renormalize`, a token's weight
+/// sum is preserved) and `keep` (bool). Returns the number of routed assignments dropped.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 #[pyo3(signature = (indices, weights, num_tokens, topk, num_experts, rate, seed, offset, renormalize, out_indices, out_weights, keep))]
@@ -85,13 +85,16 @@ pub(crate) fn assignment_dropout(
     })
 }
 
-/// Backward of assignment dropout: `grad_out` `[num_tokens, topk]` f32 (gradient of the
-/// output weights) → `grad_weights` `[num_tokens, topk]` f32.
+/// Backward of assignment dropout: from the forward's input `indices` (i32, -1 = not
+/// routed) and `weights` (f32) and its `keep` mask, all `[num_tokens, topk]`, and
+/// `grad_out` `[num_tokens, topk]` f32 (gradient of the output weights) →
+/// `grad_weights` `[num_tokens, topk]` f32.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (weights, keep, num_tokens, topk, renormalize, grad_out, grad_weights))]
+#[pyo3(signature = (indices, weights, keep, num_tokens, topk, renormalize, grad_out, grad_weights))]
 pub(crate) fn assignment_dropout_backward(
     py: Python<'_>,
+    indices: RawBuf,
     weights: RawBuf,
     keep: RawBuf,
     num_tokens: usize,
@@ -101,22 +104,24 @@ pub(crate) fn assignment_dropout_backward(
     grad_weights: RawBuf,
 ) -> PyResult<()> {
     const OP: &str = "assignment_dropout_backward";
+    let indices = Buf::<i32>::input("indices", indices);
     let weights = Buf::<f32>::input("weights", weights);
     let keep = Buf::<u8>::input("keep", keep);
     let grad_out = Buf::<f32>::input("grad_out", grad_out);
     let grad_weights = Buf::<f32>::output("grad_weights", grad_weights);
     let tk = mul(OP, "num_tokens * topk", num_tokens, topk)?;
     let shape = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
+    indices.expect_len(OP, tk, &shape)?;
     weights.expect_len(OP, tk, &shape)?;
     keep.expect_len(OP, tk, &shape)?;
     grad_out.expect_len(OP, tk, &shape)?;
     grad_weights.expect_len(OP, tk, &shape)?;
-    check_bufs(OP, &[weights.span(), keep.span(), grad_out.span(), grad_weights.span()])?;
+    check_bufs(OP, &[indices.span(), weights.span(), keep.span(), grad_out.span(), grad_weights.span()])?;
     // SAFETY: as in `assignment_dropout`.
-    let (weights, keep, grad_out, grad_weights) =
-        unsafe { (weights.as_slice(), keep.as_bools(), grad_out.as_slice(), grad_weights.as_mut_slice()) };
+    let (indices, weights, keep, grad_out, grad_weights) =
+        unsafe { (indices.as_slice(), weights.as_slice(), keep.as_bools(), grad_out.as_slice(), grad_weights.as_mut_slice()) };
     run(py, OP, || {
-        moe_router::assignment_dropout_backward_into(weights, &keep, num_tokens, topk, renormalize, grad_out, grad_weights)
+        moe_router::assignment_dropout_backward_into(indices, weights, &keep, num_tokens, topk, renormalize, grad_out, grad_weights)
             .map_err(to_py_err)
     })
 }

@@ -15,16 +15,25 @@ use pyo3::prelude::*;
 
 // Bindings are compiled as their core op lands on main (each file is written against the
 // signatures in PYAPI.md); until then the Python layer reports the op as not built.
-// Pending: bias, capacity, common, dispatch, dropout, expert_choice, losses, permute,
-// stats, topk_gating.
-#[allow(dead_code)]
+// Pending: capacity, dispatch, expert_choice, permute.
+mod bias;
+mod common;
+mod dropout;
 mod error;
-#[allow(dead_code)]
+mod losses;
+mod stats;
 mod tensor;
+mod topk_gating;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("CUDA", cfg!(feature = "cuda"))?;
+    topk_gating::register(m)?;
+    losses::register_aux(m)?;
+    losses::register_z(m)?;
+    dropout::register(m)?;
+    bias::register(m)?;
+    stats::register(m)?;
     Ok(())
 }
