@@ -24,6 +24,13 @@ Randomness (selection noise, expert masking, assignment dropout, random drop pri
 input jitter) is training-only and deterministic: it is keyed by ``(seed, rng_step)``,
 and ``rng_step`` advances by one per training forward that uses randomness. In eval
 mode the router is a pure function of its input and parameters.
+
+``torch.compile(fullgraph=True)`` traces a whole training step (router, dispatch,
+experts, combine, losses, statistics, bias counts) without a graph break, for every
+layout. ``rng_step`` is a Python int attribute: a configuration without training
+randomness never reads it; with randomness, compile the module itself (``torch.compile
+(model)``) and set ``torch._dynamo.config.allow_unspec_int_on_nn_module = True`` so it
+is a dynamic int rather than a constant that recompiles every step.
 """
 
 from __future__ import annotations
@@ -123,7 +130,7 @@ class RouterOutput:
         layout: dispatch layout, ``"pad_to_capacity"``, ``"compact"`` or ``"dropless"``.
         stats: :func:`moe_router.router_stats` of this batch (per-expert selected and kept
             counts, dropped, MaxVio, entropy, logsumexp, non-finite count) or ``None``
-            (``compute_stats=False``, or inside ``torch.compile``).
+            (``compute_stats=False``).
         selected_indices: ``[T, k]`` int64 experts chosen by gating (or replayed), before
             assignment dropout and padding removal: what ``record=True`` stores.
     """
@@ -189,23 +196,19 @@ def _hash_uniform(shape: Sequence[int], seed: int, offset: int, salt: int, devic
     """Counter-based uniform ``[0, 1)`` float32 samples keyed by ``(seed, offset, salt)``.
 
     A pure-torch integer hash of each element's flat index, so the values do not depend
-    on the device, the thread count or the global RNG, and it traces under torch.compile.
-    (Used for input jitter only; the ops use Philox-4x32-10.)
+    on the device, the thread count or the global RNG, and it traces under torch.compile
+    (``offset`` may be a dynamic int there: it is mixed in with tensor ops). Used for the
+    input jitter only; the ops' randomness is Philox-4x32-10.
     """
     n = 1
     for s in shape:
         n *= int(s)
-    key = _key32(seed, offset, salt)
-    idx = torch.arange(n, device=device, dtype=torch.int64) & 0xFFFFFFFF
-    x = _lowbias32(_lowbias32(idx ^ key) ^ ((idx >> 32) + 0x68E31DA4))
+    base = _key32(seed, salt)
+    off = torch.zeros((), dtype=torch.int64, device=device) + offset
+    key = _lowbias32(_lowbias32((off & 0xFFFFFFFF) ^ base) ^ ((off >> 32) & 0xFFFFFFFF))
+    idx = torch.arange(n, device=device, dtype=torch.int64)
+    x = _lowbias32(_lowbias32((idx & 0xFFFFFFFF) ^ key) ^ ((idx >> 32) + 0x68E31DA4))
     return ((x >> 8).to(torch.float32) * (1.0 / (1 << 24))).reshape(tuple(shape))
-
-
-def _is_compiling() -> bool:
-    try:
-        return bool(torch.compiler.is_compiling())
-    except AttributeError:  # torch < 2.3
-        return False
 
 
 # --------------------------------------------------------------------------------------
@@ -273,8 +276,8 @@ class TopKRouter(nn.Module):
             RECORD action); replay them with ``forward(x, replay_indices=...)``.
         sequence_first: 3-D input is ``[seq, batch, hidden]`` (Megatron) instead of
             ``[batch, seq, hidden]``; only matters for ``seq_aux_loss``.
-        compute_stats: compute :func:`moe_router.router_stats` each forward (skipped inside
-            ``torch.compile``, where it would need a host sync).
+        compute_stats: compute :func:`moe_router.router_stats` each forward (one pass
+            over the logits; no host sync, so it also runs inside ``torch.compile``).
         dispatch: build the dispatch plan in forward (needed by :class:`MoELayer`).
         seed: seed of the training randomness.
         process_group: data-parallel group for ``global_aux_loss`` and the bias update.
@@ -671,7 +674,7 @@ class TopKRouter(nn.Module):
             plan, capacity, layout = self._dispatch(indices, weights, num_tokens, offset)
 
         stats = None
-        if self.compute_stats and not _is_compiling():
+        if self.compute_stats:
             with torch.no_grad():
                 stats = F.router_stats(
                     logits.detach(),

@@ -575,6 +575,28 @@ def test_compile_fullgraph_training_step(kw):
         comp.zero_grad()
 
 
+def test_compile_training_randomness_without_recompiling():
+    ok, why = _compile_available()
+    if not ok:
+        pytest.skip(f"SKIPPED LOUDLY: torch.compile is not available here ({why})")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    kw = dict(noise_std=1.0, expert_mask_rate=0.1, expert_dropout=0.1, input_jitter_eps=0.05, seed=5)
+    eager = MoELayer(H, 16, E, K, aux_loss_coeff=1e-2, **kw)
+    comp = copy.deepcopy(eager)
+    x = _x(12, H, seed=30)
+    with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+        cmod = torch.compile(comp, fullgraph=True, backend="aot_eager")
+        for step in range(4):
+            # rng_step 0 and 1 may compile twice (specialised, then dynamic); never again
+            with torch._dynamo.config.patch(error_on_recompile=step >= 2):
+                oc, rc = cmod(x)
+            oe, re_ = eager(x)
+            assert torch.equal(rc.indices, re_.indices), f"step {step}"
+            torch.testing.assert_close(oc, oe, rtol=1e-5, atol=1e-6)
+    assert comp.router.rng_step == eager.router.rng_step == 4
+
+
 def test_compile_attach_aux_loss_fullgraph():
     def f(w, loss):
         return attach_aux_loss(w * 2.0, loss * 3.0, 0.5).sum()
