@@ -142,7 +142,7 @@ def train(name: str, balanced: bool, args, device) -> dict:
         hist["dropped_frac"].append(_num(st.dropped) / tokens_k)
         hist["load"].append(load.tolist())
         if bar is not None:
-            bar.set_postfix(loss=f"{loss.item():.3f}", maxvio=f"{_num(st.max_violation):.2f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", maxvio=f"{_num(st.max_violation):.2f}", refresh=False)
         if step % args.log_every == 0 or step == args.steps - 1:
             _log(name, step, loss.item(), r, st, tokens_k, bar)
     hist["seconds"] = time.perf_counter() - t0
@@ -256,20 +256,27 @@ def pick_device(want: str) -> torch.device:
             print("demo: CUDA requested but not available; using the CPU")
         return torch.device("cpu")
     dev = torch.device("cuda")
-    try:  # the extension may have been built without its CUDA kernels
-        moe_router.topk_gating(torch.zeros(2, 4, device=dev), 2)
+    try:  # every op the demo uses must have a CUDA path in this build
+        layer = MoELayer(8, 8, 4, 2, capacity_factor=1.25, aux_loss_coeff=1e-2, z_loss_coeff=1e-3,
+                         enable_expert_bias=True).to(dev)  # fmt: skip
+        out, _ = layer(torch.randn(6, 8, device=dev))
+        out.sum().backward()
+        layer.router.update_bias()
+        torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001
         if want == "cuda":
             raise
-        print(f"demo: moe_router has no CUDA path here ({type(exc).__name__}: {exc}); using the CPU")
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"demo: this moe_router build cannot run the MoE layer on CUDA ({type(exc).__name__}: {msg}); "
+              "using the CPU")  # fmt: skip
         return torch.device("cpu")
     return dev
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=256, help="tokens per step")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch", type=int, default=512, help="tokens per step")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--ffn", type=int, default=128)
     p.add_argument("--experts", type=int, default=8)
@@ -280,7 +287,13 @@ def main(argv=None) -> int:
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--out", default="demo_out", help="output directory (default ./demo_out)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op CPU threads (default 1: the matrices are tiny, and extra OpenMP threads only "
+        "add synchronisation, badly so on a busy machine; 0 keeps torch's default)",
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip the run without balancing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
