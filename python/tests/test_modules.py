@@ -435,6 +435,12 @@ def test_grouped_mlp_gradcheck(activation):
     for ex, (a, b) in enumerate([(0, 3), (3, 3), (3, 7)]):
         torch.testing.assert_close(y[a:b], ref_mlp(buf[a:b], w1[ex], w2[ex], activation))
     assert torch.autograd.gradcheck(lambda b_, w1_, w2_: grouped_mlp(b_, offs, w1_, w2_, activation), (buf, w1, w2))
+    # the custom op's schema, fake kernel and autograd registration are consistent
+    torch.library.opcheck(torch.ops.moe_router_nn.grouped_mlp.default, (buf, offs, w1, w2, activation))
+    torch.library.opcheck(
+        torch.ops.moe_router_nn.grouped_mlp.default,
+        (buf.detach().float(), offs.to(torch.int32), w1.detach().float(), w2.detach().float(), activation),
+    )
 
 
 LAYOUTS = [
@@ -503,6 +509,19 @@ def test_moe_layer_bf16_input():
     assert x.grad.dtype == torch.bfloat16
     assert layer.experts.w1.grad.dtype == torch.bfloat16
     assert layer.router.gate.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(capacity_factor=1.0), dict(capacity_factor=1.0, pad_expert_input_to_capacity=True)]
+)
+def test_empty_batch(kw):
+    layer = MoELayer(H, 8, E, K, aux_loss_coeff=1e-2, z_loss_coeff=1e-3, **kw)
+    x = torch.zeros(0, H, requires_grad=True)
+    out, r = layer(x)
+    assert out.shape == (0, H) and r.indices.shape == (0, K)
+    assert r.aux_loss.item() == 0.0 and r.z_loss.item() == 0.0
+    out.sum().backward()
+    assert x.grad.shape == (0, H)
 
 
 def test_group_limited_routing_stays_in_groups():
