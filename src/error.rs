@@ -51,6 +51,23 @@ pub enum Error {
     /// A feature this build or device does not provide.
     #[error("{op}: {what}")]
     Unsupported { op: &'static str, what: String },
+    /// A CUDA driver call failed (out of memory, launch failure, ...).
+    #[cfg(feature = "cuda")]
+    #[error("CUDA driver error: {0}")]
+    Driver(String),
+    /// NVRTC could not compile a kernel module; `log` is the compiler's log.
+    #[cfg(feature = "cuda")]
+    #[error("NVRTC failed to compile kernel module `{module}`:\n{log}")]
+    Compile {
+        /// The kernel module (`cuda/<module>.cu`).
+        module: &'static str,
+        /// NVRTC's log (or what else went wrong).
+        log: String,
+    },
+    /// No usable CUDA device (no driver library, or no device).
+    #[cfg(feature = "cuda")]
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
 }
 
 /// `Result` with this crate's [`Error`].

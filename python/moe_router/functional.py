@@ -167,7 +167,9 @@ def _float(op: str, name: str, v, lo: Optional[float] = None, hi: Optional[float
     if isinstance(v, bool) or not isinstance(v, (int, float, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"moe_router.{op}: `{name}` must be a float, got {type(v).__name__} {v!r}")
     v = float(v) if isinstance(v, (int, float)) else v
-    bad = isinstance(v, float) and not math.isfinite(v)
+    # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) `v` may be
+    # a SymFloat, whose comparisons become guards while math.isfinite breaks the graph.
+    bad = not (v == v and -math.inf < v < math.inf)
     if lo is not None:
         bad = bad or (v <= lo if lo_open else v < lo)
     if hi is not None:
@@ -506,7 +508,7 @@ def dispatch(
         raise ValueError(f"moe_router.{op}: invalid `ep_size` = {ep_size}: it must divide num_experts = {num_experts}")
     seed = _seed(op, "seed", seed)
     offset = _seed(op, "offset", offset)
-    slot, row, _kept, tpe, r2t, offsets, per_rank, counts = _moe.dispatch(
+    _kept, slot, row, tpe, r2t, offsets, per_rank, counts = _moe.dispatch(
         indices, weights.detach(), num_experts, capacity, drop_policy, layout, align, renormalize, ep_size, seed,
         offset,
     )  # fmt: skip
@@ -856,7 +858,7 @@ def assignment_dropout(
     rate = _float(op, "rate", rate, 0.0, 1.0, hi_open=True)
     _int(op, "num_experts", num_experts, 1)
     _bool(op, "renormalize", renormalize)
-    out_idx, out_w, _keep = _moe.assignment_dropout(
+    out_w, out_idx, _keep = _moe.assignment_dropout(
         indices, weights, num_experts, rate, _seed(op, "seed", seed), _seed(op, "offset", offset), renormalize
     )
     return out_idx.long(), out_w

@@ -317,7 +317,7 @@ def dispatch(
     seed: int,
     offset: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """slot, row [T, k] i32; kept_weights [T, k] f32; tokens_per_expert [E] i32;
+    """kept_weights [T, k] f32; slot, row [T, k] i32; tokens_per_expert [E] i32;
     row_to_token [max_rows] i32 (tail -1); expert_offsets [E+1] i32; rows_per_rank
     [ep_size] i32; counts [2] i64 = (num_rows, dropped)."""
     op = "dispatch"
@@ -341,7 +341,7 @@ def dispatch(
         _buf(per_rank),
     )  # fmt: skip
     counts = torch.tensor([num_rows, dropped], dtype=torch.int64)
-    return slot, row, kept, tpe, r2t, offsets, per_rank, counts
+    return kept, slot, row, tpe, r2t, offsets, per_rank, counts
 
 
 @dispatch.register_fake
@@ -350,9 +350,9 @@ def _(indices, weights, num_experts, capacity, drop_policy, layout, align, renor
     max_rows = dispatch_max_rows(t, k, num_experts, capacity, layout, align)
     i32 = dict(dtype=torch.int32)
     return (
-        indices.new_empty((t, k), **i32),
-        indices.new_empty((t, k), **i32),
         weights.new_empty((t, k), dtype=torch.float32),
+        indices.new_empty((t, k), **i32),
+        indices.new_empty((t, k), **i32),
         indices.new_empty((num_experts,), **i32),
         indices.new_empty((max_rows,), **i32),
         indices.new_empty((num_experts + 1,), **i32),
@@ -830,7 +830,8 @@ def _(num_tokens, num_experts, topk, rate, seed, offset, device):
 def assignment_dropout(
     indices: Tensor, weights: Tensor, num_experts: int, rate: float, seed: int, offset: int, renormalize: bool
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """indices [T, k] i32 (-1 where dropped), weights [T, k] f32, keep [T, k] bool."""
+    """weights [T, k] f32, indices [T, k] i32 (-1 where dropped), keep [T, k] bool.
+    (Float output first: autograd test harnesses sum the outputs in order.)"""
     op = "assignment_dropout"
     _cpu_only(op, indices=indices, weights=weights)
     idx = _i32(op, "indices", indices)
@@ -843,14 +844,14 @@ def assignment_dropout(
         _buf(idx), _buf(w), t, k, num_experts, rate, _u64(seed), _u64(offset), renormalize, _buf(out_idx),
         _buf(out_w), _buf(keep),
     )  # fmt: skip
-    return out_idx, out_w, keep
+    return out_w, out_idx, keep
 
 
 @assignment_dropout.register_fake
 def _(indices, weights, num_experts, rate, seed, offset, renormalize):
     return (
-        indices.new_empty(indices.shape, dtype=torch.int32),
         weights.new_empty(indices.shape, dtype=torch.float32),
+        indices.new_empty(indices.shape, dtype=torch.int32),
         indices.new_empty(indices.shape, dtype=torch.bool),
     )
 
@@ -886,7 +887,7 @@ def _ad_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0], inputs[1], output[2])
 
 
-def _ad_bwd(ctx, g_idx, g_weights, g_keep):
+def _ad_bwd(ctx, g_weights, g_idx, g_keep):
     if not ctx.needs_input_grad[1]:
         return (None,) * 7
     indices, weights, keep = ctx.saved_tensors

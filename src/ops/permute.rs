@@ -1,1 +1,718 @@
-//! `permute` (to be written).
+//! Permute and unpermute: move hidden states between token order `[num_tokens, hidden]`
+//! and the expert-major row buffer `[num_rows, hidden]` that a dispatch layout
+//! describes, and back (weighted combine), with both backward passes.
+//!
+//! # The routing
+//! A layout (from `dispatch`, expert-choice routing, or the caller) is described by two
+//! `i32` index arrays:
+//! - `row_to_token [num_rows]`: the token whose hidden state sits in buffer row `r`, or
+//!   `-1` for a padding row (zeros on permute, ignored on combine);
+//! - `row [num_tokens, k]`: the buffer row of assignment `(t, j)`, or `-1` where the
+//!   assignment was dropped or not routed. `k` is any width: `topk` for token-choice
+//!   routing, `num_experts` for expert-choice routing. Every buffer row holds at most
+//!   one assignment (the entries `>= 0` of `row` are distinct).
+//!
+//! [`permute_row_to_token`] derives `row_to_token` from `row`.
+//!
+//! # Precision notes
+//! Permute copies values bit for bit. Sums (the permute backward and the unpermute
+//! combine) are accumulated in `f32` over `j = 0..k` in order, whatever the element
+//! type, and rounded once on the store. `grad_weights` is an `f32` dot product. Per-token
+//! work is independent, so results are bitwise the same for any number of threads.
+//!
+//! # Validation
+//! Every function checks, before touching any output: buffer lengths against the sizes
+//! ([`Error::Shape`]), `num_rows` and `num_tokens * k` fit the `i32` row index
+//! ([`Error::Overflow`]), `row_to_token` entries in `[-1, num_tokens)` and `row` entries
+//! in `[-1, num_rows)` and distinct ([`Error::InvalidArgument`]); the ndarray forms also
+//! require standard (row-major, contiguous) layout ([`Error::Layout`]). Weights need not
+//! be finite: NaN and infinities propagate as values (the weights of dropped
+//! assignments are never read). `hidden = 0`, `num_tokens = 0`,
+//! `num_rows = 0` and `k = 0` are valid (empty or zero outputs).
+
+use crate::cpu;
+use crate::dtype::RouterFloat;
+use crate::error::{Error, Result};
+use crate::ops::{as_rows, as_vec, checked_i32_product};
+use ndarray::{Array2, ArrayView1, ArrayView2};
+
+const OP_PERMUTE: &str = "permute";
+const OP_PERMUTE_BACKWARD: &str = "permute_backward";
+const OP_UNPERMUTE: &str = "unpermute";
+const OP_UNPERMUTE_BACKWARD: &str = "unpermute_backward";
+const OP_ROW_TO_TOKEN: &str = "permute_row_to_token";
+
+/// `Err(Shape)` unless a flat buffer of `got` elements holds `[a, b]` (compared without
+/// overflow).
+fn check_len2(
+    op: &'static str,
+    arg: &'static str,
+    got: usize,
+    a: usize,
+    b: usize,
+    dims: &str,
+) -> Result<()> {
+    let expected = (a as u128) * (b as u128);
+    if got as u128 != expected {
+        return Err(Error::shape(
+            op,
+            arg,
+            format!("[{dims}] = [{a}, {b}] ({expected} elements)"),
+            format!("{got} elements"),
+        ));
+    }
+    Ok(())
+}
+
+/// `row_to_token` entries in `[-1, num_tokens)`.
+fn check_row_to_token(op: &'static str, row_to_token: &[i32], num_tokens: usize) -> Result<()> {
+    for (r, &t) in row_to_token.iter().enumerate() {
+        if t < -1 || (t >= 0 && t as usize >= num_tokens) {
+            return Err(Error::invalid(
+                op,
+                "row_to_token",
+                format_args!("{t} at row {r}"),
+                format!(
+                    "token indices must be in [0, {num_tokens}) (num_tokens) or -1 (padding row)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `row [num_tokens, k]` entries in `[-1, num_rows)`, the non-negative ones distinct.
+/// Uses one bitset of `max(row) + 1` bits.
+fn check_row_entries(op: &'static str, row: &[i32], k: usize, num_rows: usize) -> Result<()> {
+    let k = k.max(1);
+    let mut max_row: i32 = -1;
+    for (a, &r) in row.iter().enumerate() {
+        if r < -1 || (r >= 0 && r as usize >= num_rows) {
+            return Err(Error::invalid(
+                op,
+                "row",
+                format_args!("{r} at token {}, choice {}", a / k, a % k),
+                format!("buffer rows must be in [0, {num_rows}) (num_rows) or -1 (dropped / not routed)"),
+            ));
+        }
+        max_row = max_row.max(r);
+    }
+    if max_row < 0 {
+        return Ok(());
+    }
+    let mut seen = vec![0u64; (max_row as usize) / 64 + 1];
+    for (a, &r) in row.iter().enumerate() {
+        if r < 0 {
+            continue;
+        }
+        let (word, bit) = ((r as usize) / 64, 1u64 << (r as usize % 64));
+        let Some(w) = seen.get_mut(word) else {
+            continue;
+        };
+        if *w & bit != 0 {
+            // Error path only: find the assignment that took the row first.
+            let first = row.iter().position(|&q| q == r).unwrap_or(a);
+            return Err(Error::invalid(
+                op,
+                "row",
+                format_args!("{r} at token {}, choice {}", a / k, a % k),
+                format!(
+                    "each buffer row holds at most one assignment, and row {r} is already used by token {}, choice {}",
+                    first / k,
+                    first % k
+                ),
+            ));
+        }
+        *w |= bit;
+    }
+    Ok(())
+}
+
+/// Validate the arguments of [`permute_into`]: the single source of its errors for
+/// every backend.
+///
+/// # Errors
+/// [`Error::Shape`] if `x_len != num_tokens * hidden` or
+/// `out_len != row_to_token.len() * hidden`; [`Error::Overflow`] if
+/// `row_to_token.len()` exceeds `i32::MAX`; [`Error::InvalidArgument`] if an entry of
+/// `row_to_token` is outside `[-1, num_tokens)`.
+pub fn validate_permute(
+    num_tokens: usize,
+    hidden: usize,
+    x_len: usize,
+    row_to_token: &[i32],
+    out_len: usize,
+) -> Result<()> {
+    let op = OP_PERMUTE;
+    let num_rows = row_to_token.len();
+    checked_i32_product(op, "num_rows", num_rows, 1)?;
+    check_len2(op, "x", x_len, num_tokens, hidden, "num_tokens, hidden")?;
+    check_len2(op, "out", out_len, num_rows, hidden, "num_rows, hidden")?;
+    check_row_to_token(op, row_to_token, num_tokens)
+}
+
+/// Checks shared by the three functions indexed by `row [num_tokens, k]`.
+fn check_row(
+    op: &'static str,
+    row: &[i32],
+    num_tokens: usize,
+    k: usize,
+    num_rows: usize,
+) -> Result<()> {
+    checked_i32_product(op, "num_rows", num_rows, 1)?;
+    checked_i32_product(op, "num_tokens * k", num_tokens, k)?;
+    check_len2(op, "row", row.len(), num_tokens, k, "num_tokens, k")
+}
+
+/// Validate the arguments of [`permute_backward_into`].
+///
+/// # Errors
+/// [`Error::Overflow`] if `num_rows` or `num_tokens * k` exceeds `i32::MAX`;
+/// [`Error::Shape`] if a buffer length does not match its shape
+/// (`grad_buf [num_rows, hidden]`, `row [num_tokens, k]`, `grad_x [num_tokens, hidden]`);
+/// [`Error::InvalidArgument`] if an entry of `row` is outside `[-1, num_rows)` or a row
+/// appears twice.
+pub fn validate_permute_backward(
+    num_rows: usize,
+    hidden: usize,
+    grad_buf_len: usize,
+    row: &[i32],
+    num_tokens: usize,
+    k: usize,
+    grad_x_len: usize,
+) -> Result<()> {
+    let op = OP_PERMUTE_BACKWARD;
+    check_row(op, row, num_tokens, k, num_rows)?;
+    check_len2(
+        op,
+        "grad_buf",
+        grad_buf_len,
+        num_rows,
+        hidden,
+        "num_rows, hidden",
+    )?;
+    check_len2(
+        op,
+        "grad_x",
+        grad_x_len,
+        num_tokens,
+        hidden,
+        "num_tokens, hidden",
+    )?;
+    check_row_entries(op, row, k, num_rows)
+}
+
+/// Validate the arguments of [`unpermute_into`].
+///
+/// # Errors
+/// As [`validate_permute_backward`] for `y [num_rows, hidden]`, `row [num_tokens, k]`,
+/// `out [num_tokens, hidden]`, plus [`Error::Shape`] if `weights` is not
+/// `[num_tokens, k]`.
+#[allow(clippy::too_many_arguments)]
+pub fn validate_unpermute(
+    num_rows: usize,
+    hidden: usize,
+    y_len: usize,
+    row: &[i32],
+    weights_len: usize,
+    num_tokens: usize,
+    k: usize,
+    out_len: usize,
+) -> Result<()> {
+    let op = OP_UNPERMUTE;
+    check_row(op, row, num_tokens, k, num_rows)?;
+    check_len2(op, "y", y_len, num_rows, hidden, "num_rows, hidden")?;
+    check_len2(op, "weights", weights_len, num_tokens, k, "num_tokens, k")?;
+    check_len2(op, "out", out_len, num_tokens, hidden, "num_tokens, hidden")?;
+    check_row_entries(op, row, k, num_rows)
+}
+
+/// Validate the arguments of [`unpermute_backward_into`].
+///
+/// # Errors
+/// As [`validate_unpermute`] for `grad_out [num_tokens, hidden]`,
+/// `y [num_rows, hidden]`, `row`, `weights [num_tokens, k]`, `grad_y [num_rows, hidden]`
+/// and `grad_weights [num_tokens, k]`.
+#[allow(clippy::too_many_arguments)]
+pub fn validate_unpermute_backward(
+    grad_out_len: usize,
+    y_len: usize,
+    num_rows: usize,
+    hidden: usize,
+    row: &[i32],
+    weights_len: usize,
+    num_tokens: usize,
+    k: usize,
+    grad_y_len: usize,
+    grad_weights_len: usize,
+) -> Result<()> {
+    let op = OP_UNPERMUTE_BACKWARD;
+    check_row(op, row, num_tokens, k, num_rows)?;
+    check_len2(
+        op,
+        "grad_out",
+        grad_out_len,
+        num_tokens,
+        hidden,
+        "num_tokens, hidden",
+    )?;
+    check_len2(op, "y", y_len, num_rows, hidden, "num_rows, hidden")?;
+    check_len2(op, "weights", weights_len, num_tokens, k, "num_tokens, k")?;
+    check_len2(
+        op,
+        "grad_y",
+        grad_y_len,
+        num_rows,
+        hidden,
+        "num_rows, hidden",
+    )?;
+    check_len2(
+        op,
+        "grad_weights",
+        grad_weights_len,
+        num_tokens,
+        k,
+        "num_tokens, k",
+    )?;
+    check_row_entries(op, row, k, num_rows)
+}
+
+/// The element count of an owned `[rows, cols]` output, or an error instead of
+/// ndarray's panic when it does not fit `isize`.
+fn out_len(op: &'static str, rows: usize, cols: usize) -> Result<usize> {
+    let n = (rows as u128) * (cols as u128);
+    if n > isize::MAX as u128 {
+        return Err(Error::invalid(
+            op,
+            "hidden",
+            cols,
+            format!("the output [{rows}, {cols}] must have at most isize::MAX elements"),
+        ));
+    }
+    Ok(n as usize)
+}
+
+/// An owned `[rows, cols]` array filled with `fill` (size checked by [`out_len`]).
+fn alloc2<T: Clone>(op: &'static str, rows: usize, cols: usize, fill: T) -> Result<Array2<T>> {
+    out_len(op, rows, cols)?;
+    Ok(Array2::from_elem((rows, cols), fill))
+}
+
+/// The contiguous data of a freshly allocated output (standard layout by construction).
+fn out_slice<'a, T>(
+    op: &'static str,
+    arg: &'static str,
+    a: &'a mut Array2<T>,
+) -> Result<&'a mut [T]> {
+    a.as_slice_mut().ok_or(Error::Layout { op, arg })
+}
+
+/// Gather token rows into the expert-major buffer: `out[r] = x[row_to_token[r]]`, and
+/// zeros where `row_to_token[r] = -1` (padding rows). Flat-slice form of [`permute`].
+///
+/// Shapes: `x [num_tokens, hidden]`, `row_to_token [num_rows]`,
+/// `out [num_rows, hidden]` with `num_rows = row_to_token.len()`. Values are copied
+/// bit for bit.
+///
+/// # Errors
+/// See [`validate_permute`]; `out` is untouched on error.
+pub fn permute_into<T: RouterFloat>(
+    x: &[T],
+    num_tokens: usize,
+    hidden: usize,
+    row_to_token: &[i32],
+    out: &mut [T],
+) -> Result<()> {
+    validate_permute(num_tokens, hidden, x.len(), row_to_token, out.len())?;
+    cpu::permute::permute(x, hidden, row_to_token, out);
+    Ok(())
+}
+
+/// Gather token rows into the expert-major buffer: `buf[r] = x[row_to_token[r]]`, with
+/// zero rows where `row_to_token[r] = -1` (padding).
+///
+/// Shapes: `x [num_tokens, hidden]`, `row_to_token [num_rows]`; returns
+/// `buf [num_rows, hidden]`. Values are copied bit for bit.
+///
+/// # Errors
+/// [`Error::Layout`] if `x` or `row_to_token` is not contiguous in standard order;
+/// [`Error::InvalidArgument`] if an entry of `row_to_token` is outside
+/// `[-1, num_tokens)`; [`Error::Overflow`] if `num_rows` exceeds `i32::MAX`.
+///
+/// ```
+/// use moe_router::permute;
+/// use ndarray::array;
+///
+/// // 3 tokens, hidden 2; buffer rows: token 2, token 0, padding, token 0.
+/// let x = array![[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]];
+/// let row_to_token = array![2, 0, -1, 0];
+/// let buf = permute(x.view(), row_to_token.view()).unwrap();
+/// assert_eq!(buf, array![[5.0, 6.0], [1.0, 2.0], [0.0, 0.0], [1.0, 2.0]]);
+/// ```
+pub fn permute<T: RouterFloat>(
+    x: ArrayView2<T>,
+    row_to_token: ArrayView1<i32>,
+) -> Result<Array2<T>> {
+    let op = OP_PERMUTE;
+    let (num_tokens, hidden) = x.dim();
+    let xs = as_rows(op, "x", &x)?;
+    let rtt = as_vec(op, "row_to_token", &row_to_token)?;
+    validate_permute(
+        num_tokens,
+        hidden,
+        xs.len(),
+        rtt,
+        out_len(op, rtt.len(), hidden)?,
+    )?;
+    let mut out = alloc2(op, rtt.len(), hidden, T::default())?;
+    cpu::permute::permute(xs, hidden, rtt, out_slice(op, "out", &mut out)?);
+    Ok(out)
+}
+
+/// Backward of [`permute`], flat-slice form:
+/// `grad_x[t] = Σ_j grad_buf[row[t, j]]` over the `j` with `row[t, j] >= 0`, summed in
+/// `f32` in `j` order and rounded once; a token with no kept assignment gets zeros.
+///
+/// Shapes: `grad_buf [num_rows, hidden]`, `row [num_tokens, k]`,
+/// `grad_x [num_tokens, hidden]`.
+///
+/// # Errors
+/// See [`validate_permute_backward`]; `grad_x` is untouched on error.
+pub fn permute_backward_into<T: RouterFloat>(
+    grad_buf: &[T],
+    num_rows: usize,
+    hidden: usize,
+    row: &[i32],
+    num_tokens: usize,
+    k: usize,
+    grad_x: &mut [T],
+) -> Result<()> {
+    validate_permute_backward(
+        num_rows,
+        hidden,
+        grad_buf.len(),
+        row,
+        num_tokens,
+        k,
+        grad_x.len(),
+    )?;
+    cpu::permute::permute_backward(grad_buf, hidden, row, k, grad_x);
+    Ok(())
+}
+
+/// Backward of [`permute`]: `grad_x[t] = Σ_j grad_buf[row[t, j]]` over the kept `j`
+/// (`row[t, j] >= 0`), summed in `f32` in `j` order and rounded once.
+///
+/// Shapes: `grad_buf [num_rows, hidden]`, `row [num_tokens, k]`; returns
+/// `grad_x [num_tokens, hidden]`.
+///
+/// # Errors
+/// [`Error::Layout`] for a non-contiguous argument; [`Error::InvalidArgument`] if an
+/// entry of `row` is outside `[-1, num_rows)` or repeated; [`Error::Overflow`] if
+/// `num_rows` or `num_tokens * k` exceeds `i32::MAX`.
+///
+/// ```
+/// use moe_router::permute_backward;
+/// use ndarray::array;
+///
+/// let grad_buf = array![[1.0f32], [10.0], [100.0]];
+/// let row = array![[2, 0], [-1, -1], [1, -1]];
+/// let grad_x = permute_backward(grad_buf.view(), row.view()).unwrap();
+/// assert_eq!(grad_x, array![[101.0], [0.0], [10.0]]);
+/// ```
+pub fn permute_backward<T: RouterFloat>(
+    grad_buf: ArrayView2<T>,
+    row: ArrayView2<i32>,
+) -> Result<Array2<T>> {
+    let op = OP_PERMUTE_BACKWARD;
+    let (num_rows, hidden) = grad_buf.dim();
+    let (num_tokens, k) = row.dim();
+    let gb = as_rows(op, "grad_buf", &grad_buf)?;
+    let rs = as_rows(op, "row", &row)?;
+    validate_permute_backward(
+        num_rows,
+        hidden,
+        gb.len(),
+        rs,
+        num_tokens,
+        k,
+        out_len(op, num_tokens, hidden)?,
+    )?;
+    let mut grad_x = alloc2(op, num_tokens, hidden, T::default())?;
+    cpu::permute::permute_backward(gb, hidden, rs, k, out_slice(op, "grad_x", &mut grad_x)?);
+    Ok(grad_x)
+}
+
+/// Weighted combine, flat-slice form of [`unpermute`]:
+/// `out[t] = Σ_j weights[t, j] · y[row[t, j]]` over the `j` with `row[t, j] >= 0`,
+/// accumulated in `f32` in `j` order and rounded once; a token with no kept assignment
+/// gets zeros.
+///
+/// Shapes: `y [num_rows, hidden]`, `row [num_tokens, k]`, `weights [num_tokens, k]`,
+/// `out [num_tokens, hidden]`.
+///
+/// # Errors
+/// See [`validate_unpermute`]; `out` is untouched on error.
+#[allow(clippy::too_many_arguments)]
+pub fn unpermute_into<T: RouterFloat>(
+    y: &[T],
+    num_rows: usize,
+    hidden: usize,
+    row: &[i32],
+    weights: &[f32],
+    num_tokens: usize,
+    k: usize,
+    out: &mut [T],
+) -> Result<()> {
+    validate_unpermute(
+        num_rows,
+        hidden,
+        y.len(),
+        row,
+        weights.len(),
+        num_tokens,
+        k,
+        out.len(),
+    )?;
+    cpu::permute::unpermute(y, hidden, row, weights, k, out);
+    Ok(())
+}
+
+/// Weighted combine of the expert outputs back into token order:
+/// `out[t] = Σ_j weights[t, j] · y[row[t, j]]` over the kept `j` (`row[t, j] >= 0`),
+/// accumulated in `f32` in `j` order and rounded once. A token with no kept assignment
+/// gets zeros (the caller adds the residual). Weights of dropped assignments are
+/// ignored.
+///
+/// Shapes: `y [num_rows, hidden]`, `row [num_tokens, k]`, `weights [num_tokens, k]`;
+/// returns `out [num_tokens, hidden]`.
+///
+/// # Errors
+/// [`Error::Layout`] for a non-contiguous argument; [`Error::Shape`] if `weights` is
+/// not the shape of `row`; [`Error::InvalidArgument`] if an entry of `row` is outside
+/// `[-1, num_rows)` or repeated; [`Error::Overflow`] if `num_rows` or `num_tokens * k`
+/// exceeds `i32::MAX`.
+///
+/// ```
+/// use moe_router::unpermute;
+/// use ndarray::array;
+///
+/// let y = array![[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]];
+/// let row = array![[1, 0], [-1, 2], [-1, -1]];
+/// let weights = array![[0.5f32, 0.25], [9.0, 2.0], [1.0, 1.0]];
+/// let out = unpermute(y.view(), row.view(), weights.view()).unwrap();
+/// assert_eq!(out, array![[1.75, 2.5], [10.0, 12.0], [0.0, 0.0]]);
+/// ```
+pub fn unpermute<T: RouterFloat>(
+    y: ArrayView2<T>,
+    row: ArrayView2<i32>,
+    weights: ArrayView2<f32>,
+) -> Result<Array2<T>> {
+    let op = OP_UNPERMUTE;
+    let (num_rows, hidden) = y.dim();
+    let (num_tokens, k) = row.dim();
+    let ys = as_rows(op, "y", &y)?;
+    let rs = as_rows(op, "row", &row)?;
+    let ws = weights_rows(op, &weights, num_tokens, k)?;
+    validate_unpermute(
+        num_rows,
+        hidden,
+        ys.len(),
+        rs,
+        ws.len(),
+        num_tokens,
+        k,
+        out_len(op, num_tokens, hidden)?,
+    )?;
+    let mut out = alloc2(op, num_tokens, hidden, T::default())?;
+    cpu::permute::unpermute(ys, hidden, rs, ws, k, out_slice(op, "out", &mut out)?);
+    Ok(out)
+}
+
+/// `weights` as a slice, checking its 2-D shape equals `row`'s.
+fn weights_rows<'a>(
+    op: &'static str,
+    weights: &ArrayView2<'a, f32>,
+    num_tokens: usize,
+    k: usize,
+) -> Result<&'a [f32]> {
+    if weights.dim() != (num_tokens, k) {
+        let (a, b) = weights.dim();
+        return Err(Error::shape(
+            op,
+            "weights",
+            format!("[num_tokens, k] = [{num_tokens}, {k}] (the shape of `row`)"),
+            format!("[{a}, {b}]"),
+        ));
+    }
+    as_rows(op, "weights", weights)
+}
+
+/// Gradients of [`unpermute`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnpermuteGrads<T> {
+    /// `[num_rows, hidden]`: `grad_y[row[t, j]] = weights[t, j] · grad_out[t]`; zero rows
+    /// where no assignment points.
+    pub grad_y: Array2<T>,
+    /// `[num_tokens, k]`: `<grad_out[t], y[row[t, j]]>` in `f32`; zero where
+    /// `row[t, j] = -1`.
+    pub grad_weights: Array2<f32>,
+}
+
+/// Backward of [`unpermute`], flat-slice form: `grad_y[row[t, j]] = weights[t, j] ·
+/// grad_out[t]` (computed in `f32`, rounded once; rows no assignment points to get
+/// zeros) and `grad_weights[t, j] = <grad_out[t], y[row[t, j]]>` in `f32` (zero where
+/// `row[t, j] = -1`).
+///
+/// Shapes: `grad_out [num_tokens, hidden]`, `y [num_rows, hidden]`,
+/// `row [num_tokens, k]`, `weights [num_tokens, k]`, `grad_y [num_rows, hidden]`,
+/// `grad_weights [num_tokens, k]`.
+///
+/// The dot product runs over `hidden` in 32 interleaved `f32` partial sums combined in a
+/// fixed order (deterministic, independent of threads).
+///
+/// # Errors
+/// See [`validate_unpermute_backward`]; the outputs are untouched on error.
+#[allow(clippy::too_many_arguments)]
+pub fn unpermute_backward_into<T: RouterFloat>(
+    grad_out: &[T],
+    y: &[T],
+    num_rows: usize,
+    hidden: usize,
+    row: &[i32],
+    weights: &[f32],
+    num_tokens: usize,
+    k: usize,
+    grad_y: &mut [T],
+    grad_weights: &mut [f32],
+) -> Result<()> {
+    validate_unpermute_backward(
+        grad_out.len(),
+        y.len(),
+        num_rows,
+        hidden,
+        row,
+        weights.len(),
+        num_tokens,
+        k,
+        grad_y.len(),
+        grad_weights.len(),
+    )?;
+    cpu::permute::unpermute_backward(grad_out, y, hidden, row, weights, k, grad_y, grad_weights);
+    Ok(())
+}
+
+/// Backward of [`unpermute`]: returns `grad_y [num_rows, hidden]` with
+/// `grad_y[row[t, j]] = weights[t, j] · grad_out[t]` (zero rows where no assignment
+/// points) and `grad_weights [num_tokens, k]` with
+/// `grad_weights[t, j] = <grad_out[t], y[row[t, j]]>` in `f32` (zero where
+/// `row[t, j] = -1`).
+///
+/// Shapes: `grad_out [num_tokens, hidden]`, `y [num_rows, hidden]`,
+/// `row [num_tokens, k]`, `weights [num_tokens, k]`.
+///
+/// # Errors
+/// As [`unpermute`], plus [`Error::Shape`] if `grad_out` is not
+/// `[num_tokens, hidden]`.
+///
+/// ```
+/// use moe_router::unpermute_backward;
+/// use ndarray::array;
+///
+/// let y = array![[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]];
+/// let row = array![[1, 0], [-1, -1]];
+/// let weights = array![[0.5f32, 2.0], [1.0, 1.0]];
+/// let grad_out = array![[1.0f32, 1.0], [7.0, 7.0]];
+/// let g = unpermute_backward(grad_out.view(), y.view(), row.view(), weights.view()).unwrap();
+/// assert_eq!(g.grad_y, array![[2.0, 2.0], [0.5, 0.5], [0.0, 0.0]]);
+/// assert_eq!(g.grad_weights, array![[7.0, 3.0], [0.0, 0.0]]);
+/// ```
+pub fn unpermute_backward<T: RouterFloat>(
+    grad_out: ArrayView2<T>,
+    y: ArrayView2<T>,
+    row: ArrayView2<i32>,
+    weights: ArrayView2<f32>,
+) -> Result<UnpermuteGrads<T>> {
+    let op = OP_UNPERMUTE_BACKWARD;
+    let (num_rows, hidden) = y.dim();
+    let (num_tokens, k) = row.dim();
+    if grad_out.dim() != (num_tokens, hidden) {
+        let (a, b) = grad_out.dim();
+        return Err(Error::shape(
+            op,
+            "grad_out",
+            format!(
+                "[num_tokens, hidden] = [{num_tokens}, {hidden}] (rows of `row`, columns of `y`)"
+            ),
+            format!("[{a}, {b}]"),
+        ));
+    }
+    let gos = as_rows(op, "grad_out", &grad_out)?;
+    let ys = as_rows(op, "y", &y)?;
+    let rs = as_rows(op, "row", &row)?;
+    let ws = weights_rows(op, &weights, num_tokens, k)?;
+    validate_unpermute_backward(
+        gos.len(),
+        ys.len(),
+        num_rows,
+        hidden,
+        rs,
+        ws.len(),
+        num_tokens,
+        k,
+        ys.len(),
+        ws.len(),
+    )?;
+    let mut grad_y = alloc2(op, num_rows, hidden, T::default())?;
+    let mut grad_weights = alloc2(op, num_tokens, k, 0.0f32)?;
+    cpu::permute::unpermute_backward(
+        gos,
+        ys,
+        hidden,
+        rs,
+        ws,
+        k,
+        out_slice(op, "grad_y", &mut grad_y)?,
+        out_slice(op, "grad_weights", &mut grad_weights)?,
+    );
+    Ok(UnpermuteGrads {
+        grad_y,
+        grad_weights,
+    })
+}
+
+/// Derive `row_to_token [num_rows]` from `row [num_tokens, k]`: `row_to_token[r] = t`
+/// where `row[t, j] = r`, `-1` for rows no assignment points to (padding).
+///
+/// # Errors
+/// As [`validate_permute_backward`] for `row` and `num_rows`.
+///
+/// ```
+/// use moe_router::permute_row_to_token;
+///
+/// let row = [3, 0, -1, 1]; // [num_tokens = 2, k = 2]
+/// assert_eq!(permute_row_to_token(&row, 2, 2, 5).unwrap(), vec![0, 1, -1, 0, -1]);
+/// ```
+pub fn permute_row_to_token(
+    row: &[i32],
+    num_tokens: usize,
+    k: usize,
+    num_rows: usize,
+) -> Result<Vec<i32>> {
+    let op = OP_ROW_TO_TOKEN;
+    check_row(op, row, num_tokens, k, num_rows)?;
+    check_row_entries(op, row, k, num_rows)?;
+    let mut out = vec![-1i32; num_rows];
+    if k == 0 {
+        return Ok(out);
+    }
+    for (t, rr) in row.chunks(k).enumerate() {
+        for &r in rr {
+            if let Some(o) = usize::try_from(r).ok().and_then(|r| out.get_mut(r)) {
+                // num_tokens * k fits i32 (checked), so t does.
+                *o = t as i32;
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,248 @@
+// common.cuh: helpers shared by every kernel of moe-router.
+//
+// Compiled by NVRTC with no include path: no CUDA header is included. f16 and bf16
+// travel as raw 16-bit words (`u16`) and are converted here (f16 by the `cvt` PTX
+// instruction, bf16 by bit operations that mirror the `half` crate's round to nearest
+// even), so the kernels need nothing but the compiler itself.
+//
+// Numerics mirror the CPU reference (src/cpu, src/select.rs, src/philox.rs): all
+// router math is f32, sums over a token's k selections run in the CPU's order, and
+// the crate compiles with `--fmad=false` so that `a * b + c` rounds twice, as on the
+// CPU. The build script inlines this file into every .cu file.
+#pragma once
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define FULL_MASK 0xffffffffu
+#define MOE_NAN __int_as_float(0x7fffffff)
+#define MOE_NEG_INF __int_as_float(0xff800000)
+
+// ---------------------------------------------------------------------------
+// Element types. `Elem<T>` is the storage type, `load_f32` widens, `store_from_f32`
+// rounds on the final store.
+// ---------------------------------------------------------------------------
+struct f16_t { u16 bits; };
+struct bf16_t { u16 bits; };
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(f16_t x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+__device__ __forceinline__ float to_f32(bf16_t x) {
+    return __uint_as_float(((u32)x.bits) << 16);
+}
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float v) {
+    f16_t r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+    return r;
+}
+// bf16 round to nearest even, NaN kept quiet: the same bits as `half::bf16::from_f32`.
+template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float v) {
+    u32 x = __float_as_uint(v);
+    bf16_t r;
+    if ((x & 0x7fffffffu) > 0x7f800000u) {
+        r.bits = (u16)((x >> 16) | 0x0040u);
+        return r;
+    }
+    const u32 round_bit = 0x00008000u;
+    if ((x & round_bit) != 0 && (x & (3u * round_bit - 1u)) != 0) {
+        r.bits = (u16)((x >> 16) + 1u);
+    } else {
+        r.bits = (u16)(x >> 16);
+    }
+    return r;
+}
+
+// NaN-propagating max, the CPU's `softmax_row` fold: once a NaN is seen it stays.
+__device__ __forceinline__ float nan_max(float a, float b) {
+    if (a != a) return a;
+    if (b != b) return b;
+    return b > a ? b : a;
+}
+
+// Logistic sigmoid, the CPU's formula (stable for large |x|).
+__device__ __forceinline__ float moe_sigmoid(float x) {
+    if (x >= 0.0f) {
+        return 1.0f / (1.0f + expf(-x));
+    }
+    float e = expf(x);
+    return e / (1.0f + e);
+}
+
+// ---------------------------------------------------------------------------
+// Ranking (src/select.rs): one u64 key, larger ranks first.
+// key = (score_key(q) << 32) | (0xffffffff - index). NaN -> score key 0 (lowest),
+// -0 == +0, lower index first among equal scores.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ u32 score_key(float q) {
+    if (q != q) return 0u;
+    u32 b = __float_as_uint(q);
+    if (b == 0x80000000u) b = 0u;  // -0.0 ranks as +0.0
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// Inverse of score_key: the score a key stands for (NaN for key 0).
+__device__ __forceinline__ float key_score(u32 sk) {
+    if (sk == 0u) return MOE_NAN;
+    u32 b = (sk & 0x80000000u) ? (sk & 0x7fffffffu) : ~sk;
+    return __uint_as_float(b);
+}
+
+__device__ __forceinline__ u64 rank_key(float q, u32 index) {
+    return ((u64)score_key(q) << 32) | (u64)(0xffffffffu - index);
+}
+__device__ __forceinline__ u32 key_index(u64 key) { return 0xffffffffu - (u32)key; }
+__device__ __forceinline__ float key_value(u64 key) { return key_score((u32)(key >> 32)); }
+
+// ---------------------------------------------------------------------------
+// Philox-4x32-10 (src/philox.rs), the same stream layout:
+//   key     = [seed lo, seed hi]
+//   counter = [index lo, (index hi & 0x00ffffff) | domain << 24, offset lo, offset hi]
+// ---------------------------------------------------------------------------
+enum Domain : u32 {
+    DOMAIN_SELECTION_NOISE = 1,
+    DOMAIN_RANDOM_DROP = 2,
+    DOMAIN_EXPERT_MASKING = 3,
+    DOMAIN_ASSIGNMENT_DROPOUT = 4,
+};
+
+struct u32x4 { u32 x, y, z, w; };
+
+__device__ __forceinline__ u32x4 philox4x32_10(u32x4 c, u32 k0, u32 k1) {
+    const u32 M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+#pragma unroll
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) {
+            k0 += W0;
+            k1 += W1;
+        }
+        u32 hi0 = __umulhi(M0, c.x), lo0 = M0 * c.x;
+        u32 hi1 = __umulhi(M1, c.z), lo1 = M1 * c.z;
+        u32x4 n;
+        n.x = hi1 ^ c.y ^ k0;
+        n.y = lo1;
+        n.z = hi0 ^ c.w ^ k1;
+        n.w = lo0;
+        c = n;
+    }
+    return c;
+}
+
+__device__ __forceinline__ u32x4 random_u32x4(u64 seed, u64 offset, u32 domain, u64 index) {
+    u32x4 c;
+    c.x = (u32)index;
+    c.y = ((u32)(index >> 32) & 0x00ffffffu) | (domain << 24);
+    c.z = (u32)offset;
+    c.w = (u32)(offset >> 32);
+    return philox4x32_10(c, (u32)seed, (u32)(seed >> 32));
+}
+
+// Uniform in [0, 1) from the top 24 bits (exact in f32).
+__device__ __forceinline__ float uniform_f32(u32 x) {
+    return (float)(x >> 8) * (1.0f / 16777216.0f);
+}
+
+__device__ __noinline__ float philox_uniform(u64 seed, u64 offset, u32 domain, u64 index) {
+    return uniform_f32(random_u32x4(seed, offset, domain, index).x);
+}
+
+// Standard normal by Box-Muller in double, rounded once to f32 (src/philox.rs::normal).
+__device__ __noinline__ float philox_normal(u64 seed, u64 offset, u32 domain, u64 index) {
+    u32x4 x = random_u32x4(seed, offset, domain, index);
+    double u1 = ((double)(x.x >> 8) + 1.0) * (1.0 / 16777216.0);
+    double u2 = (double)(x.y >> 8) * (1.0 / 16777216.0);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(2.0 * 3.141592653589793 * u2));
+}
+
+// ---------------------------------------------------------------------------
+// Reductions over a group of NT threads: NT == 32 is one warp (shuffles only);
+// NT > 32 is a whole block of NT threads, through `scratch` (NT / 32 u64 words of
+// shared memory). The result is returned to every thread of the group. The
+// combination order is fixed by the thread layout, so results are deterministic.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ u64 warp_max_u64(u64 v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        u64 other = __shfl_xor_sync(FULL_MASK, v, o);
+        v = other > v ? other : v;
+    }
+    return v;
+}
+__device__ __forceinline__ float warp_nan_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+    // Butterfly: every lane ends with the same bits (each pairwise sum is commutative).
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+__device__ __forceinline__ int warp_sum_int(int v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+template <int NT> struct GroupReduce {
+    // scratch: at least NT / 32 u64 words of shared memory, used by NT > 32 only.
+    __device__ static __forceinline__ u64 max_u64(u64 v, u64* scratch) {
+        v = warp_max_u64(v);
+        if (NT == 32) return v;
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        __syncthreads();
+        if (lane == 0) scratch[warp] = v;
+        __syncthreads();
+        u64 r = scratch[0];
+#pragma unroll
+        for (int w = 1; w < NT / 32; ++w) r = scratch[w] > r ? scratch[w] : r;
+        return r;
+    }
+    __device__ static __forceinline__ float nan_max_f(float v, u64* scratch) {
+        v = warp_nan_max(v);
+        if (NT == 32) return v;
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        float* s = reinterpret_cast<float*>(scratch);
+        __syncthreads();
+        if (lane == 0) s[warp] = v;
+        __syncthreads();
+        float r = s[0];
+#pragma unroll
+        for (int w = 1; w < NT / 32; ++w) r = nan_max(r, s[w]);
+        return r;
+    }
+    __device__ static __forceinline__ float sum_f(float v, u64* scratch) {
+        v = warp_sum(v);
+        if (NT == 32) return v;
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        float* s = reinterpret_cast<float*>(scratch);
+        __syncthreads();
+        if (lane == 0) s[warp] = v;
+        __syncthreads();
+        float r = s[0];
+#pragma unroll
+        for (int w = 1; w < NT / 32; ++w) r += s[w];
+        return r;
+    }
+    __device__ static __forceinline__ int sum_int(int v, u64* scratch) {
+        v = warp_sum_int(v);
+        if (NT == 32) return v;
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        int* s = reinterpret_cast<int*>(scratch);
+        __syncthreads();
+        if (lane == 0) s[warp] = v;
+        __syncthreads();
+        int r = 0;
+#pragma unroll
+        for (int w = 0; w < NT / 32; ++w) r += s[w];
+        return r;
+    }
+};

@@ -1,0 +1,154 @@
+"""expert_mask, assignment_dropout (with its gradient), update_expert_bias and
+router_stats against the independent references in reference.py (incl. a NumPy
+Philox-4x32-10 checked on Random123's known answers)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import moe_router as mr
+import reference as ref
+from conftest import assert_close_f32, needs_native
+
+
+def test_reference_philox_matches_random123_known_answers():
+    kat = [
+        ([0, 0, 0, 0], (0, 0), [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+        ([0xFFFFFFFF] * 4, (0xFFFFFFFF, 0xFFFFFFFF), [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+        ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], (0xA4093822, 0x299F31D0),
+         [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
+    ]  # fmt: skip
+    for counter, key, expected in kat:
+        got = ref.philox4x32_10(np.array([counter], dtype=np.uint64), key)[0]
+        assert [int(x) for x in got] == expected
+
+
+@needs_native("expert_mask")
+@pytest.mark.parametrize("t,e,k,rate", [(50, 16, 2, 0.3), (20, 8, 6, 0.9), (7, 4, 4, 0.5), (0, 4, 1, 0.5)])
+@pytest.mark.parametrize("seed,offset", [(0, 0), (12345, 2**40 + 3), (2**64 - 1, 2**63)])
+def test_expert_mask_matches_philox_reference(t, e, k, rate, seed, offset):
+    m = mr.expert_mask(t, e, k, rate, seed=seed, offset=offset)
+    assert m.dtype == torch.bool and m.shape == (t, e)
+    assert torch.equal(m, ref.expert_mask(t, e, k, rate, seed, offset))
+    assert ((~m).sum(1) >= k).all()
+
+
+@needs_native("expert_mask")
+def test_expert_mask_rate_zero_masks_nothing():
+    assert not mr.expert_mask(30, 8, 2, 0.0, seed=5).any()
+
+
+def _routing(t, k, e, seed, unrouted=True):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    if unrouted and t > 2:
+        idx[2, -1] = -1
+    w = torch.rand((t, k), generator=g) + 0.1
+    w[idx < 0] = 0.0
+    return idx, w
+
+
+@needs_native("assignment_dropout", "assignment_dropout_backward")
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.7])
+def test_assignment_dropout_forward_and_gradient(renormalize, rate):
+    t, k, e, seed, offset = 40, 3, 8, 77, 5
+    idx, w = _routing(t, k, e, seed=1)
+    wr = w.clone().requires_grad_()
+    out_idx, out_w = mr.assignment_dropout(idx, wr, rate, num_experts=e, seed=seed, offset=offset,
+                                           renormalize=renormalize)  # fmt: skip
+    keep = ref.assignment_keep(idx, rate, seed, offset)
+    assert out_idx.dtype == torch.int64
+    assert torch.equal(out_idx, torch.where(keep, idx, torch.full_like(idx, -1)))
+    w64 = w.double().requires_grad_()
+    rw = ref.assignment_dropout_weights(w64, idx, keep, renormalize)
+    assert_close_f32(out_w, rw)
+    g = ref.randn((t, k), seed=2)
+    (out_w * g).sum().backward()
+    (rw * g.double()).sum().backward()
+    assert_close_f32(wr.grad, w64.grad, rtol=1e-5, atol=1e-6)
+    if rate == 0.0:
+        assert torch.equal(out_idx, idx)
+
+
+@needs_native("assignment_dropout")
+def test_assignment_dropout_is_deterministic_in_seed_and_offset():
+    idx, w = _routing(64, 2, 8, seed=3, unrouted=False)
+    a = mr.assignment_dropout(idx, w, 0.5, num_experts=8, seed=1, offset=2)
+    b = mr.assignment_dropout(idx.int(), w, 0.5, num_experts=8, seed=1, offset=2)
+    c = mr.assignment_dropout(idx, w, 0.5, num_experts=8, seed=1, offset=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+@needs_native("update_expert_bias")
+def test_update_expert_bias_in_place_matches_formula():
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.5, -0.25])
+    counts = torch.tensor([1, 2, 3, 2, 2])  # mean 2
+    expected = ref.update_expert_bias(bias, counts, 0.001)
+    out = mr.update_expert_bias(bias, counts, 0.001)
+    assert out is bias
+    assert torch.equal(bias, expected)
+    assert bias[1].item() == 0.0  # exactly at the mean: unchanged
+
+
+@needs_native("update_expert_bias")
+def test_update_expert_bias_on_a_parameter_and_int32_counts():
+    p = torch.nn.Parameter(torch.zeros(4))
+    mr.update_expert_bias(p, torch.tensor([4, 0, 2, 2], dtype=torch.int32), 0.5)
+    assert p.tolist() == [-0.5, 0.5, 0.0, 0.0]
+    assert p.requires_grad and p.grad is None
+
+
+@needs_native("update_expert_bias")
+def test_update_expert_bias_rejects_negative_counts_and_leaves_bias_unchanged():
+    bias = torch.zeros(3)
+    with pytest.raises(ValueError, match="counts"):
+        mr.update_expert_bias(bias, torch.tensor([1, -1, 0]), 0.1)
+    assert (bias == 0).all()
+
+
+@needs_native("router_stats")
+@pytest.mark.parametrize("with_slot", [False, True])
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_router_stats_match_reference(with_slot, with_mask, dtype):
+    t, e, k = 45, 8, 2
+    z = ref.randn((t, e), seed=4, scale=2.0, dtype=dtype)
+    idx, _ = _routing(t, k, e, seed=5)
+    slot = None
+    if with_slot:
+        slot = torch.where(torch.rand((t, k), generator=torch.Generator().manual_seed(6)) < 0.2, -1, 0)
+        slot[idx < 0] = -1
+    mask = (torch.arange(t) % 6 == 1) if with_mask else None
+    s = mr.router_stats(z, idx, slot=slot, padding_mask=mask)
+    r = ref.router_stats(z, idx, e, slot=slot, padding_mask=mask)
+    assert torch.equal(s.selected_counts, r["selected_counts"])
+    if with_slot:
+        assert torch.equal(s.kept_counts, r["kept_counts"])
+    else:
+        assert s.kept_counts is None
+    assert int(s.dropped) == r["dropped"]
+    assert int(s.num_tokens) == r["num_tokens"]
+    assert int(s.nonfinite_logits) == 0
+    for name in ("max_violation", "mean_entropy", "mean_lse", "max_lse"):
+        assert_close_f32(getattr(s, name), torch.tensor(r[name]), rtol=2e-6, msg=name)
+
+
+@needs_native("router_stats")
+def test_router_stats_count_nonfinite_and_strict_mode_raises():
+    z = torch.zeros(4, 4)
+    z[1, 2] = math.nan
+    z[3, 0] = -math.inf
+    idx = torch.tensor([[0], [1], [2], [3]])
+    s = mr.router_stats(z, idx)
+    assert int(s.nonfinite_logits) == 2
+    with pytest.raises(ValueError, match="logits"):
+        mr.router_stats(z, idx, strict=True)
+    # padding tokens are excluded, also from the strict check
+    ok = mr.router_stats(z, idx, padding_mask=torch.tensor([False, True, False, True]), strict=True)
+    assert int(ok.nonfinite_logits) == 0 and int(ok.num_tokens) == 2

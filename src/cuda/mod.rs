@@ -1,0 +1,469 @@
+//! The CUDA backend (feature `cuda`): kernel sources, NVRTC compilation with an
+//! in-process and on-disk cache, device detection, and launch wrappers per op.
+//!
+//! | CPU reference                       | CUDA                                         |
+//! |-------------------------------------|----------------------------------------------|
+//! | `&[T]`, `&mut [T]`                  | [`CudaView<T>`], [`CudaViewMut<T>`]          |
+//! | `crate::cpu::topk_gating::forward`  | [`topk_gating::topk_gating_cuda`]            |
+//! | validation in [`crate::ops`]        | the same validation, then a launch           |
+//!
+//! Nothing CUDA is linked at build time: `libcuda` and `libnvrtc` are loaded when
+//! first used. Every entry point checks for them first ([`device_available`],
+//! [`nvrtc_available`]) and returns [`Error::NoDevice`] rather than panicking.
+//!
+//! Kernels are compiled by NVRTC on first use, for the device's own architecture
+//! (`-arch=sm_XY` from its compute capability), with `--fmad=false` so that the
+//! kernels round like the CPU reference. The PTX is cached in the process and on
+//! disk, keyed by a hash of the source, the architecture, the options and the NVRTC
+//! version, in `$MOE_ROUTER_CACHE_DIR`, else `$XDG_CACHE_HOME/moe-router`, else
+//! `~/.cache/moe-router`; failing to write the cache is not an error.
+//!
+//! Ops launch on the backend's stream (or, through the `unsafe` raw entry points,
+//! on a stream the caller owns, such as PyTorch's current stream) and never
+//! synchronise with the host.
+
+pub mod kernels;
+pub mod topk_gating;
+
+pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut};
+pub use kernels::{KernelModule, MODULES};
+
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaFunction, CudaModule};
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        Error::Driver(e.to_string())
+    }
+}
+
+/// Whether `libnvrtc` can be loaded (needed to compile kernels; no GPU needed).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library by its candidate names.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Whether `libcuda` can be loaded and reports at least one device. Never panics.
+pub fn device_available() -> bool {
+    device_count() > 0
+}
+
+/// Number of CUDA devices; 0 when the driver library is absent or fails.
+pub fn device_count() -> usize {
+    // SAFETY: only tries to dlopen the driver library by its candidate names.
+    let lib = unsafe { cudarc::driver::sys::is_culib_present() };
+    if !lib {
+        return 0;
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => n as usize,
+        _ => 0,
+    }
+}
+
+/// NVRTC's `(major, minor)` version.
+///
+/// # Errors
+/// [`Error::NoDevice`] when `libnvrtc` cannot be loaded.
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    if !nvrtc_available() {
+        return Err(no_nvrtc());
+    }
+    let (mut major, mut minor) = (0i32, 0i32);
+    // SAFETY: the library is present (checked above); both pointers are valid for
+    // the duration of the call.
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if r != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(Error::Driver(format!("nvrtcVersion failed: {r:?}")));
+    }
+    Ok((major, minor))
+}
+
+fn no_nvrtc() -> Error {
+    Error::NoDevice(
+        "libnvrtc (CUDA 13) could not be loaded: install it (the `nvidia-cuda-nvrtc` wheel \
+         that PyTorch cu130 brings, or a CUDA toolkit) and put its lib directory on \
+         LD_LIBRARY_PATH"
+            .into(),
+    )
+}
+
+/// NVRTC options every module is compiled with (part of the cache key).
+const NVRTC_FLAGS: [&str; 2] = ["--fmad=false", "--std=c++17"];
+
+/// Compile one module's source to PTX for `arch` (for example `"sm_90"`).
+///
+/// # Errors
+/// [`Error::NoDevice`] without `libnvrtc`; [`Error::Compile`] with NVRTC's log when
+/// compilation fails or an entry point listed for the module is missing.
+pub fn compile_module(module: &KernelModule, arch: &str) -> Result<Ptx> {
+    if !nvrtc_available() {
+        return Err(no_nvrtc());
+    }
+    let mut options: Vec<String> = NVRTC_FLAGS.iter().map(|s| s.to_string()).collect();
+    options.push(format!("--gpu-architecture={arch}"));
+    let opts = CompileOptions {
+        options,
+        name: Some(format!("{}.cu", module.name)),
+        ..Default::default()
+    };
+    let ptx =
+        cudarc::nvrtc::compile_ptx_with_opts(module.source, opts).map_err(|e| Error::Compile {
+            module: module.name,
+            log: match e {
+                CompileError::CompileError { log, options, .. } => {
+                    format!("options {options:?}\n{}", log.to_string_lossy())
+                }
+                other => other.to_string(),
+            },
+        })?;
+    check_entries(module, &ptx.to_src())?;
+    Ok(ptx)
+}
+
+fn check_entries(module: &KernelModule, ptx: &str) -> Result<()> {
+    for entry in module.entries {
+        if !ptx_has_entry(ptx, entry) {
+            return Err(Error::Compile {
+                module: module.name,
+                log: format!(
+                    "entry point `{entry}` is listed on the `// @entries:` line but not in the PTX"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn ptx_has_entry(ptx: &str, entry: &str) -> bool {
+    ptx.lines().any(|l| {
+        let l = l.trim_start();
+        (l.starts_with(".visible .entry ") || l.starts_with(".entry "))
+            && l.contains(&format!(".entry {entry}("))
+    })
+}
+
+/// Resource use of one kernel as `ptxas -v` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PtxasKernel {
+    /// Entry point name.
+    pub name: String,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Bytes of spill stores.
+    pub spill_stores: u32,
+    /// Bytes of spill loads.
+    pub spill_loads: u32,
+    /// Bytes of stack frame.
+    pub stack_frame: u32,
+}
+
+/// What [`compile_all_kernels`] found for one module.
+#[derive(Debug, Clone)]
+pub struct KernelReport {
+    /// Module name (`cuda/<name>.cu`).
+    pub module: &'static str,
+    /// Target architecture.
+    pub arch: String,
+    /// Size of the PTX in bytes.
+    pub ptx_bytes: usize,
+    /// Wall time of the NVRTC compile.
+    pub compile_time: std::time::Duration,
+    /// The module's entry points (all present in the PTX).
+    pub entries: &'static [&'static str],
+    /// Per-kernel registers and spills from `ptxas -v`, or why it was unavailable.
+    pub ptxas: std::result::Result<Vec<PtxasKernel>, String>,
+}
+
+/// Compile every kernel module with NVRTC for `arch` (for example `"sm_80"`). Needs
+/// only `libnvrtc`, no GPU. When `ptxas` is on `PATH`, also assembles the PTX and
+/// reports registers and spills per kernel.
+///
+/// # Errors
+/// [`Error::NoDevice`] without `libnvrtc`; [`Error::Compile`] for the first module
+/// that fails.
+pub fn compile_all_kernels(arch: &str) -> Result<Vec<KernelReport>> {
+    let mut reports = Vec::with_capacity(MODULES.len());
+    for m in MODULES {
+        let t0 = std::time::Instant::now();
+        let ptx = compile_module(m, arch)?;
+        let compile_time = t0.elapsed();
+        let src = ptx.to_src();
+        reports.push(KernelReport {
+            module: m.name,
+            arch: arch.to_string(),
+            ptx_bytes: src.len(),
+            compile_time,
+            entries: m.entries,
+            ptxas: run_ptxas(m.name, arch, &src),
+        });
+    }
+    Ok(reports)
+}
+
+fn run_ptxas(name: &str, arch: &str, ptx: &str) -> std::result::Result<Vec<PtxasKernel>, String> {
+    use std::process::Command;
+    if Command::new("ptxas").arg("--version").output().is_err() {
+        return Err("ptxas not found on PATH".into());
+    }
+    let dir = std::env::temp_dir().join(format!("moe-router-ptxas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
+    let file = dir.join(format!("{name}-{arch}.ptx"));
+    std::fs::write(&file, ptx).map_err(|e| format!("write {}: {e}", file.display()))?;
+    let out = Command::new("ptxas")
+        .arg("-v")
+        .arg(format!("-arch={arch}"))
+        .arg(&file)
+        .arg("-o")
+        .arg(dir.join(format!("{name}-{arch}.cubin")))
+        .output()
+        .map_err(|e| format!("running ptxas: {e}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        return Err(format!("ptxas failed: {text}"));
+    }
+    Ok(parse_ptxas(&text))
+}
+
+/// Parse `ptxas -v` output into per-kernel resource use.
+pub fn parse_ptxas(text: &str) -> Vec<PtxasKernel> {
+    fn num_before(s: &str, unit: &str) -> Option<u32> {
+        let i = s.find(unit)?;
+        s[..i].split_whitespace().last()?.parse().ok()
+    }
+    let mut out: Vec<PtxasKernel> = Vec::new();
+    let mut cur: Option<PtxasKernel> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            if let Some(k) = cur.take() {
+                out.push(k);
+            }
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            cur = Some(PtxasKernel {
+                name,
+                registers: 0,
+                spill_stores: 0,
+                spill_loads: 0,
+                stack_frame: 0,
+            });
+        } else if let Some(k) = cur.as_mut() {
+            if line.contains("spill stores") {
+                k.stack_frame = num_before(line, "bytes stack frame").unwrap_or(0);
+                k.spill_stores = num_before(line, "bytes spill stores").unwrap_or(0);
+                k.spill_loads = num_before(line, "bytes spill loads").unwrap_or(0);
+            } else if line.contains("Used") && line.contains("registers") {
+                k.registers = num_before(line, "registers").unwrap_or(0);
+            }
+        }
+    }
+    if let Some(k) = cur.take() {
+        out.push(k);
+    }
+    out
+}
+
+/// FNV-1a, 64 bit: a hash that is stable across Rust versions (the disk cache key).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in *p {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The on-disk PTX cache directory (see the module docs).
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("MOE_ROUTER_CACHE_DIR").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d).join("moe-router"));
+    }
+    std::env::var_os("HOME")
+        .filter(|d| !d.is_empty())
+        .map(|h| PathBuf::from(h).join(".cache").join("moe-router"))
+}
+
+/// PTX of `module` for `arch`, from the disk cache or freshly compiled (and then
+/// written to the cache, ignoring failures).
+pub fn cached_ptx(module: &KernelModule, arch: &str) -> Result<Ptx> {
+    let (major, minor) = nvrtc_version()?;
+    let key = fnv1a(&[
+        module.source.as_bytes(),
+        arch.as_bytes(),
+        NVRTC_FLAGS.join(" ").as_bytes(),
+        format!("nvrtc {major}.{minor}").as_bytes(),
+    ]);
+    let path = cache_dir().map(|d| d.join(format!("{}-{arch}-{key:016x}.ptx", module.name)));
+    if let Some(p) = &path {
+        if let Ok(src) = std::fs::read_to_string(p) {
+            if check_entries(module, &src).is_ok() {
+                return Ok(Ptx::from_src(src));
+            }
+        }
+    }
+    let ptx = compile_module(module, arch)?;
+    if let Some(p) = &path {
+        if let Some(dir) = p.parent() {
+            let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+            let written = std::fs::create_dir_all(dir)
+                .and_then(|_| std::fs::write(&tmp, ptx.to_src()))
+                .and_then(|_| std::fs::rename(&tmp, p));
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+    }
+    Ok(ptx)
+}
+
+/// One CUDA device: its (primary) context, a stream, and the loaded kernel modules.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: String,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("arch", &self.arch)
+            .finish()
+    }
+}
+
+impl CudaBackend {
+    /// The backend of device `ordinal` (its primary context, the one PyTorch uses),
+    /// launching on that context's default stream.
+    ///
+    /// # Errors
+    /// [`Error::NoDevice`] when the driver library is absent or the device does not
+    /// exist; [`Error::Driver`] when the driver fails.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let n = device_count();
+        if ordinal >= n {
+            return Err(Error::NoDevice(if n == 0 {
+                "libcuda could not be loaded or reports no device".into()
+            } else {
+                format!("device ordinal {ordinal} requested, but only {n} device(s) exist")
+            }));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let (major, minor) = ctx.compute_capability()?;
+        let stream = ctx.default_stream();
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            arch: format!("sm_{major}{minor}"),
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The device's context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream ops launch on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The architecture kernels are compiled for (`sm_90` on an H100).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// Kernel `entry` of `module`, compiling and loading the module on first use.
+    ///
+    /// # Errors
+    /// [`Error::Compile`], [`Error::NoDevice`] (no NVRTC) or [`Error::Driver`].
+    pub fn function(&self, module: &'static str, entry: &str) -> Result<CudaFunction> {
+        let m = {
+            let mut cache = self
+                .modules
+                .lock()
+                .map_err(|_| Error::Driver("kernel module cache lock poisoned".into()))?;
+            match cache.get(module) {
+                Some(m) => m.clone(),
+                None => {
+                    let km = MODULES.iter().find(|m| m.name == module).ok_or_else(|| {
+                        Error::Driver(format!("no kernel module named `{module}`"))
+                    })?;
+                    let ptx = cached_ptx(km, &self.arch)?;
+                    let loaded = self.ctx.load_module(ptx)?;
+                    cache.insert(module, loaded.clone());
+                    loaded
+                }
+            }
+        };
+        Ok(m.load_function(entry)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptxas_output_parses() {
+        let text = "ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'k_f32' for 'sm_80'\n\
+ptxas info    : Function properties for k_f32\n\
+    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n\
+ptxas info    : Used 40 registers, used 1 barriers, 392 bytes cmem[0]\n";
+        let k = parse_ptxas(text);
+        assert_eq!(
+            k,
+            vec![PtxasKernel {
+                name: "k_f32".into(),
+                registers: 40,
+                spill_stores: 8,
+                spill_loads: 4,
+                stack_frame: 16
+            }]
+        );
+    }
+
+    #[test]
+    fn every_module_lists_entries_with_dtype_suffixes() {
+        assert!(!MODULES.is_empty());
+        for m in MODULES {
+            assert!(m.entries.iter().any(|e| e.ends_with("_f32")));
+            assert!(m.entries.iter().any(|e| e.ends_with("_bf16")));
+            assert!(m.source.contains("score_key"), "common.cuh inlined");
+            assert!(!m.source.contains("#include"), "no includes left for NVRTC");
+        }
+    }
+
+    #[test]
+    fn no_device_is_an_error_not_a_panic() {
+        if !device_available() {
+            let err = CudaBackend::new(0).unwrap_err();
+            assert!(matches!(err, Error::NoDevice(_)), "{err}");
+        }
+        // An ordinal past the device count is refused the same way.
+        let err = CudaBackend::new(usize::MAX).unwrap_err();
+        assert!(matches!(err, Error::NoDevice(_)), "{err}");
+    }
+
+    #[test]
+    fn cache_key_depends_on_every_part() {
+        let a = fnv1a(&[b"src", b"sm_80"]);
+        assert_ne!(a, fnv1a(&[b"src", b"sm_90"]));
+        assert_ne!(a, fnv1a(&[b"srcsm_80"]));
+        assert_eq!(a, fnv1a(&[b"src", b"sm_80"]));
+    }
+}
