@@ -372,6 +372,8 @@ class TopKRouter(nn.Module):
             )
         if not isinstance(dropless_align, int) or dropless_align < 1:
             raise _bad("dropless_align", dropless_align, "an int >= 1")
+        if dropless_align > 1 and capacity_factor is not None:
+            raise _bad("dropless_align", dropless_align, "segment alignment applies without capacity_factor only")
         if min_capacity < 0:
             raise _bad("min_capacity", min_capacity, "an int >= 0")
         if capacity_multiple is not None and capacity_multiple < 1:
@@ -752,7 +754,7 @@ class TopKRouter(nn.Module):
             capacity=capacity,
             drop_policy=self.token_drop_policy,
             layout=layout,
-            align=self.dropless_align,
+            align=self.dropless_align if layout == "dropless" else 1,
             renormalize=self.renormalize_after_drop,
             seed=self.seed,
             offset=offset,
@@ -1008,7 +1010,9 @@ class MoELayer(nn.Module):
         if router is None:
             router = TopKRouter(hidden_size, num_experts, topk, device=device, **router_kwargs)
         elif router_kwargs:
-            raise ValueError(f"router_kwargs={sorted(router_kwargs)} given together with router=: pass one or the other")
+            raise ValueError(
+                f"router_kwargs={sorted(router_kwargs)} given together with router=: pass one or the other"
+            )
         if router.hidden_size != hidden_size or router.num_experts != num_experts:
             raise ValueError(
                 f"router has hidden_size={router.hidden_size}, num_experts={router.num_experts}; "

@@ -399,6 +399,7 @@ def test_constructor_errors_name_the_argument():
         (dict(noise_std=-1.0), "noise_std"),
         (dict(loss_mode="add"), "loss_mode"),
         (dict(dropless_align=0), "dropless_align"),
+        (dict(dropless_align=4, capacity_factor=1.0), "dropless_align"),
     ]
     for kw, arg in cases:
         kw = dict(kw)
