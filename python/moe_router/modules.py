@@ -120,8 +120,9 @@ class RouterOutput:
         logits: ``[T, E]`` float32 gate logits.
         aux_loss: scalar float32 load-balancing loss (0 when ``load_balancing_type="none"``).
         z_loss: scalar float32 router z-loss (0 when ``z_loss_coeff`` is 0).
-        tokens_per_expert: ``[E]`` int64 number of routed assignments per expert (before
-            capacity dropping, padding excluded).
+        tokens_per_expert: ``[E]`` int64 assignments per expert as selected by gating (or
+            replayed): before assignment dropout and capacity dropping, padding excluded.
+            These are the counts the expert-bias update uses.
         dispatch: the :func:`moe_router.dispatch` plan (``slot``, ``row``,
             ``kept_weights``, ``tokens_per_expert`` kept, ``dropped``, ``row_to_token``,
             ``expert_offsets``, ``rows_per_rank``), or ``None`` when the router was built

@@ -633,3 +633,5 @@ def test_compile_attach_aux_loss_fullgraph():
 
 def test_package_exports_modules():
     assert moe_router.modules.TopKRouter is TopKRouter
+    assert moe_router.MoELayer is MoELayer
+    assert moe_router.modules.TopkRouter is TopKRouter  # the spelling __init__ exports
