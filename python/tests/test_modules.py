@@ -635,3 +635,23 @@ def test_package_exports_modules():
     assert moe_router.modules.TopKRouter is TopKRouter
     assert moe_router.MoELayer is MoELayer
     assert moe_router.modules.TopkRouter is TopKRouter  # the spelling __init__ exports
+
+
+def test_demo_smoke(tmp_path):
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "demo.py"
+    spec = importlib.util.spec_from_file_location("moe_router_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    threads = torch.get_num_threads()
+    try:
+        rc = demo.main(["--steps", "6", "--batch", "64", "--log-every", "3", "--out", str(tmp_path), "--quiet",
+                        "--device", "cpu", "--threads", "0"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    assert (tmp_path / "expert_load.png").stat().st_size > 10_000
+    assert (tmp_path / "metrics.json").exists()
