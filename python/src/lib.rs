@@ -15,12 +15,13 @@ use pyo3::prelude::*;
 
 // Bindings are compiled as their core op lands on main (each file is written against the
 // signatures in PYAPI.md); until then the Python layer reports the op as not built.
-// Pending: capacity, dispatch, expert_choice, permute.
+// Pending: capacity, dispatch, expert_choice.
 mod bias;
 mod common;
 mod dropout;
 mod error;
 mod losses;
+mod permute;
 mod stats;
 mod tensor;
 mod topk_gating;
@@ -30,6 +31,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("CUDA", cfg!(feature = "cuda"))?;
     topk_gating::register(m)?;
+    permute::register(m)?;
     losses::register_aux(m)?;
     losses::register_z(m)?;
     dropout::register(m)?;
