@@ -438,9 +438,7 @@ class TopKRouter(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
             # Assignments routed to each expert since the last update_bias() (Megatron's
             # local_tokens_per_expert), accumulated over micro-batches.
-            self.register_buffer(
-                "local_tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64, device=device)
-            )
+            self.register_buffer("local_tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64, device=device))
         else:
             self.expert_bias = None
             self.local_tokens_per_expert = None
@@ -655,9 +653,7 @@ class TopKRouter(nn.Module):
             if pad is not None:
                 valid = valid & ~pad[:, None]
             tokens_per_expert = torch.zeros(E, dtype=torch.int64, device=logits.device)
-            tokens_per_expert.index_add_(
-                0, selected.clamp(min=0).reshape(-1), valid.reshape(-1).to(torch.int64)
-            )
+            tokens_per_expert.index_add_(0, selected.clamp(min=0).reshape(-1), valid.reshape(-1).to(torch.int64))
             if count_for_bias:
                 self.local_tokens_per_expert += tokens_per_expert
 

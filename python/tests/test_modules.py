@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as tF
 
 import moe_router
 from moe_router.modules import (
@@ -109,7 +108,7 @@ def ref_kept(indices, weights, capacity, policy):
             else:
                 raise AssertionError(policy)
             per.setdefault(e, []).append((key, t, j))
-    for e, lst in per.items():
+    for lst in per.values():
         lst.sort()
         for _, t, j in lst if capacity is None else lst[:capacity]:
             keep[t][j] = True
@@ -615,7 +614,7 @@ def test_compile_fullgraph_training_step(kw):
         le.backward()
         lc.backward()
         for (n, pe), (_, pc) in zip(eager.named_parameters(), comp.named_parameters()):
-            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
         assert torch.equal(comp.router.local_tokens_per_expert, eager.router.local_tokens_per_expert)
         eager.router.update_bias()
         comp.router.update_bias()
