@@ -77,6 +77,7 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "choice_then_position", "probs", "batch_prioritized", "random")
 LAYOUTS = ("compact", "pad_to_capacity", "dropless")
 _U64 = 2**64
+_I32_MAX = 2**31 - 1
 
 _moe = torch.ops.moe_router
 
@@ -362,20 +363,26 @@ def capacity(
     check it against), so it also runs inside ``torch.compile``.
 
     Raises:
-        ValueError: ``num_experts < 1``, ``topk`` not in ``[1, num_experts]``, a capacity
-        factor that is not finite and > 0, ``capacity_multiple < 1``.
+        ValueError: ``num_experts < 1``, ``topk < 1``, a capacity factor that is not
+        finite and > 0, ``capacity_multiple < 1``, a capacity above ``2**31 - 1``.
     """
     op = "capacity"
     _int(op, "num_tokens", num_tokens, 0)
     _int(op, "num_experts", num_experts, 1)
-    _int(op, "topk", topk, 1, num_experts, valid=f"in [1, num_experts] = [1, {num_experts}]")
+    _int(op, "topk", topk, 1)
     capacity_factor = _float(op, "capacity_factor", capacity_factor, 0.0, lo_open=True, valid="finite and > 0")
     _int(op, "min_capacity", min_capacity, 0)
     _opt_int(op, "capacity_multiple", capacity_multiple, 1)
-    cap = math.ceil((num_tokens * topk / num_experts) * capacity_factor)
+    # float(T * k) / float(E): both operands rounded to f64 first, as the core does
+    # (Python's int / int would round the exact quotient once instead).
+    cap = math.ceil((float(num_tokens * topk) / float(num_experts)) * capacity_factor)
     cap = max(cap, min_capacity)
     if capacity_multiple is not None:
         cap = -(-cap // capacity_multiple) * capacity_multiple
+    if cap > _I32_MAX:
+        raise ValueError(
+            f"moe_router.{op}: capacity = {cap} overflows the i32 slot index (max {_I32_MAX}); split the batch"
+        )
     return cap
 
 
@@ -391,8 +398,8 @@ def dispatch_max_rows(
     """Rows of the dispatch buffer (``len(row_to_token)``) for these sizes and options,
     known before routing: ``num_experts * capacity`` for ``"pad_to_capacity"``;
     ``min(num_tokens * topk, num_experts * capacity)`` for ``"compact"``
-    (``num_tokens * topk`` without capacity); ``num_tokens * topk + min(num_experts,
-    num_tokens * topk) * (align - 1)`` for ``"dropless"``.
+    (``num_tokens * topk`` without capacity); ``num_tokens * topk + num_experts *
+    (align - 1)`` for ``"dropless"``.
     """
     op = "dispatch_max_rows"
     _choice(op, "layout", layout, LAYOUTS)
@@ -408,7 +415,8 @@ class Dispatch(NamedTuple):
         row: ``[T, k]`` row of each assignment in the expert-major buffer, ``-1`` if
             dropped. Pass it to :func:`permute` and :func:`unpermute`.
         kept_weights: ``[T, k]`` float32, the weights with dropped assignments set to 0
-            (and renormalised per token if asked); differentiable w.r.t. ``weights``.
+            (and rescaled to the token's routed sum if asked); differentiable w.r.t.
+            ``weights`` (computed with torch ops from ``slot``).
         tokens_per_expert: ``[E]`` assignments kept per expert.
         dropped: 0-d int64 tensor, assignments dropped for capacity (``int(d.dropped)``).
         row_to_token: ``[max_rows]`` token of each buffer row, ``-1`` for padding rows and
@@ -465,7 +473,9 @@ def dispatch(
             ``"dropless"`` (no capacity; each expert's segment padded to a multiple of
             ``align`` rows).
         align: segment alignment of ``"dropless"`` (``1`` elsewhere).
-        renormalize: renormalise each token's kept weights to sum to 1.
+        renormalize: rescale each token's kept weights to the sum ``S`` of its routed
+            weights, ``w * S / (S_kept + 1e-20)`` (all 0 if nothing was kept), so that
+            dropping does not shrink the token's output.
         ep_size: expert-parallel ranks, dividing ``E``.
         seed, offset: the Philox stream of ``drop_policy="random"``, each in ``[0, 2**64)``.
 
@@ -512,9 +522,11 @@ def dispatch(
         indices, weights.detach(), num_experts, capacity, drop_policy, layout, align, renormalize, ep_size, seed,
         offset,
     )  # fmt: skip
-    kept_weights = torch.where(slot >= 0, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
+    zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
+    kept_weights = torch.where(slot >= 0, weights, zero)
     if renormalize:
-        kept_weights = kept_weights / (kept_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        routed_sum = torch.where(indices >= 0, weights, zero).sum(dim=-1, keepdim=True)
+        kept_weights = kept_weights * (routed_sum / (kept_weights.sum(dim=-1, keepdim=True) + 1e-20))
     return Dispatch(
         slot=slot.long(),
         row=row.long(),

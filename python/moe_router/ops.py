@@ -139,9 +139,8 @@ def dispatch_max_rows(
     - ``pad_to_capacity``: ``num_experts * capacity``;
     - ``compact``: ``min(num_tokens * topk, num_experts * capacity)`` (``num_tokens * topk``
       without a capacity);
-    - ``dropless``: ``num_tokens * topk`` plus up to ``align - 1`` padding rows for each
-      expert that can receive a token: ``num_tokens * topk + min(num_experts, num_tokens *
-      topk) * (align - 1)``.
+    - ``dropless``: ``num_tokens * topk`` plus up to ``align - 1`` padding rows per
+      expert: ``num_tokens * topk + num_experts * (align - 1)``.
 
     Works on ints and on ``torch.SymInt`` (used by the fake kernels). Matches the core
     crate's ``dispatch_max_rows`` (checked by the tests).
@@ -152,7 +151,7 @@ def dispatch_max_rows(
     if layout == "compact":
         return assignments if capacity is None else torch.sym_min(assignments, num_experts * capacity)
     if layout == "dropless":
-        return assignments + torch.sym_min(num_experts, assignments) * (align - 1)
+        return assignments + num_experts * (align - 1)
     raise ValueError(f"moe_router.dispatch: invalid `layout` = {layout!r}")
 
 
@@ -429,9 +428,11 @@ def _ec_bwd(ctx, g_weights, g_row, g_r2t, g_row_weights, g_tpe, g_offsets):
     if not ctx.needs_input_grad[0]:
         return None, None
     logits, row = ctx.saved_tensors
-    # row_weights[row[t, e]] == weights[t, e] for every chosen (t, e): fold its gradient in.
-    chosen = row >= 0
-    g = g_weights + torch.where(chosen, g_row_weights[row.clamp(min=0).long()], 0.0)
+    # row_weights[row[t, e]] == weights[t, e] for every chosen (t, e): fold its gradient
+    # in. Unchosen (t, e) read an appended zero (also right when there are no rows).
+    n = g_row_weights.shape[0]
+    padded = torch.cat([g_row_weights, g_row_weights.new_zeros(1)])
+    g = g_weights + padded[torch.where(row >= 0, row, n).long()]
     return torch.ops.moe_router.expert_choice_backward(logits, row, g), None
 
 
