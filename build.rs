@@ -4,7 +4,8 @@
 //! header's text (with `#line` markers so NVRTC's messages name the right file), and
 //! the result becomes a `&'static str` in `$OUT_DIR/kernels.rs`, together with the
 //! module's entry points: the names listed on the `.cu` file's `// @entries:` line,
-//! each stamped with the dtype suffixes `f32`, `f16`, `bf16`. Nothing is compiled
+//! each stamped with the dtype suffixes `f32`, `f16`, `bf16`, and the names on its
+//! `// @untyped:` line as they are (kernels with no logits or hidden states). Nothing is compiled
 //! here (NVRTC compiles on first use, for the device's own architecture), so building
 //! needs no CUDA toolkit. The sources are embedded whatever the features: it costs a
 //! few kilobytes of generated text and keeps the script free of feature logic.
@@ -40,15 +41,22 @@ fn main() {
         let text =
             fs::read_to_string(f).unwrap_or_else(|e| panic!("cannot read {}: {e}", f.display()));
         let source = inline_includes(dir, &format!("{name}.cu"), &text, 0);
-        let entries: Vec<String> = text
+        let mut entries: Vec<String> = text
             .lines()
             .filter_map(|l| l.trim().strip_prefix("// @entries:"))
             .flat_map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
             .flat_map(|root| DTYPES.iter().map(move |d| format!("{root}_{d}")))
             .collect();
+        // Kernels that touch no logits or hidden states (reductions of partials,
+        // index-only ops) are listed once, without a dtype suffix.
+        entries.extend(
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix("// @untyped:"))
+                .flat_map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>()),
+        );
         assert!(
             !entries.is_empty(),
-            "{} has no `// @entries:` line naming its kernels",
+            "{} has no `// @entries:` or `// @untyped:` line naming its kernels",
             f.display()
         );
         let konst = name.to_uppercase();

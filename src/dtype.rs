@@ -9,8 +9,11 @@ use half::{bf16, f16};
 /// Runtime tag of a [`RouterFloat`] type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE binary32.
     F32,
+    /// IEEE binary16 ([`half::f16`]).
     F16,
+    /// bfloat16 ([`half::bf16`]).
     BF16,
 }
 

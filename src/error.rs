@@ -16,41 +16,66 @@ pub enum Error {
     /// An argument has the wrong length or shape.
     #[error("{op}: argument `{arg}` has shape {got}, expected {expected}")]
     Shape {
+        /// The op that rejected its input.
         op: &'static str,
+        /// The argument at fault.
         arg: &'static str,
+        /// The shape or length that would be valid.
         expected: String,
+        /// What was passed.
         got: String,
     },
     /// An argument has a value outside its valid range, or options that contradict
     /// each other.
     #[error("{op}: invalid `{arg}` = {value}: {valid}")]
     InvalidArgument {
+        /// The op that rejected its input.
         op: &'static str,
+        /// The argument at fault.
         arg: &'static str,
+        /// The value that was passed.
         value: String,
+        /// What would be valid.
         valid: String,
     },
     /// An array is not in the (row-major, contiguous) layout the op needs.
     #[error("{op}: argument `{arg}` is not contiguous in row-major order; pass a standard-layout array (`.as_standard_layout()`)")]
-    Layout { op: &'static str, arg: &'static str },
+    Layout {
+        /// The op that rejected its input.
+        op: &'static str,
+        /// The argument at fault.
+        arg: &'static str,
+    },
     /// Sizes whose product does not fit the op's index type (`i32` rows).
     #[error("{op}: {what} = {value} overflows the i32 row index (max {max}); split the batch")]
     Overflow {
+        /// The op that rejected its input.
         op: &'static str,
+        /// The size that overflowed.
         what: &'static str,
+        /// Its value.
         value: u128,
+        /// The largest value the index type holds.
         max: i64,
     },
     /// Strict mode found non-finite logits.
     #[error("{op}: argument `{arg}` holds {count} non-finite value(s) (NaN or ±Inf) and strict mode is on; fix the producer of `{arg}` or turn strict mode off")]
     NonFinite {
+        /// The op that rejected its input.
         op: &'static str,
+        /// The argument at fault.
         arg: &'static str,
+        /// How many non-finite values were found.
         count: u64,
     },
     /// A feature this build or device does not provide.
     #[error("{op}: {what}")]
-    Unsupported { op: &'static str, what: String },
+    Unsupported {
+        /// The op.
+        op: &'static str,
+        /// What is not supported, and what to do instead.
+        what: String,
+    },
     /// A CUDA driver call failed (out of memory, launch failure, ...).
     #[cfg(feature = "cuda")]
     #[error("CUDA driver error: {0}")]

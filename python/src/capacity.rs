@@ -17,7 +17,11 @@ pub(crate) fn capacity(
     min_capacity: usize,
     capacity_multiple: Option<usize>,
 ) -> PyResult<usize> {
-    let cfg = CapacityConfig { capacity_factor, min_capacity, capacity_multiple };
+    let cfg = CapacityConfig {
+        capacity_factor,
+        min_capacity,
+        capacity_multiple,
+    };
     moe_router::capacity(num_tokens, num_experts, topk, &cfg).map_err(to_py_err)
 }
 

@@ -10,7 +10,12 @@ pub(crate) fn score_function(op: &str, s: &str) -> PyResult<ScoreFunction> {
     match s {
         "softmax" => Ok(ScoreFunction::Softmax),
         "sigmoid" => Ok(ScoreFunction::Sigmoid),
-        _ => Err(value_error(op, format_args!("invalid `score_function` = {s:?}: valid values are \"softmax\", \"sigmoid\""))),
+        _ => Err(value_error(
+            op,
+            format_args!(
+                "invalid `score_function` = {s:?}: valid values are \"softmax\", \"sigmoid\""
+            ),
+        )),
     }
 }
 

@@ -45,7 +45,14 @@ fn dispatch_config(
             ))
         }
     };
-    Ok(DispatchConfig { num_experts, capacity, drop_policy, layout, renormalize, ep_size })
+    Ok(DispatchConfig {
+        num_experts,
+        capacity,
+        drop_policy,
+        layout,
+        renormalize,
+        ep_size,
+    })
 }
 
 /// Upper bound on the number of rows of the dispatch buffer (`row_to_token` length) for
@@ -66,7 +73,17 @@ pub(crate) fn dispatch_max_rows(
     seed: u64,
     offset: u64,
 ) -> PyResult<usize> {
-    let cfg = dispatch_config(num_experts, capacity, drop_policy, layout, align, renormalize, ep_size, seed, offset)?;
+    let cfg = dispatch_config(
+        num_experts,
+        capacity,
+        drop_policy,
+        layout,
+        align,
+        renormalize,
+        ep_size,
+        seed,
+        offset,
+    )?;
     moe_router::dispatch_max_rows(num_tokens, topk, &cfg).map_err(to_py_err)
 }
 
@@ -101,7 +118,17 @@ pub(crate) fn dispatch(
     expert_offsets: RawBuf,
     rows_per_rank: RawBuf,
 ) -> PyResult<(usize, usize)> {
-    let cfg = dispatch_config(num_experts, capacity, drop_policy, layout, align, renormalize, ep_size, seed, offset)?;
+    let cfg = dispatch_config(
+        num_experts,
+        capacity,
+        drop_policy,
+        layout,
+        align,
+        renormalize,
+        ep_size,
+        seed,
+        offset,
+    )?;
     let max_rows = moe_router::dispatch_max_rows(num_tokens, topk, &cfg).map_err(to_py_err)?;
     let indices = Buf::<i32>::input("indices", indices);
     let weights = Buf::<f32>::input("weights", weights);
@@ -119,9 +146,17 @@ pub(crate) fn dispatch(
     }
     weights.expect_len(OP, tk, &tk_shape)?;
     kept_weights.expect_len(OP, tk, &tk_shape)?;
-    tokens_per_expert.expect_len(OP, num_experts, format_args!("[num_experts] = [{num_experts}]"))?;
+    tokens_per_expert.expect_len(
+        OP,
+        num_experts,
+        format_args!("[num_experts] = [{num_experts}]"),
+    )?;
     row_to_token.expect_len(OP, max_rows, format_args!("[max_rows] = [{max_rows}]"))?;
-    expert_offsets.expect_len(OP, num_experts + 1, format_args!("[num_experts + 1] = [{}]", num_experts + 1))?;
+    expert_offsets.expect_len(
+        OP,
+        num_experts + 1,
+        format_args!("[num_experts + 1] = [{}]", num_experts + 1),
+    )?;
     rows_per_rank.expect_len(OP, ep_size, format_args!("[ep_size] = [{ep_size}]"))?;
     check_bufs(
         OP,
@@ -155,7 +190,9 @@ pub(crate) fn dispatch(
             },
         )
     };
-    let counts = run(py, OP, || moe_router::dispatch_into(indices, weights, num_tokens, topk, &cfg, bufs).map_err(to_py_err))?;
+    let counts = run(py, OP, || {
+        moe_router::dispatch_into(indices, weights, num_tokens, topk, &cfg, bufs).map_err(to_py_err)
+    })?;
     Ok((counts.num_rows, counts.dropped))
 }
 

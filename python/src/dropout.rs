@@ -25,12 +25,18 @@ pub(crate) fn expert_mask(
     const OP: &str = "expert_mask";
     let cfg = DropoutConfig::new(rate, seed, offset);
     let masked = Buf::<u8>::output("masked", masked);
-    masked.expect_len(OP, mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?, format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"))?;
+    masked.expect_len(
+        OP,
+        mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?,
+        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
+    )?;
     check_bufs(OP, &[masked.span()])?;
     // SAFETY: `check_bufs` accepted the buffer; `ops.py` passes a fresh contiguous CPU
     // torch.bool tensor with this element count and keeps it alive during the call.
     let masked = unsafe { masked.as_mut_bools() };
-    run(py, OP, || moe_router::expert_mask_into(num_tokens, num_experts, topk, &cfg, masked).map_err(to_py_err))
+    run(py, OP, || {
+        moe_router::expert_mask_into(num_tokens, num_experts, topk, &cfg, masked).map_err(to_py_err)
+    })
 }
 
 /// Assignment dropout (NLLB expert output masking): each of the `[num_tokens, topk]`
@@ -69,7 +75,16 @@ pub(crate) fn assignment_dropout(
     out_indices.expect_len(OP, tk, &shape)?;
     out_weights.expect_len(OP, tk, &shape)?;
     keep.expect_len(OP, tk, &shape)?;
-    check_bufs(OP, &[indices.span(), weights.span(), out_indices.span(), out_weights.span(), keep.span()])?;
+    check_bufs(
+        OP,
+        &[
+            indices.span(),
+            weights.span(),
+            out_indices.span(),
+            out_weights.span(),
+            keep.span(),
+        ],
+    )?;
     // SAFETY: `check_bufs` accepted all buffers (non-null, aligned, sized, outputs disjoint
     // from everything); `ops.py` passes contiguous CPU tensors of these dtypes with these
     // element counts, keeps them alive during the call and allocated the outputs fresh.
@@ -77,11 +92,25 @@ pub(crate) fn assignment_dropout(
         (
             indices.as_slice(),
             weights.as_slice(),
-            AssignmentDropoutBuffers { indices: out_indices.as_mut_slice(), weights: out_weights.as_mut_slice(), keep: keep.as_mut_bools() },
+            AssignmentDropoutBuffers {
+                indices: out_indices.as_mut_slice(),
+                weights: out_weights.as_mut_slice(),
+                keep: keep.as_mut_bools(),
+            },
         )
     };
     run(py, OP, || {
-        moe_router::assignment_dropout_into(indices, weights, num_tokens, topk, num_experts, &cfg, renormalize, bufs).map_err(to_py_err)
+        moe_router::assignment_dropout_into(
+            indices,
+            weights,
+            num_tokens,
+            topk,
+            num_experts,
+            &cfg,
+            renormalize,
+            bufs,
+        )
+        .map_err(to_py_err)
     })
 }
 
@@ -116,13 +145,38 @@ pub(crate) fn assignment_dropout_backward(
     keep.expect_len(OP, tk, &shape)?;
     grad_out.expect_len(OP, tk, &shape)?;
     grad_weights.expect_len(OP, tk, &shape)?;
-    check_bufs(OP, &[indices.span(), weights.span(), keep.span(), grad_out.span(), grad_weights.span()])?;
+    check_bufs(
+        OP,
+        &[
+            indices.span(),
+            weights.span(),
+            keep.span(),
+            grad_out.span(),
+            grad_weights.span(),
+        ],
+    )?;
     // SAFETY: as in `assignment_dropout`.
-    let (indices, weights, keep, grad_out, grad_weights) =
-        unsafe { (indices.as_slice(), weights.as_slice(), keep.as_bools(), grad_out.as_slice(), grad_weights.as_mut_slice()) };
+    let (indices, weights, keep, grad_out, grad_weights) = unsafe {
+        (
+            indices.as_slice(),
+            weights.as_slice(),
+            keep.as_bools(),
+            grad_out.as_slice(),
+            grad_weights.as_mut_slice(),
+        )
+    };
     run(py, OP, || {
-        moe_router::assignment_dropout_backward_into(indices, weights, &keep, num_tokens, topk, renormalize, grad_out, grad_weights)
-            .map_err(to_py_err)
+        moe_router::assignment_dropout_backward_into(
+            indices,
+            weights,
+            &keep,
+            num_tokens,
+            topk,
+            renormalize,
+            grad_out,
+            grad_weights,
+        )
+        .map_err(to_py_err)
     })
 }
 

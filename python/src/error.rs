@@ -15,9 +15,11 @@ pub(crate) fn to_py_err(err: moe_router::Error) -> PyErr {
     use moe_router::Error as E;
     let msg = err.to_string();
     match err {
-        E::Shape { .. } | E::InvalidArgument { .. } | E::Layout { .. } | E::Overflow { .. } | E::NonFinite { .. } => {
-            PyValueError::new_err(msg)
-        }
+        E::Shape { .. }
+        | E::InvalidArgument { .. }
+        | E::Layout { .. }
+        | E::Overflow { .. }
+        | E::NonFinite { .. } => PyValueError::new_err(msg),
         E::Unsupported { .. } => PyNotImplementedError::new_err(msg),
         _ => PyRuntimeError::new_err(msg),
     }
@@ -30,7 +32,9 @@ pub(crate) fn value_error(op: &str, msg: impl std::fmt::Display) -> PyErr {
 
 /// A `TypeError` for an unknown dtype string.
 pub(crate) fn dtype_error(op: &str, arg: &str, dtype: &str, valid: &str) -> PyErr {
-    PyTypeError::new_err(format!("{op}: `{arg}` has dtype {dtype:?}; valid dtypes are {valid}"))
+    PyTypeError::new_err(format!(
+        "{op}: `{arg}` has dtype {dtype:?}; valid dtypes are {valid}"
+    ))
 }
 
 /// A `RuntimeError` for a broken internal invariant (a bug, never the caller's fault).

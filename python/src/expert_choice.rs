@@ -35,7 +35,19 @@ pub(crate) fn expert_choice(
         OP,
         "logits",
         dtype,
-        forward(py, logits, num_tokens, num_experts, capacity, weights, row, row_to_token, row_weights, tokens_per_expert, expert_offsets)
+        forward(
+            py,
+            logits,
+            num_tokens,
+            num_experts,
+            capacity,
+            weights,
+            row,
+            row_to_token,
+            row_weights,
+            tokens_per_expert,
+            expert_offsets
+        )
     )
 }
 
@@ -69,8 +81,16 @@ fn forward<T: RouterFloat>(
     row.expect_len(OP, te, &te_shape)?;
     row_to_token.expect_len(OP, ec, &ec_shape)?;
     row_weights.expect_len(OP, ec, &ec_shape)?;
-    tokens_per_expert.expect_len(OP, num_experts, format_args!("[num_experts] = [{num_experts}]"))?;
-    expert_offsets.expect_len(OP, num_experts + 1, format_args!("[num_experts + 1] = [{}]", num_experts + 1))?;
+    tokens_per_expert.expect_len(
+        OP,
+        num_experts,
+        format_args!("[num_experts] = [{num_experts}]"),
+    )?;
+    expert_offsets.expect_len(
+        OP,
+        num_experts + 1,
+        format_args!("[num_experts + 1] = [{}]", num_experts + 1),
+    )?;
     check_bufs(
         OP,
         &[
@@ -99,7 +119,10 @@ fn forward<T: RouterFloat>(
             },
         )
     };
-    run(py, OP, || moe_router::expert_choice_into::<T>(logits, num_tokens, num_experts, capacity, bufs).map_err(to_py_err))?;
+    run(py, OP, || {
+        moe_router::expert_choice_into::<T>(logits, num_tokens, num_experts, capacity, bufs)
+            .map_err(to_py_err)
+    })?;
     Ok(())
 }
 
@@ -118,7 +141,20 @@ pub(crate) fn expert_choice_backward(
     grad_weights: RawBuf,
     grad_logits: RawBuf,
 ) -> PyResult<()> {
-    float_dispatch!(OP, "logits", dtype, backward(py, logits, num_tokens, num_experts, row, grad_weights, grad_logits))
+    float_dispatch!(
+        OP,
+        "logits",
+        dtype,
+        backward(
+            py,
+            logits,
+            num_tokens,
+            num_experts,
+            row,
+            grad_weights,
+            grad_logits
+        )
+    )
 }
 
 fn backward<T: RouterFloat>(
@@ -142,13 +178,34 @@ fn backward<T: RouterFloat>(
     }
     row.expect_len(OP, te, &te_shape)?;
     grad_weights.expect_len(OP, te, &te_shape)?;
-    check_bufs(OP, &[logits.span(), row.span(), grad_weights.span(), grad_logits.span()])?;
+    check_bufs(
+        OP,
+        &[
+            logits.span(),
+            row.span(),
+            grad_weights.span(),
+            grad_logits.span(),
+        ],
+    )?;
     // SAFETY: as in `forward`.
-    let (logits, row, grad_weights, grad_logits) =
-        unsafe { (logits.as_slice(), row.as_slice(), grad_weights.as_slice(), grad_logits.as_mut_slice()) };
+    let (logits, row, grad_weights, grad_logits) = unsafe {
+        (
+            logits.as_slice(),
+            row.as_slice(),
+            grad_weights.as_slice(),
+            grad_logits.as_mut_slice(),
+        )
+    };
     run(py, OP, || {
-        moe_router::expert_choice_backward_into::<T>(logits, num_tokens, num_experts, row, grad_weights, grad_logits)
-            .map_err(to_py_err)
+        moe_router::expert_choice_backward_into::<T>(
+            logits,
+            num_tokens,
+            num_experts,
+            row,
+            grad_weights,
+            grad_logits,
+        )
+        .map_err(to_py_err)
     })
 }
 

@@ -13,13 +13,13 @@
 
 use pyo3::prelude::*;
 
-// Bindings are compiled as their core op lands on main (each file is written against the
-// signatures in PYAPI.md); until then the Python layer reports the op as not built.
-// Pending: capacity, dispatch, expert_choice.
 mod bias;
+mod capacity;
 mod common;
+mod dispatch;
 mod dropout;
 mod error;
+mod expert_choice;
 mod losses;
 mod permute;
 mod stats;
@@ -31,6 +31,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("CUDA", cfg!(feature = "cuda"))?;
     topk_gating::register(m)?;
+    capacity::register(m)?;
+    dispatch::register(m)?;
+    expert_choice::register(m)?;
     permute::register(m)?;
     losses::register_aux(m)?;
     losses::register_z(m)?;

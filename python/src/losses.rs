@@ -9,7 +9,11 @@ use crate::tensor::{check_bufs, copy_out, mul, run, Buf, RawBuf, Span};
 use moe_router::{AuxLossConfig, RouterFloat};
 
 fn aux_config(op: &str, topk: usize, score: &str, coeff: f32) -> PyResult<AuxLossConfig> {
-    Ok(AuxLossConfig { topk, score_function: score_function(op, score)?, coeff })
+    Ok(AuxLossConfig {
+        topk,
+        score_function: score_function(op, score)?,
+        coeff,
+    })
 }
 
 /// `logits` and the optional `padding_mask` of a loss call, checked and registered.
@@ -21,10 +25,18 @@ fn logits_and_mask<T>(
     padding_mask: Option<RawBuf>,
 ) -> PyResult<(Buf<T>, Option<Buf<u8>>)> {
     let logits = Buf::<T>::input("logits", logits);
-    logits.expect_len(op, mul(op, "num_tokens * num_experts", num_tokens, num_experts)?, format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"))?;
+    logits.expect_len(
+        op,
+        mul(op, "num_tokens * num_experts", num_tokens, num_experts)?,
+        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
+    )?;
     let mask = padding_mask.map(|m| Buf::<u8>::input("padding_mask", m));
     if let Some(m) = &mask {
-        m.expect_len(op, num_tokens, format_args!("[num_tokens] = [{num_tokens}]"))?;
+        m.expect_len(
+            op,
+            num_tokens,
+            format_args!("[num_tokens] = [{num_tokens}]"),
+        )?;
     }
     Ok((logits, mask))
 }
@@ -60,7 +72,17 @@ pub(crate) fn aux_loss(
         "aux_loss",
         "logits",
         dtype,
-        aux_loss_t(py, logits, num_tokens, num_experts, padding_mask, counts, total_tokens, &cfg, counts_out)
+        aux_loss_t(
+            py,
+            logits,
+            num_tokens,
+            num_experts,
+            padding_mask,
+            counts,
+            total_tokens,
+            &cfg,
+            counts_out
+        )
     )
 }
 
@@ -81,9 +103,17 @@ fn aux_loss_t<T: RouterFloat>(
     let counts = counts.map(|c| Buf::<i64>::input("counts", c));
     let counts_out = Buf::<i64>::output("counts_out", counts_out);
     if let Some(c) = &counts {
-        c.expect_len(OP, num_experts, format_args!("[num_experts] = [{num_experts}]"))?;
+        c.expect_len(
+            OP,
+            num_experts,
+            format_args!("[num_experts] = [{num_experts}]"),
+        )?;
     }
-    counts_out.expect_len(OP, num_experts, format_args!("[num_experts] = [{num_experts}]"))?;
+    counts_out.expect_len(
+        OP,
+        num_experts,
+        format_args!("[num_experts] = [{num_experts}]"),
+    )?;
     let mut all = spans(&[logits.span(), counts_out.span()], &mask);
     all.extend(counts.as_ref().map(Buf::span));
     check_bufs(OP, &all)?;
@@ -92,11 +122,24 @@ fn aux_loss_t<T: RouterFloat>(
     // with these element counts, keeps them alive during the call and allocated the output
     // fresh.
     let (logits, mask, counts, counts_out) = unsafe {
-        (logits.as_slice(), mask.as_ref().map(|m| m.as_bools()), counts.as_ref().map(|c| c.as_slice()), counts_out.as_mut_slice())
+        (
+            logits.as_slice(),
+            mask.as_ref().map(|m| m.as_bools()),
+            counts.as_ref().map(|c| c.as_slice()),
+            counts_out.as_mut_slice(),
+        )
     };
     run(py, OP, || {
-        let out = moe_router::aux_loss::<T>(logits, num_tokens, num_experts, mask.as_deref(), counts, total_tokens, cfg)
-            .map_err(to_py_err)?;
+        let out = moe_router::aux_loss::<T>(
+            logits,
+            num_tokens,
+            num_experts,
+            mask.as_deref(),
+            counts,
+            total_tokens,
+            cfg,
+        )
+        .map_err(to_py_err)?;
         copy_out(OP, "counts_out", &out.counts, counts_out)?;
         Ok((out.loss, out.total_tokens))
     })
@@ -127,7 +170,18 @@ pub(crate) fn aux_loss_backward(
         "aux_loss_backward",
         "logits",
         dtype,
-        aux_loss_backward_t(py, logits, num_tokens, num_experts, padding_mask, counts, total_tokens, &cfg, grad_loss, grad_logits)
+        aux_loss_backward_t(
+            py,
+            logits,
+            num_tokens,
+            num_experts,
+            padding_mask,
+            counts,
+            total_tokens,
+            &cfg,
+            grad_loss,
+            grad_logits
+        )
     )
 }
 
@@ -148,15 +202,42 @@ fn aux_loss_backward_t<T: RouterFloat>(
     let (logits, mask) = logits_and_mask::<T>(OP, logits, num_tokens, num_experts, padding_mask)?;
     let counts = Buf::<i64>::input("counts", counts);
     let grad_logits = Buf::<T>::output("grad_logits", grad_logits);
-    counts.expect_len(OP, num_experts, format_args!("[num_experts] = [{num_experts}]"))?;
-    grad_logits.expect_len(OP, logits.len(), format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"))?;
-    check_bufs(OP, &spans(&[logits.span(), counts.span(), grad_logits.span()], &mask))?;
+    counts.expect_len(
+        OP,
+        num_experts,
+        format_args!("[num_experts] = [{num_experts}]"),
+    )?;
+    grad_logits.expect_len(
+        OP,
+        logits.len(),
+        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
+    )?;
+    check_bufs(
+        OP,
+        &spans(&[logits.span(), counts.span(), grad_logits.span()], &mask),
+    )?;
     // SAFETY: as in `aux_loss_t`.
-    let (logits, mask, counts, grad_logits) =
-        unsafe { (logits.as_slice(), mask.as_ref().map(|m| m.as_bools()), counts.as_slice(), grad_logits.as_mut_slice()) };
+    let (logits, mask, counts, grad_logits) = unsafe {
+        (
+            logits.as_slice(),
+            mask.as_ref().map(|m| m.as_bools()),
+            counts.as_slice(),
+            grad_logits.as_mut_slice(),
+        )
+    };
     run(py, OP, || {
-        moe_router::aux_loss_backward_into::<T>(logits, num_tokens, num_experts, mask.as_deref(), counts, total_tokens, cfg, grad_loss, grad_logits)
-            .map_err(to_py_err)
+        moe_router::aux_loss_backward_into::<T>(
+            logits,
+            num_tokens,
+            num_experts,
+            mask.as_deref(),
+            counts,
+            total_tokens,
+            cfg,
+            grad_loss,
+            grad_logits,
+        )
+        .map_err(to_py_err)
     })
 }
 
@@ -183,7 +264,16 @@ pub(crate) fn seq_aux_loss(
         "seq_aux_loss",
         "logits",
         dtype,
-        seq_aux_loss_t(py, logits, num_tokens, num_experts, seq_len, padding_mask, &cfg, counts_out)
+        seq_aux_loss_t(
+            py,
+            logits,
+            num_tokens,
+            num_experts,
+            seq_len,
+            padding_mask,
+            &cfg,
+            counts_out
+        )
     )
 }
 
@@ -204,10 +294,24 @@ fn seq_aux_loss_t<T: RouterFloat>(
     check_bufs(OP, &spans(&[logits.span(), counts_out.span()], &mask))?;
     // SAFETY: as in `aux_loss_t`; `counts_out`'s length is checked against the core's
     // result by `copy_out` before anything is written.
-    let (logits, mask, counts_out) = unsafe { (logits.as_slice(), mask.as_ref().map(|m| m.as_bools()), counts_out.as_mut_slice()) };
+    let (logits, mask, counts_out) = unsafe {
+        (
+            logits.as_slice(),
+            mask.as_ref().map(|m| m.as_bools()),
+            counts_out.as_mut_slice(),
+        )
+    };
     run(py, OP, || {
-        let out = moe_router::seq_aux_loss::<T>(logits, num_tokens, num_experts, seq_len, mask.as_deref(), None, cfg)
-            .map_err(to_py_err)?;
+        let out = moe_router::seq_aux_loss::<T>(
+            logits,
+            num_tokens,
+            num_experts,
+            seq_len,
+            mask.as_deref(),
+            None,
+            cfg,
+        )
+        .map_err(to_py_err)?;
         copy_out(OP, "counts_out", &out.counts, counts_out)?;
         Ok(out.loss)
     })
@@ -238,7 +342,18 @@ pub(crate) fn seq_aux_loss_backward(
         "seq_aux_loss_backward",
         "logits",
         dtype,
-        seq_aux_loss_backward_t(py, logits, num_tokens, num_experts, seq_len, padding_mask, counts, &cfg, grad_loss, grad_logits)
+        seq_aux_loss_backward_t(
+            py,
+            logits,
+            num_tokens,
+            num_experts,
+            seq_len,
+            padding_mask,
+            counts,
+            &cfg,
+            grad_loss,
+            grad_logits
+        )
     )
 }
 
@@ -259,14 +374,37 @@ fn seq_aux_loss_backward_t<T: RouterFloat>(
     let (logits, mask) = logits_and_mask::<T>(OP, logits, num_tokens, num_experts, padding_mask)?;
     let counts = Buf::<i64>::input("counts", counts);
     let grad_logits = Buf::<T>::output("grad_logits", grad_logits);
-    grad_logits.expect_len(OP, logits.len(), format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"))?;
-    check_bufs(OP, &spans(&[logits.span(), counts.span(), grad_logits.span()], &mask))?;
+    grad_logits.expect_len(
+        OP,
+        logits.len(),
+        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
+    )?;
+    check_bufs(
+        OP,
+        &spans(&[logits.span(), counts.span(), grad_logits.span()], &mask),
+    )?;
     // SAFETY: as in `aux_loss_t`; the core checks `counts`' length.
-    let (logits, mask, counts, grad_logits) =
-        unsafe { (logits.as_slice(), mask.as_ref().map(|m| m.as_bools()), counts.as_slice(), grad_logits.as_mut_slice()) };
+    let (logits, mask, counts, grad_logits) = unsafe {
+        (
+            logits.as_slice(),
+            mask.as_ref().map(|m| m.as_bools()),
+            counts.as_slice(),
+            grad_logits.as_mut_slice(),
+        )
+    };
     run(py, OP, || {
-        moe_router::seq_aux_loss_backward_into::<T>(logits, num_tokens, num_experts, seq_len, mask.as_deref(), counts, cfg, grad_loss, grad_logits)
-            .map_err(to_py_err)
+        moe_router::seq_aux_loss_backward_into::<T>(
+            logits,
+            num_tokens,
+            num_experts,
+            seq_len,
+            mask.as_deref(),
+            counts,
+            cfg,
+            grad_loss,
+            grad_logits,
+        )
+        .map_err(to_py_err)
     })
 }
 
@@ -282,7 +420,12 @@ pub(crate) fn z_loss(
     padding_mask: Option<RawBuf>,
     coeff: f32,
 ) -> PyResult<(f32, usize)> {
-    float_dispatch!("z_loss", "logits", dtype, z_loss_t(py, logits, num_tokens, num_experts, padding_mask, coeff))
+    float_dispatch!(
+        "z_loss",
+        "logits",
+        dtype,
+        z_loss_t(py, logits, num_tokens, num_experts, padding_mask, coeff)
+    )
 }
 
 fn z_loss_t<T: RouterFloat>(
@@ -299,7 +442,8 @@ fn z_loss_t<T: RouterFloat>(
     // SAFETY: as in `aux_loss_t` (inputs only).
     let (logits, mask) = unsafe { (logits.as_slice(), mask.as_ref().map(|m| m.as_bools())) };
     run(py, OP, || {
-        let out = moe_router::z_loss::<T>(logits, num_tokens, num_experts, mask.as_deref(), coeff).map_err(to_py_err)?;
+        let out = moe_router::z_loss::<T>(logits, num_tokens, num_experts, mask.as_deref(), coeff)
+            .map_err(to_py_err)?;
         Ok((out.loss, out.valid_tokens))
     })
 }
@@ -324,7 +468,16 @@ pub(crate) fn z_loss_backward(
         "z_loss_backward",
         "logits",
         dtype,
-        z_loss_backward_t(py, logits, num_tokens, num_experts, padding_mask, coeff, grad_loss, grad_logits)
+        z_loss_backward_t(
+            py,
+            logits,
+            num_tokens,
+            num_experts,
+            padding_mask,
+            coeff,
+            grad_loss,
+            grad_logits
+        )
     )
 }
 
@@ -342,13 +495,31 @@ fn z_loss_backward_t<T: RouterFloat>(
     const OP: &str = "z_loss_backward";
     let (logits, mask) = logits_and_mask::<T>(OP, logits, num_tokens, num_experts, padding_mask)?;
     let grad_logits = Buf::<T>::output("grad_logits", grad_logits);
-    grad_logits.expect_len(OP, logits.len(), format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"))?;
+    grad_logits.expect_len(
+        OP,
+        logits.len(),
+        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
+    )?;
     check_bufs(OP, &spans(&[logits.span(), grad_logits.span()], &mask))?;
     // SAFETY: as in `aux_loss_t`.
-    let (logits, mask, grad_logits) = unsafe { (logits.as_slice(), mask.as_ref().map(|m| m.as_bools()), grad_logits.as_mut_slice()) };
+    let (logits, mask, grad_logits) = unsafe {
+        (
+            logits.as_slice(),
+            mask.as_ref().map(|m| m.as_bools()),
+            grad_logits.as_mut_slice(),
+        )
+    };
     run(py, OP, || {
-        moe_router::z_loss_backward_into::<T>(logits, num_tokens, num_experts, mask.as_deref(), coeff, grad_loss, grad_logits)
-            .map_err(to_py_err)
+        moe_router::z_loss_backward_into::<T>(
+            logits,
+            num_tokens,
+            num_experts,
+            mask.as_deref(),
+            coeff,
+            grad_loss,
+            grad_logits,
+        )
+        .map_err(to_py_err)
     })
 }
 

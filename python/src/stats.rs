@@ -37,7 +37,19 @@ pub(crate) fn router_stats(
         OP,
         "logits",
         dtype,
-        stats_t(py, logits, num_tokens, num_experts, indices, topk, slots, padding_mask, strict, selected_counts_out, kept_counts_out)
+        stats_t(
+            py,
+            logits,
+            num_tokens,
+            num_experts,
+            indices,
+            topk,
+            slots,
+            padding_mask,
+            strict,
+            selected_counts_out,
+            kept_counts_out
+        )
     )
 }
 
@@ -64,13 +76,21 @@ fn stats_t<T: RouterFloat>(
     let tk = mul(OP, "num_tokens * topk", num_tokens, topk)?;
     let tk_shape = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
     let e_shape = format!("[num_experts] = [{num_experts}]");
-    logits.expect_len(OP, mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?, format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"))?;
+    logits.expect_len(
+        OP,
+        mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?,
+        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
+    )?;
     indices.expect_len(OP, tk, &tk_shape)?;
     if let Some(s) = &slots {
         s.expect_len(OP, tk, &tk_shape)?;
     }
     if let Some(m) = &mask {
-        m.expect_len(OP, num_tokens, format_args!("[num_tokens] = [{num_tokens}]"))?;
+        m.expect_len(
+            OP,
+            num_tokens,
+            format_args!("[num_tokens] = [{num_tokens}]"),
+        )?;
     }
     selected.expect_len(OP, num_experts, &e_shape)?;
     if let Some(k) = &kept {
@@ -96,17 +116,37 @@ fn stats_t<T: RouterFloat>(
     };
     let cfg = RouterStatsConfig { strict };
     run(py, OP, || {
-        let s = moe_router::router_stats::<T>(logits, num_tokens, num_experts, indices, topk, slots, mask.as_deref(), &cfg)
-            .map_err(to_py_err)?;
+        let s = moe_router::router_stats::<T>(
+            logits,
+            num_tokens,
+            num_experts,
+            indices,
+            topk,
+            slots,
+            mask.as_deref(),
+            &cfg,
+        )
+        .map_err(to_py_err)?;
         copy_out(OP, "selected_counts_out", &s.selected_counts, selected)?;
         match (s.kept_counts.as_deref(), kept) {
             (Some(src), Some(dst)) => copy_out(OP, "kept_counts_out", src, dst)?,
             (None, None) => {}
             (Some(_), None) | (None, Some(_)) => {
-                return Err(internal_error(OP, "kept counts are returned exactly when slots are given"))
+                return Err(internal_error(
+                    OP,
+                    "kept counts are returned exactly when slots are given",
+                ))
             }
         }
-        Ok((s.num_tokens, s.dropped, s.max_violation, s.mean_entropy, s.mean_lse, s.max_lse, s.nonfinite_logits))
+        Ok((
+            s.num_tokens,
+            s.dropped,
+            s.max_violation,
+            s.mean_entropy,
+            s.mean_lse,
+            s.max_lse,
+            s.nonfinite_logits,
+        ))
     })
 }
 

@@ -33,12 +33,24 @@ pub(crate) struct Buf<T> {
 impl<T> Buf<T> {
     /// A buffer the op only reads.
     pub(crate) fn input(name: &'static str, raw: RawBuf) -> Self {
-        Buf { name, ptr: raw.0, len: raw.1, mutable: false, _t: PhantomData }
+        Buf {
+            name,
+            ptr: raw.0,
+            len: raw.1,
+            mutable: false,
+            _t: PhantomData,
+        }
     }
 
     /// A buffer the op writes (and may read back).
     pub(crate) fn output(name: &'static str, raw: RawBuf) -> Self {
-        Buf { name, ptr: raw.0, len: raw.1, mutable: true, _t: PhantomData }
+        Buf {
+            name,
+            ptr: raw.0,
+            len: raw.1,
+            mutable: true,
+            _t: PhantomData,
+        }
     }
 
     /// Element count as passed in.
@@ -48,7 +60,12 @@ impl<T> Buf<T> {
 
     /// `ValueError` unless the buffer has exactly `expected` elements; `shape` describes
     /// the expected shape for the message.
-    pub(crate) fn expect_len(&self, op: &str, expected: usize, shape: impl std::fmt::Display) -> PyResult<()> {
+    pub(crate) fn expect_len(
+        &self,
+        op: &str,
+        expected: usize,
+        shape: impl std::fmt::Display,
+    ) -> PyResult<()> {
         if self.len != expected {
             return Err(value_error(
                 op,
@@ -120,7 +137,9 @@ impl Buf<u8> {
         if bytes.iter().all(|&b| b <= 1) {
             // SAFETY: `bool` has size 1 and alignment 1 and every byte is 0 or 1, which are
             // exactly the valid `bool` values; the lifetime is the byte slice's.
-            std::borrow::Cow::Borrowed(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const bool, bytes.len()) })
+            std::borrow::Cow::Borrowed(unsafe {
+                std::slice::from_raw_parts(bytes.as_ptr() as *const bool, bytes.len())
+            })
         } else {
             std::borrow::Cow::Owned(bytes.iter().map(|&b| b != 0).collect())
         }
@@ -168,7 +187,13 @@ pub(crate) fn check_bufs(op: &str, spans: &[Span]) -> PyResult<()> {
             continue;
         }
         if s.ptr == 0 {
-            return Err(value_error(op, format_args!("argument `{}` has {} elements but a null data pointer", s.name, s.len)));
+            return Err(value_error(
+                op,
+                format_args!(
+                    "argument `{}` has {} elements but a null data pointer",
+                    s.name, s.len
+                ),
+            ));
         }
         if (s.ptr as usize as u64) != s.ptr {
             return Err(value_error(op, format_args!("argument `{}` has a data pointer that does not fit this platform's address space", s.name)));
@@ -179,10 +204,19 @@ pub(crate) fn check_bufs(op: &str, spans: &[Span]) -> PyResult<()> {
                 format_args!("argument `{}` has a data pointer {:#x} not aligned to {} bytes; pass a freshly allocated or `.clone()`d tensor", s.name, s.ptr, s.align),
             ));
         }
-        let bytes = s.len.checked_mul(s.elem).filter(|&b| b <= isize::MAX as usize);
+        let bytes = s
+            .len
+            .checked_mul(s.elem)
+            .filter(|&b| b <= isize::MAX as usize);
         let end = bytes.and_then(|b| (s.ptr as usize).checked_add(b));
         if end.is_none() {
-            return Err(value_error(op, format_args!("argument `{}` has {} elements, more than the address space holds", s.name, s.len)));
+            return Err(value_error(
+                op,
+                format_args!(
+                    "argument `{}` has {} elements, more than the address space holds",
+                    s.name, s.len
+                ),
+            ));
         }
     }
     for (i, a) in spans.iter().enumerate() {
@@ -223,13 +257,21 @@ pub(crate) fn parse_float(op: &str, arg: &str, dtype: &str) -> PyResult<Float> {
 
 /// `a * b` for sizes, or a `ValueError` naming what overflowed.
 pub(crate) fn mul(op: &str, what: &str, a: usize, b: usize) -> PyResult<usize> {
-    a.checked_mul(b).ok_or_else(|| value_error(op, format_args!("{what} = {a} * {b} overflows usize")))
+    a.checked_mul(b)
+        .ok_or_else(|| value_error(op, format_args!("{what} = {a} * {b} overflows usize")))
 }
 
 /// Copy `src` into the output buffer `dst` (same length, or an internal error).
 pub(crate) fn copy_out<T: Copy>(op: &str, name: &str, src: &[T], dst: &mut [T]) -> PyResult<()> {
     if src.len() != dst.len() {
-        return Err(internal_error(op, format_args!("`{name}` has {} elements, the core returned {}", dst.len(), src.len())));
+        return Err(internal_error(
+            op,
+            format_args!(
+                "`{name}` has {} elements, the core returned {}",
+                dst.len(),
+                src.len()
+            ),
+        ));
     }
     dst.copy_from_slice(src);
     Ok(())
@@ -237,7 +279,11 @@ pub(crate) fn copy_out<T: Copy>(op: &str, name: &str, src: &[T], dst: &mut [T]) 
 
 /// Run `f` with the GIL released, turning a panic (never expected: every input is
 /// validated first) into a `RuntimeError` instead of letting it unwind into Python.
-pub(crate) fn run<R: Send>(py: pyo3::Python<'_>, op: &str, f: impl FnOnce() -> PyResult<R> + Send) -> PyResult<R> {
+pub(crate) fn run<R: Send>(
+    py: pyo3::Python<'_>,
+    op: &str,
+    f: impl FnOnce() -> PyResult<R> + Send,
+) -> PyResult<R> {
     let out = py.detach(move || {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
             p.downcast_ref::<&str>()

@@ -42,8 +42,13 @@ fn gating_config(
         }
     };
     cfg.scaling_factor = scaling_factor;
-    cfg.noise = (noise_std != 0.0).then_some(SelectionNoise { std: noise_std, seed, offset });
-    cfg.expert_masking = (expert_mask_rate != 0.0).then(|| DropoutConfig::new(expert_mask_rate, seed, offset));
+    cfg.noise = (noise_std != 0.0).then_some(SelectionNoise {
+        std: noise_std,
+        seed,
+        offset,
+    });
+    cfg.expert_masking =
+        (expert_mask_rate != 0.0).then(|| DropoutConfig::new(expert_mask_rate, seed, offset));
     Ok(cfg)
 }
 
@@ -89,7 +94,21 @@ pub(crate) fn topk_gating(
         seed,
         offset,
     )?;
-    float_dispatch!(OP, "logits", dtype, forward(py, logits, num_tokens, num_experts, expert_bias, &cfg, weights, indices))
+    float_dispatch!(
+        OP,
+        "logits",
+        dtype,
+        forward(
+            py,
+            logits,
+            num_tokens,
+            num_experts,
+            expert_bias,
+            &cfg,
+            weights,
+            indices
+        )
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -108,12 +127,28 @@ fn forward<T: RouterFloat>(
     let weights = Buf::<f32>::output("weights", weights);
     let indices = Buf::<i32>::output("indices", indices);
     let tk = mul(OP, "num_tokens * topk", num_tokens, cfg.topk)?;
-    logits.expect_len(OP, mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?, format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"))?;
+    logits.expect_len(
+        OP,
+        mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?,
+        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
+    )?;
     if let Some(b) = &bias {
-        b.expect_len(OP, num_experts, format_args!("[num_experts] = [{num_experts}]"))?;
+        b.expect_len(
+            OP,
+            num_experts,
+            format_args!("[num_experts] = [{num_experts}]"),
+        )?;
     }
-    weights.expect_len(OP, tk, format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk))?;
-    indices.expect_len(OP, tk, format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk))?;
+    weights.expect_len(
+        OP,
+        tk,
+        format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk),
+    )?;
+    indices.expect_len(
+        OP,
+        tk,
+        format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk),
+    )?;
     let mut spans = vec![logits.span(), weights.span(), indices.span()];
     spans.extend(bias.as_ref().map(Buf::span));
     check_bufs(OP, &spans)?;
@@ -122,10 +157,24 @@ fn forward<T: RouterFloat>(
     // with these element counts, keeps them alive during the call, and allocated the
     // outputs fresh, so nothing else touches them while Rust runs.
     let (logits, bias, weights, indices) = unsafe {
-        (logits.as_slice(), bias.as_ref().map(|b| b.as_slice()), weights.as_mut_slice(), indices.as_mut_slice())
+        (
+            logits.as_slice(),
+            bias.as_ref().map(|b| b.as_slice()),
+            weights.as_mut_slice(),
+            indices.as_mut_slice(),
+        )
     };
     run(py, OP, || {
-        moe_router::topk_gating_into::<T>(logits, num_tokens, num_experts, bias, cfg, weights, indices).map_err(to_py_err)
+        moe_router::topk_gating_into::<T>(
+            logits,
+            num_tokens,
+            num_experts,
+            bias,
+            cfg,
+            weights,
+            indices,
+        )
+        .map_err(to_py_err)
     })
 }
 
@@ -148,8 +197,25 @@ pub(crate) fn topk_gating_replay(
     scaling_factor: f32,
     weights: RawBuf,
 ) -> PyResult<()> {
-    let cfg = gating_config(topk, score_function, pre_softmax, normalize, None, None, scaling_factor, 0.0, 0.0, 0, 0)?;
-    float_dispatch!(OP, "logits", dtype, replay(py, logits, num_tokens, num_experts, indices, &cfg, weights))
+    let cfg = gating_config(
+        topk,
+        score_function,
+        pre_softmax,
+        normalize,
+        None,
+        None,
+        scaling_factor,
+        0.0,
+        0.0,
+        0,
+        0,
+    )?;
+    float_dispatch!(
+        OP,
+        "logits",
+        dtype,
+        replay(py, logits, num_tokens, num_experts, indices, &cfg, weights)
+    )
 }
 
 fn replay<T: RouterFloat>(
@@ -166,15 +232,41 @@ fn replay<T: RouterFloat>(
     let indices = Buf::<i32>::input("indices", indices);
     let weights = Buf::<f32>::output("weights", weights);
     let tk = mul(OP, "num_tokens * topk", num_tokens, cfg.topk)?;
-    logits.expect_len(OP, mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?, format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"))?;
-    indices.expect_len(OP, tk, format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk))?;
-    weights.expect_len(OP, tk, format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk))?;
+    logits.expect_len(
+        OP,
+        mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?,
+        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
+    )?;
+    indices.expect_len(
+        OP,
+        tk,
+        format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk),
+    )?;
+    weights.expect_len(
+        OP,
+        tk,
+        format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk),
+    )?;
     check_bufs(OP, &[logits.span(), indices.span(), weights.span()])?;
     // SAFETY: as in `forward`: checked buffers, live contiguous CPU tensors of these
     // dtypes and sizes, the output fresh and exclusive.
-    let (logits, indices, weights) = unsafe { (logits.as_slice(), indices.as_slice(), weights.as_mut_slice()) };
+    let (logits, indices, weights) = unsafe {
+        (
+            logits.as_slice(),
+            indices.as_slice(),
+            weights.as_mut_slice(),
+        )
+    };
     run(py, OP, || {
-        moe_router::topk_gating_replay_into::<T>(logits, num_tokens, num_experts, indices, cfg, weights).map_err(to_py_err)
+        moe_router::topk_gating_replay_into::<T>(
+            logits,
+            num_tokens,
+            num_experts,
+            indices,
+            cfg,
+            weights,
+        )
+        .map_err(to_py_err)
     })
 }
 
@@ -198,8 +290,34 @@ pub(crate) fn topk_gating_backward(
     scaling_factor: f32,
     grad_logits: RawBuf,
 ) -> PyResult<()> {
-    let cfg = gating_config(topk, score_function, pre_softmax, normalize, None, None, scaling_factor, 0.0, 0.0, 0, 0)?;
-    float_dispatch!(OP, "logits", dtype, backward(py, logits, num_tokens, num_experts, indices, grad_weights, &cfg, grad_logits))
+    let cfg = gating_config(
+        topk,
+        score_function,
+        pre_softmax,
+        normalize,
+        None,
+        None,
+        scaling_factor,
+        0.0,
+        0.0,
+        0,
+        0,
+    )?;
+    float_dispatch!(
+        OP,
+        "logits",
+        dtype,
+        backward(
+            py,
+            logits,
+            num_tokens,
+            num_experts,
+            indices,
+            grad_weights,
+            &cfg,
+            grad_logits
+        )
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -220,18 +338,56 @@ fn backward<T: RouterFloat>(
     let grad_logits = Buf::<T>::output("grad_logits", grad_logits);
     let te = mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?;
     let tk = mul(OP, "num_tokens * topk", num_tokens, cfg.topk)?;
-    logits.expect_len(OP, te, format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"))?;
-    indices.expect_len(OP, tk, format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk))?;
-    grad_weights.expect_len(OP, tk, format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk))?;
-    grad_logits.expect_len(OP, te, format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"))?;
-    check_bufs(OP, &[logits.span(), indices.span(), grad_weights.span(), grad_logits.span()])?;
+    logits.expect_len(
+        OP,
+        te,
+        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
+    )?;
+    indices.expect_len(
+        OP,
+        tk,
+        format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk),
+    )?;
+    grad_weights.expect_len(
+        OP,
+        tk,
+        format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk),
+    )?;
+    grad_logits.expect_len(
+        OP,
+        te,
+        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
+    )?;
+    check_bufs(
+        OP,
+        &[
+            logits.span(),
+            indices.span(),
+            grad_weights.span(),
+            grad_logits.span(),
+        ],
+    )?;
     // SAFETY: as in `forward`: checked buffers, live contiguous CPU tensors of these
     // dtypes and sizes, the output fresh and exclusive.
-    let (logits, indices, grad_weights, grad_logits) =
-        unsafe { (logits.as_slice(), indices.as_slice(), grad_weights.as_slice(), grad_logits.as_mut_slice()) };
+    let (logits, indices, grad_weights, grad_logits) = unsafe {
+        (
+            logits.as_slice(),
+            indices.as_slice(),
+            grad_weights.as_slice(),
+            grad_logits.as_mut_slice(),
+        )
+    };
     run(py, OP, || {
-        moe_router::topk_gating_backward_into::<T>(logits, num_tokens, num_experts, indices, grad_weights, cfg, grad_logits)
-            .map_err(to_py_err)
+        moe_router::topk_gating_backward_into::<T>(
+            logits,
+            num_tokens,
+            num_experts,
+            indices,
+            grad_weights,
+            cfg,
+            grad_logits,
+        )
+        .map_err(to_py_err)
     })
 }
 

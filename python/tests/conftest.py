@@ -1,7 +1,5 @@
 """Shared fixtures and markers of the moe_router tests.
 
-- `needs_native(*names)`: skip (with the reason shown by `pytest -rs`) when this build of
-  the native module lacks an op whose core implementation has not landed yet.
 - `requires_cuda`: the CUDA variants; skipped LOUDLY (reason "SKIPPED: no CUDA device")
   on machines without a GPU.
 - `assert_close_f32`: the SPEC tolerance for f32 values (rtol 1.3e-6, atol 1e-5).
@@ -25,13 +23,6 @@ HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="SKIPPED: no CUDA device (CUDA variants run on a GPU machine)")
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def needs_native(*names: str):
-    missing = [n for n in names if not _ops.native_has(n)]
-    return pytest.mark.skipif(
-        bool(missing), reason=f"core op(s) {', '.join(missing)} not in this build of moe_router._native yet"
-    )
 
 
 def assert_close_f32(actual, expected, *, rtol=1.3e-6, atol=1e-5, msg=""):

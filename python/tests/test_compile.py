@@ -9,7 +9,6 @@ import torch._dynamo
 
 import moe_router as mr
 import reference as ref
-from conftest import needs_native
 
 
 class _CountingBackend:
@@ -57,7 +56,6 @@ def gating_and_losses(x, router, expert):
     )
 
 
-@needs_native("topk_gating", "aux_loss", "seq_aux_loss", "z_loss")
 def test_compile_gating_and_losses_fullgraph():
     torch._dynamo.reset()
     backend = _CountingBackend()
@@ -78,7 +76,6 @@ def moe_step(x, router, expert, capacity=6):
     return out.pow(2).mean() + mr.aux_loss(logits, 2, coeff=0.01) + mr.z_loss(logits, coeff=1e-3)
 
 
-@needs_native("topk_gating", "dispatch", "permute", "unpermute", "aux_loss", "z_loss")
 def test_compile_full_moe_step_fullgraph():
     torch._dynamo.reset()
     backend = _CountingBackend()
@@ -88,7 +85,6 @@ def test_compile_full_moe_step_fullgraph():
     assert backend.graphs == 1
 
 
-@needs_native("topk_gating", "dispatch", "permute", "unpermute", "aux_loss", "z_loss")
 def test_compile_full_moe_step_dynamic_shapes_inductor():
     """The default (inductor) backend with dynamic shapes: the fake kernels work with
     symbolic token counts, and a second batch size reuses the graph."""
@@ -99,7 +95,6 @@ def test_compile_full_moe_step_dynamic_shapes_inductor():
         _check_same(_run(moe_step, *args), _run(compiled, *args))
 
 
-@needs_native("topk_gating")
 def test_compile_gating_dynamic_shapes_backward():
     """Symbolic token counts through the fake kernels: two batch sizes, one graph."""
     torch._dynamo.reset()

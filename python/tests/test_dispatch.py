@@ -12,7 +12,7 @@ import torch
 
 import moe_router as mr
 import reference as ref
-from conftest import assert_close_f32, needs_native
+from conftest import assert_close_f32
 from moe_router import _native, ops
 
 POLICIES = ["position", "choice_then_position", "probs", "batch_prioritized", "random"]
@@ -33,7 +33,6 @@ def test_capacity_hand_computed():
     assert mr.capacity(20, 4, 1, 1.1) == 6  # 5.0 * 1.1 = 5.5 -> 6
 
 
-@needs_native("capacity")
 def test_python_capacity_equals_the_core_on_a_grid():
     rng = np.random.default_rng(0)
     cases = list(product([0, 1, 7, 50, 1000, 4096, 2**40 + 3], [1, 3, 8, 11, 64], [1, 2, 6],
@@ -137,7 +136,6 @@ def _check(d, r, idx):
     assert_close_f32(d.kept_weights, r["kept_weights"])
 
 
-@needs_native("dispatch", "dispatch_max_rows")
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("layout", ["compact", "pad_to_capacity"])
 @pytest.mark.parametrize("renormalize", [False, True])
@@ -152,7 +150,6 @@ def test_dispatch_with_capacity_matches_reference(policy, layout, renormalize):
     _check(d, r, idx)
 
 
-@needs_native("dispatch", "dispatch_max_rows")
 @pytest.mark.parametrize("align", [1, 4, 16])
 @pytest.mark.parametrize("ep_size", [1, 4])
 def test_dropless_layout_matches_reference(align, ep_size):
@@ -165,7 +162,6 @@ def test_dropless_layout_matches_reference(align, ep_size):
     assert d.row_to_token.shape[0] == t * k + e * (align - 1)
 
 
-@needs_native("dispatch", "dispatch_max_rows")
 def test_dispatch_without_capacity_keeps_everything_and_int32_indices_work():
     t, k, e = 20, 2, 4
     idx, w = routing(t, k, e, seed=3)
@@ -175,7 +171,6 @@ def test_dispatch_without_capacity_keeps_everything_and_int32_indices_work():
     assert int(d.num_rows) == t * k and int(d.dropped) == 0
 
 
-@needs_native("dispatch", "dispatch_max_rows")
 def test_random_policy_depends_on_seed_and_offset_only():
     t, k, e = 64, 2, 4
     idx, w = routing(t, k, e, seed=4)
@@ -186,7 +181,6 @@ def test_random_policy_depends_on_seed_and_offset_only():
     assert not torch.equal(a.slot, c.slot)
 
 
-@needs_native("dispatch", "dispatch_max_rows")
 def test_kept_weights_gradient_and_agreement_with_the_op():
     t, k, e = 40, 2, 8
     idx, w = routing(t, k, e, seed=5, unrouted=2)
@@ -208,7 +202,6 @@ def test_kept_weights_gradient_and_agreement_with_the_op():
         assert_close_f32(wr.grad, w64.grad, rtol=1e-5, atol=1e-6)
 
 
-@needs_native("dispatch_max_rows")
 def test_python_max_rows_equals_the_core():
     for t, k, e, cap, layout, align in product([0, 1, 17, 300], [1, 2, 4], [4, 8], [None, 0, 3, 1000],
                                                ["compact", "pad_to_capacity", "dropless"], [1, 8]):  # fmt: skip
@@ -220,7 +213,6 @@ def test_python_max_rows_equals_the_core():
         assert mr.dispatch_max_rows(t, k, e, capacity=cap, layout=layout, align=align) == want
 
 
-@needs_native("dispatch", "dispatch_max_rows")
 def test_zero_tokens():
     d = mr.dispatch(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), 4, capacity=3, layout="pad_to_capacity")
     assert d.slot.shape == (0, 2) and d.row_to_token.shape == (12,)
@@ -250,7 +242,6 @@ def ref_expert_choice(z, cap):
     return weights, row, r2t, tpe, torch.arange(e + 1) * cap, row_w
 
 
-@needs_native("expert_choice", "expert_choice_backward")
 @pytest.mark.parametrize("t,e,cap", [(0, 4, 2), (30, 8, 5), (12, 4, 20), (16, 4, 0)])
 def test_expert_choice_matches_reference(t, e, cap):
     z = ref.randn((t, e), seed=t + e, scale=2.0).requires_grad_()
@@ -273,7 +264,6 @@ def test_expert_choice_matches_reference(t, e, cap):
     assert_close_f32(z.grad, z64.grad, rtol=1e-5, atol=1e-6)
 
 
-@needs_native("expert_choice", "permute", "unpermute")
 def test_expert_choice_rows_feed_permute_and_unpermute():
     t, e, cap, h = 20, 4, 6, 8
     z = ref.randn((t, e), seed=3)

@@ -12,7 +12,7 @@ import torch
 
 import moe_router as mr
 import reference as ref
-from conftest import assert_close_f32, needs_native
+from conftest import assert_close_f32
 
 
 def test_reference_philox_matches_random123_known_answers():
@@ -27,7 +27,6 @@ def test_reference_philox_matches_random123_known_answers():
         assert [int(x) for x in got] == expected
 
 
-@needs_native("expert_mask")
 @pytest.mark.parametrize("t,e,k,rate", [(50, 16, 2, 0.3), (20, 8, 6, 0.9), (7, 4, 4, 0.5), (0, 4, 1, 0.5)])
 @pytest.mark.parametrize("seed,offset", [(0, 0), (12345, 2**40 + 3), (2**64 - 1, 2**63)])
 def test_expert_mask_matches_philox_reference(t, e, k, rate, seed, offset):
@@ -37,7 +36,6 @@ def test_expert_mask_matches_philox_reference(t, e, k, rate, seed, offset):
     assert ((~m).sum(1) >= k).all()
 
 
-@needs_native("expert_mask")
 def test_expert_mask_rate_zero_masks_nothing():
     assert not mr.expert_mask(30, 8, 2, 0.0, seed=5).any()
 
@@ -52,7 +50,6 @@ def _routing(t, k, e, seed, unrouted=True):
     return idx, w
 
 
-@needs_native("assignment_dropout", "assignment_dropout_backward")
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("rate", [0.0, 0.3, 0.7])
 def test_assignment_dropout_forward_and_gradient(renormalize, rate):
@@ -75,7 +72,6 @@ def test_assignment_dropout_forward_and_gradient(renormalize, rate):
         assert torch.equal(out_idx, idx)
 
 
-@needs_native("assignment_dropout")
 def test_assignment_dropout_is_deterministic_in_seed_and_offset():
     idx, w = _routing(64, 2, 8, seed=3, unrouted=False)
     a = mr.assignment_dropout(idx, w, 0.5, num_experts=8, seed=1, offset=2)
@@ -85,7 +81,6 @@ def test_assignment_dropout_is_deterministic_in_seed_and_offset():
     assert not torch.equal(a[0], c[0])
 
 
-@needs_native("update_expert_bias")
 def test_update_expert_bias_in_place_matches_formula():
     bias = torch.tensor([0.0, 0.0, 0.0, 0.5, -0.25])
     counts = torch.tensor([1, 2, 3, 2, 2])  # mean 2
@@ -96,7 +91,6 @@ def test_update_expert_bias_in_place_matches_formula():
     assert bias[1].item() == 0.0  # exactly at the mean: unchanged
 
 
-@needs_native("update_expert_bias")
 def test_update_expert_bias_on_a_parameter_and_int32_counts():
     p = torch.nn.Parameter(torch.zeros(4))
     mr.update_expert_bias(p, torch.tensor([4, 0, 2, 2], dtype=torch.int32), 0.5)
@@ -104,7 +98,6 @@ def test_update_expert_bias_on_a_parameter_and_int32_counts():
     assert p.requires_grad and p.grad is None
 
 
-@needs_native("update_expert_bias")
 def test_update_expert_bias_rejects_negative_counts_and_leaves_bias_unchanged():
     bias = torch.zeros(3)
     with pytest.raises(ValueError, match="counts"):
@@ -112,7 +105,6 @@ def test_update_expert_bias_rejects_negative_counts_and_leaves_bias_unchanged():
     assert (bias == 0).all()
 
 
-@needs_native("router_stats")
 @pytest.mark.parametrize("with_slot", [False, True])
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -139,7 +131,6 @@ def test_router_stats_match_reference(with_slot, with_mask, dtype):
         assert_close_f32(getattr(s, name), torch.tensor(r[name]), rtol=2e-6, msg=name)
 
 
-@needs_native("router_stats")
 def test_router_stats_count_nonfinite_and_strict_mode_raises():
     z = torch.zeros(4, 4)
     z[1, 2] = math.nan

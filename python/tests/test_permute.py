@@ -9,9 +9,7 @@ import torch
 
 import moe_router as mr
 import reference as ref
-from conftest import FLOAT_DTYPES, assert_close_f32, needs_native
-
-pytestmark = needs_native("permute", "permute_backward", "unpermute", "unpermute_backward")
+from conftest import FLOAT_DTYPES, assert_close_f32
 
 
 def layout(t, k, e, *, seed, capacity, pad=True):

@@ -10,9 +10,7 @@ import torch
 
 import moe_router as mr
 import reference as ref
-from conftest import FLOAT_DTYPES, assert_close_f32, needs_native
-
-pytestmark = needs_native("topk_gating", "topk_gating_replay", "topk_gating_backward")
+from conftest import FLOAT_DTYPES, assert_close_f32
 
 # (name, topk_gating kwargs, E, k)
 MODES = [

@@ -5,6 +5,10 @@
 //! |-------------------------------------|----------------------------------------------|
 //! | `&[T]`, `&mut [T]`                  | [`CudaView<T>`], [`CudaViewMut<T>`]          |
 //! | `crate::cpu::topk_gating::forward`  | [`topk_gating::topk_gating_cuda`]            |
+//! | `crate::cpu::aux_loss`, `z_loss`    | [`losses::aux_loss_cuda`] (z-loss fused), ... |
+//! | `crate::cpu::dropout`               | [`dropout::assignment_dropout_cuda`], ...    |
+//! | `crate::cpu::router_stats`          | [`router_stats::router_stats_cuda`]          |
+//! | `crate::cpu::bias_update`           | [`bias_update::update_expert_bias_cuda`]     |
 //! | validation in [`crate::ops`]        | the same validation, then a launch           |
 //!
 //! Nothing CUDA is linked at build time: `libcuda` and `libnvrtc` are loaded when
@@ -22,7 +26,11 @@
 //! on a stream the caller owns, such as PyTorch's current stream) and never
 //! synchronise with the host.
 
+pub mod bias_update;
+pub mod dropout;
 pub mod kernels;
+pub mod losses;
+pub mod router_stats;
 pub mod topk_gating;
 
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut};
@@ -441,8 +449,14 @@ ptxas info    : Used 40 registers, used 1 barriers, 392 bytes cmem[0]\n";
     fn every_module_lists_entries_with_dtype_suffixes() {
         assert!(!MODULES.is_empty());
         for m in MODULES {
-            assert!(m.entries.iter().any(|e| e.ends_with("_f32")));
-            assert!(m.entries.iter().any(|e| e.ends_with("_bf16")));
+            assert!(!m.entries.is_empty(), "{} lists no entry point", m.name);
+            // Every typed root comes in all three dtypes.
+            for e in m.entries.iter().filter_map(|e| e.strip_suffix("_f32")) {
+                for d in ["f16", "bf16"] {
+                    let name = format!("{e}_{d}");
+                    assert!(m.entries.contains(&name.as_str()), "{}: no {name}", m.name);
+                }
+            }
             assert!(m.source.contains("score_key"), "common.cuh inlined");
             assert!(!m.source.contains("#include"), "no includes left for NVRTC");
         }

@@ -197,7 +197,7 @@ fn check_counts(
     Ok(())
 }
 
-fn check_seq_len(op: &'static str, seq_len: usize, num_tokens: usize) -> Result<()> {
+pub(crate) fn check_seq_len(op: &'static str, seq_len: usize, num_tokens: usize) -> Result<()> {
     if seq_len == 0 {
         return Err(Error::invalid(op, "seq_len", 0, "seq_len must be >= 1"));
     }

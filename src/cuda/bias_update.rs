@@ -1,0 +1,72 @@
+//! Aux-loss-free expert-bias update on the GPU (`cuda/bias_update.cu`): the same
+//! exact integer sign rule as [`crate::cpu::bias_update`], in place on a device
+//! `bias [num_experts]` from device `counts [num_experts]`.
+//!
+//! Negative counts (rejected on the CPU path) cannot be detected without a host
+//! sync; the kernel applies the same formula to them and touches nothing out of
+//! range.
+
+use super::{CudaBackend, CudaView, CudaViewMut};
+use crate::error::{Error, Result};
+use crate::ops::check_len;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+const OP: &str = "update_expert_bias";
+
+/// `bias[e] += rate · sign(mean(counts) − counts[e])` on the GPU (launched on
+/// `backend.stream()`, no synchronisation).
+///
+/// # Errors
+/// The length and rate checks of [`crate::ops::update_expert_bias`],
+/// [`Error::Overflow`] for more than `i32::MAX` experts, [`Error::Compile`] /
+/// [`Error::Driver`].
+pub fn update_expert_bias_cuda(
+    backend: &CudaBackend,
+    bias: &mut CudaViewMut<'_, f32>,
+    counts: &CudaView<'_, i64>,
+    rate: f32,
+) -> Result<()> {
+    let n = bias.len();
+    if n == 0 {
+        return Err(Error::invalid(
+            OP,
+            "bias",
+            "an empty slice",
+            "bias must have num_experts >= 1 entries",
+        ));
+    }
+    check_len(
+        OP,
+        "counts",
+        counts.len(),
+        n,
+        format_args!("[num_experts] = [{n}] (the length of `bias`)"),
+    )?;
+    if !rate.is_finite() {
+        return Err(Error::invalid(
+            OP,
+            "rate",
+            rate,
+            "the bias update rate must be finite",
+        ));
+    }
+    let e = i32::try_from(n).map_err(|_| Error::Overflow {
+        op: OP,
+        what: "num_experts",
+        value: n as u128,
+        max: i32::MAX as i64,
+    })?;
+    let f = backend.function("bias_update", "update_expert_bias")?;
+    let mut b = backend.stream().launch_builder(&f);
+    b.arg(bias).arg(counts).arg(&e).arg(&rate);
+    // SAFETY: matches `update_expert_bias(float* bias, const long long* counts, int
+    // num_experts, float rate)`; both buffers hold num_experts elements.
+    unsafe {
+        b.launch(LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }?;
+    Ok(())
+}

@@ -1,0 +1,870 @@
+//! Auxiliary load-balance loss (Switch/GShard, sequence-level) and router z-loss on
+//! the GPU (`cuda/losses.cu`), with the validation of [`crate::ops::aux_loss`] and
+//! [`crate::ops::z_loss`].
+//!
+//! Forward: one pass over the logits computes the aux scores' per-expert sums, the
+//! plain top-k counts and (optionally, fused) `Σ lse²` for the z-loss, as f64
+//! partials per chunk of tokens in a caller-provided workspace; two tiny kernels
+//! then add the partials in a fixed order. No float atomics: the same input gives
+//! bitwise the same output. Results match [`crate::cpu::aux_loss`] /
+//! [`crate::cpu::z_loss`]: counts exactly (up to near-ties of the aux scores, which
+//! the GPU's `expf` may round differently), losses and sums within rounding.
+//!
+//! Backward: elementwise per token, one warp per token for `num_experts <= 256`,
+//! one 256-thread block for `num_experts <= 2048` (the CUDA limit of these kernels).
+//!
+//! Everything stays on the device: the losses, counts and token totals are written
+//! to device buffers, and the backward reads the forward's `total_tokens` /
+//! `valid_tokens` and `grad_loss` from device memory, so nothing synchronises with
+//! the host. What cannot be checked without reading device memory is not checked:
+//! caller counts `< 0` are used as they are, and a `total_tokens` of 0 (or below)
+//! gives a zero gradient rather than an error. No kernel reads or writes out of
+//! bounds for any values.
+
+use super::{CudaBackend, CudaStream, CudaView, CudaViewMut};
+use crate::error::{Error, Result};
+use crate::ops::aux_loss::{check_logits, check_seq_len};
+use crate::ops::{check_finite, check_len, AuxLossConfig, ScoreFunction};
+use crate::RouterFloat;
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+const MODULE: &str = "losses";
+const AUX_OP: &str = "aux_loss";
+const SEQ_OP: &str = "seq_aux_loss";
+const Z_OP: &str = "z_loss";
+
+/// Largest `num_experts` the loss kernels take.
+pub const LOSSES_CUDA_MAX_EXPERTS: usize = 2048;
+const WARP_MAX_EXPERTS: usize = 256;
+const WARP_GROUPS_PER_BLOCK: u32 = 4;
+/// Workspace rows (chunks of tokens) the forward aims for: enough blocks to fill a
+/// GPU, few enough that the reduction over rows stays cheap.
+const TARGET_ROWS: usize = 2048;
+
+/// Kernel parameters; must match `struct LossParams` in `cuda/losses.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LossParams {
+    total_override: f64,
+    aux_coeff: f32,
+    z_coeff: f32,
+    num_tokens: i32,
+    num_experts: i32,
+    seq_len: i32,
+    num_segments: i32,
+    chunk: i32,
+    chunks_per_seg: i32,
+    topk: i32,
+    count_topk: i32,
+    sigmoid: i32,
+    want_aux: i32,
+    want_z: i32,
+    has_mask: i32,
+    seq_mode: i32,
+}
+
+// SAFETY: `#[repr(C)]`, `Copy`, plain numbers; the same layout as the C struct the
+// kernels take by value.
+unsafe impl DeviceRepr for LossParams {}
+
+/// How the tokens are cut: segments of `seq_len`, each in chunks of `chunk` tokens.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    segments: usize,
+    seq_len: usize,
+    chunk: usize,
+    chunks_per_seg: usize,
+}
+
+impl Plan {
+    /// `seq_len = None`: the global loss (one segment, also when `num_tokens == 0`).
+    fn new(num_tokens: usize, seq_len: Option<usize>) -> Plan {
+        let (segments, s) = match seq_len {
+            None => (1, num_tokens),
+            Some(s) if num_tokens == 0 || s == 0 => (0, s),
+            Some(s) => (num_tokens / s, s),
+        };
+        let chunk = num_tokens.div_ceil(TARGET_ROWS).clamp(16, 256);
+        let chunks_per_seg = if segments == 0 {
+            0
+        } else {
+            s.div_ceil(chunk).max(1)
+        };
+        Plan {
+            segments,
+            seq_len: s,
+            chunk,
+            chunks_per_seg,
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.segments * self.chunks_per_seg
+    }
+
+    fn workspace_len(&self, num_experts: usize) -> usize {
+        self.rows() * (2 * num_experts + 2) + 3 * self.segments
+    }
+}
+
+/// f64 elements of the forward workspace for `num_tokens` tokens and
+/// `num_experts` experts, for the global losses (`seq_len = None`) or the
+/// sequence-level loss.
+pub fn losses_workspace_len(
+    num_tokens: usize,
+    num_experts: usize,
+    seq_len: Option<usize>,
+) -> usize {
+    Plan::new(num_tokens, seq_len).workspace_len(num_experts)
+}
+
+/// f32 elements of the aux-loss backward workspace: `[segments, num_experts]`
+/// (`segments = 1` for the global loss, `num_tokens / seq_len` sequence-level).
+pub fn aux_loss_backward_workspace_len(
+    num_tokens: usize,
+    num_experts: usize,
+    seq_len: Option<usize>,
+) -> usize {
+    Plan::new(num_tokens, seq_len).segments * num_experts
+}
+
+fn check_experts(op: &'static str, num_experts: usize) -> Result<()> {
+    if num_experts > LOSSES_CUDA_MAX_EXPERTS {
+        return Err(Error::Unsupported {
+            op,
+            what: format!("the CUDA kernels take num_experts <= {LOSSES_CUDA_MAX_EXPERTS}, got num_experts = {num_experts}; use the CPU backend"),
+        });
+    }
+    Ok(())
+}
+
+fn check_i32(op: &'static str, what: &'static str, value: usize) -> Result<i32> {
+    i32::try_from(value).map_err(|_| Error::Overflow {
+        op,
+        what,
+        value: value as u128,
+        max: i32::MAX as i64,
+    })
+}
+
+fn check_mask(
+    op: &'static str,
+    mask: Option<&CudaView<'_, bool>>,
+    num_tokens: usize,
+) -> Result<()> {
+    if let Some(m) = mask {
+        check_len(
+            op,
+            "padding_mask",
+            m.len(),
+            num_tokens,
+            format_args!("[num_tokens] = [{num_tokens}]"),
+        )?;
+    }
+    Ok(())
+}
+
+/// The z-loss's own checks (those of `crate::ops::z_loss`), on lengths.
+fn validate_z(
+    op: &'static str,
+    logits_len: usize,
+    num_tokens: usize,
+    num_experts: usize,
+    coeff: f32,
+) -> Result<()> {
+    if num_experts == 0 {
+        return Err(Error::invalid(
+            op,
+            "num_experts",
+            0,
+            "there must be at least 1 expert",
+        ));
+    }
+    check_finite(
+        op,
+        "coeff",
+        coeff as f64,
+        "the loss coefficient must be finite",
+    )?;
+    check_logits(op, "logits", logits_len, num_tokens, num_experts)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn params(
+    op: &'static str,
+    plan: &Plan,
+    num_tokens: usize,
+    num_experts: usize,
+    aux: Option<&AuxLossConfig>,
+    count_topk: bool,
+    z_coeff: Option<f32>,
+    has_mask: bool,
+    seq_mode: bool,
+    total_override: Option<usize>,
+) -> Result<LossParams> {
+    check_experts(op, num_experts)?;
+    let num_tokens_i = check_i32(op, "num_tokens", num_tokens)?;
+    check_i32(
+        op,
+        "num_tokens * num_experts",
+        num_tokens.saturating_mul(num_experts),
+    )?;
+    Ok(LossParams {
+        total_override: total_override.map_or(0.0, |t| t as f64),
+        aux_coeff: aux.map_or(0.0, |c| c.coeff),
+        z_coeff: z_coeff.unwrap_or(0.0),
+        num_tokens: num_tokens_i,
+        num_experts: num_experts as i32,
+        seq_len: plan.seq_len as i32,
+        num_segments: plan.segments as i32,
+        chunk: plan.chunk as i32,
+        chunks_per_seg: plan.chunks_per_seg as i32,
+        topk: aux.map_or(0, |c| c.topk as i32),
+        count_topk: i32::from(count_topk),
+        sigmoid: i32::from(aux.is_some_and(|c| c.score_function == ScoreFunction::Sigmoid)),
+        want_aux: i32::from(aux.is_some()),
+        want_z: i32::from(z_coeff.is_some()),
+        has_mask: i32::from(has_mask),
+        seq_mode: i32::from(seq_mode),
+    })
+}
+
+/// Output buffers of the z-loss (its own forward, or fused into the aux loss's).
+#[derive(Debug)]
+pub struct ZLossCudaBuffers<'a> {
+    /// `[1]`: `coeff · mean_t lse_t²` over the valid tokens (0 if none).
+    pub loss: CudaViewMut<'a, f32>,
+    /// `[1]`: number of valid (non-padding) tokens; the backward's `valid_tokens`.
+    pub valid_tokens: CudaViewMut<'a, i64>,
+}
+
+/// Output buffers of the aux-loss forward (`segments = 1` for the global loss,
+/// `num_tokens / seq_len` for the sequence-level loss).
+#[derive(Debug)]
+pub struct AuxLossCudaBuffers<'a> {
+    /// `[1]`: the loss.
+    pub loss: CudaViewMut<'a, f32>,
+    /// `[segments, num_experts]`: the plain top-k counts, or a copy of the caller's.
+    pub counts: CudaViewMut<'a, i64>,
+    /// `[segments, num_experts]`: `Σ_t P[t, e]` over valid tokens.
+    pub scores_sum: CudaViewMut<'a, f32>,
+    /// `[segments]`: `T_total` of each segment (global: the caller's `total_tokens`
+    /// or the valid tokens; sequence-level: the sequence's valid tokens). The
+    /// backward takes it as is.
+    pub total_tokens: CudaViewMut<'a, i64>,
+    /// `[losses_workspace_len(..)]` f64 scratch (contents on entry do not matter).
+    pub workspace: CudaViewMut<'a, f64>,
+    /// Also compute the z-loss in the same pass (with `z_loss_coeff`).
+    pub z_loss: Option<ZLossCudaBuffers<'a>>,
+}
+
+fn kernel_shape(root: &str, num_experts: usize, groups: usize) -> (String, LaunchConfig) {
+    let g = groups as u32;
+    if num_experts <= WARP_MAX_EXPERTS {
+        (
+            root.to_string(),
+            LaunchConfig {
+                grid_dim: (g.div_ceil(WARP_GROUPS_PER_BLOCK), 1, 1),
+                block_dim: (32 * WARP_GROUPS_PER_BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        )
+    } else {
+        (
+            format!("{root}_large"),
+            LaunchConfig {
+                grid_dim: (g, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        )
+    }
+}
+
+fn one_block(threads: u32, blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The aux outputs of [`run_forward`]: loss, counts, scores_sum, total_tokens.
+type AuxOutRefs<'r, 'a> = (
+    &'r mut CudaViewMut<'a, f32>,
+    &'r mut CudaViewMut<'a, i64>,
+    &'r mut CudaViewMut<'a, f32>,
+    &'r mut CudaViewMut<'a, i64>,
+);
+
+/// The three launches of the forward. Buffers already checked.
+#[allow(clippy::too_many_arguments)]
+fn run_forward<T: RouterFloat + DeviceRepr>(
+    backend: &CudaBackend,
+    p: &LossParams,
+    plan: &Plan,
+    logits: &CudaView<'_, T>,
+    mask: Option<&CudaView<'_, bool>>,
+    counts_in: Option<&CudaView<'_, i64>>,
+    mut aux: Option<AuxOutRefs<'_, '_>>,
+    mut z: Option<&mut ZLossCudaBuffers<'_>>,
+    workspace: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
+    let stream: &CudaStream = backend.stream();
+    let null: u64 = 0;
+    let e = p.num_experts as usize;
+    if plan.rows() > 0 {
+        let (root, lc) = kernel_shape("losses_fwd", e, plan.rows());
+        let f = backend.function(MODULE, &crate::kernel_name::<T>(&root))?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(logits);
+        match mask {
+            Some(m) => b.arg(m),
+            None => b.arg(&null),
+        };
+        b.arg(p).arg(&mut *workspace);
+        // SAFETY: matches `losses_fwd*_{dtype}(const T* logits, const unsigned char*
+        // mask, LossParams, double* ws)`; logits hold num_tokens * num_experts
+        // elements, the mask num_tokens (or is null and unread: has_mask = 0), the
+        // workspace losses_workspace_len(..) elements (checked by the callers).
+        unsafe { b.launch(lc) }?;
+        let f = backend.function(MODULE, "losses_reduce")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(p);
+        match counts_in {
+            Some(c) => b.arg(c),
+            None => b.arg(&null),
+        };
+        b.arg(&mut *workspace);
+        match &mut aux {
+            Some((_, counts, scores, total)) => {
+                b.arg(&mut **scores).arg(&mut **counts).arg(&mut **total);
+            }
+            None => {
+                b.arg(&null).arg(&null).arg(&null);
+            }
+        }
+        // SAFETY: matches `losses_reduce(LossParams, const long long* counts_in,
+        // double* ws, float* scores_sum, long long* counts_out, long long*
+        // total_tokens)`; the aux outputs hold [segments, E] / [segments] elements
+        // and are only touched when want_aux = 1 (then they are non-null); counts_in
+        // is read only when count_topk = 0 (then it holds [segments, E]).
+        unsafe { b.launch(one_block(256, plan.segments)) }?;
+    }
+    let f = backend.function(MODULE, "losses_finalize")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(p).arg(&mut *workspace);
+    match &mut aux {
+        Some((loss, ..)) => b.arg(&mut **loss),
+        None => b.arg(&null),
+    };
+    match &mut z {
+        Some(zb) => {
+            b.arg(&mut zb.loss).arg(&mut zb.valid_tokens);
+        }
+        None => {
+            b.arg(&null).arg(&null);
+        }
+    }
+    // SAFETY: matches `losses_finalize(LossParams, const double* ws, float* aux_loss,
+    // float* z_loss, long long* z_valid)`; it reads the segments area of the
+    // workspace (segments * 3 elements after the rows) and writes one element of
+    // each output it is asked for (non-null then).
+    unsafe { b.launch(one_block(32, 1)) }?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn aux_forward<T: RouterFloat + DeviceRepr>(
+    op: &'static str,
+    backend: &CudaBackend,
+    logits: &CudaView<'_, T>,
+    num_tokens: usize,
+    num_experts: usize,
+    seq_len: Option<usize>,
+    padding_mask: Option<&CudaView<'_, bool>>,
+    counts: Option<&CudaView<'_, i64>>,
+    total_tokens: Option<usize>,
+    cfg: &AuxLossConfig,
+    z_loss_coeff: Option<f32>,
+    mut out: AuxLossCudaBuffers<'_>,
+) -> Result<()> {
+    cfg.validate(op, num_experts)?;
+    if let Some(s) = seq_len {
+        check_seq_len(op, s, num_tokens)?;
+    }
+    check_logits(op, "logits", logits.len(), num_tokens, num_experts)?;
+    check_mask(op, padding_mask, num_tokens)?;
+    if let Some(c) = z_loss_coeff {
+        validate_z(Z_OP, logits.len(), num_tokens, num_experts, c)?;
+    }
+    if z_loss_coeff.is_some() != out.z_loss.is_some() {
+        return Err(Error::invalid(
+            Z_OP,
+            "z_loss_coeff",
+            format_args!(
+                "{z_loss_coeff:?} with out.z_loss {}",
+                if out.z_loss.is_some() {
+                    "given"
+                } else {
+                    "absent"
+                }
+            ),
+            "pass both z_loss_coeff and out.z_loss to fuse the z-loss, or neither",
+        ));
+    }
+    if total_tokens == Some(0) {
+        return Err(Error::invalid(
+            op,
+            "total_tokens",
+            0,
+            "total_tokens must be >= 1 (the number of tokens the counts cover)",
+        ));
+    }
+    let plan = Plan::new(num_tokens, seq_len);
+    let segs = plan.segments;
+    let seg_shape = if seq_len.is_some() {
+        format!("[batch, num_experts] = [{segs}, {num_experts}]")
+    } else {
+        format!("[num_experts] = [{num_experts}]")
+    };
+    if let Some(c) = counts {
+        check_len(op, "counts", c.len(), segs * num_experts, &seg_shape)?;
+    }
+    check_len(op, "loss", out.loss.len(), 1, "[1]")?;
+    check_len(
+        op,
+        "out.counts",
+        out.counts.len(),
+        segs * num_experts,
+        &seg_shape,
+    )?;
+    check_len(
+        op,
+        "scores_sum",
+        out.scores_sum.len(),
+        segs * num_experts,
+        &seg_shape,
+    )?;
+    check_len(
+        op,
+        "total_tokens",
+        out.total_tokens.len(),
+        segs,
+        format_args!("[segments] = [{segs}]"),
+    )?;
+    check_len(
+        op,
+        "workspace",
+        out.workspace.len(),
+        plan.workspace_len(num_experts),
+        "losses_workspace_len(num_tokens, num_experts, seq_len)",
+    )?;
+    if let Some(z) = &out.z_loss {
+        check_len(Z_OP, "loss", z.loss.len(), 1, "[1]")?;
+        check_len(Z_OP, "valid_tokens", z.valid_tokens.len(), 1, "[1]")?;
+    }
+    let p = params(
+        op,
+        &plan,
+        num_tokens,
+        num_experts,
+        Some(cfg),
+        counts.is_none(),
+        z_loss_coeff,
+        padding_mask.is_some(),
+        seq_len.is_some(),
+        total_tokens,
+    )?;
+    let AuxLossCudaBuffers {
+        loss,
+        counts: counts_out,
+        scores_sum,
+        total_tokens: total_out,
+        workspace,
+        z_loss,
+    } = &mut out;
+    run_forward(
+        backend,
+        &p,
+        &plan,
+        logits,
+        padding_mask,
+        counts,
+        Some((loss, counts_out, scores_sum, total_out)),
+        z_loss.as_mut(),
+        workspace,
+    )
+}
+
+/// Switch/GShard aux loss (see [`crate::ops::aux_loss`]) of `logits [num_tokens,
+/// num_experts]` on the GPU, optionally with the caller's `counts [num_experts]`
+/// and `total_tokens`, and optionally the z-loss fused into the same pass over the
+/// logits (`z_loss_coeff` with `out.z_loss`). Launches on `backend.stream()` without
+/// synchronising.
+///
+/// # Errors
+/// What [`crate::ops::aux_loss`] rejects (config, shapes, `total_tokens == Some(0)`),
+/// plus [`Error::Shape`] for an output or workspace of the wrong length,
+/// [`Error::Unsupported`] for `num_experts > 2048`, [`Error::Compile`] /
+/// [`Error::Driver`]. Negative caller counts are not detected (module docs).
+#[allow(clippy::too_many_arguments)]
+pub fn aux_loss_cuda<T: RouterFloat + DeviceRepr>(
+    backend: &CudaBackend,
+    logits: &CudaView<'_, T>,
+    num_tokens: usize,
+    num_experts: usize,
+    padding_mask: Option<&CudaView<'_, bool>>,
+    counts: Option<&CudaView<'_, i64>>,
+    total_tokens: Option<usize>,
+    cfg: &AuxLossConfig,
+    z_loss_coeff: Option<f32>,
+    out: AuxLossCudaBuffers<'_>,
+) -> Result<()> {
+    aux_forward(
+        AUX_OP,
+        backend,
+        logits,
+        num_tokens,
+        num_experts,
+        None,
+        padding_mask,
+        counts,
+        total_tokens,
+        cfg,
+        z_loss_coeff,
+        out,
+    )
+}
+
+/// Sequence-level aux loss (see [`crate::ops::seq_aux_loss`]) of `logits [batch *
+/// seq_len, num_experts]` on the GPU, optionally with the caller's `counts [batch,
+/// num_experts]`, optionally with the z-loss fused. `out.total_tokens` receives the
+/// valid tokens of each sequence.
+///
+/// # Errors
+/// As [`aux_loss_cuda`], plus `seq_len` not dividing `num_tokens`.
+#[allow(clippy::too_many_arguments)]
+pub fn seq_aux_loss_cuda<T: RouterFloat + DeviceRepr>(
+    backend: &CudaBackend,
+    logits: &CudaView<'_, T>,
+    num_tokens: usize,
+    num_experts: usize,
+    seq_len: usize,
+    padding_mask: Option<&CudaView<'_, bool>>,
+    counts: Option<&CudaView<'_, i64>>,
+    cfg: &AuxLossConfig,
+    z_loss_coeff: Option<f32>,
+    out: AuxLossCudaBuffers<'_>,
+) -> Result<()> {
+    aux_forward(
+        SEQ_OP,
+        backend,
+        logits,
+        num_tokens,
+        num_experts,
+        Some(seq_len),
+        padding_mask,
+        counts,
+        None,
+        cfg,
+        z_loss_coeff,
+        out,
+    )
+}
+
+/// Router z-loss (see [`crate::ops::z_loss`]) of `logits [num_tokens, num_experts]`
+/// on the GPU into `out.loss [1]` and `out.valid_tokens [1]`, with an f64 scratch
+/// `workspace [losses_workspace_len(num_tokens, num_experts, None)]`.
+///
+/// # Errors
+/// What [`crate::ops::z_loss`] rejects, plus output / workspace lengths,
+/// [`Error::Unsupported`] for `num_experts > 2048`, [`Error::Compile`] /
+/// [`Error::Driver`].
+#[allow(clippy::too_many_arguments)]
+pub fn z_loss_cuda<T: RouterFloat + DeviceRepr>(
+    backend: &CudaBackend,
+    logits: &CudaView<'_, T>,
+    num_tokens: usize,
+    num_experts: usize,
+    padding_mask: Option<&CudaView<'_, bool>>,
+    coeff: f32,
+    workspace: &mut CudaViewMut<'_, f64>,
+    mut out: ZLossCudaBuffers<'_>,
+) -> Result<()> {
+    validate_z(Z_OP, logits.len(), num_tokens, num_experts, coeff)?;
+    check_mask(Z_OP, padding_mask, num_tokens)?;
+    let plan = Plan::new(num_tokens, None);
+    check_len(Z_OP, "loss", out.loss.len(), 1, "[1]")?;
+    check_len(Z_OP, "valid_tokens", out.valid_tokens.len(), 1, "[1]")?;
+    check_len(
+        Z_OP,
+        "workspace",
+        workspace.len(),
+        plan.workspace_len(num_experts),
+        "losses_workspace_len(num_tokens, num_experts, None)",
+    )?;
+    let p = params(
+        Z_OP,
+        &plan,
+        num_tokens,
+        num_experts,
+        None,
+        false,
+        Some(coeff),
+        padding_mask.is_some(),
+        false,
+        None,
+    )?;
+    run_forward(
+        backend,
+        &p,
+        &plan,
+        logits,
+        padding_mask,
+        None,
+        None,
+        Some(&mut out),
+        workspace,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn aux_backward<T: RouterFloat + DeviceRepr>(
+    op: &'static str,
+    backend: &CudaBackend,
+    logits: &CudaView<'_, T>,
+    num_tokens: usize,
+    num_experts: usize,
+    seq_len: Option<usize>,
+    padding_mask: Option<&CudaView<'_, bool>>,
+    counts: &CudaView<'_, i64>,
+    total_tokens: &CudaView<'_, i64>,
+    cfg: &AuxLossConfig,
+    grad_loss: &CudaView<'_, f32>,
+    workspace: &mut CudaViewMut<'_, f32>,
+    grad_logits: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    cfg.validate(op, num_experts)?;
+    if let Some(s) = seq_len {
+        check_seq_len(op, s, num_tokens)?;
+    }
+    check_logits(op, "logits", logits.len(), num_tokens, num_experts)?;
+    check_mask(op, padding_mask, num_tokens)?;
+    let plan = Plan::new(num_tokens, seq_len);
+    let segs = plan.segments;
+    let seg_shape = if seq_len.is_some() {
+        format!("[batch, num_experts] = [{segs}, {num_experts}]")
+    } else {
+        format!("[num_experts] = [{num_experts}]")
+    };
+    check_len(op, "counts", counts.len(), segs * num_experts, &seg_shape)?;
+    check_len(
+        op,
+        "total_tokens",
+        total_tokens.len(),
+        segs,
+        format_args!("[segments] = [{segs}]"),
+    )?;
+    check_len(op, "grad_loss", grad_loss.len(), 1, "[1]")?;
+    check_len(
+        op,
+        "workspace",
+        workspace.len(),
+        segs * num_experts,
+        "aux_loss_backward_workspace_len(num_tokens, num_experts, seq_len)",
+    )?;
+    check_logits(
+        op,
+        "grad_logits",
+        grad_logits.len(),
+        num_tokens,
+        num_experts,
+    )?;
+    let p = params(
+        op,
+        &plan,
+        num_tokens,
+        num_experts,
+        Some(cfg),
+        false,
+        None,
+        padding_mask.is_some(),
+        seq_len.is_some(),
+        None,
+    )?;
+    if num_tokens == 0 || segs == 0 {
+        return Ok(());
+    }
+    let stream = backend.stream();
+    let f = backend.function(MODULE, "aux_loss_bwd_prep")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&p)
+        .arg(counts)
+        .arg(total_tokens)
+        .arg(grad_loss)
+        .arg(&mut *workspace);
+    // SAFETY: matches `aux_loss_bwd_prep(LossParams, const long long* counts, const
+    // long long* total_tokens, const float* grad_loss, float* g)`; counts and g hold
+    // [segments, E], total_tokens [segments], grad_loss 1 element (checked above).
+    unsafe { b.launch(one_block(256, segs)) }?;
+    let (root, lc) = kernel_shape("aux_loss_bwd", num_experts, num_tokens);
+    let f = backend.function(MODULE, &crate::kernel_name::<T>(&root))?;
+    let null: u64 = 0;
+    let mut b = stream.launch_builder(&f);
+    b.arg(logits);
+    match padding_mask {
+        Some(m) => b.arg(m),
+        None => b.arg(&null),
+    };
+    b.arg(&mut *workspace).arg(&p).arg(grad_logits);
+    // SAFETY: matches `aux_loss_bwd*_{dtype}(const T* logits, const unsigned char*
+    // mask, const float* g, LossParams, T* grad)`; logits and grad hold
+    // num_tokens * E elements, the mask num_tokens (or null, unread), g [segments, E];
+    // token t reads row t / seq_len < segments.
+    unsafe { b.launch(lc) }?;
+    Ok(())
+}
+
+/// Backward of the Switch/GShard aux loss on the GPU: `grad_logits [num_tokens,
+/// num_experts]` (every element written; padding tokens 0) for the gradient
+/// `grad_loss [1]` of the loss, given the forward's `counts [num_experts]` and
+/// `total_tokens [1]` (device buffers, read by the kernels), with an f32 scratch
+/// `workspace [aux_loss_backward_workspace_len(..)]`.
+///
+/// # Errors
+/// As [`crate::ops::aux_loss_backward_into`] for config and shapes, plus buffer
+/// lengths, [`Error::Unsupported`] for `num_experts > 2048`, [`Error::Compile`] /
+/// [`Error::Driver`]. A `total_tokens` of 0 gives a zero gradient (module docs).
+#[allow(clippy::too_many_arguments)]
+pub fn aux_loss_backward_cuda<T: RouterFloat + DeviceRepr>(
+    backend: &CudaBackend,
+    logits: &CudaView<'_, T>,
+    num_tokens: usize,
+    num_experts: usize,
+    padding_mask: Option<&CudaView<'_, bool>>,
+    counts: &CudaView<'_, i64>,
+    total_tokens: &CudaView<'_, i64>,
+    cfg: &AuxLossConfig,
+    grad_loss: &CudaView<'_, f32>,
+    workspace: &mut CudaViewMut<'_, f32>,
+    grad_logits: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    aux_backward(
+        AUX_OP,
+        backend,
+        logits,
+        num_tokens,
+        num_experts,
+        None,
+        padding_mask,
+        counts,
+        total_tokens,
+        cfg,
+        grad_loss,
+        workspace,
+        grad_logits,
+    )
+}
+
+/// Backward of the sequence-level aux loss on the GPU, given the forward's `counts
+/// [batch, num_experts]` and per-sequence `valid_tokens [batch]` (its
+/// `total_tokens` output).
+///
+/// # Errors
+/// As [`aux_loss_backward_cuda`], plus `seq_len` not dividing `num_tokens`.
+#[allow(clippy::too_many_arguments)]
+pub fn seq_aux_loss_backward_cuda<T: RouterFloat + DeviceRepr>(
+    backend: &CudaBackend,
+    logits: &CudaView<'_, T>,
+    num_tokens: usize,
+    num_experts: usize,
+    seq_len: usize,
+    padding_mask: Option<&CudaView<'_, bool>>,
+    counts: &CudaView<'_, i64>,
+    valid_tokens: &CudaView<'_, i64>,
+    cfg: &AuxLossConfig,
+    grad_loss: &CudaView<'_, f32>,
+    workspace: &mut CudaViewMut<'_, f32>,
+    grad_logits: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    aux_backward(
+        SEQ_OP,
+        backend,
+        logits,
+        num_tokens,
+        num_experts,
+        Some(seq_len),
+        padding_mask,
+        counts,
+        valid_tokens,
+        cfg,
+        grad_loss,
+        workspace,
+        grad_logits,
+    )
+}
+
+/// Backward of the z-loss on the GPU: `grad_logits [num_tokens, num_experts]`
+/// (every element written; padding tokens 0) for `grad_loss [1]`, given the
+/// forward's `valid_tokens [1]` (device buffers).
+///
+/// # Errors
+/// As [`crate::ops::z_loss_backward_into`] for config and shapes, plus buffer
+/// lengths, [`Error::Unsupported`] for `num_experts > 2048`, [`Error::Compile`] /
+/// [`Error::Driver`].
+#[allow(clippy::too_many_arguments)]
+pub fn z_loss_backward_cuda<T: RouterFloat + DeviceRepr>(
+    backend: &CudaBackend,
+    logits: &CudaView<'_, T>,
+    num_tokens: usize,
+    num_experts: usize,
+    padding_mask: Option<&CudaView<'_, bool>>,
+    valid_tokens: &CudaView<'_, i64>,
+    coeff: f32,
+    grad_loss: &CudaView<'_, f32>,
+    grad_logits: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    validate_z(Z_OP, logits.len(), num_tokens, num_experts, coeff)?;
+    check_mask(Z_OP, padding_mask, num_tokens)?;
+    check_len(Z_OP, "valid_tokens", valid_tokens.len(), 1, "[1]")?;
+    check_len(Z_OP, "grad_loss", grad_loss.len(), 1, "[1]")?;
+    check_logits(
+        Z_OP,
+        "grad_logits",
+        grad_logits.len(),
+        num_tokens,
+        num_experts,
+    )?;
+    let plan = Plan::new(num_tokens, None);
+    let p = params(
+        Z_OP,
+        &plan,
+        num_tokens,
+        num_experts,
+        None,
+        false,
+        Some(coeff),
+        padding_mask.is_some(),
+        false,
+        None,
+    )?;
+    if num_tokens == 0 {
+        return Ok(());
+    }
+    let (root, lc) = kernel_shape("z_loss_bwd", num_experts, num_tokens);
+    let f = backend.function(MODULE, &crate::kernel_name::<T>(&root))?;
+    let null: u64 = 0;
+    let mut b = backend.stream().launch_builder(&f);
+    b.arg(logits);
+    match padding_mask {
+        Some(m) => b.arg(m),
+        None => b.arg(&null),
+    };
+    b.arg(grad_loss).arg(valid_tokens).arg(&p).arg(grad_logits);
+    // SAFETY: matches `z_loss_bwd*_{dtype}(const T* logits, const unsigned char* mask,
+    // const float* grad_loss, const long long* valid, LossParams, T* grad)`; lengths
+    // checked above.
+    unsafe { b.launch(lc) }?;
+    Ok(())
+}

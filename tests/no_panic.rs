@@ -1,0 +1,171 @@
+//! Panic hunt: every public op, fed arbitrary sizes, lengths that may not match,
+//! arbitrary options and arbitrary values (NaN, ±Inf, out-of-range indices), must
+//! return `Ok` or `Err` — never panic. proptest reports any panic as a failure.
+//! Whenever a call succeeds, its index outputs must be in range.
+
+mod common;
+
+use common::Rng;
+use moe_router::*;
+use proptest::prelude::*;
+
+/// A length that is usually right and sometimes off by a little.
+fn len(rng: &mut Rng, n: usize) -> usize {
+    match rng.below(8) {
+        0 => n + 1,
+        1 => n.saturating_sub(1),
+        _ => n,
+    }
+}
+
+fn floats(rng: &mut Rng, n: usize) -> Vec<f32> {
+    let pool = [
+        0.0f32,
+        -0.0,
+        1.0,
+        -1.0,
+        0.5,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e30,
+        -1e30,
+        100.0,
+        1e-30,
+    ];
+    (0..n)
+        .map(|_| {
+            if rng.below(3) == 0 {
+                pool[rng.below(pool.len())]
+            } else {
+                rng.range(-4.0, 4.0) as f32
+            }
+        })
+        .collect()
+}
+
+fn ints(rng: &mut Rng, n: usize, hi: usize) -> Vec<i32> {
+    (0..n)
+        .map(|_| match rng.below(10) {
+            0 => -1,
+            1 => hi as i32,
+            2 => i32::MIN,
+            _ => rng.below(hi.max(1)) as i32,
+        })
+        .collect()
+}
+
+/// `floats` of a usually-right length.
+fn fl(rng: &mut Rng, n: usize) -> Vec<f32> {
+    let m = len(rng, n);
+    floats(rng, m)
+}
+
+/// `ints` of a usually-right length.
+fn il(rng: &mut Rng, n: usize, hi: usize) -> Vec<i32> {
+    let m = len(rng, n);
+    ints(rng, m, hi)
+}
+
+fn small(rng: &mut Rng, hi: usize) -> usize {
+    rng.below(hi + 1)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn gating_never_panics(seed in any::<u64>()) {
+        let mut r = Rng::new(seed);
+        let (t, e, k) = (small(&mut r, 20), small(&mut r, 40), small(&mut r, 12));
+        let z = fl(&mut r, t * e);
+        let mut cfg = TopkGatingConfig::new(k)
+            .score_function(if r.below(2) == 0 { ScoreFunction::Softmax } else { ScoreFunction::Sigmoid })
+            .pre_softmax(r.below(2) == 0)
+            .normalize(r.below(2) == 0)
+            .scaling_factor(floats(&mut r, 1)[0]);
+        if r.below(2) == 0 { cfg = cfg.group_limit(small(&mut r, 8), small(&mut r, 8)); }
+        if r.below(3) == 0 { cfg = cfg.noise(floats(&mut r, 1)[0], seed, 1); }
+        if r.below(3) == 0 { cfg = cfg.expert_masking(r.range(-0.2, 1.2) as f32, seed, 2); }
+        let bias = (r.below(2) == 0).then(|| fl(&mut r, e));
+        let mut w = vec![0f32; len(&mut r, t * k)];
+        let mut i = vec![0i32; len(&mut r, t * k)];
+        if topk_gating_into(&z, t, e, bias.as_deref(), &cfg, &mut w, &mut i).is_ok() {
+            prop_assert!(i.iter().all(|&x| x >= 0 && (x as usize) < e));
+        }
+        let idx = il(&mut r, t * k, e);
+        let _ = topk_gating_replay_into(&z, t, e, &idx, &cfg, &mut w);
+        let gw = fl(&mut r, t * k);
+        let mut gz = vec![0f32; len(&mut r, t * e)];
+        let _ = topk_gating_backward_into(&z, t, e, &idx, &gw, &cfg, &mut gz);
+    }
+
+    #[test]
+    fn losses_and_stats_never_panic(seed in any::<u64>()) {
+        let mut r = Rng::new(seed);
+        let (t, e, k) = (small(&mut r, 24), small(&mut r, 20), small(&mut r, 8));
+        let z = fl(&mut r, t * e);
+        let mask: Option<Vec<bool>> = (r.below(2) == 0).then(|| (0..len(&mut r, t)).map(|_| r.below(3) == 0).collect());
+        let counts: Option<Vec<i64>> = (r.below(3) == 0).then(|| (0..len(&mut r, e)).map(|_| r.below(50) as i64 - 2).collect());
+        let cfg = AuxLossConfig::new(k).coeff(floats(&mut r, 1)[0])
+            .score_function(if r.below(2) == 0 { ScoreFunction::Softmax } else { ScoreFunction::Sigmoid });
+        let total = (r.below(3) == 0).then(|| small(&mut r, 40));
+        let mut gz = vec![0f32; len(&mut r, t * e)];
+        if let Ok(a) = aux_loss(&z, t, e, mask.as_deref(), counts.as_deref(), total, &cfg) {
+            let _ = aux_loss_backward_into(&z, t, e, mask.as_deref(), &a.counts, a.total_tokens, &cfg, 1.0, &mut gz);
+        }
+        let _ = aux_loss_backward_into(&z, t, e, mask.as_deref(), counts.as_deref().unwrap_or(&[]), small(&mut r, 5), &cfg, 1.0, &mut gz);
+        let s = small(&mut r, 6);
+        if let Ok(a) = seq_aux_loss(&z, t, e, s, mask.as_deref(), None, &cfg) {
+            let _ = seq_aux_loss_backward_into(&z, t, e, s, mask.as_deref(), &a.counts, &cfg, 1.0, &mut gz);
+        }
+        let coeff = floats(&mut r, 1)[0];
+        let _ = z_loss(&z, t, e, mask.as_deref(), coeff);
+        let _ = z_loss_backward_into(&z, t, e, mask.as_deref(), coeff, 1.0, &mut gz);
+        let idx = il(&mut r, t * k, e);
+        let slots = (r.below(2) == 0).then(|| il(&mut r, t * k, 5));
+        let _ = router_stats(&z, t, e, &idx, k, slots.as_deref(), mask.as_deref(), &RouterStatsConfig::new().strict(r.below(2) == 0));
+        let mut bias = fl(&mut r, e);
+        let c: Vec<i64> = (0..len(&mut r, e)).map(|_| r.below(100) as i64 - 3).collect();
+        let _ = update_expert_bias(&mut bias, &c, floats(&mut r, 1)[0]);
+    }
+
+    #[test]
+    fn dropout_never_panics(seed in any::<u64>()) {
+        let mut r = Rng::new(seed);
+        let (t, e, k) = (small(&mut r, 24), small(&mut r, 20), small(&mut r, 8));
+        let cfg = DropoutConfig::new(floats(&mut r, 1)[0].clamp(-0.5, 1.5), seed, 3);
+        let mut m = vec![false; len(&mut r, t * e)];
+        let _ = expert_mask_into(t, e, k, &cfg, &mut m);
+        let idx = il(&mut r, t * k, e);
+        let w = fl(&mut r, t * k);
+        let (mut oi, mut ow, mut keep) = (vec![0i32; len(&mut r, t * k)], vec![0f32; len(&mut r, t * k)], vec![false; len(&mut r, t * k)]);
+        let renorm = r.below(2) == 0;
+        let out = AssignmentDropoutBuffers { indices: &mut oi, weights: &mut ow, keep: &mut keep };
+        let _ = assignment_dropout_into(&idx, &w, t, k, e, &cfg, renorm, out);
+        let g = fl(&mut r, t * k);
+        let mut gw = vec![0f32; len(&mut r, t * k)];
+        let _ = assignment_dropout_backward_into(&idx, &w, &keep, t, k, renorm, &g, &mut gw);
+    }
+
+    #[test]
+    fn permute_never_panics(seed in any::<u64>()) {
+        let mut r = Rng::new(seed);
+        let (t, h, k, rows) = (small(&mut r, 16), small(&mut r, 9), small(&mut r, 4), small(&mut r, 40));
+        let x = fl(&mut r, t * h);
+        let r2t = ints(&mut r, rows, t);
+        let mut buf = vec![0f32; len(&mut r, rows * h)];
+        let _ = permute_into(&x, t, h, &r2t, &mut buf);
+        let row = il(&mut r, t * k, rows);
+        let w = fl(&mut r, t * k);
+        let y = fl(&mut r, rows * h);
+        let mut gx = vec![0f32; len(&mut r, t * h)];
+        let _ = permute_backward_into(&y, rows, h, &row, t, k, &mut gx);
+        let mut out = vec![0f32; len(&mut r, t * h)];
+        let _ = unpermute_into(&y, rows, h, &row, &w, t, k, &mut out);
+        let go = fl(&mut r, t * h);
+        let mut gy = vec![0f32; len(&mut r, rows * h)];
+        let mut gwt = vec![0f32; len(&mut r, t * k)];
+        let _ = unpermute_backward_into(&go, &y, rows, h, &row, &w, t, k, &mut gy, &mut gwt);
+    }
+}
