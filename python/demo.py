@@ -117,10 +117,9 @@ def train(name: str, balanced: bool, args, device) -> dict:
     hist = {k: [] for k in ("step", "loss", "aux", "z", "maxvio", "dropped_frac", "load")}
     tokens_k = args.batch * args.topk
     bar = None
-    if tqdm is not None and not args.quiet:
-        # redraw often on a terminal, rarely when piped to a file or a CI log
-        tty = sys.stdout.isatty()
-        bar = tqdm(range(args.steps), desc=f"{name:>8}", ncols=100, file=sys.stdout, mininterval=0.1 if tty else 10.0)
+    if tqdm is not None and not args.quiet and sys.stdout.isatty():
+        # a progress bar on a terminal; plain log lines when piped to a file or a CI log
+        bar = tqdm(range(args.steps), desc=f"{name:>8}", ncols=100, file=sys.stdout)
     it = bar if bar is not None else range(args.steps)
     t0 = time.perf_counter()
     for step in it:
