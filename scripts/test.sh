@@ -25,7 +25,12 @@ SP=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 NVLIB="$SP/nvidia/cu13/lib"
 if [ -d "$NVLIB" ]; then
   export LD_LIBRARY_PATH="$NVLIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export MOE_ROUTER_NVRTC_INCLUDE="$SP/nvidia/cu13/include"
+  # ptxas (same CUDA 13.0 as NVRTC) lets the compile test report registers and spills.
+  if [ ! -x "$SP/nvidia/cu13/bin/ptxas" ]; then
+    $PY -m pip install -q --disable-pip-version-check "nvidia-cuda-nvcc==13.0.88" \
+      || echo "note: nvidia-cuda-nvcc not installable; registers/spills will not be reported"
+  fi
+  [ -x "$SP/nvidia/cu13/bin/ptxas" ] && export PATH="$SP/nvidia/cu13/bin:$PATH"
 else
   echo "note: $NVLIB not found; the NVRTC compile test will report SKIPPED"
 fi
