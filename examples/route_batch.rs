@@ -92,15 +92,11 @@ fn main() -> Result<()> {
     );
     println!("expert  selected  kept  dropped");
     let kept = stats.kept_counts.clone().unwrap_or_default();
-    for x in 0..e {
-        let sel = stats.selected_counts[x];
-        let bar = "#".repeat((sel as usize * 40 / (t * k / e).max(1) / 4).min(60));
+    let typical = (t * k / e).max(1) as i64;
+    for (x, (&sel, &kept)) in stats.selected_counts.iter().zip(&kept).enumerate() {
+        let bar = "#".repeat((sel * 20 / typical).min(60) as usize);
         if x < 12 || x + 4 >= e {
-            println!(
-                "{x:>6}  {sel:>8}  {:>4}  {:>7}  {bar}",
-                kept[x],
-                sel - kept[x]
-            );
+            println!("{x:>6}  {sel:>8}  {kept:>4}  {:>7}  {bar}", sel - kept);
         } else if x == 12 {
             println!("   ...");
         }
