@@ -231,6 +231,15 @@ fn gating(
     cfg: TopkGatingConfig,
     ptrs: TopkGatingRawPtrs,
 ) -> PyResult<()> {
+    // The config checks of the kernels, on the host: a bad option is a ValueError even
+    // without a device.
+    moe_router::cuda::topk_gating::GatingParams::new(
+        &cfg,
+        num_tokens,
+        num_experts,
+        pass == TopkGatingPass::Forward && ptrs.expert_bias != 0,
+    )
+    .map_err(to_py_err)?;
     run(py, op, move || {
         let be = backend(op, device)?;
         // SAFETY: `stream` is the caller's current torch stream on `device`, whose
@@ -767,6 +776,24 @@ fn losses_call(
     z_loss_coeff: Option<f32>,
     ptrs: LossesRawPtrs,
 ) -> PyResult<()> {
+    if matches!(pass, LossesPass::AuxForward | LossesPass::AuxBackward) {
+        // Host-side config check before any device access (the raw entry repeats it).
+        cfg.validate(
+            if seq_len.is_some() {
+                "seq_aux_loss"
+            } else {
+                "aux_loss"
+            },
+            num_experts,
+        )
+        .map_err(to_py_err)?;
+    }
+    if let Some(c) = z_loss_coeff.filter(|c| !c.is_finite()) {
+        return Err(value_error(
+            op,
+            format_args!("invalid `coeff` = {c}: it must be finite"),
+        ));
+    }
     run(py, op, move || {
         let be = backend(op, device)?;
         // SAFETY: as in `gating`: the caller's live torch stream on the device's primary
@@ -1311,6 +1338,7 @@ pub(crate) fn cuda_expert_mask(
         shape2("num_tokens", num_tokens, "num_experts", num_experts),
     )?;
     check_bufs(OP, &[masked.span()])?;
+    cfg.validate(OP, "rate").map_err(to_py_err)?;
     let addr = masked.addr();
     run(py, OP, move || {
         let be = backend(OP, device)?;
@@ -1344,6 +1372,9 @@ fn dropout_call(
     renormalize: bool,
     ptrs: AssignmentDropoutRawPtrs,
 ) -> PyResult<()> {
+    if !backward {
+        cfg.validate(op, "rate").map_err(to_py_err)?;
+    }
     run(py, op, move || {
         let be = backend(op, device)?;
         // SAFETY: as in `gating`; every address the pass uses was checked above.
