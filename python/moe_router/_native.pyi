@@ -7,6 +7,15 @@ buffers are int32, counts int64 (dispatch and expert-choice counts int32), weigh
 float32, masks torch.bool (one byte per element). Sizes are checked against every
 ``numel``; a wrong call raises ``ValueError`` (``TypeError`` for an unknown dtype),
 never reads or writes out of bounds. The GIL is released while Rust runs.
+
+CUDA (``has_cuda()``: the ``cuda`` feature, on in the default build): the ``cuda_*``
+functions take the same ``(data_ptr, numel)`` pairs, here device addresses of contiguous
+CUDA tensors, plus ``device`` (the CUDA ordinal) and ``stream``
+(``torch.cuda.current_stream(device).cuda_stream``) first. They check every size, option
+and address (non-null, aligned, outputs disjoint) before touching a device (``ValueError``),
+then launch on that stream without synchronising; a missing driver / device / NVRTC is a
+``RuntimeError``. Scalar results (losses, counts) are written to 1-element device buffers.
+Workspaces are caller-allocated, sized by the ``*_workspace_len`` functions.
 """
 
 from typing import Optional, Tuple
@@ -15,6 +24,9 @@ Buf = Tuple[int, int]
 
 __version__: str
 CUDA: bool
+
+def has_cuda() -> bool:
+    """Whether the CUDA bindings (``cuda_*``) are compiled in; says nothing about a device."""
 
 def topk_gating(
     dtype: str, logits: Buf, num_tokens: int, num_experts: int, expert_bias: Optional[Buf], topk: int,
@@ -103,3 +115,93 @@ def router_stats(
     padding_mask: Optional[Buf], strict: bool, selected_counts_out: Buf, kept_counts_out: Optional[Buf],
 ) -> Tuple[int, int, float, float, float, float, int]:
     """Returns (num_tokens, dropped, max_violation, mean_entropy, mean_lse, max_lse, nonfinite_logits)."""
+
+# --- CUDA (feature `cuda`) -------------------------------------------------------------
+
+def cuda_device_count() -> int:
+    """CUDA devices the driver reports; 0 without libcuda (never raises)."""
+def losses_workspace_len(num_tokens: int, num_experts: int, seq_len: Optional[int] = None) -> int:
+    """f64 elements of the loss forward workspace (aux / z: ``seq_len=None``)."""
+def aux_loss_backward_workspace_len(num_tokens: int, num_experts: int, seq_len: Optional[int] = None) -> int:
+    """f32 elements of the aux-loss backward workspace."""
+def router_stats_workspace_len(num_tokens: int) -> int:
+    """f64 elements of the router-statistics workspace."""
+def unpermute_backward_workspace_len(num_rows: int) -> int:
+    """i32 elements of the unpermute-backward workspace."""
+def cuda_topk_gating(
+    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, expert_bias: Optional[Buf],
+    topk: int, score_function: str, pre_softmax: bool, normalize: bool, num_groups: Optional[int],
+    group_topk: Optional[int], scaling_factor: float, noise_std: float, expert_mask_rate: float, seed: int,
+    offset: int, weights: Buf, indices: Buf,
+) -> None: ...
+def cuda_topk_gating_replay(
+    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, indices: Buf, topk: int,
+    score_function: str, pre_softmax: bool, normalize: bool, scaling_factor: float, weights: Buf,
+) -> None: ...
+def cuda_topk_gating_backward(
+    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, indices: Buf, topk: int,
+    grad_weights: Buf, score_function: str, pre_softmax: bool, normalize: bool, scaling_factor: float,
+    grad_logits: Buf,
+) -> None: ...
+def cuda_permute(
+    device: int, stream: int, dtype: str, x: Buf, num_tokens: int, hidden: int, row_to_token: Buf, out: Buf
+) -> None: ...
+def cuda_permute_backward(
+    device: int, stream: int, dtype: str, grad_buf: Buf, num_rows: int, hidden: int, row: Buf, num_tokens: int,
+    topk: int, grad_x: Buf,
+) -> None: ...
+def cuda_unpermute(
+    device: int, stream: int, dtype: str, y: Buf, num_rows: int, hidden: int, row: Buf, weights: Buf,
+    num_tokens: int, topk: int, out: Buf,
+) -> None: ...
+def cuda_unpermute_backward(
+    device: int, stream: int, dtype: str, grad_out: Buf, y: Buf, num_rows: int, hidden: int, row: Buf, weights: Buf,
+    num_tokens: int, topk: int, grad_y: Buf, grad_weights: Buf, workspace: Buf,
+) -> None: ...
+def cuda_aux_loss(
+    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
+    padding_mask: Optional[Buf], counts: Optional[Buf], total_tokens: Optional[int], topk: int, score_function: str,
+    coeff: float, loss: Buf, counts_out: Buf, total_out: Buf, workspace: Buf,
+) -> None: ...
+def cuda_aux_loss_backward(
+    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
+    padding_mask: Optional[Buf], counts: Buf, total_tokens: Buf, topk: int, score_function: str, coeff: float,
+    grad_loss: Buf, workspace: Buf, grad_logits: Buf,
+) -> None: ...
+def cuda_seq_aux_loss(
+    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, seq_len: int,
+    padding_mask: Optional[Buf], topk: int, score_function: str, coeff: float, loss: Buf, counts_out: Buf,
+    valid_out: Buf, workspace: Buf,
+) -> None: ...
+def cuda_seq_aux_loss_backward(
+    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, seq_len: int,
+    padding_mask: Optional[Buf], counts: Buf, valid_tokens: Buf, topk: int, score_function: str, coeff: float,
+    grad_loss: Buf, workspace: Buf, grad_logits: Buf,
+) -> None: ...
+def cuda_z_loss(
+    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
+    padding_mask: Optional[Buf], coeff: float, loss: Buf, valid_tokens: Buf, workspace: Buf,
+) -> None: ...
+def cuda_z_loss_backward(
+    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
+    padding_mask: Optional[Buf], valid_tokens: Buf, coeff: float, grad_loss: Buf, grad_logits: Buf,
+) -> None: ...
+def cuda_expert_mask(
+    device: int, stream: int, num_tokens: int, num_experts: int, topk: int, rate: float, seed: int, offset: int,
+    masked: Buf,
+) -> None: ...
+def cuda_assignment_dropout(
+    device: int, stream: int, indices: Buf, weights: Buf, num_tokens: int, topk: int, num_experts: int, rate: float,
+    seed: int, offset: int, renormalize: bool, out_indices: Buf, out_weights: Buf, keep: Buf, dropped: Buf,
+) -> None: ...
+def cuda_assignment_dropout_backward(
+    device: int, stream: int, indices: Buf, weights: Buf, keep: Buf, num_tokens: int, topk: int, renormalize: bool,
+    grad_out: Buf, grad_weights: Buf,
+) -> None: ...
+def cuda_update_expert_bias(device: int, stream: int, bias: Buf, counts: Buf, rate: float) -> None: ...
+def cuda_router_stats(
+    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, indices: Buf, topk: int,
+    slots: Optional[Buf], padding_mask: Optional[Buf], selected_counts: Buf, kept_counts: Buf, scalars: Buf,
+    floats: Buf, workspace: Buf,
+) -> None:
+    """scalars = (valid tokens, dropped, non-finite logits, sum selected); no strict mode."""

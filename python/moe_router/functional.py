@@ -22,8 +22,17 @@ type or dtype raises ``TypeError``, a wrong shape, stride (non-contiguous tensor
 device mix or option value raises ``ValueError``; each message names the argument, the
 value and the fix. Errors that depend on tensor *values* (an expert index out of range
 or repeated within a token, strict-mode non-finite logits, ...) come from the native
-code, also as ``ValueError``. Tensors on CUDA raise ``RuntimeError``: the CUDA kernels
-are not built into this wheel yet, and nothing is copied between devices silently.
+code, also as ``ValueError``.
+
+CUDA
+----
+CUDA tensors run the CUDA kernels on ``torch.cuda.current_stream(device)`` without a host
+synchronisation; results (losses, counts, statistics) stay on the device. The argument
+checks are the same on both devices, but value checks that would need a sync are skipped:
+on CUDA, out-of-range indices are ignored by the kernels instead of raising (and negative
+counts are not rejected). ``dispatch`` and ``expert_choice`` have no CUDA kernel in this
+build yet and raise ``RuntimeError`` for CUDA tensors. Nothing is copied between devices
+silently.
 
 torch.compile
 -------------
@@ -340,6 +349,9 @@ def topk_gating_replay(
         indices: ``[T, k]`` int32 / int64, distinct experts in ``[0, E)`` per token.
         score_function, pre_softmax, normalize, scaling_factor: as in :func:`topk_gating`.
 
+    On CUDA, out-of-range or repeated indices are not checked (no sync): the kernels
+    ignore out-of-range ones (NaN weight, no gradient) instead of raising.
+
     Returns:
         ``weights`` ``[T, k]`` float32, differentiable w.r.t. ``logits``.
     """
@@ -620,6 +632,9 @@ def permute(x: Tensor, row_to_token: Tensor, row: Tensor) -> Tensor:
         row: ``[T, k]`` int32 / int64 row of each assignment (``-1`` = none); used by the
             backward, ``grad_x[t] = sum_j grad_buf[row[t, j]]``.
 
+    On CUDA, out-of-range indices are ignored by the kernels instead of raising (a token
+    index out of range gives a zero row, a row out of range a dropped assignment).
+
     Returns:
         ``buf`` ``[R, H]`` of ``x``'s dtype, differentiable w.r.t. ``x``.
     """
@@ -641,6 +656,9 @@ def unpermute(y: Tensor, row: Tensor, weights: Tensor) -> Tensor:
         y: ``[R, H]`` float32 / float16 / bfloat16 expert outputs (buffer rows).
         row: ``[T, k]`` int32 / int64 row of each assignment, ``-1`` = dropped.
         weights: ``[T, k]`` float32 combine weights (e.g. ``Dispatch.kept_weights``).
+
+    On CUDA, out-of-range indices are ignored by the kernels instead of raising (a row out of
+    range counts as a dropped assignment).
 
     Returns:
         ``out`` ``[T, H]`` of ``y``'s dtype, differentiable w.r.t. ``y`` and ``weights``.
@@ -838,7 +856,7 @@ def expert_mask(
     :func:`topk_gating` applies with ``expert_mask_rate``.
 
     Returns:
-        ``[num_tokens, num_experts]`` bool on ``device`` (CPU only for now).
+        ``[num_tokens, num_experts]`` bool on ``device`` (CPU or CUDA: the same bits).
     """
     op = "expert_mask"
     _int(op, "num_tokens", num_tokens, 0)
@@ -873,6 +891,9 @@ def assignment_dropout(
         weights: ``[T, k]`` float32.
         rate: drop probability in ``[0, 1)``.
         num_experts: ``E`` (indices must be in ``[0, E)``).
+
+    On CUDA, out-of-range indices are ignored by the kernels instead of raising (a
+    non-negative index counts as routed).
 
     Returns:
         ``(indices, weights)``: ``[T, k]`` int64 and ``[T, k]`` float32, the weights
@@ -909,6 +930,9 @@ def update_expert_bias(bias: Tensor, counts: Tensor, rate: float, *, group=None)
         bias: ``[E]`` float32, contiguous; updated in place (under ``torch.no_grad``).
         counts: ``[E]`` int32 / int64 assignments per expert (e.g. ``tokens_per_expert``).
         rate: update rate, finite and ``>= 0``.
+
+    On CUDA, negative counts are not rejected (that would need a sync); the kernel applies
+    the same formula to them.
 
     Returns:
         ``bias`` (the same tensor).
@@ -972,6 +996,10 @@ def router_stats(
             dropped) for the kept counts and the dropped count.
         padding_mask: optional ``[T]`` bool, ``True`` = padding (excluded).
         strict: raise ``ValueError`` if any logit is NaN or infinite.
+
+    On CUDA, out-of-range indices are ignored by the kernels instead of raising, and the
+    results stay on the device; ``strict=True`` reads the non-finite count on the host
+    (one sync).
 
     Returns:
         :class:`RouterStats`.

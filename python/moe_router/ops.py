@@ -18,7 +18,18 @@ argument first; call that, not these. Conventions of the ops themselves:
   ``dispatch`` returns ``row_to_token`` with :func:`dispatch_max_rows` entries
   (unused tail ``-1``) and the actual row count as a 0-d tensor;
 - a seed or offset is a ``uint64`` carried in a signed ``int`` (two's complement);
-- CUDA tensors raise ``RuntimeError``: the CUDA kernels are not built yet (no silent copy).
+- every tensor of a call must be on one device (``ValueError`` otherwise; nothing is ever
+  copied between devices). CPU tensors run the Rust reference; CUDA tensors run the CUDA
+  kernels (``moe_router._native.cuda_*``) on ``torch.cuda.current_stream(device)`` with
+  outputs and workspaces allocated by torch on that device and no host synchronisation:
+  results the CPU path returns as host-computed 0-d / small tensors (losses, counts, the
+  router statistics) stay on the device, with the same shapes and dtypes. Checks that
+  would need to read device values (index ranges, negative counts) are skipped on CUDA:
+  the kernels bounds-check every index instead, and ignore out-of-range ones. The two
+  exceptions, both documented where they apply: a CUDA ``total_tokens`` given to
+  ``aux_loss`` and ``strict=True`` in ``router_stats`` read one value on the host.
+  Ops without a CUDA kernel in this build (``dispatch``, ``expert_choice`` until
+  ``dispatch_raw`` / ``expert_choice_raw`` land) raise ``RuntimeError`` for CUDA tensors.
 """
 
 from __future__ import annotations
@@ -59,14 +70,50 @@ def _native_fn(op: str, name: str):
 # Buffer helpers. The op implementations run on concrete tensors only (never fake ones).
 
 
-def _cpu_only(op: str, **tensors: Optional[Tensor]) -> None:
+def _device(op: str, **tensors: Optional[Tensor]) -> torch.device:
+    """The one device of every tensor given (``ValueError`` if they are on several)."""
+    dev, first = None, None
     for name, t in tensors.items():
-        if t is not None and t.device.type != "cpu":
-            raise RuntimeError(
-                f"moe_router.{op}: CUDA kernels are not built in this wheel yet; move the tensors to CPU "
-                f"(`{name}` is on {t.device}: pass `{name}.cpu()`), or route on CPU and move the results back. "
-                "Tensors are never copied between devices silently."
+        if t is None:
+            continue
+        if dev is None:
+            dev, first = t.device, name
+        elif t.device != dev:
+            raise ValueError(
+                f"moe_router.{op}: `{name}` is on {t.device} but `{first}` is on {dev}; put all tensors on one "
+                f"device (`{name}.to({first}.device)`); tensors are never copied between devices silently"
             )
+    return torch.device("cpu") if dev is None else dev
+
+
+def _on_cuda(dev: torch.device) -> bool:
+    if dev.type == "cpu":
+        return False
+    if dev.type != "cuda":
+        raise RuntimeError(
+            f"moe_router: tensors on {dev} are not supported (CPU and CUDA only); tensors are never copied "
+            "between devices silently"
+        )
+    return True
+
+
+def _cuda(op: str, name: str, dev: torch.device):
+    """``(native cuda_<name>, device ordinal, current stream handle)`` for a CUDA call."""
+    fn = getattr(_native, f"cuda_{name}", None)
+    if fn is None:
+        _no_cuda_kernel(op, name)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return fn, index, torch.cuda.current_stream(index).cuda_stream
+
+
+def _no_cuda_kernel(op: str, name: str) -> None:
+    have = "the wheel was built without the `cuda` feature" if not _native.has_cuda() else (
+        f"the core crate has no `{name}_raw` CUDA entry yet"
+    )
+    raise RuntimeError(
+        f"moe_router.{op}: CUDA kernels are not built in this wheel for `{name}` ({have}); move the tensors to "
+        "CPU (`.cpu()`) and the results back. Tensors are never copied between devices silently."
+    )
 
 
 def _float_name(op: str, name: str, t: Tensor) -> str:
@@ -86,11 +133,15 @@ def _dense(op: str, name: str, t: Tensor, dtype: Optional[torch.dtype] = None) -
 
 
 def _i32(op: str, name: str, t: Tensor) -> Tensor:
-    """An int32 contiguous copy/view of an int32 or int64 index tensor (range-checked)."""
+    """An int32 contiguous copy/view of an int32 or int64 index tensor: range-checked on
+    CPU; on CUDA (no host read) clamped to the int32 range, which keeps an out-of-range
+    index out of range for the kernels' bounds checks."""
     if t.dtype == torch.int32:
         return t.contiguous()
     if t.dtype != torch.int64:
         raise TypeError(f"moe_router.{op}: `{name}` has dtype {t.dtype}, expected int32 or int64")
+    if t.device.type != "cpu":
+        return t.clamp(_I32_MIN, _I32_MAX).to(torch.int32).contiguous()
     if t.numel() > 0:
         lo, hi = int(t.min()), int(t.max())
         if lo < _I32_MIN or hi > _I32_MAX:
@@ -177,18 +228,23 @@ def topk_gating(
 ) -> Tuple[Tensor, Tensor]:
     """weights [T, k] f32, indices [T, k] i32."""
     op = "topk_gating"
-    _cpu_only(op, logits=logits, expert_bias=expert_bias)
+    dev = _device(op, logits=logits, expert_bias=expert_bias)
     dt = _float_name(op, "logits", logits)
     logits = _dense(op, "logits", logits)
     bias = None if expert_bias is None else _dense(op, "expert_bias", expert_bias, torch.float32)
     t, e = logits.shape
-    weights = torch.empty((t, topk), dtype=torch.float32)
-    indices = torch.empty((t, topk), dtype=torch.int32)
-    _native_fn(op, "topk_gating")(
+    weights = torch.empty((t, topk), dtype=torch.float32, device=dev)
+    indices = torch.empty((t, topk), dtype=torch.int32, device=dev)
+    args = (
         dt, _buf(logits), t, e, _obuf(bias), topk, score_function, pre_softmax, normalize,
         num_groups, group_topk, scaling_factor, noise_std, expert_mask_rate, _u64(seed), _u64(offset),
         _buf(weights), _buf(indices),
     )  # fmt: skip
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "topk_gating", dev)
+        fn(index, stream, *args)
+    else:
+        _native_fn(op, "topk_gating")(*args)
     return weights, indices
 
 
@@ -213,16 +269,19 @@ def topk_gating_replay(
 ) -> Tensor:
     """weights [T, k] f32 of the given indices [T, k]."""
     op = "topk_gating_replay"
-    _cpu_only(op, logits=logits, indices=indices)
+    dev = _device(op, logits=logits, indices=indices)
     dt = _float_name(op, "logits", logits)
     logits = _dense(op, "logits", logits)
     idx = _i32(op, "indices", indices)
     t, e = logits.shape
     k = idx.shape[1]
-    weights = torch.empty((t, k), dtype=torch.float32)
-    _native_fn(op, "topk_gating_replay")(
-        dt, _buf(logits), t, e, _buf(idx), k, score_function, pre_softmax, normalize, scaling_factor, _buf(weights)
-    )
+    weights = torch.empty((t, k), dtype=torch.float32, device=dev)
+    args = (dt, _buf(logits), t, e, _buf(idx), k, score_function, pre_softmax, normalize, scaling_factor, _buf(weights))
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "topk_gating_replay", dev)
+        fn(index, stream, *args)
+    else:
+        _native_fn(op, "topk_gating_replay")(*args)
     return weights
 
 
@@ -243,17 +302,22 @@ def topk_gating_backward(
 ) -> Tensor:
     """grad_logits [T, E] (dtype of logits) from grad_weights [T, k] f32."""
     op = "topk_gating_backward"
-    _cpu_only(op, logits=logits, indices=indices, grad_weights=grad_weights)
+    dev = _device(op, logits=logits, indices=indices, grad_weights=grad_weights)
     dt = _float_name(op, "logits", logits)
     logits = _dense(op, "logits", logits)
     idx = _i32(op, "indices", indices)
     gw = _dense(op, "grad_weights", grad_weights.to(torch.float32))
     t, e = logits.shape
-    grad_logits = torch.empty((t, e), dtype=logits.dtype)
-    _native_fn(op, "topk_gating_backward")(
+    grad_logits = torch.empty((t, e), dtype=logits.dtype, device=dev)
+    args = (
         dt, _buf(logits), t, e, _buf(idx), idx.shape[1], _buf(gw), score_function, pre_softmax, normalize,
         scaling_factor, _buf(grad_logits),
     )  # fmt: skip
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "topk_gating_backward", dev)
+        fn(index, stream, *args)
+    else:
+        _native_fn(op, "topk_gating_backward")(*args)
     return grad_logits
 
 
@@ -320,7 +384,8 @@ def dispatch(
     row_to_token [max_rows] i32 (tail -1); expert_offsets [E+1] i32; rows_per_rank
     [ep_size] i32; counts [2] i64 = (num_rows, dropped)."""
     op = "dispatch"
-    _cpu_only(op, indices=indices, weights=weights)
+    if _on_cuda(_device(op, indices=indices, weights=weights)):
+        _no_cuda_kernel(op, "dispatch")
     idx = _i32(op, "indices", indices)
     w = _dense(op, "weights", weights, torch.float32)
     t, k = idx.shape
@@ -369,7 +434,8 @@ def expert_choice(logits: Tensor, capacity: int) -> Tuple[Tensor, Tensor, Tensor
     """weights [T, E] f32, row [T, E] i32, row_to_token [E*cap] i32, row_weights [E*cap]
     f32, tokens_per_expert [E] i32, expert_offsets [E+1] i32."""
     op = "expert_choice"
-    _cpu_only(op, logits=logits)
+    if _on_cuda(_device(op, logits=logits)):
+        _no_cuda_kernel(op, "expert_choice")
     dt = _float_name(op, "logits", logits)
     logits = _dense(op, "logits", logits)
     t, e = logits.shape
@@ -403,7 +469,8 @@ def _(logits, capacity):
 def expert_choice_backward(logits: Tensor, row: Tensor, grad_weights: Tensor) -> Tensor:
     """grad_logits [T, E] from grad_weights [T, E] f32 (through the softmax)."""
     op = "expert_choice_backward"
-    _cpu_only(op, logits=logits, row=row, grad_weights=grad_weights)
+    if _on_cuda(_device(op, logits=logits, row=row, grad_weights=grad_weights)):
+        _no_cuda_kernel(op, "expert_choice")
     dt = _float_name(op, "logits", logits)
     logits = _dense(op, "logits", logits)
     row32 = _i32(op, "row", row)
@@ -448,13 +515,18 @@ def permute(x: Tensor, row_to_token: Tensor, row: Tensor) -> Tensor:
     """buf [rows, H] = x[row_to_token] (0 where row_to_token is -1). `row` [T, k] is not
     read here: backward needs it."""
     op = "permute"
-    _cpu_only(op, x=x, row_to_token=row_to_token, row=row)
+    dev = _device(op, x=x, row_to_token=row_to_token, row=row)
     dt = _float_name(op, "x", x)
     x = _dense(op, "x", x)
     r2t = _i32(op, "row_to_token", row_to_token)
     t, h = x.shape
-    out = torch.empty((r2t.shape[0], h), dtype=x.dtype)
-    _native_fn(op, "permute")(dt, _buf(x), t, h, _buf(r2t), _buf(out))
+    out = torch.empty((r2t.shape[0], h), dtype=x.dtype, device=dev)
+    args = (dt, _buf(x), t, h, _buf(r2t), _buf(out))
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "permute", dev)
+        fn(index, stream, *args)
+    else:
+        _native_fn(op, "permute")(*args)
     return out
 
 
@@ -467,13 +539,18 @@ def _(x, row_to_token, row):
 def permute_backward(grad_buf: Tensor, row: Tensor, num_tokens: int) -> Tensor:
     """grad_x [T, H]: grad_x[t] = sum_j grad_buf[row[t, j]] over row[t, j] >= 0."""
     op = "permute_backward"
-    _cpu_only(op, grad_buf=grad_buf, row=row)
+    dev = _device(op, grad_buf=grad_buf, row=row)
     dt = _float_name(op, "grad_buf", grad_buf)
     gb = _dense(op, "grad_buf", grad_buf)
     row32 = _i32(op, "row", row)
     r, h = gb.shape
-    grad_x = torch.empty((num_tokens, h), dtype=gb.dtype)
-    _native_fn(op, "permute_backward")(dt, _buf(gb), r, h, _buf(row32), num_tokens, row32.shape[1], _buf(grad_x))
+    grad_x = torch.empty((num_tokens, h), dtype=gb.dtype, device=dev)
+    args = (dt, _buf(gb), r, h, _buf(row32), num_tokens, row32.shape[1], _buf(grad_x))
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "permute_backward", dev)
+        fn(index, stream, *args)
+    else:
+        _native_fn(op, "permute_backward")(*args)
     return grad_x
 
 
@@ -506,15 +583,20 @@ def unpermute(y: Tensor, row: Tensor, weights: Tensor) -> Tensor:
     """out [T, H] (dtype of y) = sum_j weights[t, j] * y[row[t, j]] over row[t, j] >= 0,
     accumulated in f32."""
     op = "unpermute"
-    _cpu_only(op, y=y, row=row, weights=weights)
+    dev = _device(op, y=y, row=row, weights=weights)
     dt = _float_name(op, "y", y)
     y = _dense(op, "y", y)
     row32 = _i32(op, "row", row)
     w = _dense(op, "weights", weights, torch.float32)
     r, h = y.shape
     t, k = row32.shape
-    out = torch.empty((t, h), dtype=y.dtype)
-    _native_fn(op, "unpermute")(dt, _buf(y), r, h, _buf(row32), _buf(w), t, k, _buf(out))
+    out = torch.empty((t, h), dtype=y.dtype, device=dev)
+    args = (dt, _buf(y), r, h, _buf(row32), _buf(w), t, k, _buf(out))
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "unpermute", dev)
+        fn(index, stream, *args)
+    else:
+        _native_fn(op, "unpermute")(*args)
     return out
 
 
@@ -527,7 +609,7 @@ def _(y, row, weights):
 def unpermute_backward(grad_out: Tensor, y: Tensor, row: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor]:
     """grad_y [rows, H] (dtype of y), grad_weights [T, k] f32."""
     op = "unpermute_backward"
-    _cpu_only(op, grad_out=grad_out, y=y, row=row, weights=weights)
+    dev = _device(op, grad_out=grad_out, y=y, row=row, weights=weights)
     dt = _float_name(op, "y", y)
     y = _dense(op, "y", y)
     go = _dense(op, "grad_out", grad_out.to(y.dtype))
@@ -535,11 +617,15 @@ def unpermute_backward(grad_out: Tensor, y: Tensor, row: Tensor, weights: Tensor
     w = _dense(op, "weights", weights, torch.float32)
     r, h = y.shape
     t, k = row32.shape
-    grad_y = torch.empty((r, h), dtype=y.dtype)
-    grad_w = torch.empty((t, k), dtype=torch.float32)
-    _native_fn(op, "unpermute_backward")(
-        dt, _buf(go), _buf(y), r, h, _buf(row32), _buf(w), t, k, _buf(grad_y), _buf(grad_w)
-    )
+    grad_y = torch.empty((r, h), dtype=y.dtype, device=dev)
+    grad_w = torch.empty((t, k), dtype=torch.float32, device=dev)
+    args = (dt, _buf(go), _buf(y), r, h, _buf(row32), _buf(w), t, k, _buf(grad_y), _buf(grad_w))
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "unpermute_backward", dev)
+        ws = torch.empty((_native.unpermute_backward_workspace_len(r),), dtype=torch.int32, device=dev)
+        fn(index, stream, *args, _buf(ws))
+    else:
+        _native_fn(op, "unpermute_backward")(*args)
     return grad_y, grad_w
 
 
@@ -573,7 +659,18 @@ unpermute.register_autograd(_unpermute_bwd, setup_context=_unpermute_setup)
 
 
 # --------------------------------------------------------------------------------------
-# Losses. The scalar loss is a 0-d float32 tensor; backward reads grad_loss as a number.
+# Losses. The scalar loss is a 0-d float32 tensor; backward reads grad_loss as a number
+# on CPU and from device memory on CUDA.
+
+
+def _valid_tokens(mask: Optional[Tensor], t: int, dev: torch.device, segments: Tuple[int, int]) -> Tensor:
+    """int64 ``[segments[0]]`` count of non-padding tokens per segment of ``segments[1]``
+    tokens, computed on ``dev`` without a sync (what the CUDA loss forwards write and the
+    backwards read: the custom ops' outputs do not carry it, to keep the CPU schema)."""
+    b, s = segments
+    if mask is None:
+        return torch.full((b,), s, dtype=torch.int64, device=dev)
+    return (~mask).reshape(b, s).sum(dim=1, dtype=torch.int64)
 
 
 @torch.library.custom_op("moe_router::aux_loss", mutates_args=())
@@ -588,7 +685,9 @@ def aux_loss(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """loss [] f32, counts used [E] i64, total_tokens used [] i64."""
     op = "aux_loss"
-    _cpu_only(op, logits=logits, padding_mask=padding_mask, counts=counts, total_tokens=total_tokens)
+    # `total_tokens` is a host scalar carried as a 0-d tensor: it may be on the CPU with
+    # CUDA logits (a CUDA one is read on the host: one sync).
+    dev = _device(op, logits=logits, padding_mask=padding_mask, counts=counts)
     dt = _float_name(op, "logits", logits)
     logits = _dense(op, "logits", logits)
     mask = _mask(op, "padding_mask", padding_mask)
@@ -597,7 +696,17 @@ def aux_loss(
     if total is not None and total < 0:
         raise ValueError(f"moe_router.{op}: invalid `total_tokens` = {total}: it must be >= 0")
     t, e = logits.shape
-    counts_out = torch.empty((e,), dtype=torch.int64)
+    counts_out = torch.empty((e,), dtype=torch.int64, device=dev)
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "aux_loss", dev)
+        loss_t = torch.empty((), dtype=torch.float32, device=dev)
+        used_t = torch.empty((), dtype=torch.int64, device=dev)
+        ws = torch.empty((_native.losses_workspace_len(t, e),), dtype=torch.float64, device=dev)
+        fn(
+            index, stream, dt, _buf(logits), t, e, _obuf(mask), _obuf(c), total, topk, score_function, coeff,
+            _buf(loss_t), _buf(counts_out), _buf(used_t), _buf(ws),
+        )  # fmt: skip
+        return loss_t, counts_out, used_t
     loss, used_total = _native_fn(op, "aux_loss")(
         dt, _buf(logits), t, e, _obuf(mask), _obuf(c), total, topk, score_function, coeff, _buf(counts_out)
     )
@@ -631,13 +740,24 @@ def aux_loss_backward(
 ) -> Tensor:
     """grad_logits [T, E] (dtype of logits)."""
     op = "aux_loss_backward"
-    _cpu_only(op, logits=logits, padding_mask=padding_mask, counts=counts, grad_loss=grad_loss)
+    dev = _device(op, logits=logits, padding_mask=padding_mask, counts=counts, grad_loss=grad_loss)
     dt = _float_name(op, "logits", logits)
     logits = _dense(op, "logits", logits)
     mask = _mask(op, "padding_mask", padding_mask)
     c = _i64(op, "counts", counts)
     t, e = logits.shape
-    grad_logits = torch.empty((t, e), dtype=logits.dtype)
+    grad_logits = torch.empty((t, e), dtype=logits.dtype, device=dev)
+    if _on_cuda(dev):
+        # total_tokens and grad_loss are read on the device (no sync).
+        fn, index, stream = _cuda(op, "aux_loss_backward", dev)
+        total = _i64(op, "total_tokens", total_tokens.to(dev))
+        gl = _dense(op, "grad_loss", grad_loss.to(torch.float32))
+        ws = torch.empty((_native.aux_loss_backward_workspace_len(t, e),), dtype=torch.float32, device=dev)
+        fn(
+            index, stream, dt, _buf(logits), t, e, _obuf(mask), _buf(c), _buf(total), topk, score_function, coeff,
+            _buf(gl), _buf(ws), _buf(grad_logits),
+        )  # fmt: skip
+        return grad_logits
     _native_fn(op, "aux_loss_backward")(
         dt, _buf(logits), t, e, _obuf(mask), _buf(c), int(total_tokens), topk, score_function, coeff,
         float(grad_loss), _buf(grad_logits),
@@ -679,13 +799,23 @@ def seq_aux_loss(
 ) -> Tuple[Tensor, Tensor]:
     """loss [] f32, per-sequence counts [T // seq_len, E] i64."""
     op = "seq_aux_loss"
-    _cpu_only(op, logits=logits, padding_mask=padding_mask)
+    dev = _device(op, logits=logits, padding_mask=padding_mask)
     dt = _float_name(op, "logits", logits)
     logits = _dense(op, "logits", logits)
     mask = _mask(op, "padding_mask", padding_mask)
     t, e = logits.shape
     b = t // seq_len if seq_len > 0 else 0
-    counts_out = torch.empty((b, e), dtype=torch.int64)
+    counts_out = torch.empty((b, e), dtype=torch.int64, device=dev)
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "seq_aux_loss", dev)
+        loss_t = torch.empty((), dtype=torch.float32, device=dev)
+        valid = torch.empty((b,), dtype=torch.int64, device=dev)  # recomputed by the backward
+        ws = torch.empty((_native.losses_workspace_len(t, e, seq_len),), dtype=torch.float64, device=dev)
+        fn(
+            index, stream, dt, _buf(logits), t, e, seq_len, _obuf(mask), topk, score_function, coeff, _buf(loss_t),
+            _buf(counts_out), _buf(valid), _buf(ws),
+        )  # fmt: skip
+        return loss_t, counts_out
     loss = _native_fn(op, "seq_aux_loss")(
         dt, _buf(logits), t, e, seq_len, _obuf(mask), topk, score_function, coeff, _buf(counts_out)
     )
@@ -711,13 +841,26 @@ def seq_aux_loss_backward(
 ) -> Tensor:
     """grad_logits [T, E] (dtype of logits)."""
     op = "seq_aux_loss_backward"
-    _cpu_only(op, logits=logits, padding_mask=padding_mask, counts=counts, grad_loss=grad_loss)
+    dev = _device(op, logits=logits, padding_mask=padding_mask, counts=counts, grad_loss=grad_loss)
     dt = _float_name(op, "logits", logits)
     logits = _dense(op, "logits", logits)
     mask = _mask(op, "padding_mask", padding_mask)
     c = _i64(op, "counts", counts)
     t, e = logits.shape
-    grad_logits = torch.empty((t, e), dtype=logits.dtype)
+    grad_logits = torch.empty((t, e), dtype=logits.dtype, device=dev)
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "seq_aux_loss_backward", dev)
+        b = t // seq_len if seq_len > 0 else 0
+        valid = _valid_tokens(mask, t, dev, (b, seq_len) if b > 0 else (0, max(seq_len, 1)))
+        gl = _dense(op, "grad_loss", grad_loss.to(torch.float32))
+        ws = torch.empty(
+            (_native.aux_loss_backward_workspace_len(t, e, seq_len),), dtype=torch.float32, device=dev
+        )
+        fn(
+            index, stream, dt, _buf(logits), t, e, seq_len, _obuf(mask), _buf(c), _buf(valid), topk, score_function,
+            coeff, _buf(gl), _buf(ws), _buf(grad_logits),
+        )  # fmt: skip
+        return grad_logits
     _native_fn(op, "seq_aux_loss_backward")(
         dt, _buf(logits), t, e, seq_len, _obuf(mask), _buf(c), topk, score_function, coeff, float(grad_loss),
         _buf(grad_logits),
@@ -752,11 +895,18 @@ seq_aux_loss.register_autograd(_seq_bwd, setup_context=_seq_setup)
 def z_loss(logits: Tensor, padding_mask: Optional[Tensor], coeff: float) -> Tensor:
     """loss [] f32."""
     op = "z_loss"
-    _cpu_only(op, logits=logits, padding_mask=padding_mask)
+    dev = _device(op, logits=logits, padding_mask=padding_mask)
     dt = _float_name(op, "logits", logits)
     logits = _dense(op, "logits", logits)
     mask = _mask(op, "padding_mask", padding_mask)
     t, e = logits.shape
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "z_loss", dev)
+        loss_t = torch.empty((), dtype=torch.float32, device=dev)
+        valid = torch.empty((), dtype=torch.int64, device=dev)  # recomputed by the backward
+        ws = torch.empty((_native.losses_workspace_len(t, e),), dtype=torch.float64, device=dev)
+        fn(index, stream, dt, _buf(logits), t, e, _obuf(mask), coeff, _buf(loss_t), _buf(valid), _buf(ws))
+        return loss_t
     loss, _valid = _native_fn(op, "z_loss")(dt, _buf(logits), t, e, _obuf(mask), coeff)
     return torch.tensor(loss, dtype=torch.float32)
 
@@ -770,12 +920,18 @@ def _(logits, padding_mask, coeff):
 def z_loss_backward(logits: Tensor, padding_mask: Optional[Tensor], coeff: float, grad_loss: Tensor) -> Tensor:
     """grad_logits [T, E] (dtype of logits)."""
     op = "z_loss_backward"
-    _cpu_only(op, logits=logits, padding_mask=padding_mask, grad_loss=grad_loss)
+    dev = _device(op, logits=logits, padding_mask=padding_mask, grad_loss=grad_loss)
     dt = _float_name(op, "logits", logits)
     logits = _dense(op, "logits", logits)
     mask = _mask(op, "padding_mask", padding_mask)
     t, e = logits.shape
-    grad_logits = torch.empty((t, e), dtype=logits.dtype)
+    grad_logits = torch.empty((t, e), dtype=logits.dtype, device=dev)
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "z_loss_backward", dev)
+        valid = _valid_tokens(mask, t, dev, (1, t))
+        gl = _dense(op, "grad_loss", grad_loss.to(torch.float32))
+        fn(index, stream, dt, _buf(logits), t, e, _obuf(mask), _buf(valid), coeff, _buf(gl), _buf(grad_logits))
+        return grad_logits
     _native_fn(op, "z_loss_backward")(dt, _buf(logits), t, e, _obuf(mask), coeff, float(grad_loss), _buf(grad_logits))
     return grad_logits
 
@@ -812,13 +968,14 @@ def expert_mask(
 ) -> Tensor:
     """masked [T, E] bool (True = masked), at least topk candidates left per token."""
     op = "expert_mask"
-    if torch.device(device).type != "cpu":
-        raise RuntimeError(
-            f"moe_router.{op}: CUDA kernels are not built in this wheel yet; pass device='cpu' "
-            f"(got {device}) and move the mask with `.to(device)`"
-        )
-    masked = torch.zeros((num_tokens, num_experts), dtype=torch.bool)
-    _native_fn(op, "expert_mask")(num_tokens, num_experts, topk, rate, _u64(seed), _u64(offset), _buf(masked))
+    dev = torch.device(device)
+    masked = torch.zeros((num_tokens, num_experts), dtype=torch.bool, device=dev)
+    args = (num_tokens, num_experts, topk, rate, _u64(seed), _u64(offset), _buf(masked))
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "expert_mask", dev)
+        fn(index, stream, *args)
+    else:
+        _native_fn(op, "expert_mask")(*args)
     return masked
 
 
@@ -834,17 +991,23 @@ def assignment_dropout(
     """weights [T, k] f32, indices [T, k] i32 (-1 where dropped), keep [T, k] bool.
     (Float output first: autograd test harnesses sum the outputs in order.)"""
     op = "assignment_dropout"
-    _cpu_only(op, indices=indices, weights=weights)
+    dev = _device(op, indices=indices, weights=weights)
     idx = _i32(op, "indices", indices)
     w = _dense(op, "weights", weights, torch.float32)
     t, k = idx.shape
-    out_idx = torch.empty((t, k), dtype=torch.int32)
-    out_w = torch.empty((t, k), dtype=torch.float32)
-    keep = torch.zeros((t, k), dtype=torch.bool)
-    _native_fn(op, "assignment_dropout")(
+    out_idx = torch.empty((t, k), dtype=torch.int32, device=dev)
+    out_w = torch.empty((t, k), dtype=torch.float32, device=dev)
+    keep = torch.zeros((t, k), dtype=torch.bool, device=dev)
+    args = (
         _buf(idx), _buf(w), t, k, num_experts, rate, _u64(seed), _u64(offset), renormalize, _buf(out_idx),
         _buf(out_w), _buf(keep),
     )  # fmt: skip
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "assignment_dropout", dev)
+        dropped = torch.empty((1,), dtype=torch.int64, device=dev)  # u64 count, not an output
+        fn(index, stream, *args, _buf(dropped))
+    else:
+        _native_fn(op, "assignment_dropout")(*args)
     return out_w, out_idx, keep
 
 
@@ -864,16 +1027,19 @@ def assignment_dropout_backward(
     """grad_weights [T, k] f32 from the forward's input indices / weights, its keep mask
     and grad_out [T, k]."""
     op = "assignment_dropout_backward"
-    _cpu_only(op, indices=indices, weights=weights, keep=keep, grad_out=grad_out)
+    dev = _device(op, indices=indices, weights=weights, keep=keep, grad_out=grad_out)
     idx = _i32(op, "indices", indices)
     w = _dense(op, "weights", weights, torch.float32)
     kp = _dense(op, "keep", keep, torch.bool)
     go = _dense(op, "grad_out", grad_out.to(torch.float32))
     t, k = w.shape
-    grad_w = torch.empty((t, k), dtype=torch.float32)
-    _native_fn(op, "assignment_dropout_backward")(
-        _buf(idx), _buf(w), _buf(kp), t, k, renormalize, _buf(go), _buf(grad_w)
-    )
+    grad_w = torch.empty((t, k), dtype=torch.float32, device=dev)
+    args = (_buf(idx), _buf(w), _buf(kp), t, k, renormalize, _buf(go), _buf(grad_w))
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "assignment_dropout_backward", dev)
+        fn(index, stream, *args)
+    else:
+        _native_fn(op, "assignment_dropout_backward")(*args)
     return grad_w
 
 
@@ -907,11 +1073,15 @@ assignment_dropout.register_autograd(_ad_bwd, setup_context=_ad_setup)
 def update_expert_bias(bias: Tensor, counts: Tensor, rate: float) -> None:
     """bias [E] f32 += rate * sign(mean(counts) - counts), in place."""
     op = "update_expert_bias"
-    _cpu_only(op, bias=bias, counts=counts)
+    dev = _device(op, bias=bias, counts=counts)
     if bias.dtype != torch.float32 or not bias.is_contiguous():
         raise ValueError(f"moe_router.{op}: `bias` must be a contiguous float32 tensor (it is updated in place)")
     c = _i64(op, "counts", counts)
-    _native_fn(op, "update_expert_bias")(_buf(bias), _buf(c), rate)
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "update_expert_bias", dev)
+        fn(index, stream, _buf(bias), _buf(c), rate)
+    else:
+        _native_fn(op, "update_expert_bias")(_buf(bias), _buf(c), rate)
 
 
 @update_expert_bias.register_fake
@@ -931,13 +1101,34 @@ def router_stats(
     (num_tokens, dropped, nonfinite_logits); floats [4] f32 = (max_violation,
     mean_entropy, mean_lse, max_lse)."""
     op = "router_stats"
-    _cpu_only(op, logits=logits, indices=indices, slot=slot, padding_mask=padding_mask)
+    dev = _device(op, logits=logits, indices=indices, slot=slot, padding_mask=padding_mask)
     dt = _float_name(op, "logits", logits)
     logits = _dense(op, "logits", logits)
     idx = _i32(op, "indices", indices)
     sl = None if slot is None else _i32(op, "slot", slot)
     mask = _mask(op, "padding_mask", padding_mask)
     t, e = logits.shape
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "router_stats", dev)
+        selected = torch.empty((e,), dtype=torch.int64, device=dev)
+        kept = torch.empty((e,), dtype=torch.int64, device=dev)  # zeroed by the kernels
+        scalars = torch.empty((4,), dtype=torch.int64, device=dev)
+        floats = torch.empty((4,), dtype=torch.float32, device=dev)
+        ws = torch.empty((_native.router_stats_workspace_len(t),), dtype=torch.float64, device=dev)
+        fn(
+            index, stream, dt, _buf(logits), t, e, _buf(idx), idx.shape[1], _obuf(sl), _obuf(mask), _buf(selected),
+            _buf(kept), _buf(scalars), _buf(floats), _buf(ws),
+        )  # fmt: skip
+        if strict:
+            # The one host read of the op, asked for by strict mode.
+            nonfinite = int(scalars[2])
+            if nonfinite > 0:
+                raise ValueError(
+                    f"moe_router.{op}: `logits` has {nonfinite} non-finite value(s) on valid tokens (strict mode); "
+                    "pass strict=False to count them instead"
+                )
+        # scalars = (valid tokens, dropped, non-finite, sum selected): the CPU layout is the first 3.
+        return selected, kept, scalars[:3].clone(), floats
     selected = torch.empty((e,), dtype=torch.int64)
     kept = torch.zeros((e,), dtype=torch.int64)
     n, dropped, max_violation, entropy, mean_lse, max_lse, nonfinite = _native_fn(op, "router_stats")(

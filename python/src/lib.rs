@@ -16,6 +16,8 @@ use pyo3::prelude::*;
 mod bias;
 mod capacity;
 mod common;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod dispatch;
 mod dropout;
 mod error;
@@ -25,6 +27,13 @@ mod permute;
 mod stats;
 mod tensor;
 mod topk_gating;
+
+/// Whether this build has the CUDA bindings (`cuda_*` functions; the `cuda` feature,
+/// on by default). Says nothing about a device being present: see `cuda_device_count`.
+#[pyfunction]
+fn has_cuda() -> bool {
+    cfg!(feature = "cuda")
+}
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -40,5 +49,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     dropout::register(m)?;
     bias::register(m)?;
     stats::register(m)?;
+    m.add_function(wrap_pyfunction!(has_cuda, m)?)?;
+    #[cfg(feature = "cuda")]
+    cuda::register(m)?;
     Ok(())
 }

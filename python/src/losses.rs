@@ -8,7 +8,12 @@ use crate::error::to_py_err;
 use crate::tensor::{check_bufs, copy_out, mul, run, Buf, RawBuf, Span};
 use moe_router::{AuxLossConfig, RouterFloat};
 
-fn aux_config(op: &str, topk: usize, score: &str, coeff: f32) -> PyResult<AuxLossConfig> {
+pub(crate) fn aux_config(
+    op: &str,
+    topk: usize,
+    score: &str,
+    coeff: f32,
+) -> PyResult<AuxLossConfig> {
     Ok(AuxLossConfig {
         topk,
         score_function: score_function(op, score)?,

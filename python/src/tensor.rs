@@ -58,6 +58,13 @@ impl<T> Buf<T> {
         self.len
     }
 
+    /// The address as passed in (a device address for the CUDA bindings, which never
+    /// dereference it on the host).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn addr(&self) -> u64 {
+        self.ptr
+    }
+
     /// `ValueError` unless the buffer has exactly `expected` elements; `shape` describes
     /// the expected shape for the message.
     pub(crate) fn expect_len(

@@ -14,7 +14,7 @@ const OP: &str = "topk_gating";
 /// `offset`, in separate generator domains); any other value, valid or not, is handed
 /// to the core, whose validation names it.
 #[allow(clippy::too_many_arguments)]
-fn gating_config(
+pub(crate) fn gating_config(
     topk: usize,
     score: &str,
     pre_softmax: bool,

@@ -1,7 +1,12 @@
-"""CUDA variants. The CUDA kernels are a separate issue and not built into this wheel:
-until they land, every op given CUDA tensors must raise a clear RuntimeError (never copy
-to the CPU silently). These tests need a CUDA device and are skipped loudly without one
-(`pytest -rs` shows "SKIPPED: no CUDA device")."""
+"""CUDA variants: every op with a CUDA kernel, run on CUDA tensors, against the same op on
+CPU (indices, masks and counts exactly equal; values within the SPEC tolerance), through
+autograd, opcheck, torch.compile(fullgraph=True) and on a non-default stream.
+
+The GPU tests need a CUDA device and are skipped LOUDLY without one (`pytest -rs` shows
+"SKIPPED: no CUDA device"). The tests at the top run everywhere: the native CUDA bindings
+are compiled into the default build and must reject a wrong call with ValueError before
+touching any device (so they pass on a machine without a driver).
+"""
 
 from __future__ import annotations
 
@@ -9,52 +14,350 @@ import pytest
 import torch
 
 import moe_router as mr
+import reference as ref
 from conftest import requires_cuda
+from moe_router import _native, ops
 
-pytestmark = requires_cuda
+T, E, K, H = 37, 12, 3, 24
 
-T, E, K, H = 8, 8, 2, 16
-MSG = "CUDA kernels are not built"
+# --------------------------------------------------------------------------------------
+# Everywhere: the CUDA bindings exist and validate before any device access.
+
+FAKE = 0x7F00_0000_0000  # an aligned address that is never dereferenced by these tests
 
 
-def _cuda_calls():
-    dev = "cuda"
-    z = torch.randn(T, E, device=dev)
-    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(dev)
-    w = torch.rand(T, K, device=dev)
-    row = torch.arange(T * K, device=dev).reshape(T, K)
-    r2t = torch.arange(T, device=dev).repeat_interleave(K)
-    return {
-        "topk_gating": lambda: mr.topk_gating(z, K),
-        "topk_gating_replay": lambda: mr.topk_gating_replay(z, idx),
-        "dispatch": lambda: mr.dispatch(idx, w, E, capacity=4),
-        "expert_choice": lambda: mr.expert_choice(z, 2),
-        "permute": lambda: mr.permute(torch.randn(T, H, device=dev), r2t, row),
-        "unpermute": lambda: mr.unpermute(torch.randn(T * K, H, device=dev), row, w),
-        "aux_loss": lambda: mr.aux_loss(z, K),
-        "seq_aux_loss": lambda: mr.seq_aux_loss(z, K, 4),
-        "z_loss": lambda: mr.z_loss(z),
-        "expert_mask": lambda: mr.expert_mask(T, E, K, 0.5, device=dev),
-        "assignment_dropout": lambda: mr.assignment_dropout(idx, w, 0.5, num_experts=E),
-        "update_expert_bias": lambda: mr.update_expert_bias(torch.zeros(E, device=dev), torch.ones(E, device=dev,
-                                                                                                dtype=torch.int64), 0.1),
-        "router_stats": lambda: mr.router_stats(z, idx),
+def test_default_build_has_the_cuda_bindings():
+    assert _native.has_cuda() is True
+    assert _native.CUDA is True
+    assert isinstance(_native.cuda_device_count(), int)  # never raises, 0 without a driver
+    assert _native.losses_workspace_len(100, 8) > 0
+    assert _native.aux_loss_backward_workspace_len(100, 8, 10) == 10 * 8
+    assert _native.router_stats_workspace_len(0) == 0
+    assert _native.unpermute_backward_workspace_len(17) == 17
+
+
+def _gating_args(logits=(FAKE, 8 * 4), t=8, e=4, weights=(FAKE + 4096, 16), indices=(FAKE + 8192, 16), k=2):
+    return (0, 0, "f32", logits, t, e, None, k, "softmax", False, False, None, None, 1.0, 0.0, 0.0, 0, 0,
+            weights, indices)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (_gating_args(logits=(FAKE, 31)), "logits"),  # wrong element count
+        (_gating_args(weights=(FAKE + 4096, 15)), "weights"),
+        (_gating_args(logits=(0, 32)), "null"),  # null pointer, non-empty
+        (_gating_args(logits=(FAKE + 2, 32)), "aligned"),
+        (_gating_args(indices=(FAKE + 8, 16)), "overlaps"),  # output over the logits
+        (_gating_args(k=0, weights=(FAKE + 4096, 0), indices=(FAKE + 8192, 0)), "topk"),
+    ],
+    ids=["len", "out-len", "null", "misaligned", "overlap", "topk-0"],
+)
+def test_cuda_binding_rejects_a_bad_call_before_touching_a_device(args, needle):
+    with pytest.raises(ValueError, match=needle):
+        _native.cuda_topk_gating(*args)
+
+
+def test_cuda_bindings_reject_bad_sizes_for_every_op():
+    f, s = FAKE, 4096
+    bad = [
+        lambda: _native.cuda_permute(0, 0, "f32", (f, 10), 2, 4, (f + s, 3), (f + 2 * s, 11)),
+        lambda: _native.cuda_unpermute_backward(
+            0, 0, "bf16", (f, 8), (f + s, 12), 3, 4, (f + 2 * s, 2), (f + 3 * s, 2), 2, 1, (f + 4 * s, 12),
+            (f + 5 * s, 2), (f + 6 * s, 2)),  # workspace must hold num_rows = 3 entries
+        lambda: _native.cuda_aux_loss(0, 0, "f32", (f, 32), 8, 4, None, None, None, 2, "softmax", 1.0,
+                                      (f + s, 2), (f + 2 * s, 4), (f + 3 * s, 1), (f + 4 * s, 1)),
+        lambda: _native.cuda_seq_aux_loss(0, 0, "f32", (f, 32), 8, 4, 0, None, 2, "softmax", 1.0,
+                                          (f + s, 1), (f + 2 * s, 0), (f + 3 * s, 0), (f + 4 * s, 0)),
+        lambda: _native.cuda_z_loss(0, 0, "f16", (f, 32), 8, 4, (f + s, 7), 1.0, (f + 2 * s, 1),
+                                    (f + 3 * s, 1), (f + 4 * s, 99)),
+        lambda: _native.cuda_expert_mask(0, 0, 8, 4, 2, 0.5, 0, 0, (f, 31)),
+        lambda: _native.cuda_assignment_dropout(0, 0, (f, 16), (f + s, 16), 8, 2, 4, 0.5, 0, 0, True,
+                                                (f + 2 * s, 16), (f + 3 * s, 16), (f + 4 * s, 16), (f + 5 * s, 2)),
+        lambda: _native.cuda_update_expert_bias(0, 0, (f, 4), (f + s, 5), 0.1),
+        lambda: _native.cuda_router_stats(0, 0, "f32", (f, 32), 8, 4, (f + s, 16), 2, None, None, (f + 2 * s, 4),
+                                          (f + 3 * s, 4), (f + 4 * s, 3), (f + 5 * s, 4), (f + 6 * s, 99)),
+        lambda: _native.cuda_topk_gating_backward(0, 0, "f32", (f, 32), 8, 4, (0, 16), 2, (f + s, 16), "softmax",
+                                                  False, False, 1.0, (f + 2 * s, 32)),
+    ]  # fmt: skip
+    for i, call in enumerate(bad):
+        with pytest.raises(ValueError):
+            call()
+    with pytest.raises(TypeError, match="dtype"):
+        _native.cuda_permute(0, 0, "f64", (f, 8), 2, 4, (f + s, 2), (f + 2 * s, 8))
+
+
+@pytest.mark.skipif(_native.cuda_device_count() > 0, reason="needs a machine WITHOUT a CUDA device")
+def test_a_valid_call_without_a_device_is_a_runtime_error_not_a_crash():
+    with pytest.raises(RuntimeError, match="CUDA device 0"):
+        _native.cuda_topk_gating(*_gating_args())
+
+
+def test_mixed_devices_are_rejected_by_the_ops():
+    # The ops' device check (the functional layer checks first, with the same rule).
+    with pytest.raises(ValueError, match="one device"):
+        ops._device("topk_gating", logits=torch.randn(4, 4), expert_bias=torch.zeros(4, device="meta"))
+    assert ops._device("x", a=None, b=torch.zeros(1)) == torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------
+# GPU: CUDA vs CPU
+
+TOL = {torch.float32: (1.3e-6, 1e-5), torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
+
+
+def _close(cuda_val, cpu_val, dtype=None, msg=""):
+    assert cuda_val.device.type == "cuda", msg
+    a = cuda_val.cpu()
+    assert a.shape == cpu_val.shape and a.dtype == cpu_val.dtype, msg
+    if not a.is_floating_point():
+        assert torch.equal(a, cpu_val), msg
+        return
+    rtol, atol = TOL[dtype or a.dtype]
+    torch.testing.assert_close(a.double(), cpu_val.double(), rtol=rtol, atol=atol, equal_nan=True, msg=msg)
+
+
+def _idx(t, k, e, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"score_function": "sigmoid", "normalize": True, "scaling_factor": 2.5},
+        {"num_groups": 4, "group_topk": 2},
+        {"pre_softmax": True},
+        {"noise_std": 0.3, "expert_mask_rate": 0.25, "seed": 7, "offset": 3},
+    ],
+    ids=["softmax", "sigmoid", "groups", "pre-softmax", "noise-mask"],
+)
+@pytest.mark.parametrize("t", [1, 33, 257])
+def test_topk_gating_cuda_matches_cpu(dtype, kw, t):
+    z = ref.tie_free_logits(t, E, seed=t, dtype=dtype)
+    bias = torch.linspace(-0.1, 0.1, E)
+    kw = dict(kw)
+    if "noise_std" not in kw:
+        kw["expert_bias"] = bias
+    cpu_w, cpu_i = mr.topk_gating(z, K, **kw)
+    if "expert_bias" in kw:
+        kw["expert_bias"] = bias.cuda()
+    w, i = mr.topk_gating(z.cuda(), K, **kw)
+    _close(i, cpu_i)
+    _close(w, cpu_w, torch.float32)
+    r = mr.topk_gating_replay(z.cuda(), i, **{k: v for k, v in kw.items() if k in ("score_function", "normalize",
+                                                                                    "scaling_factor", "pre_softmax")})
+    r_cpu = mr.topk_gating_replay(z, cpu_i, **{k: v for k, v in kw.items() if k in ("score_function", "normalize",
+                                                                                     "scaling_factor", "pre_softmax")})
+    _close(r, r_cpu)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_topk_gating_gradients_cuda_match_cpu(dtype):
+    z = ref.tie_free_logits(T, E, seed=1, dtype=dtype)
+    g = torch.randn(T, K)
+    grads = []
+    for dev in ("cpu", "cuda"):
+        x = z.to(dev).requires_grad_()
+        w, _ = mr.topk_gating(x, K, normalize=True)
+        (w * g.to(dev)).sum().backward()
+        grads.append(x.grad)
+    _close(grads[1], grads[0], dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_permute_unpermute_cuda_match_cpu_with_gradients(dtype):
+    x = torch.randn(T, H).to(dtype)
+    idx = _idx(T, K, E)
+    w = torch.rand(T, K)
+    d = mr.dispatch(idx, w, E, capacity=6)  # CPU: dispatch has no CUDA kernel yet
+    outs = []
+    for dev in ("cpu", "cuda"):
+        xx = x.to(dev).requires_grad_()
+        ww = w.to(dev).requires_grad_()
+        buf = mr.permute(xx, d.row_to_token.to(dev), d.row.to(dev))
+        y = buf.float().mul(1.5).to(dtype)
+        out = mr.unpermute(y, d.row.to(dev), ww)
+        out.float().square().sum().backward()
+        outs.append((buf, out, xx.grad, ww.grad))
+    for a, b, name in zip(outs[1], outs[0], ["buf", "out", "grad_x", "grad_w"]):
+        _close(a, b, dtype if name != "grad_w" else torch.float32, msg=name)
+
+
+@requires_cuda
+def test_out_of_range_indices_are_ignored_on_cuda_not_raised():
+    x = torch.randn(4, 8, device="cuda")
+    r2t = torch.tensor([0, 99, -1, 3, 2**40], device="cuda")  # int64 beyond int32 too
+    row = torch.tensor([[0], [-1], [4], [3]], device="cuda")
+    buf = mr.permute(x, r2t, row)
+    torch.cuda.synchronize()
+    assert torch.equal(buf[1], torch.zeros(8, device="cuda")) and torch.equal(buf[4], torch.zeros(8, device="cuda"))
+    assert torch.equal(buf[0], x[0]) and torch.equal(buf[3], x[3])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("masked", [False, True])
+def test_losses_cuda_match_cpu_with_gradients(dtype, masked):
+    z = ref.tie_free_logits(48, E, seed=5, dtype=dtype)
+    mask = (torch.arange(48) % 7 == 3) if masked else None
+    counts = torch.arange(E) + 2
+    cases = {
+        "aux": lambda x, m: mr.aux_loss(x, K, coeff=0.1, padding_mask=m),
+        "aux-sigmoid": lambda x, m: mr.aux_loss(x, K, score_function="sigmoid", padding_mask=m),
+        "aux-counts": lambda x, m: mr.aux_loss(x, K, padding_mask=m, counts=counts.to(x.device), total_tokens=200),
+        "seq": lambda x, m: mr.seq_aux_loss(x, K, 12, coeff=0.5, padding_mask=m),
+        "z": lambda x, m: mr.z_loss(x, coeff=1e-2, padding_mask=m),
     }
+    for name, f in cases.items():
+        res = []
+        for dev in ("cpu", "cuda"):
+            x = z.to(dev).requires_grad_()
+            loss = f(x, None if mask is None else mask.to(dev))
+            (loss * 3.0).backward()
+            res.append((loss.detach(), x.grad))
+        _close(res[1][0], res[0][0], torch.float32, msg=f"{name} loss")
+        _close(res[1][1], res[0][1], dtype, msg=f"{name} grad")
 
 
-NAMES = ["topk_gating", "topk_gating_replay", "dispatch", "expert_choice", "permute", "unpermute", "aux_loss",
-         "seq_aux_loss", "z_loss", "expert_mask", "assignment_dropout", "update_expert_bias", "router_stats"]
+@requires_cuda
+def test_dropout_bias_stats_cuda_match_cpu():
+    m_cpu = mr.expert_mask(T, E, K, 0.4, seed=3, offset=9)
+    m = mr.expert_mask(T, E, K, 0.4, seed=3, offset=9, device="cuda")
+    _close(m, m_cpu)
+    idx = _idx(T, K, E)
+    w = torch.rand(T, K)
+    for renorm in (False, True):
+        res = []
+        for dev in ("cpu", "cuda"):
+            ww = w.to(dev).requires_grad_()
+            out = mr.assignment_dropout(idx.to(dev), ww, 0.3, num_experts=E, seed=1, offset=2, renormalize=renorm)
+            out.weights.square().sum().backward()
+            res.append((out.weights.detach(), out.indices, ww.grad))
+        for a, b in zip(res[1], res[0]):
+            _close(a, b)
+    counts = torch.tensor([5, 0, 3, 9, 1, 1, 4, 2, 7, 0, 6, 2])
+    b_cpu = torch.linspace(-1, 1, E)
+    b = b_cpu.cuda()
+    mr.update_expert_bias(b_cpu, counts, 0.01)
+    mr.update_expert_bias(b, counts.cuda(), 0.01)
+    _close(b, b_cpu)
+    z = ref.tie_free_logits(T, E, seed=2)
+    z[3, 4] = float("nan")
+    slot = torch.where(torch.rand(T, K) > 0.2, 0, -1)
+    mask = torch.arange(T) % 9 == 0
+    s_cpu = mr.router_stats(z, idx, slot=slot, padding_mask=mask)
+    s = mr.router_stats(z.cuda(), idx.cuda(), slot=slot.cuda(), padding_mask=mask.cuda())
+    for f in ("selected_counts", "kept_counts", "dropped", "nonfinite_logits", "num_tokens"):
+        _close(getattr(s, f), getattr(s_cpu, f), msg=f)
+    for f in ("max_violation", "mean_entropy", "mean_lse", "max_lse"):
+        _close(getattr(s, f), getattr(s_cpu, f), torch.float32, msg=f)
+    with pytest.raises(ValueError, match="non-finite"):
+        mr.router_stats(z.cuda(), idx.cuda(), strict=True)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_cuda_tensors_raise_a_clear_error_until_the_kernels_land(name):
-    call = _cuda_calls()[name]
-    with pytest.raises(RuntimeError, match=MSG):
-        call()
+@requires_cuda
+def test_empty_inputs_on_cuda():
+    z = torch.empty(0, E, device="cuda")
+    w, i = mr.topk_gating(z, K)
+    assert w.shape == (0, K) and i.shape == (0, K)
+    assert float(mr.z_loss(z)) == 0.0
+    assert float(mr.aux_loss(z, K)) == 0.0
 
 
-def test_cuda_inputs_are_not_moved_silently():
+@requires_cuda
+@pytest.mark.parametrize("name", ["dispatch", "expert_choice"])
+def test_ops_without_a_cuda_kernel_raise_naming_it(name):
+    if ops.native_has(f"cuda_{name}"):
+        pytest.skip(f"cuda_{name} is built: wire it in ops.py and test it here")
     z = torch.randn(T, E, device="cuda")
-    with pytest.raises(RuntimeError, match=MSG):
-        mr.topk_gating(z, K)
+    call = {
+        "dispatch": lambda: mr.dispatch(_idx(T, K, E).cuda(), torch.rand(T, K, device="cuda"), E, capacity=4),
+        "expert_choice": lambda: mr.expert_choice(z, 2),
+    }[name]
+    with pytest.raises(RuntimeError, match=f"CUDA kernels are not built in this wheel for `{name}`"):
+        call()
     assert z.device.type == "cuda"
+
+
+# --------------------------------------------------------------------------------------
+# GPU: streams, opcheck, torch.compile
+
+
+@requires_cuda
+def test_ops_on_a_non_default_stream_give_the_same_results():
+    z = ref.tie_free_logits(257, E, seed=11).cuda()
+    x = torch.randn(257, H, device="cuda")
+
+    def step():
+        w, i = mr.topk_gating(z, K)
+        d_row = torch.arange(257 * K, device="cuda").reshape(257, K)
+        r2t = torch.arange(257, device="cuda").repeat_interleave(K)
+        out = mr.unpermute(mr.permute(x, r2t, d_row), d_row, w)
+        return w, i, out, mr.aux_loss(z, K), mr.z_loss(z)
+
+    ref_out = step()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # several queued launches with no sync in between
+            got = step()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    for a, b in zip(got, ref_out):
+        assert torch.equal(a, b)  # same device, same kernels: bitwise
+
+
+def _to_cuda(v):
+    if isinstance(v, torch.Tensor):
+        c = v.detach().cuda()
+        return c.requires_grad_(v.requires_grad)
+    if isinstance(v, torch.device):
+        return torch.device("cuda")
+    return v
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ops.CUSTOM_OPS)
+def test_opcheck_on_cuda(name):
+    from test_opcheck import SAMPLES
+
+    if name in ("dispatch", "expert_choice", "expert_choice_backward") and not ops.native_has(
+        "cuda_" + name.replace("_backward", "")
+    ):
+        pytest.skip(f"{name}: no CUDA kernel in this build")
+    op = getattr(torch.ops.moe_router, name).default
+    for args in SAMPLES[name]:
+        torch.library.opcheck(op, tuple(_to_cuda(a) for a in args))
+
+
+@requires_cuda
+def test_compile_fullgraph_on_cuda():
+    torch._dynamo.reset()
+    x = torch.randn(64, H, device="cuda")
+    router = (torch.randn(H, E, device="cuda") * 0.5).requires_grad_()
+
+    def f(x, router):
+        z = x @ router
+        w, i = mr.topk_gating(z, K, normalize=True)
+        r = torch.arange(64 * K, device=x.device).reshape(64, K)
+        r2t = torch.arange(64, device=x.device).repeat_interleave(K)
+        out = mr.unpermute(mr.permute(x, r2t, r), r, w)
+        return out.square().mean() + mr.aux_loss(z, K, coeff=0.01) + mr.z_loss(z, coeff=1e-3)
+
+    eager = f(x, router)
+    (ge,) = torch.autograd.grad(eager, router)
+    compiled = torch.compile(f, fullgraph=True)
+    got = compiled(x, router)
+    (gc,) = torch.autograd.grad(got, router)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)
