@@ -1542,14 +1542,14 @@ fn make_routing(
                 row.push(x);
             }
         }
-        for j in 0..k {
+        for (j, &rj) in row.iter().enumerate() {
             let a = tok * k + j;
             let unrouted = match kind {
                 Routing::Uniform => false,
                 Routing::Skewed => rng.below(10) == 0,
                 Routing::Ties => rng.below(6) == 0,
             };
-            idx[a] = if unrouted { -1 } else { row[j] };
+            idx[a] = if unrouted { -1 } else { rj };
             w[a] = match kind {
                 Routing::Uniform | Routing::Skewed => rng.uniform() as f32,
                 Routing::Ties => match rng.below(12) {
@@ -2110,8 +2110,8 @@ fn check_ec(
         let seg = x * cap..x * cap + cap;
         let (gs, cs) = (&g.row_to_token[seg.clone()], &c.row_to_token[seg.clone()]);
         // Unused rows.
-        for s in taken..cap {
-            assert_eq!(gs[s], -1, "{what}: expert {x} unused row {s}");
+        for (s, &tok) in gs.iter().enumerate().skip(taken) {
+            assert_eq!(tok, -1, "{what}: expert {x} unused row {s}");
             assert_eq!(
                 g.row_weights[x * cap + s].to_bits(),
                 0,
