@@ -16,6 +16,15 @@
 //! near-ties are counted and must stay rare. Values within the SPEC tolerance.
 //! Every output buffer is poisoned before each launch. 20 repeated runs must be
 //! bitwise identical.
+//!
+//! Dispatch: every drop policy x layout x renormalisation, ep_size over the divisors
+//! of E, T up to 65537, E up to 256, k up to 8 (and one k = 32 case), uniform,
+//! skewed (over capacity) and tie-heavy routings with -1 entries and NaN weights:
+//! every integer output and the kept weights exactly equal to the CPU's;
+//! out-of-range device indices act as -1. Expert choice: T up to 65537, E up to
+//! 256, capacities from 0 past T, f32/f16/bf16; integer outputs exact up to rare
+//! near-ties of p (the GPU's exp may differ from libm by an ulp), weights and the
+//! backward within the SPEC tolerance.
 
 mod common;
 
@@ -26,8 +35,9 @@ use moe_router::cuda::topk_gating::{
 };
 use moe_router::cuda::{device_available, CudaBackend};
 use moe_router::{
-    topk_gating_backward_into, topk_gating_into, topk_gating_replay_into, RouterFloat,
-    ScoreFunction, TopkGatingConfig,
+    dispatch_into, dispatch_max_rows, topk_gating_backward_into, topk_gating_into,
+    topk_gating_replay_into, DispatchBuffers, DispatchConfig, DispatchLayout, DropPolicy,
+    RouterFloat, ScoreFunction, TopkGatingConfig,
 };
 
 const TOKENS: [usize; 6] = [0, 1, 31, 33, 257, 4099];
@@ -1486,6 +1496,938 @@ fn permute_raw_entry_matches(be: &CudaBackend) {
 }
 
 // ---------------------------------------------------------------------------
+// Dispatch (cuda/dispatch.cu) against src/cpu/dispatch.rs: every integer output
+// exactly, kept weights bit for bit (the same f32 operations in the same order).
+// ---------------------------------------------------------------------------
+
+const DISPATCH_TOKENS: [usize; 7] = [0, 1, 31, 33, 257, 4099, 65537];
+const DISPATCH_EXPERTS: [usize; 8] = [1, 7, 8, 60, 64, 128, 160, 256];
+
+#[derive(Clone, Copy, Debug)]
+enum Routing {
+    /// Distinct uniform experts per token, normal weights.
+    Uniform,
+    /// Most assignments go to a few experts (over capacity), a few -1 entries.
+    Skewed,
+    /// Few distinct weights (key ties broken by the token), -1 entries, NaN weights.
+    Ties,
+}
+
+/// Distinct experts per token (or -1), weights per `kind`.
+fn make_routing(
+    rng: &mut Rng,
+    t: usize,
+    e: usize,
+    k: usize,
+    kind: Routing,
+) -> (Vec<i32>, Vec<f32>) {
+    let mut idx = vec![-1i32; t * k];
+    let mut w = vec![0f32; t * k];
+    let mut row: Vec<i32> = Vec::with_capacity(k);
+    for tok in 0..t {
+        row.clear();
+        while row.len() < k {
+            let x = match kind {
+                Routing::Uniform => rng.below(e),
+                // Half the picks among the first two experts.
+                Routing::Skewed | Routing::Ties => {
+                    if rng.below(2) == 0 {
+                        rng.below(e.min(2))
+                    } else {
+                        rng.below(e)
+                    }
+                }
+            } as i32;
+            if !row.contains(&x) {
+                row.push(x);
+            }
+        }
+        for (j, &rj) in row.iter().enumerate() {
+            let a = tok * k + j;
+            let unrouted = match kind {
+                Routing::Uniform => false,
+                Routing::Skewed => rng.below(10) == 0,
+                Routing::Ties => rng.below(6) == 0,
+            };
+            idx[a] = if unrouted { -1 } else { rj };
+            w[a] = match kind {
+                Routing::Uniform | Routing::Skewed => rng.uniform() as f32,
+                Routing::Ties => match rng.below(12) {
+                    0 => f32::NAN,
+                    1 => -0.0,
+                    x => (x % 3) as f32 * 0.25,
+                },
+            };
+        }
+    }
+    (idx, w)
+}
+
+/// Every dispatch output, host side.
+#[derive(Debug, Clone, PartialEq)]
+struct DispatchHost {
+    slot: Vec<i32>,
+    row: Vec<i32>,
+    kept_weights: Vec<u32>,
+    tokens_per_expert: Vec<i32>,
+    row_to_token: Vec<i32>,
+    expert_offsets: Vec<i32>,
+    rows_per_rank: Vec<i32>,
+    counts: Vec<i64>,
+}
+
+fn canon_bits(v: &[f32]) -> Vec<u32> {
+    v.iter()
+        .map(|x| if x.is_nan() { 0x7fc0_0000 } else { x.to_bits() })
+        .collect()
+}
+
+fn dispatch_cpu(idx: &[i32], w: &[f32], t: usize, k: usize, cfg: &DispatchConfig) -> DispatchHost {
+    let n = t * k;
+    let e = cfg.num_experts;
+    let max_rows = dispatch_max_rows(t, k, cfg).unwrap();
+    let mut slot = vec![0; n];
+    let mut row = vec![0; n];
+    let mut kw = vec![0f32; n];
+    let mut tpe = vec![0; e];
+    let mut rtt = vec![0; max_rows];
+    let mut eo = vec![0; e + 1];
+    let mut rpr = vec![0; cfg.ep_size];
+    let c = dispatch_into(
+        idx,
+        w,
+        t,
+        k,
+        cfg,
+        DispatchBuffers {
+            slot: &mut slot,
+            row: &mut row,
+            kept_weights: &mut kw,
+            tokens_per_expert: &mut tpe,
+            row_to_token: &mut rtt,
+            expert_offsets: &mut eo,
+            rows_per_rank: &mut rpr,
+        },
+    )
+    .unwrap();
+    DispatchHost {
+        slot,
+        row,
+        kept_weights: canon_bits(&kw),
+        tokens_per_expert: tpe,
+        row_to_token: rtt,
+        expert_offsets: eo,
+        rows_per_rank: rpr,
+        counts: vec![c.num_rows as i64, c.dropped as i64],
+    }
+}
+
+/// Device buffers of one dispatch call, every output poisoned.
+struct DispatchDev {
+    slot: cudarc::driver::CudaSlice<i32>,
+    row: cudarc::driver::CudaSlice<i32>,
+    kw: cudarc::driver::CudaSlice<f32>,
+    tpe: cudarc::driver::CudaSlice<i32>,
+    rtt: cudarc::driver::CudaSlice<i32>,
+    eo: cudarc::driver::CudaSlice<i32>,
+    rpr: cudarc::driver::CudaSlice<i32>,
+    counts: cudarc::driver::CudaSlice<i64>,
+    ws: cudarc::driver::CudaSlice<i32>,
+}
+
+impl DispatchDev {
+    fn new(be: &CudaBackend, t: usize, k: usize, cfg: &DispatchConfig) -> Self {
+        use moe_router::cuda::dispatch::dispatch_workspace_len;
+        let s = be.stream();
+        let n = t * k;
+        let e = cfg.num_experts;
+        let max_rows = dispatch_max_rows(t, k, cfg).unwrap();
+        let ws = dispatch_workspace_len(t, k, cfg).unwrap();
+        let pi = |len: usize| s.clone_htod(&vec![-7i32; len]).unwrap();
+        DispatchDev {
+            slot: pi(n),
+            row: pi(n),
+            kw: s.clone_htod(&vec![f32::from_bits(0x7fc0_dead); n]).unwrap(),
+            tpe: pi(e),
+            rtt: pi(max_rows),
+            eo: pi(e + 1),
+            rpr: pi(cfg.ep_size),
+            counts: s.clone_htod(&[-7i64, -7]).unwrap(),
+            ws: s.clone_htod(&vec![0x5a5a_5a5a_i32; ws]).unwrap(),
+        }
+    }
+
+    fn bufs(&mut self) -> moe_router::cuda::dispatch::DispatchCudaBuffers<'_> {
+        moe_router::cuda::dispatch::DispatchCudaBuffers {
+            slot: self.slot.as_view_mut(),
+            row: self.row.as_view_mut(),
+            kept_weights: self.kw.as_view_mut(),
+            tokens_per_expert: self.tpe.as_view_mut(),
+            row_to_token: self.rtt.as_view_mut(),
+            expert_offsets: self.eo.as_view_mut(),
+            rows_per_rank: self.rpr.as_view_mut(),
+            counts: self.counts.as_view_mut(),
+            workspace: self.ws.as_view_mut(),
+        }
+    }
+
+    fn host(&self, be: &CudaBackend) -> DispatchHost {
+        let s = be.stream();
+        DispatchHost {
+            slot: s.clone_dtoh(&self.slot).unwrap(),
+            row: s.clone_dtoh(&self.row).unwrap(),
+            kept_weights: canon_bits(&s.clone_dtoh(&self.kw).unwrap()),
+            tokens_per_expert: s.clone_dtoh(&self.tpe).unwrap(),
+            row_to_token: s.clone_dtoh(&self.rtt).unwrap(),
+            expert_offsets: s.clone_dtoh(&self.eo).unwrap(),
+            rows_per_rank: s.clone_dtoh(&self.rpr).unwrap(),
+            counts: s.clone_dtoh(&self.counts).unwrap(),
+        }
+    }
+}
+
+fn dispatch_gpu(
+    be: &CudaBackend,
+    idx: &[i32],
+    w: &[f32],
+    t: usize,
+    k: usize,
+    cfg: &DispatchConfig,
+) -> DispatchHost {
+    let di = upload(be, idx, 0);
+    let dw = upload(be, w, 0);
+    let mut d = DispatchDev::new(be, t, k, cfg);
+    moe_router::cuda::dispatch::dispatch_cuda(
+        be,
+        &di.as_view(),
+        &dw.as_view(),
+        t,
+        k,
+        cfg,
+        d.bufs(),
+    )
+    .unwrap();
+    d.host(be)
+}
+
+fn assert_dispatch_eq(g: &DispatchHost, c: &DispatchHost, what: &str) {
+    let fields: [(&str, &[i32], &[i32]); 6] = [
+        ("slot", &g.slot, &c.slot),
+        ("row", &g.row, &c.row),
+        (
+            "tokens_per_expert",
+            &g.tokens_per_expert,
+            &c.tokens_per_expert,
+        ),
+        ("row_to_token", &g.row_to_token, &c.row_to_token),
+        ("expert_offsets", &g.expert_offsets, &c.expert_offsets),
+        ("rows_per_rank", &g.rows_per_rank, &c.rows_per_rank),
+    ];
+    for (name, a, b) in fields {
+        assert_eq!(a.len(), b.len(), "{what}: {name} length");
+        if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
+            panic!("{what}: {name}[{i}]: gpu {} != cpu {}", a[i], b[i]);
+        }
+    }
+    assert_eq!(g.counts, c.counts, "{what}: (num_rows, dropped)");
+    if let Some(i) = (0..g.kept_weights.len()).find(|&i| g.kept_weights[i] != c.kept_weights[i]) {
+        panic!(
+            "{what}: kept_weights[{i}]: gpu {:e} != cpu {:e}",
+            f32::from_bits(g.kept_weights[i]),
+            f32::from_bits(c.kept_weights[i])
+        );
+    }
+}
+
+fn policies(rng: &mut Rng) -> [DropPolicy; 5] {
+    [
+        DropPolicy::Position,
+        DropPolicy::ChoiceThenPosition,
+        DropPolicy::Probs,
+        DropPolicy::BatchPrioritized,
+        DropPolicy::Random {
+            seed: rng.next_u64(),
+            offset: rng.below(1000) as u64,
+        },
+    ]
+}
+
+/// The dispatch configs tried for one routing: every policy with both capacity
+/// layouts, and the two layouts without capacity, each with and without
+/// renormalisation, `ep_size` cycling through divisors of `e`.
+fn dispatch_configs(rng: &mut Rng, t: usize, e: usize, k: usize) -> Vec<DispatchConfig> {
+    let divisors: Vec<usize> = (1..=e).filter(|d| e % d == 0).collect();
+    let mut v = Vec::new();
+    let mut cap_i = 0usize;
+    for renorm in [false, true] {
+        for policy in policies(rng) {
+            for layout in [DispatchLayout::PadToCapacity, DispatchLayout::Compact] {
+                // Capacity factors 0.5 .. 2 around the balanced load, sometimes 0.
+                let cf = [0.5, 1.0, 1.25, 2.0][cap_i % 4];
+                cap_i += 1;
+                let cap = if cap_i % 11 == 0 {
+                    0
+                } else {
+                    ((t * k) as f64 / e as f64 * cf).ceil() as usize
+                };
+                v.push(
+                    DispatchConfig::new(e)
+                        .capacity(cap)
+                        .drop_policy(policy)
+                        .layout(layout)
+                        .renormalize(renorm)
+                        .ep_size(divisors[rng.below(divisors.len())]),
+                );
+            }
+        }
+        for layout in [
+            DispatchLayout::Compact,
+            DispatchLayout::Dropless { align: 1 },
+            DispatchLayout::Dropless {
+                align: [2, 8, 16, 128][rng.below(4)],
+            },
+        ] {
+            v.push(
+                DispatchConfig::new(e)
+                    .layout(layout)
+                    .renormalize(renorm)
+                    .ep_size(divisors[rng.below(divisors.len())]),
+            );
+        }
+    }
+    v
+}
+
+fn dispatch_topks(e: usize) -> Vec<usize> {
+    let mut v = vec![1, 2, 8];
+    v.retain(|&k| k <= e);
+    v
+}
+
+fn dispatch_matches_cpu_every_policy_and_layout(be: &CudaBackend) {
+    let mut rng = Rng::new(31);
+    let mut cases = 0usize;
+    for &t in &DISPATCH_TOKENS {
+        for &e in &DISPATCH_EXPERTS {
+            // The largest batch: a few expert counts only (it is slow on the CPU side).
+            if t > 10_000 && !matches!(e, 8 | 160 | 256) {
+                continue;
+            }
+            for k in dispatch_topks(e) {
+                for kind in [Routing::Uniform, Routing::Skewed, Routing::Ties] {
+                    let (idx, w) = make_routing(&mut rng, t, e, k, kind);
+                    let mut cfgs = dispatch_configs(&mut rng, t, e, k);
+                    if t > 10_000 {
+                        // Every policy and layout still, but fewer repeats.
+                        cfgs.truncate(cfgs.len() / 2 + 3);
+                    }
+                    for cfg in &cfgs {
+                        let what = format!("T={t} E={e} k={k} {kind:?} {cfg:?}");
+                        let c = dispatch_cpu(&idx, &w, t, k, cfg);
+                        let g = dispatch_gpu(be, &idx, &w, t, k, cfg);
+                        assert_dispatch_eq(&g, &c, &what);
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    // One k = 32 case per policy, over capacity.
+    let (t, e, k) = (1000, 64, 32);
+    let (idx, w) = make_routing(&mut rng, t, e, k, Routing::Ties);
+    for policy in policies(&mut rng) {
+        for layout in [DispatchLayout::PadToCapacity, DispatchLayout::Compact] {
+            let cfg = DispatchConfig::new(e)
+                .capacity(300)
+                .drop_policy(policy)
+                .layout(layout)
+                .renormalize(true)
+                .ep_size(4);
+            let c = dispatch_cpu(&idx, &w, t, k, &cfg);
+            let g = dispatch_gpu(be, &idx, &w, t, k, &cfg);
+            assert_dispatch_eq(&g, &c, &format!("k=32 {cfg:?}"));
+            cases += 1;
+        }
+    }
+    println!("  dispatch: {cases} cases equal to the CPU");
+}
+
+/// Indices outside [0, E) on the device (which the host cannot check) act as -1.
+fn dispatch_treats_out_of_range_indices_as_unrouted(be: &CudaBackend) {
+    let mut rng = Rng::new(32);
+    let (t, e, k) = (777, 60, 4);
+    let (mut idx, w) = make_routing(&mut rng, t, e, k, Routing::Skewed);
+    let mut clean = idx.clone();
+    for a in (0..t * k).step_by(13) {
+        idx[a] = [e as i32, e as i32 + 5, -2, i32::MIN, i32::MAX][a % 5];
+        clean[a] = -1;
+    }
+    for policy in policies(&mut rng) {
+        let cfg = DispatchConfig::new(e)
+            .capacity(40)
+            .drop_policy(policy)
+            .layout(DispatchLayout::PadToCapacity)
+            .renormalize(true);
+        let c = dispatch_cpu(&clean, &w, t, k, &cfg);
+        let g = dispatch_gpu(be, &idx, &w, t, k, &cfg);
+        assert_dispatch_eq(&g, &c, &format!("out-of-range indices {cfg:?}"));
+    }
+}
+
+fn dispatch_is_bitwise_reproducible(be: &CudaBackend) {
+    let mut rng = Rng::new(33);
+    let (t, e, k) = (65537, 256, 8);
+    let (idx, w) = make_routing(&mut rng, t, e, k, Routing::Ties);
+    let di = upload(be, &idx, 0);
+    let dw = upload(be, &w, 0);
+    for policy in policies(&mut rng) {
+        let cfg = DispatchConfig::new(e)
+            .capacity(1500)
+            .drop_policy(policy)
+            .layout(DispatchLayout::Compact)
+            .renormalize(true)
+            .ep_size(8);
+        let mut first: Option<DispatchHost> = None;
+        for run in 0..20 {
+            let mut d = DispatchDev::new(be, t, k, &cfg);
+            moe_router::cuda::dispatch::dispatch_cuda(
+                be,
+                &di.as_view(),
+                &dw.as_view(),
+                t,
+                k,
+                &cfg,
+                d.bufs(),
+            )
+            .unwrap();
+            let h = d.host(be);
+            match &first {
+                None => {
+                    assert_dispatch_eq(&h, &dispatch_cpu(&idx, &w, t, k, &cfg), "run 0");
+                    first = Some(h);
+                }
+                Some(f) => assert!(&h == f, "{policy:?}: run {run} differs"),
+            }
+        }
+    }
+}
+
+fn dispatch_cuda_rejects_what_the_cpu_rejects(be: &CudaBackend) {
+    use moe_router::cuda::dispatch::dispatch_cuda;
+    let (t, k) = (10, 2);
+    let idx = upload(be, &vec![0i32; t * k], 0);
+    let w = upload(be, &vec![0.5f32; t * k], 0);
+    let bad = [
+        (
+            DispatchConfig::new(8).layout(DispatchLayout::PadToCapacity),
+            "capacity",
+        ),
+        (DispatchConfig::new(8).ep_size(3), "ep_size"),
+        (
+            DispatchConfig::new(8).layout(DispatchLayout::Dropless { align: 0 }),
+            "align",
+        ),
+        (DispatchConfig::new(0), "num_experts"),
+        (DispatchConfig::new(1), "topk"),
+    ];
+    for (cfg, arg) in bad {
+        let ok_cfg = DispatchConfig::new(8);
+        let mut d = DispatchDev::new(be, t, k, &ok_cfg);
+        let err =
+            dispatch_cuda(be, &idx.as_view(), &w.as_view(), t, k, &cfg, d.bufs()).unwrap_err();
+        assert!(err.to_string().contains(arg), "{arg}: {err}");
+        let cpu = dispatch_max_rows(t, k, &cfg).unwrap_err();
+        assert_eq!(err.to_string(), cpu.to_string());
+    }
+    // A wrong output length names the buffer.
+    let cfg = DispatchConfig::new(8).capacity(2);
+    let mut d = DispatchDev::new(be, t, k, &cfg.clone().ep_size(2));
+    let err = dispatch_cuda(be, &idx.as_view(), &w.as_view(), t, k, &cfg, d.bufs()).unwrap_err();
+    assert!(err.to_string().contains("rows_per_rank"), "{err}");
+}
+
+/// The raw-pointer entry on a caller-owned stream gives the safe wrapper's result.
+fn dispatch_raw_entry_matches(be: &CudaBackend) {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use moe_router::cuda::dispatch::{dispatch_raw, DispatchRawPtrs};
+    let mut rng = Rng::new(34);
+    let (t, e, k) = (300, 16, 2);
+    let (idx, w) = make_routing(&mut rng, t, e, k, Routing::Skewed);
+    let cfg = DispatchConfig::new(e)
+        .capacity(30)
+        .drop_policy(DropPolicy::Probs)
+        .layout(DispatchLayout::PadToCapacity)
+        .ep_size(4);
+    let s = be.stream();
+    let di = upload(be, &idx, 0);
+    let dw = upload(be, &w, 0);
+    let mut d = DispatchDev::new(be, t, k, &cfg);
+    {
+        let (ip, _g1) = di.device_ptr(s);
+        let (wp, _g2) = dw.device_ptr(s);
+        let (slot, _g3) = d.slot.device_ptr_mut(s);
+        let (row, _g4) = d.row.device_ptr_mut(s);
+        let (kw, _g5) = d.kw.device_ptr_mut(s);
+        let (tpe, _g6) = d.tpe.device_ptr_mut(s);
+        let (rtt, _g7) = d.rtt.device_ptr_mut(s);
+        let (eo, _g8) = d.eo.device_ptr_mut(s);
+        let (rpr, _g9) = d.rpr.device_ptr_mut(s);
+        let (counts, _g10) = d.counts.device_ptr_mut(s);
+        let (ws, _g11) = d.ws.device_ptr_mut(s);
+        let ptrs = DispatchRawPtrs {
+            indices: ip,
+            weights: wp,
+            slot,
+            row,
+            kept_weights: kw,
+            tokens_per_expert: tpe,
+            row_to_token: rtt,
+            expert_offsets: eo,
+            rows_per_rank: rpr,
+            counts,
+            workspace: ws,
+        };
+        // SAFETY: live buffers of this context with the documented shapes, on the
+        // backend's own stream.
+        unsafe { dispatch_raw(be, s.cu_stream(), t, k, &cfg, ptrs) }.unwrap();
+    }
+    assert_dispatch_eq(
+        &d.host(be),
+        &dispatch_cpu(&idx, &w, t, k, &cfg),
+        "dispatch_raw",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Expert choice (cuda/expert_choice.cu) against src/cpu/expert_choice.rs. The GPU's
+// p can differ from the CPU's by an ulp (exp), so an expert's chosen set may differ
+// only between tokens whose CPU p are within a few ulps of each other at the
+// selection boundary; such experts are counted and must stay rare. Everything
+// else is exact; weights within the SPEC tolerance.
+// ---------------------------------------------------------------------------
+
+const EC_TOKENS: [usize; 7] = [0, 1, 31, 33, 257, 4099, 65537];
+const EC_EXPERTS: [usize; 8] = [1, 7, 8, 60, 64, 128, 160, 256];
+
+struct EcHost {
+    weights: Vec<f32>,
+    row: Vec<i32>,
+    row_to_token: Vec<i32>,
+    row_weights: Vec<f32>,
+    tokens_per_expert: Vec<i32>,
+    expert_offsets: Vec<i32>,
+}
+
+fn ec_cpu<T: RouterFloat>(z: &[T], t: usize, e: usize, cap: usize) -> EcHost {
+    let mut h = EcHost {
+        weights: vec![0.0; t * e],
+        row: vec![0; t * e],
+        row_to_token: vec![0; e * cap],
+        row_weights: vec![0.0; e * cap],
+        tokens_per_expert: vec![0; e],
+        expert_offsets: vec![0; e + 1],
+    };
+    moe_router::expert_choice_into(
+        z,
+        t,
+        e,
+        cap,
+        moe_router::ExpertChoiceBuffers {
+            weights: &mut h.weights,
+            row: &mut h.row,
+            row_to_token: &mut h.row_to_token,
+            row_weights: &mut h.row_weights,
+            tokens_per_expert: &mut h.tokens_per_expert,
+            expert_offsets: &mut h.expert_offsets,
+        },
+    )
+    .unwrap();
+    h
+}
+
+fn ec_gpu<T: RouterFloat + cudarc::driver::DeviceRepr>(
+    be: &CudaBackend,
+    z: &[T],
+    t: usize,
+    e: usize,
+    cap: usize,
+) -> EcHost {
+    use moe_router::cuda::expert_choice::{expert_choice_cuda, ExpertChoiceCudaBuffers};
+    let s = be.stream();
+    let dz = upload(be, z, 0);
+    let mut w = upload(be, &poison::<f32>(t * e), 0);
+    let mut row = upload(be, &vec![-7i32; t * e], 0);
+    let mut rtt = upload(be, &vec![-7i32; e * cap], 0);
+    let mut rw = upload(be, &poison::<f32>(e * cap), 0);
+    let mut tpe = upload(be, &vec![-7i32; e], 0);
+    let mut eo = upload(be, &vec![-7i32; e + 1], 0);
+    expert_choice_cuda(
+        be,
+        &dz.as_view(),
+        t,
+        e,
+        cap,
+        ExpertChoiceCudaBuffers {
+            weights: w.as_view_mut(),
+            row: row.as_view_mut(),
+            row_to_token: rtt.as_view_mut(),
+            row_weights: rw.as_view_mut(),
+            tokens_per_expert: tpe.as_view_mut(),
+            expert_offsets: eo.as_view_mut(),
+        },
+    )
+    .unwrap();
+    EcHost {
+        weights: s.clone_dtoh(&w).unwrap(),
+        row: s.clone_dtoh(&row).unwrap(),
+        row_to_token: s.clone_dtoh(&rtt).unwrap(),
+        row_weights: s.clone_dtoh(&rw).unwrap(),
+        tokens_per_expert: s.clone_dtoh(&tpe).unwrap(),
+        expert_offsets: s.clone_dtoh(&eo).unwrap(),
+    }
+}
+
+/// Compare one expert-choice forward; returns the number of experts whose chosen
+/// set differed by a tolerated near-tie.
+fn check_ec(
+    g: &EcHost,
+    c: &EcHost,
+    p: &[f32],
+    t: usize,
+    e: usize,
+    cap: usize,
+    what: &str,
+) -> usize {
+    let (rtol, atol) = (1.3e-6f32, 1e-5f32);
+    assert_eq!(
+        g.tokens_per_expert, c.tokens_per_expert,
+        "{what}: tokens_per_expert"
+    );
+    assert_eq!(g.expert_offsets, c.expert_offsets, "{what}: expert_offsets");
+    let taken = cap.min(t);
+    let mut near_experts = 0;
+    for x in 0..e {
+        let seg = x * cap..x * cap + cap;
+        let (gs, cs) = (&g.row_to_token[seg.clone()], &c.row_to_token[seg.clone()]);
+        // Unused rows.
+        for (s, &tok) in gs.iter().enumerate().skip(taken) {
+            assert_eq!(tok, -1, "{what}: expert {x} unused row {s}");
+            assert_eq!(
+                g.row_weights[x * cap + s].to_bits(),
+                0,
+                "{what}: unused weight"
+            );
+        }
+        // GPU consistency: token order, in range, row/weights agree.
+        for s in 0..taken {
+            let tok = gs[s];
+            assert!(
+                tok >= 0 && (tok as usize) < t,
+                "{what}: expert {x} slot {s}: token {tok}"
+            );
+            if s > 0 {
+                assert!(
+                    gs[s - 1] < tok,
+                    "{what}: expert {x}: rows not in token order"
+                );
+            }
+            let a = tok as usize * e + x;
+            assert_eq!(g.row[a], (x * cap + s) as i32, "{what}: row[{tok}, {x}]");
+            let rw = g.row_weights[x * cap + s];
+            assert_eq!(
+                g.weights[a].to_bits(),
+                rw.to_bits(),
+                "{what}: weights vs row_weights"
+            );
+            assert!(
+                close(rw, p[a], rtol, atol),
+                "{what}: p[{tok}, {x}]: gpu {rw:e} cpu {:e}",
+                p[a]
+            );
+        }
+        if gs[..taken] != cs[..taken] {
+            // Tolerated only as a near-tie at the boundary: every token in the
+            // symmetric difference has a CPU p within a few ulps of the CPU's
+            // taken-th largest p of this expert.
+            let thr = cs[..taken]
+                .iter()
+                .map(|&tok| p[tok as usize * e + x])
+                .min_by(|a, b| a.total_cmp(b))
+                .unwrap_or(f32::NAN);
+            for &tok in gs[..taken].iter().chain(&cs[..taken]) {
+                let in_g = gs[..taken].contains(&tok);
+                let in_c = cs[..taken].contains(&tok);
+                if in_g != in_c {
+                    let v = p[tok as usize * e + x];
+                    assert!(
+                        (v - thr).abs() <= 4e-7 * thr.abs().max(1e-30) + 1e-37,
+                        "{what}: expert {x}: token {tok} (p {v:e}) chosen differently, threshold {thr:e}"
+                    );
+                }
+            }
+            near_experts += 1;
+        } else {
+            for s in 0..taken {
+                assert!(close(
+                    g.row_weights[x * cap + s],
+                    c.row_weights[x * cap + s],
+                    rtol,
+                    atol
+                ));
+            }
+        }
+    }
+    // Every unchosen (t, e) has row -1 and weight +0.
+    for a in 0..t * e {
+        if g.row[a] < 0 {
+            assert_eq!(g.row[a], -1, "{what}: row[{a}]");
+            assert_eq!(g.weights[a].to_bits(), 0, "{what}: unchosen weight [{a}]");
+        }
+    }
+    if near_experts == 0 {
+        assert_eq!(g.row, c.row, "{what}: row");
+    }
+    near_experts
+}
+
+/// The CPU's p of every (t, e) (what the reference selects on).
+fn cpu_p<T: RouterFloat>(z: &[T], t: usize, e: usize) -> Vec<f32> {
+    let mut p = vec![0f32; t * e];
+    for (pr, zr) in p.chunks_mut(e.max(1)).zip(z.chunks(e.max(1))).take(t) {
+        moe_router::cpu::softmax_row(zr.iter().map(|v| v.to_f32()), pr);
+    }
+    p
+}
+
+fn ec_capacities(t: usize, e: usize) -> Vec<usize> {
+    let mut v = vec![0, 1, (2 * t).div_ceil(e), t / 2, t, t + 3];
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn check_ec_case<T: RouterFloat + cudarc::driver::DeviceRepr>(
+    be: &CudaBackend,
+    z32: &[f32],
+    t: usize,
+    e: usize,
+    what: &str,
+) -> (usize, usize) {
+    let z: Vec<T> = z32.iter().map(|&v| T::from_f32(v)).collect();
+    let p = cpu_p(&z, t, e);
+    let (mut near, mut experts) = (0, 0);
+    for cap in ec_capacities(t, e) {
+        let c = ec_cpu(&z, t, e, cap);
+        let g = ec_gpu(be, &z, t, e, cap);
+        near += check_ec(
+            &g,
+            &c,
+            &p,
+            t,
+            e,
+            cap,
+            &format!("{what} {} cap={cap}", T::DTYPE),
+        );
+        experts += e;
+        // Backward on the CPU's row (the same selection for both).
+        let gw: Vec<f32> = (0..t * e)
+            .map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let mut cg = vec![T::default(); t * e];
+        moe_router::expert_choice_backward_into(&z, t, e, &c.row, &gw, &mut cg).unwrap();
+        let dz = upload(be, &z, 0);
+        let drow = upload(be, &c.row, 0);
+        let dgw = upload(be, &gw, 0);
+        let mut dg = upload(be, &poison::<T>(t * e), 0);
+        moe_router::cuda::expert_choice::expert_choice_backward_cuda(
+            be,
+            &dz.as_view(),
+            t,
+            e,
+            &drow.as_view(),
+            &dgw.as_view(),
+            &mut dg.as_view_mut(),
+        )
+        .unwrap();
+        let gg = be.stream().clone_dtoh(&dg).unwrap();
+        let (rtol, atol) = match T::DTYPE {
+            moe_router::DType::F32 => (1.3e-6, 1e-5),
+            moe_router::DType::F16 => (2e-3, 1e-5),
+            moe_router::DType::BF16 => (1.6e-2, 1e-5),
+        };
+        for i in 0..t * e {
+            let (a, b) = (gg[i].to_f32(), cg[i].to_f32());
+            assert!(
+                close(a, b, rtol, atol),
+                "{what} cap={cap}: grad[{i}]: gpu {a:e} cpu {b:e}"
+            );
+        }
+    }
+    (near, experts)
+}
+
+fn expert_choice_matches_cpu(be: &CudaBackend) {
+    let mut rng = Rng::new(41);
+    let (mut near, mut experts) = (0usize, 0usize);
+    for &t in &EC_TOKENS {
+        for &e in &EC_EXPERTS {
+            if t > 10_000 && !matches!(e, 8 | 64) {
+                continue;
+            }
+            for kind in [Input::Random, Input::Ties, Input::Special] {
+                let z = make_logits(&mut rng, t * e, kind);
+                let what = format!("T={t} E={e} {kind:?}");
+                let (n, x) = check_ec_case::<f32>(be, &z, t, e, &what);
+                near += n;
+                experts += x;
+                if t <= 257 {
+                    let (n, x) = check_ec_case::<f16>(be, &z, t, e, &what);
+                    near += n;
+                    experts += x;
+                    let (n, x) = check_ec_case::<bf16>(be, &z, t, e, &what);
+                    near += n;
+                    experts += x;
+                }
+            }
+        }
+    }
+    println!("  expert_choice: {near} of {experts} expert selections differ by a near-tie");
+    assert!(
+        near * 100 <= experts,
+        "near-ties are not rare: {near} of {experts}"
+    );
+}
+
+fn expert_choice_is_bitwise_reproducible(be: &CudaBackend) {
+    let mut rng = Rng::new(42);
+    let (t, e, cap) = (4099, 256, 40);
+    let z = make_logits(&mut rng, t * e, Input::Ties);
+    let first = ec_gpu::<f32>(be, &z, t, e, cap);
+    for run in 1..20 {
+        let g = ec_gpu::<f32>(be, &z, t, e, cap);
+        assert_eq!(g.row, first.row, "run {run}: row");
+        assert_eq!(
+            g.row_to_token, first.row_to_token,
+            "run {run}: row_to_token"
+        );
+        assert_eq!(
+            canon_bits(&g.weights),
+            canon_bits(&first.weights),
+            "run {run}: weights"
+        );
+        assert_eq!(
+            canon_bits(&g.row_weights),
+            canon_bits(&first.row_weights),
+            "run {run}: row_weights"
+        );
+    }
+}
+
+fn expert_choice_raw_entry_matches(be: &CudaBackend) {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use moe_router::cuda::expert_choice::{expert_choice_raw, ExpertChoiceRawPtrs};
+    let mut rng = Rng::new(43);
+    let (t, e, cap) = (100, 12, 9);
+    let z: Vec<bf16> = make_logits(&mut rng, t * e, Input::Random)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    let safe = ec_gpu::<bf16>(be, &z, t, e, cap);
+    let s = be.stream();
+    let dz = upload(be, &z, 0);
+    let mut w = upload(be, &poison::<f32>(t * e), 0);
+    let mut row = upload(be, &vec![-7i32; t * e], 0);
+    let mut rtt = upload(be, &vec![-7i32; e * cap], 0);
+    let mut rw = upload(be, &poison::<f32>(e * cap), 0);
+    let mut tpe = upload(be, &vec![-7i32; e], 0);
+    let mut eo = upload(be, &vec![-7i32; e + 1], 0);
+    let gw: Vec<f32> = (0..t * e).map(|i| (i % 5) as f32 - 2.0).collect();
+    let dgw = upload(be, &gw, 0);
+    let mut dg = upload(be, &poison::<bf16>(t * e), 0);
+    {
+        let (zp, _g1) = dz.device_ptr(s);
+        let (wp, _g2) = w.device_ptr_mut(s);
+        let (rp, _g3) = row.device_ptr_mut(s);
+        let (rttp, _g4) = rtt.device_ptr_mut(s);
+        let (rwp, _g5) = rw.device_ptr_mut(s);
+        let (tp, _g6) = tpe.device_ptr_mut(s);
+        let (ep, _g7) = eo.device_ptr_mut(s);
+        let ptrs = ExpertChoiceRawPtrs {
+            logits: zp,
+            weights: wp,
+            row: rp,
+            row_to_token: rttp,
+            row_weights: rwp,
+            tokens_per_expert: tp,
+            expert_offsets: ep,
+            ..Default::default()
+        };
+        // SAFETY: live buffers of this context with the documented shapes, on the
+        // backend's own stream.
+        unsafe {
+            expert_choice_raw(
+                be,
+                s.cu_stream(),
+                false,
+                moe_router::DType::BF16,
+                t,
+                e,
+                cap,
+                ptrs,
+            )
+        }
+        .unwrap();
+    }
+    assert_eq!(s.clone_dtoh(&row).unwrap(), safe.row, "raw row");
+    assert_eq!(
+        s.clone_dtoh(&rtt).unwrap(),
+        safe.row_to_token,
+        "raw row_to_token"
+    );
+    assert_eq!(
+        canon_bits(&s.clone_dtoh(&w).unwrap()),
+        canon_bits(&safe.weights),
+        "raw weights"
+    );
+    {
+        let (zp, _g1) = dz.device_ptr(s);
+        let (rp, _g2) = row.device_ptr(s);
+        let (gp, _g3) = dgw.device_ptr(s);
+        let (gz, _g4) = dg.device_ptr_mut(s);
+        let ptrs = ExpertChoiceRawPtrs {
+            logits: zp,
+            row: rp,
+            grad_weights: gp,
+            grad_logits: gz,
+            ..Default::default()
+        };
+        // SAFETY: as above.
+        unsafe {
+            expert_choice_raw(
+                be,
+                s.cu_stream(),
+                true,
+                moe_router::DType::BF16,
+                t,
+                e,
+                0,
+                ptrs,
+            )
+        }
+        .unwrap();
+    }
+    let mut cg = vec![bf16::default(); t * e];
+    moe_router::expert_choice_backward_into(&z, t, e, &safe.row, &gw, &mut cg).unwrap();
+    let gg = s.clone_dtoh(&dg).unwrap();
+    for i in 0..t * e {
+        assert!(
+            close(gg[i].to_f32(), cg[i].to_f32(), 1.6e-2, 1e-5),
+            "raw grad[{i}]"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The harness.
 // ---------------------------------------------------------------------------
 
@@ -1524,6 +2466,32 @@ const TESTS: &[(&str, TestFn)] = &[
         permute_is_bitwise_reproducible,
     ),
     ("permute_raw_entry_matches", permute_raw_entry_matches),
+    (
+        "dispatch_matches_cpu_every_policy_and_layout",
+        dispatch_matches_cpu_every_policy_and_layout,
+    ),
+    (
+        "dispatch_treats_out_of_range_indices_as_unrouted",
+        dispatch_treats_out_of_range_indices_as_unrouted,
+    ),
+    (
+        "dispatch_is_bitwise_reproducible",
+        dispatch_is_bitwise_reproducible,
+    ),
+    (
+        "dispatch_cuda_rejects_what_the_cpu_rejects",
+        dispatch_cuda_rejects_what_the_cpu_rejects,
+    ),
+    ("dispatch_raw_entry_matches", dispatch_raw_entry_matches),
+    ("expert_choice_matches_cpu", expert_choice_matches_cpu),
+    (
+        "expert_choice_is_bitwise_reproducible",
+        expert_choice_is_bitwise_reproducible,
+    ),
+    (
+        "expert_choice_raw_entry_matches",
+        expert_choice_raw_entry_matches,
+    ),
 ];
 
 fn main() {

@@ -25,6 +25,12 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     if !nvrtc_or_skip() {
         return;
     }
+    for name in ["dispatch", "expert_choice", "permute", "topk_gating"] {
+        assert!(
+            MODULES.iter().any(|m| m.name == name),
+            "kernel module {name} missing"
+        );
+    }
     let (major, minor) = nvrtc_version().expect("nvrtcVersion");
     eprintln!("NVRTC {major}.{minor}");
     for arch in ["sm_80", "sm_90"] {

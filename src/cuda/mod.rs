@@ -10,6 +10,8 @@
 //! | `crate::cpu::router_stats`          | [`router_stats::router_stats_cuda`]          |
 //! | `crate::cpu::bias_update`           | [`bias_update::update_expert_bias_cuda`]     |
 //! | `crate::cpu::permute`               | [`permute::permute_cuda`], [`permute::unpermute_cuda`], ... |
+//! | `crate::cpu::dispatch`              | [`dispatch::dispatch_cuda`]                  |
+//! | `crate::cpu::expert_choice`         | [`expert_choice::expert_choice_cuda`], [`expert_choice::expert_choice_backward_cuda`] |
 //! | validation in [`crate::ops`]        | the same validation, then a launch           |
 //!
 //! Nothing CUDA is linked at build time: `libcuda` and `libnvrtc` are loaded when
@@ -28,7 +30,9 @@
 //! synchronise with the host.
 
 pub mod bias_update;
+pub mod dispatch;
 pub mod dropout;
+pub mod expert_choice;
 pub mod kernels;
 pub mod losses;
 pub mod permute;

@@ -49,7 +49,7 @@ pub struct ExpertChoiceBuffers<'a> {
 
 /// Sizes shared by forward and backward: `E >= 1`, `T <= i32::MAX`, `T * E` fits
 /// `usize`; returns `T * E`.
-fn validate_sizes(num_tokens: usize, num_experts: usize) -> Result<usize> {
+pub(crate) fn validate_sizes(num_tokens: usize, num_experts: usize) -> Result<usize> {
     if num_experts == 0 || num_experts > MAX_I32_INDEX {
         return Err(Error::invalid(
             OP,
