@@ -34,6 +34,9 @@ def test_default_build_has_the_cuda_bindings():
     assert _native.aux_loss_backward_workspace_len(100, 8, 10) == 10 * 8
     assert _native.router_stats_workspace_len(0) == 0
     assert _native.unpermute_backward_workspace_len(17) == 17
+    # i32 words: at least the three per-assignment arrays (positions, slots, keys).
+    assert _native.cuda_dispatch_workspace_len(300, 2, 8, 3, "position", "compact", 1, False, 1, 0, 0) >= 3 * 600
+    assert _native.cuda_dispatch_workspace_len(0, 2, 8, None, "position", "dropless", 4, False, 2, 0, 0) > 0
 
 
 def _gating_args(logits=(FAKE, 8 * 4), t=8, e=4, weights=(FAKE + 4096, 16), indices=(FAKE + 8192, 16), k=2):
@@ -85,6 +88,150 @@ def test_cuda_bindings_reject_bad_sizes_for_every_op():
             call()
     with pytest.raises(TypeError, match="dtype"):
         _native.cuda_permute(0, 0, "f64", (f, 8), 2, 4, (f + s, 2), (f + 2 * s, 8))
+
+
+# Dispatch / expert choice bindings: a valid call (CPU addresses here, never touched), then
+# one broken argument per case; every case must be a ValueError before any device access.
+S = 4096
+
+
+def _dispatch_call(t=8, k=2, e=4, capacity=3, policy="position", layout="compact", align=1, ep=2, ws_at=None, **over):
+    try:
+        max_rows = _native.dispatch_max_rows(t, k, e, capacity, policy, layout, align, False, ep, 0, 0)
+        ws = _native.cuda_dispatch_workspace_len(t, k, e, capacity, policy, layout, align, False, ep, 0, 0)
+    except ValueError:  # a bad-config case: the call itself must raise it
+        max_rows = ws = 1
+    bufs = dict(
+        indices=(FAKE, t * k), weights=(FAKE + S, t * k), slot=(FAKE + 2 * S, t * k), row=(FAKE + 3 * S, t * k),
+        kept_weights=(FAKE + 4 * S, t * k), tokens_per_expert=(FAKE + 5 * S, e), row_to_token=(FAKE + 6 * S, max_rows),
+        expert_offsets=(FAKE + 7 * S, e + 1), rows_per_rank=(FAKE + 8 * S, ep), counts=(FAKE + 9 * S, 2),
+        workspace=(FAKE + 10 * S if ws_at is None else ws_at, ws),
+    )  # fmt: skip
+    bufs.update(over)
+    b = bufs
+    return lambda: _native.cuda_dispatch(
+        0, 0, b["indices"], b["weights"], t, k, e, capacity, policy, layout, align, False, ep, 0, 0, b["slot"],
+        b["row"], b["kept_weights"], b["tokens_per_expert"], b["row_to_token"], b["expert_offsets"],
+        b["rows_per_rank"], b["counts"], b["workspace"],
+    )  # fmt: skip
+
+
+def _ec_call(t=8, e=4, cap=3, dtype="f32", **over):
+    b = dict(
+        logits=(FAKE, t * e), weights=(FAKE + S, t * e), row=(FAKE + 2 * S, t * e), row_to_token=(FAKE + 3 * S, e * cap),
+        row_weights=(FAKE + 4 * S, e * cap), tokens_per_expert=(FAKE + 5 * S, e), expert_offsets=(FAKE + 6 * S, e + 1),
+    )  # fmt: skip
+    b.update(over)
+    return lambda: _native.cuda_expert_choice(
+        0, 0, dtype, b["logits"], t, e, cap, b["weights"], b["row"], b["row_to_token"], b["row_weights"],
+        b["tokens_per_expert"], b["expert_offsets"],
+    )  # fmt: skip
+
+
+def _ec_bwd_call(t=8, e=4, dtype="bf16", **over):
+    b = dict(logits=(FAKE, t * e), row=(FAKE + S, t * e), grad_weights=(FAKE + 2 * S, t * e),
+             grad_logits=(FAKE + 3 * S, t * e))  # fmt: skip
+    b.update(over)
+    return lambda: _native.cuda_expert_choice_backward(
+        0, 0, dtype, b["logits"], t, e, b["row"], b["grad_weights"], b["grad_logits"]
+    )
+
+
+NEW_BAD_CALLS = {
+    "dispatch/indices-len": (_dispatch_call(indices=(FAKE, 15)), "indices"),
+    "dispatch/weights-null": (_dispatch_call(weights=(0, 16)), "null"),
+    "dispatch/slot-misaligned": (_dispatch_call(slot=(FAKE + 2 * S + 2, 16)), "aligned"),
+    "dispatch/row-overlaps-slot": (_dispatch_call(row=(FAKE + 2 * S + 4, 16)), "overlaps"),
+    "dispatch/tokens_per_expert-len": (_dispatch_call(tokens_per_expert=(FAKE + 5 * S, 5)), "tokens_per_expert"),
+    "dispatch/row_to_token-len": (_dispatch_call(row_to_token=(FAKE + 6 * S, 99)), "row_to_token"),
+    "dispatch/expert_offsets-len": (_dispatch_call(expert_offsets=(FAKE + 7 * S, 4)), "expert_offsets"),
+    "dispatch/rows_per_rank-len": (_dispatch_call(rows_per_rank=(FAKE + 8 * S, 1)), "rows_per_rank"),
+    "dispatch/counts-len": (_dispatch_call(counts=(FAKE + 9 * S, 1)), "counts"),
+    "dispatch/counts-null": (_dispatch_call(counts=(0, 2)), "null"),
+    "dispatch/counts-misaligned": (_dispatch_call(counts=(FAKE + 9 * S + 4, 2)), "aligned"),
+    "dispatch/workspace-short": (_dispatch_call(workspace=(FAKE + 10 * S, 3)), "workspace"),
+    "dispatch/workspace-overlaps-input": (_dispatch_call(ws_at=FAKE + S - 4), "overlaps"),
+    "dispatch/policy": (_dispatch_call(policy="nope"), "drop_policy"),
+    "dispatch/layout": (_dispatch_call(layout="nope"), "layout"),
+    "dispatch/pad-without-capacity": (_dispatch_call(capacity=None, layout="pad_to_capacity"), "capacity"),
+    "dispatch/ep_size": (_dispatch_call(ep=3), "ep_size"),
+    "dispatch/topk-over-experts": (_dispatch_call(k=5), "topk"),
+    "expert_choice/logits-len": (_ec_call(logits=(FAKE, 31)), "logits"),
+    "expert_choice/weights-null": (_ec_call(weights=(0, 32)), "null"),
+    "expert_choice/row-misaligned": (_ec_call(row=(FAKE + 2 * S + 1, 32)), "aligned"),
+    "expert_choice/row_to_token-len": (_ec_call(row_to_token=(FAKE + 3 * S, 11)), "row_to_token"),
+    "expert_choice/row_weights-overlaps": (_ec_call(row_weights=(FAKE + 3 * S, 12)), "overlaps"),
+    "expert_choice/tokens_per_expert-len": (_ec_call(tokens_per_expert=(FAKE + 5 * S, 3)), "tokens_per_expert"),
+    "expert_choice/expert_offsets-len": (_ec_call(expert_offsets=(FAKE + 6 * S, 4)), "expert_offsets"),
+    "expert_choice/no-experts": (_ec_call(e=0, cap=3), "num_experts"),
+    "expert_choice/rows-overflow-i32": (_ec_call(e=4, cap=2**30, row_to_token=(FAKE + 3 * S, 2**32),
+                                                 row_weights=(FAKE + 2**36, 2**32)), "num_experts \\* capacity"),
+    "expert_choice/tokens-over-i32": (_ec_call(t=2**31, e=1, cap=0, logits=(FAKE, 2**31)), "num_tokens"),
+    "expert_choice_backward/row-len": (_ec_bwd_call(row=(FAKE + S, 31)), "row"),
+    "expert_choice_backward/grad_weights-null": (_ec_bwd_call(grad_weights=(0, 32)), "null"),
+    "expert_choice_backward/grad_logits-len": (_ec_bwd_call(grad_logits=(FAKE + 3 * S, 33)), "grad_logits"),
+    "expert_choice_backward/grad_logits-overlaps": (_ec_bwd_call(grad_logits=(FAKE + 2, 32)), "overlaps"),
+    "expert_choice_backward/no-experts": (_ec_bwd_call(e=0), "num_experts"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(NEW_BAD_CALLS))
+def test_dispatch_and_expert_choice_bindings_reject_a_bad_call_before_touching_a_device(name):
+    call, needle = NEW_BAD_CALLS[name]
+    with pytest.raises(ValueError, match=needle):
+        call()
+
+
+def test_dispatch_and_expert_choice_bindings_reject_bad_dtypes_and_configs():
+    with pytest.raises(TypeError, match="dtype"):
+        _ec_call(dtype="f64")()
+    with pytest.raises(TypeError, match="dtype"):
+        _ec_bwd_call(dtype="i32")()
+    with pytest.raises(ValueError, match="capacity"):
+        _native.cuda_dispatch_workspace_len(8, 2, 4, None, "position", "pad_to_capacity", 1, False, 1, 0, 0)
+    with pytest.raises(ValueError, match="align"):
+        _native.cuda_dispatch_workspace_len(8, 2, 4, None, "position", "dropless", 0, False, 1, 0, 0)
+
+
+@pytest.mark.skipif(_native.cuda_device_count() > 0, reason="needs a machine WITHOUT a CUDA device")
+@pytest.mark.parametrize(
+    "call",
+    [
+        _dispatch_call(),
+        _dispatch_call(t=0, capacity=None, layout="dropless", align=4, ep=4),
+        _dispatch_call(capacity=2, policy="random", layout="pad_to_capacity", ep=1),
+        _ec_call(),
+        _ec_call(t=0, cap=5, dtype="f16"),
+        _ec_bwd_call(),
+    ],
+    ids=["dispatch", "dispatch-empty-dropless", "dispatch-pad", "expert_choice", "expert_choice-empty", "ec-backward"],
+)
+def test_valid_dispatch_and_expert_choice_calls_pass_the_checks(call):
+    # Past every check, the backend is the first thing that needs a device.
+    with pytest.raises(RuntimeError, match="CUDA device 0"):
+        call()
+
+
+@pytest.mark.skipif(_native.cuda_device_count() > 0, reason="needs a machine WITHOUT a CUDA device")
+def test_ops_cuda_branches_pass_the_binding_checks(monkeypatch):
+    # Run the ops' CUDA branches on CPU tensors with the real bindings: every buffer the
+    # branch allocates and passes (sizes, dtypes, counts, workspace, argument order) must
+    # satisfy the binding's checks, which then fail only for want of a device.
+    monkeypatch.setattr(ops, "_on_cuda", lambda dev: True)
+    monkeypatch.setattr(ops, "_cuda", lambda op, name, dev: (getattr(_native, f"cuda_{name}"), 0, 0))
+    idx, w = _idx(T, K, E), torch.rand(T, K)
+    z = torch.randn(T, E, dtype=torch.bfloat16)
+    calls = [
+        lambda: ops.dispatch(idx, w, E, 4, "probs", "compact", 1, True, 3, 0, 0),
+        lambda: ops.dispatch(idx.long(), w, E, 5, "random", "pad_to_capacity", 1, False, 2, -1, 7),
+        lambda: ops.dispatch(idx, w, E, None, "batch_prioritized", "dropless", 8, False, 4, 0, 0),
+        lambda: ops.expert_choice(z, 4),
+        lambda: ops.expert_choice(z[:0], 0),
+        lambda: ops.expert_choice_backward(z, torch.full((T, E), -1, dtype=torch.int32), torch.randn(T, E)),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="CUDA device 0"):
+            call()
 
 
 @pytest.mark.skipif(_native.cuda_device_count() > 0, reason="needs a machine WITHOUT a CUDA device")
@@ -178,7 +325,7 @@ def test_permute_unpermute_cuda_match_cpu_with_gradients(dtype):
     x = torch.randn(T, H).to(dtype)
     idx = _idx(T, K, E)
     w = torch.rand(T, K)
-    d = mr.dispatch(idx, w, E, capacity=6)  # CPU: dispatch has no CUDA kernel yet
+    d = mr.dispatch(idx, w, E, capacity=6)  # the CPU plan for both devices
     outs = []
     for dev in ("cpu", "cuda"):
         xx = x.to(dev).requires_grad_()
@@ -273,21 +420,6 @@ def test_empty_inputs_on_cuda():
     assert float(mr.aux_loss(z, K)) == 0.0
 
 
-@requires_cuda
-@pytest.mark.parametrize("name", ["dispatch", "expert_choice"])
-def test_ops_without_a_cuda_kernel_raise_naming_it(name):
-    if ops.native_has(f"cuda_{name}"):
-        pytest.skip(f"cuda_{name} is built: wire it in ops.py and test it here")
-    z = torch.randn(T, E, device="cuda")
-    call = {
-        "dispatch": lambda: mr.dispatch(_idx(T, K, E).cuda(), torch.rand(T, K, device="cuda"), E, capacity=4),
-        "expert_choice": lambda: mr.expert_choice(z, 2),
-    }[name]
-    with pytest.raises(RuntimeError, match=f"CUDA kernels are not built in this wheel for `{name}`"):
-        call()
-    assert z.device.type == "cuda"
-
-
 # --------------------------------------------------------------------------------------
 # GPU: streams, opcheck, torch.compile
 
@@ -331,10 +463,6 @@ def _to_cuda(v):
 def test_opcheck_on_cuda(name):
     from test_opcheck import SAMPLES
 
-    if name in ("dispatch", "expert_choice", "expert_choice_backward") and not ops.native_has(
-        "cuda_" + name.replace("_backward", "")
-    ):
-        pytest.skip(f"{name}: no CUDA kernel in this build")
     op = getattr(torch.ops.moe_router, name).default
     for args in SAMPLES[name]:
         torch.library.opcheck(op, tuple(_to_cuda(a) for a in args))
