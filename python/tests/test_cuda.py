@@ -420,6 +420,173 @@ def test_empty_inputs_on_cuda():
     assert float(mr.aux_loss(z, K)) == 0.0
 
 
+def _routing(t, k, e, seed):
+    """Distinct indices per token with a skewed expert load (low experts over capacity),
+    -1 entries and tie-heavy weights (few distinct values)."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.linspace(4.0, 1.0, e).expand(max(t, 1), e)
+    idx = torch.multinomial(probs, k, replacement=False, generator=g)[:t]
+    idx[torch.rand(t, k, generator=g) < 0.1] = -1
+    w = (torch.randint(0, 4, (t, k), generator=g).float() + 1) / 8
+    return idx, w
+
+
+DISPATCH_LAYOUTS = [("compact", 5, 1), ("compact", None, 1), ("pad_to_capacity", 4, 1), ("dropless", None, 1),
+                    ("dropless", None, 4)]  # fmt: skip
+
+
+@requires_cuda
+@pytest.mark.parametrize("policy", ["position", "choice_then_position", "probs", "batch_prioritized", "random"])
+@pytest.mark.parametrize("layout,capacity,align", DISPATCH_LAYOUTS, ids=lambda v: str(v))
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("ep_size", [1, 4])
+@pytest.mark.parametrize("t", [0, 37, 300])
+def test_dispatch_cuda_matches_cpu(policy, layout, capacity, align, renormalize, ep_size, t):
+    idx, w = _routing(t, K, E, seed=t + 1)
+    opts = (E, capacity, policy, layout, align, renormalize, ep_size, 11, 5)
+    cpu = torch.ops.moe_router.dispatch(idx, w, *opts)
+    got = torch.ops.moe_router.dispatch(idx.cuda(), w.cuda(), *opts)
+    names = ["kept_weights", "slot", "row", "tokens_per_expert", "row_to_token", "expert_offsets", "rows_per_rank",
+             "counts"]  # fmt: skip
+    for a, b, name in zip(got, cpu, names):
+        assert a.device.type == "cuda", name
+        # Every output, the kept weights too, is the CPU's bit for bit (same f32 ops).
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a.cpu(), b), name
+    # The functional layer: num_rows / dropped are 0-d int64 device views of counts.
+    d_cpu = mr.dispatch(idx, w, E, capacity=capacity, drop_policy=policy, layout=layout, align=align,
+                        renormalize=renormalize, ep_size=ep_size, seed=11, offset=5)  # fmt: skip
+    d = mr.dispatch(idx.cuda(), w.cuda(), E, capacity=capacity, drop_policy=policy, layout=layout, align=align,
+                    renormalize=renormalize, ep_size=ep_size, seed=11, offset=5)  # fmt: skip
+    for f in d._fields:
+        _close(getattr(d, f), getattr(d_cpu, f), torch.float32, msg=f)
+    assert d.num_rows.shape == () and d.dropped.shape == () and d.num_rows.dtype == torch.int64
+
+
+@requires_cuda
+def test_dispatch_and_expert_choice_on_cuda_do_not_sync():
+    idx, w = _routing(257, K, E, seed=3)
+    idx, w = idx.cuda(), w.cuda()
+    z = torch.randn(257, E, device="cuda")
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        d = mr.dispatch(idx, w, E, capacity=20, drop_policy="probs", renormalize=True, ep_size=2)
+        c = mr.expert_choice(z, 30)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    assert d.num_rows.device.type == "cuda" and d.dropped.device.type == "cuda"
+    assert c.row.device.type == "cuda"
+
+
+@requires_cuda
+def test_dispatch_out_of_range_indices_count_as_not_routed_on_cuda():
+    idx, w = _routing(64, K, E, seed=9)
+    bad = idx.clone()
+    bad[3, 0], bad[10, 1], bad[20, 2] = E, 2**40, -5  # CPU would raise
+    got = mr.dispatch(bad.cuda(), w.cuda(), E, capacity=6, drop_policy="probs")
+    fixed = torch.where((bad >= 0) & (bad < E), bad, -1)
+    want = mr.dispatch(fixed, w, E, capacity=6, drop_policy="probs")
+    for f in ("slot", "row", "tokens_per_expert", "row_to_token", "expert_offsets", "rows_per_rank", "num_rows",
+              "dropped"):  # fmt: skip
+        _close(getattr(got, f), getattr(want, f), msg=f)
+
+
+def _cpu_p(z):
+    """The CPU reference's p = softmax(z) exactly (every expert takes every token)."""
+    return torch.ops.moe_router.expert_choice(z, z.shape[0])[0]
+
+
+def _check_expert_choice(got, cpu, p, cap, what):
+    """Compare like tests/gpu_vs_cpu.rs: counts / offsets exact; each expert's chosen set
+    equal, or different only between tokens whose CPU p are within a few ulps of that
+    expert's selection threshold (the GPU's p may differ by an ulp). Returns the number
+    of experts whose set differed so."""
+    g = [x.cpu() for x in got]
+    weights, row, r2t, row_w, tpe, offsets = g
+    c_weights, c_row, c_r2t, c_row_w, c_tpe, c_offsets = cpu
+    assert torch.equal(tpe, c_tpe) and torch.equal(offsets, c_offsets), what
+    t, e = weights.shape
+    taken = min(cap, t)
+    near = 0
+    for x in range(e):
+        seg = slice(x * cap, x * cap + cap)
+        gs, cs = r2t[seg], c_r2t[seg]
+        assert (gs[taken:] == -1).all() and (row_w[seg][taken:] == 0).all(), f"{what}: expert {x} unused rows"
+        toks = gs[:taken]
+        assert ((toks >= 0) & (toks < t)).all() and (toks[1:] > toks[:-1]).all(), f"{what}: expert {x} order"
+        if taken:
+            rows = torch.arange(x * cap, x * cap + taken, dtype=torch.int32)
+            assert torch.equal(row[toks.long(), x], rows), f"{what}: expert {x} row"
+            assert torch.equal(weights[toks.long(), x], row_w[x * cap : x * cap + taken]), f"{what}: weights"
+            _close(row_w[x * cap : x * cap + taken].cuda(), p[toks.long(), x], torch.float32, msg=f"{what}: p")
+        if not torch.equal(toks, cs[:taken]):
+            thr = p[cs[:taken].long(), x].min()
+            diff = set(toks.tolist()) ^ set(cs[:taken].tolist())
+            for tok in diff:
+                v = p[tok, x]
+                assert abs(v - thr) <= 4e-7 * abs(thr) + 1e-37, f"{what}: expert {x}: token {tok} p {v} thr {thr}"
+            near += 1
+        else:
+            _close(row_w[seg].cuda(), c_row_w[seg], torch.float32, msg=f"{what}: row_weights")
+    unchosen = row < 0
+    assert (row[unchosen] == -1).all() and (weights[unchosen] == 0).all(), what
+    if near == 0:
+        assert torch.equal(row, c_row), f"{what}: row"
+    return near
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("t,e", [(1, 8), (33, E), (257, 60), (1000, 8)])
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+def test_expert_choice_cuda_matches_cpu(dtype, t, e, kind):
+    if kind == "randn":
+        z = ref.randn((t, e), seed=t * e, dtype=dtype, scale=2.0)
+    else:  # few distinct logits: many exact ties in p (lower token first on both devices)
+        g = torch.Generator().manual_seed(t + e)
+        z = (torch.randint(-3, 3, (t, e), generator=g).float() * 0.5).to(dtype)
+    p = _cpu_p(z)
+    near, experts = 0, 0
+    for cap in sorted({0, 1, -(-2 * t // e), t // 2, t, t + 3}):
+        what = f"{dtype} T={t} E={e} {kind} cap={cap}"
+        cpu = torch.ops.moe_router.expert_choice(z, cap)
+        got = torch.ops.moe_router.expert_choice(z.cuda(), cap)
+        for a in got:
+            assert a.device.type == "cuda", what
+        for a, b in zip(got, cpu):
+            assert a.dtype == b.dtype and a.shape == b.shape, what
+        near += _check_expert_choice(got, cpu, p, cap, what)
+        experts += e
+        # Backward on the CPU's selection (the same row for both devices).
+        gw = torch.randn(t, e)
+        g_cpu = torch.ops.moe_router.expert_choice_backward(z, cpu[1], gw)
+        g = torch.ops.moe_router.expert_choice_backward(z.cuda(), cpu[1].cuda(), gw.cuda())
+        rtol = {torch.float32: 1.3e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        torch.testing.assert_close(g.cpu().double(), g_cpu.double(), rtol=rtol, atol=1e-5, msg=f"{what}: grad")
+    # Near-ties need CPU p within an ulp of each other: rare for random logits, more
+    # common (but still a minority) with few distinct logits.
+    bound = 10 if kind == "randn" else 4
+    assert near * bound <= experts, f"near-ties are not rare: {near} of {experts}"
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_expert_choice_gradients_cuda_match_cpu(dtype):
+    z = ref.tie_free_logits(48, E, seed=4, dtype=dtype)
+    res = []
+    for dev in ("cpu", "cuda"):
+        x = z.to(dev).requires_grad_()
+        c = mr.expert_choice(x, 9)
+        (c.weights.square().sum() + 2.0 * c.row_weights.sum()).backward()
+        res.append((c.row, c.row_to_token, x.grad))
+    if not torch.equal(res[1][0].cpu(), res[0][0]):
+        pytest.fail("tie-free logits must give the same selection on both devices")
+    _close(res[1][1], res[0][1])
+    _close(res[1][2], res[0][2], dtype)
+
+
 # --------------------------------------------------------------------------------------
 # GPU: streams, opcheck, torch.compile
 
@@ -434,7 +601,10 @@ def test_ops_on_a_non_default_stream_give_the_same_results():
         d_row = torch.arange(257 * K, device="cuda").reshape(257, K)
         r2t = torch.arange(257, device="cuda").repeat_interleave(K)
         out = mr.unpermute(mr.permute(x, r2t, d_row), d_row, w)
-        return w, i, out, mr.aux_loss(z, K), mr.z_loss(z)
+        d = mr.dispatch(i, w, E, capacity=40, drop_policy="probs", renormalize=True)
+        c = mr.expert_choice(z, 30)
+        return (w, i, out, mr.aux_loss(z, K), mr.z_loss(z), d.row, d.row_to_token, d.kept_weights, d.num_rows,
+                d.dropped, c.row, c.weights)  # fmt: skip
 
     ref_out = step()
     torch.cuda.synchronize()
@@ -481,6 +651,30 @@ def test_compile_fullgraph_on_cuda():
         r2t = torch.arange(64, device=x.device).repeat_interleave(K)
         out = mr.unpermute(mr.permute(x, r2t, r), r, w)
         return out.square().mean() + mr.aux_loss(z, K, coeff=0.01) + mr.z_loss(z, coeff=1e-3)
+
+    eager = f(x, router)
+    (ge,) = torch.autograd.grad(eager, router)
+    compiled = torch.compile(f, fullgraph=True)
+    got = compiled(x, router)
+    (gc,) = torch.autograd.grad(got, router)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)
+
+
+@requires_cuda
+def test_compile_fullgraph_dispatch_and_expert_choice_on_cuda():
+    torch._dynamo.reset()
+    x = torch.randn(64, H, device="cuda")
+    router = (torch.randn(H, E, device="cuda") * 0.5).requires_grad_()
+
+    def f(x, router):
+        z = x @ router
+        w, i = mr.topk_gating(z, K)
+        d = mr.dispatch(i, w, E, capacity=12, drop_policy="probs", renormalize=True)
+        out = mr.unpermute(mr.permute(x, d.row_to_token, d.row), d.row, d.kept_weights)
+        c = mr.expert_choice(z, 10)
+        out2 = mr.unpermute(mr.permute(x, c.row_to_token, c.row), c.row, c.weights)
+        return out.square().mean() + out2.square().mean() + d.dropped.float() * 0.0
 
     eager = f(x, router)
     (ge,) = torch.autograd.grad(eager, router)
