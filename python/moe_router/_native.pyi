@@ -143,6 +143,26 @@ def cuda_topk_gating_backward(
     grad_weights: Buf, score_function: str, pre_softmax: bool, normalize: bool, scaling_factor: float,
     grad_logits: Buf,
 ) -> None: ...
+def cuda_dispatch_workspace_len(
+    num_tokens: int, topk: int, num_experts: int, capacity: Optional[int], drop_policy: str, layout: str, align: int,
+    renormalize: bool, ep_size: int, seed: int, offset: int,
+) -> int:
+    """i32 elements of the ``cuda_dispatch`` workspace (options as ``dispatch_max_rows``)."""
+def cuda_dispatch(
+    device: int, stream: int, indices: Buf, weights: Buf, num_tokens: int, topk: int, num_experts: int,
+    capacity: Optional[int], drop_policy: str, layout: str, align: int, renormalize: bool, ep_size: int, seed: int,
+    offset: int, slot: Buf, row: Buf, kept_weights: Buf, tokens_per_expert: Buf, row_to_token: Buf,
+    expert_offsets: Buf, rows_per_rank: Buf, counts: Buf, workspace: Buf,
+) -> None:
+    """``counts`` [2] int64 = (num_rows, dropped), written on the device; ``indices`` values are not checked."""
+def cuda_expert_choice(
+    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, capacity: int,
+    weights: Buf, row: Buf, row_to_token: Buf, row_weights: Buf, tokens_per_expert: Buf, expert_offsets: Buf,
+) -> None: ...
+def cuda_expert_choice_backward(
+    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, row: Buf,
+    grad_weights: Buf, grad_logits: Buf,
+) -> None: ...
 def cuda_permute(
     device: int, stream: int, dtype: str, x: Buf, num_tokens: int, hidden: int, row_to_token: Buf, out: Buf
 ) -> None: ...

@@ -30,9 +30,9 @@ CUDA tensors run the CUDA kernels on ``torch.cuda.current_stream(device)`` witho
 synchronisation; results (losses, counts, statistics) stay on the device. The argument
 checks are the same on both devices, but value checks that would need a sync are skipped:
 on CUDA, out-of-range indices are ignored by the kernels instead of raising (and negative
-counts are not rejected). ``dispatch`` and ``expert_choice`` have no CUDA kernel in this
-build yet and raise ``RuntimeError`` for CUDA tensors. Nothing is copied between devices
-silently.
+counts are not rejected). ``expert_choice`` on CUDA computes ``softmax`` to rounding of
+the CPU's, so its selection can differ from the CPU's between near-tied tokens. Nothing is
+copied between devices silently.
 
 torch.compile
 -------------
@@ -511,6 +511,11 @@ def dispatch(
         ep_size: expert-parallel ranks, dividing ``E``.
         seed, offset: the Philox stream of ``drop_policy="random"``, each in ``[0, 2**64)``.
 
+    On CUDA every output equals the CPU's bit for bit; ``num_rows`` and ``dropped`` stay on
+    the device (no sync). ``indices`` values are not checked there (that would need a sync):
+    an index outside ``[0, num_experts)`` counts as not routed instead of raising, and a
+    repeated one is not rejected.
+
     Returns:
         :class:`Dispatch`. Its buffer has :func:`dispatch_max_rows` rows whatever the
         routing (a static shape for ``torch.compile``); ``num_rows`` says how many are
@@ -606,6 +611,10 @@ def expert_choice(logits: Tensor, capacity: int) -> ExpertChoice:
     Args:
         logits: ``[T, E]`` float32 / float16 / bfloat16.
         capacity: tokens per expert, ``>= 0``.
+
+    On CUDA ``p`` matches the CPU's to rounding (an ulp), so the choice between two tokens
+    whose ``p`` are that close can differ from the CPU's; given the same ``p`` the outputs
+    are the same. A ``row`` given to the backward is not checked for entries below ``-1``.
 
     Returns:
         :class:`ExpertChoice`, with ``E * capacity`` buffer rows.

@@ -28,8 +28,8 @@ argument first; call that, not these. Conventions of the ops themselves:
   the kernels bounds-check every index instead, and ignore out-of-range ones. The two
   exceptions, both documented where they apply: a CUDA ``total_tokens`` given to
   ``aux_loss`` and ``strict=True`` in ``router_stats`` read one value on the host.
-  Ops without a CUDA kernel in this build (``dispatch``, ``expert_choice`` until
-  ``dispatch_raw`` / ``expert_choice_raw`` land) raise ``RuntimeError`` for CUDA tensors.
+  ``dispatch`` on CUDA returns ``counts`` as the kernels wrote it on the device.
+  A wheel built without the ``cuda`` feature raises ``RuntimeError`` for CUDA tensors.
 """
 
 from __future__ import annotations
@@ -384,27 +384,33 @@ def dispatch(
     row_to_token [max_rows] i32 (tail -1); expert_offsets [E+1] i32; rows_per_rank
     [ep_size] i32; counts [2] i64 = (num_rows, dropped)."""
     op = "dispatch"
-    if _on_cuda(_device(op, indices=indices, weights=weights)):
-        _no_cuda_kernel(op, "dispatch")
+    dev = _device(op, indices=indices, weights=weights)
     idx = _i32(op, "indices", indices)
     w = _dense(op, "weights", weights, torch.float32)
     t, k = idx.shape
-    max_rows = _native_fn(op, "dispatch_max_rows")(
-        t, k, num_experts, capacity, drop_policy, layout, align, renormalize, ep_size, _u64(seed), _u64(offset)
-    )
-    slot = torch.empty((t, k), dtype=torch.int32)
-    row = torch.empty((t, k), dtype=torch.int32)
-    kept = torch.empty((t, k), dtype=torch.float32)
-    tpe = torch.empty((num_experts,), dtype=torch.int32)
-    r2t = torch.empty((max_rows,), dtype=torch.int32)
-    offsets = torch.empty((num_experts + 1,), dtype=torch.int32)
-    per_rank = torch.empty((ep_size,), dtype=torch.int32)
-    num_rows, dropped = _native_fn(op, "dispatch")(
-        _buf(idx), _buf(w), t, k, num_experts, capacity, drop_policy, layout, align, renormalize, ep_size,
-        _u64(seed), _u64(offset), _buf(slot), _buf(row), _buf(kept), _buf(tpe), _buf(r2t), _buf(offsets),
+    options = (num_experts, capacity, drop_policy, layout, align, renormalize, ep_size, _u64(seed), _u64(offset))
+    max_rows = _native_fn(op, "dispatch_max_rows")(t, k, *options)
+    slot = torch.empty((t, k), dtype=torch.int32, device=dev)
+    row = torch.empty((t, k), dtype=torch.int32, device=dev)
+    kept = torch.empty((t, k), dtype=torch.float32, device=dev)
+    tpe = torch.empty((num_experts,), dtype=torch.int32, device=dev)
+    r2t = torch.empty((max_rows,), dtype=torch.int32, device=dev)
+    offsets = torch.empty((num_experts + 1,), dtype=torch.int32, device=dev)
+    per_rank = torch.empty((ep_size,), dtype=torch.int32, device=dev)
+    args = (
+        _buf(idx), _buf(w), t, k, *options, _buf(slot), _buf(row), _buf(kept), _buf(tpe), _buf(r2t), _buf(offsets),
         _buf(per_rank),
     )  # fmt: skip
-    counts = torch.tensor([num_rows, dropped], dtype=torch.int64)
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "dispatch", dev)
+        # (num_rows, dropped) written by the kernels: no host read.
+        counts = torch.empty((2,), dtype=torch.int64, device=dev)
+        ws_len = _native.cuda_dispatch_workspace_len(t, k, *options)
+        ws = torch.empty((ws_len,), dtype=torch.int32, device=dev)
+        fn(index, stream, *args, _buf(counts), _buf(ws))
+    else:
+        num_rows, dropped = _native_fn(op, "dispatch")(*args)
+        counts = torch.tensor([num_rows, dropped], dtype=torch.int64)
     return kept, slot, row, tpe, r2t, offsets, per_rank, counts
 
 
@@ -434,21 +440,25 @@ def expert_choice(logits: Tensor, capacity: int) -> Tuple[Tensor, Tensor, Tensor
     """weights [T, E] f32, row [T, E] i32, row_to_token [E*cap] i32, row_weights [E*cap]
     f32, tokens_per_expert [E] i32, expert_offsets [E+1] i32."""
     op = "expert_choice"
-    if _on_cuda(_device(op, logits=logits)):
-        _no_cuda_kernel(op, "expert_choice")
+    dev = _device(op, logits=logits)
     dt = _float_name(op, "logits", logits)
     logits = _dense(op, "logits", logits)
     t, e = logits.shape
-    weights = torch.empty((t, e), dtype=torch.float32)
-    row = torch.empty((t, e), dtype=torch.int32)
-    r2t = torch.empty((e * capacity,), dtype=torch.int32)
-    row_weights = torch.empty((e * capacity,), dtype=torch.float32)
-    tpe = torch.empty((e,), dtype=torch.int32)
-    offsets = torch.empty((e + 1,), dtype=torch.int32)
-    _native_fn(op, "expert_choice")(
+    weights = torch.empty((t, e), dtype=torch.float32, device=dev)
+    row = torch.empty((t, e), dtype=torch.int32, device=dev)
+    r2t = torch.empty((e * capacity,), dtype=torch.int32, device=dev)
+    row_weights = torch.empty((e * capacity,), dtype=torch.float32, device=dev)
+    tpe = torch.empty((e,), dtype=torch.int32, device=dev)
+    offsets = torch.empty((e + 1,), dtype=torch.int32, device=dev)
+    args = (
         dt, _buf(logits), t, e, capacity, _buf(weights), _buf(row), _buf(r2t), _buf(row_weights), _buf(tpe),
         _buf(offsets),
     )  # fmt: skip
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "expert_choice", dev)
+        fn(index, stream, *args)
+    else:
+        _native_fn(op, "expert_choice")(*args)
     return weights, row, r2t, row_weights, tpe, offsets
 
 
@@ -469,15 +479,19 @@ def _(logits, capacity):
 def expert_choice_backward(logits: Tensor, row: Tensor, grad_weights: Tensor) -> Tensor:
     """grad_logits [T, E] from grad_weights [T, E] f32 (through the softmax)."""
     op = "expert_choice_backward"
-    if _on_cuda(_device(op, logits=logits, row=row, grad_weights=grad_weights)):
-        _no_cuda_kernel(op, "expert_choice")
+    dev = _device(op, logits=logits, row=row, grad_weights=grad_weights)
     dt = _float_name(op, "logits", logits)
     logits = _dense(op, "logits", logits)
     row32 = _i32(op, "row", row)
     gw = _dense(op, "grad_weights", grad_weights.to(torch.float32))
     t, e = logits.shape
-    grad_logits = torch.empty((t, e), dtype=logits.dtype)
-    _native_fn(op, "expert_choice_backward")(dt, _buf(logits), t, e, _buf(row32), _buf(gw), _buf(grad_logits))
+    grad_logits = torch.empty((t, e), dtype=logits.dtype, device=dev)
+    args = (dt, _buf(logits), t, e, _buf(row32), _buf(gw), _buf(grad_logits))
+    if _on_cuda(dev):
+        fn, index, stream = _cuda(op, "expert_choice_backward", dev)
+        fn(index, stream, *args)
+    else:
+        _native_fn(op, "expert_choice_backward")(*args)
     return grad_logits
 
 

@@ -22,17 +22,20 @@ use std::sync::{Arc, Mutex, OnceLock};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
+use crate::dispatch::dispatch_config;
 use crate::error::{to_py_err, value_error};
 use crate::losses::aux_config;
 use crate::tensor::{check_bufs, mul, parse_float, run, Buf, Float, RawBuf, Span};
 use crate::topk_gating::gating_config;
+use moe_router::cuda::dispatch::DispatchRawPtrs;
 use moe_router::cuda::dropout::AssignmentDropoutRawPtrs;
+use moe_router::cuda::expert_choice::ExpertChoiceRawPtrs;
 use moe_router::cuda::losses::{LossesPass, LossesRawPtrs};
 use moe_router::cuda::permute::{PermutePass, PermuteRawPtrs, PermuteSizes};
 use moe_router::cuda::router_stats::RouterStatsRawPtrs;
 use moe_router::cuda::topk_gating::{TopkGatingPass, TopkGatingRawPtrs};
 use moe_router::cuda::CudaBackend;
-use moe_router::{AuxLossConfig, DType, DropoutConfig, TopkGatingConfig};
+use moe_router::{AuxLossConfig, DType, DispatchConfig, DropoutConfig, TopkGatingConfig};
 
 /// Number of CUDA devices the driver reports; 0 without `libcuda` (never panics).
 #[pyfunction]
@@ -410,6 +413,425 @@ pub(crate) fn cuda_topk_gating_backward(
         num_tokens,
         num_experts,
         cfg,
+        ptrs,
+    )
+}
+
+// --------------------------------------------------------------------------------------
+// Dispatch
+
+/// The dispatch config and its row bound, validated on the host (the errors of the
+/// core's `dispatch_max_rows`: capacity / layout / align / ep_size and the i32 limits).
+#[allow(clippy::too_many_arguments)]
+fn dispatch_plan(
+    num_tokens: usize,
+    topk: usize,
+    num_experts: usize,
+    capacity: Option<usize>,
+    drop_policy: &str,
+    layout: &str,
+    align: usize,
+    renormalize: bool,
+    ep_size: usize,
+    seed: u64,
+    offset: u64,
+) -> PyResult<(DispatchConfig, usize, usize)> {
+    let cfg = dispatch_config(
+        num_experts,
+        capacity,
+        drop_policy,
+        layout,
+        align,
+        renormalize,
+        ep_size,
+        seed,
+        offset,
+    )?;
+    let max_rows = moe_router::dispatch_max_rows(num_tokens, topk, &cfg).map_err(to_py_err)?;
+    let ws_len = moe_router::cuda::dispatch::dispatch_workspace_len(num_tokens, topk, &cfg)
+        .map_err(to_py_err)?;
+    Ok((cfg, max_rows, ws_len))
+}
+
+/// i32 elements of the workspace of `cuda_dispatch` for these sizes and options (the
+/// options of `dispatch_max_rows`; a bad one is a `ValueError`).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (num_tokens, topk, num_experts, capacity, drop_policy, layout, align, renormalize, ep_size, seed, offset))]
+pub(crate) fn cuda_dispatch_workspace_len(
+    num_tokens: usize,
+    topk: usize,
+    num_experts: usize,
+    capacity: Option<usize>,
+    drop_policy: &str,
+    layout: &str,
+    align: usize,
+    renormalize: bool,
+    ep_size: usize,
+    seed: u64,
+    offset: u64,
+) -> PyResult<usize> {
+    Ok(dispatch_plan(
+        num_tokens,
+        topk,
+        num_experts,
+        capacity,
+        drop_policy,
+        layout,
+        align,
+        renormalize,
+        ep_size,
+        seed,
+        offset,
+    )?
+    .2)
+}
+
+/// Capacity-factor dispatch on CUDA: as `dispatch`, with `device`, `stream` first and two
+/// more device buffers: `counts` `[2]` i64 = (num_rows, dropped), written on the device
+/// instead of returned, and `workspace` i32 of `cuda_dispatch_workspace_len(..)`. The
+/// `indices` values are not checked (no host read): an index outside `[0, num_experts)`
+/// counts as not routed, a repeated one is not rejected.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (device, stream, indices, weights, num_tokens, topk, num_experts, capacity, drop_policy, layout, align, renormalize, ep_size, seed, offset, slot, row, kept_weights, tokens_per_expert, row_to_token, expert_offsets, rows_per_rank, counts, workspace))]
+pub(crate) fn cuda_dispatch(
+    py: Python<'_>,
+    device: usize,
+    stream: u64,
+    indices: RawBuf,
+    weights: RawBuf,
+    num_tokens: usize,
+    topk: usize,
+    num_experts: usize,
+    capacity: Option<usize>,
+    drop_policy: &str,
+    layout: &str,
+    align: usize,
+    renormalize: bool,
+    ep_size: usize,
+    seed: u64,
+    offset: u64,
+    slot: RawBuf,
+    row: RawBuf,
+    kept_weights: RawBuf,
+    tokens_per_expert: RawBuf,
+    row_to_token: RawBuf,
+    expert_offsets: RawBuf,
+    rows_per_rank: RawBuf,
+    counts: RawBuf,
+    workspace: RawBuf,
+) -> PyResult<()> {
+    const OP: &str = "dispatch";
+    let (cfg, max_rows, ws_len) = dispatch_plan(
+        num_tokens,
+        topk,
+        num_experts,
+        capacity,
+        drop_policy,
+        layout,
+        align,
+        renormalize,
+        ep_size,
+        seed,
+        offset,
+    )?;
+    let idx = Buf::<i32>::input("indices", indices);
+    let w = Buf::<f32>::input("weights", weights);
+    let slot = Buf::<i32>::output("slot", slot);
+    let row = Buf::<i32>::output("row", row);
+    let kw = Buf::<f32>::output("kept_weights", kept_weights);
+    let tpe = Buf::<i32>::output("tokens_per_expert", tokens_per_expert);
+    let rtt = Buf::<i32>::output("row_to_token", row_to_token);
+    let eo = Buf::<i32>::output("expert_offsets", expert_offsets);
+    let rpr = Buf::<i32>::output("rows_per_rank", rows_per_rank);
+    let cn = Buf::<i64>::output("counts", counts);
+    let ws = Buf::<i32>::output("workspace", workspace);
+    let tk = mul(OP, "num_tokens * topk", num_tokens, topk)?;
+    let tk_shape = shape2("num_tokens", num_tokens, "topk", topk);
+    for b in [&idx, &slot, &row] {
+        b.expect_len(OP, tk, &tk_shape)?;
+    }
+    w.expect_len(OP, tk, &tk_shape)?;
+    kw.expect_len(OP, tk, &tk_shape)?;
+    tpe.expect_len(
+        OP,
+        num_experts,
+        format_args!("[num_experts] = [{num_experts}]"),
+    )?;
+    rtt.expect_len(OP, max_rows, format_args!("[max_rows] = [{max_rows}]"))?;
+    eo.expect_len(
+        OP,
+        num_experts + 1,
+        format_args!("[num_experts + 1] = [{}]", num_experts + 1),
+    )?;
+    rpr.expect_len(OP, ep_size, format_args!("[ep_size] = [{ep_size}]"))?;
+    cn.expect_len(OP, 2, "[2] (num_rows, dropped)")?;
+    ws.expect_len(
+        OP,
+        ws_len,
+        format_args!("[cuda_dispatch_workspace_len(..)] = [{ws_len}]"),
+    )?;
+    check_bufs(
+        OP,
+        &[
+            idx.span(),
+            w.span(),
+            slot.span(),
+            row.span(),
+            kw.span(),
+            tpe.span(),
+            rtt.span(),
+            eo.span(),
+            rpr.span(),
+            cn.span(),
+            ws.span(),
+        ],
+    )?;
+    let ptrs = DispatchRawPtrs {
+        indices: idx.addr(),
+        weights: w.addr(),
+        slot: slot.addr(),
+        row: row.addr(),
+        kept_weights: kw.addr(),
+        tokens_per_expert: tpe.addr(),
+        row_to_token: rtt.addr(),
+        expert_offsets: eo.addr(),
+        rows_per_rank: rpr.addr(),
+        counts: cn.addr(),
+        workspace: ws.addr(),
+    };
+    run(py, OP, move || {
+        let be = backend(OP, device)?;
+        // SAFETY: as in `gating`: the caller's live torch stream on the device's primary
+        // context; every buffer was checked above for these sizes (the workspace for
+        // `dispatch_workspace_len`), outputs are disjoint, ops.py keeps them alive.
+        unsafe {
+            moe_router::cuda::dispatch::dispatch_raw(
+                &be,
+                cu_stream(stream),
+                num_tokens,
+                topk,
+                &cfg,
+                ptrs,
+            )
+        }
+        .map_err(to_py_err)
+    })
+}
+
+// --------------------------------------------------------------------------------------
+// Expert choice
+
+/// The size checks of the core's expert-choice validation, on the host (the raw entry
+/// repeats them, but only after the backend exists): `num_experts` in `[1, i32::MAX]`,
+/// `num_tokens <= i32::MAX`, and (forward) `num_experts * capacity <= i32::MAX`.
+fn expert_choice_sizes(
+    num_tokens: usize,
+    num_experts: usize,
+    capacity: Option<usize>,
+) -> PyResult<usize> {
+    use moe_router::{Error, MAX_I32_INDEX};
+    const OP: &str = "expert_choice";
+    if num_experts == 0 || num_experts > MAX_I32_INDEX {
+        return Err(to_py_err(Error::InvalidArgument {
+            op: OP,
+            arg: "num_experts",
+            value: num_experts.to_string(),
+            valid: format!("the number of experts must be in [1, {MAX_I32_INDEX}]"),
+        }));
+    }
+    let overflow = |what: &'static str, value: u128| {
+        to_py_err(Error::Overflow {
+            op: OP,
+            what,
+            value,
+            max: i32::MAX as i64,
+        })
+    };
+    if num_tokens > MAX_I32_INDEX {
+        return Err(overflow("num_tokens", num_tokens as u128));
+    }
+    match capacity {
+        Some(c) => {
+            let rows = num_experts as u128 * c as u128;
+            if rows > MAX_I32_INDEX as u128 {
+                return Err(overflow("num_experts * capacity", rows));
+            }
+            Ok(rows as usize)
+        }
+        None => Ok(0),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn expert_choice_call(
+    py: Python<'_>,
+    op: &'static str,
+    device: usize,
+    stream: u64,
+    backward: bool,
+    dt: DType,
+    num_tokens: usize,
+    num_experts: usize,
+    capacity: usize,
+    ptrs: ExpertChoiceRawPtrs,
+) -> PyResult<()> {
+    run(py, op, move || {
+        let be = backend(op, device)?;
+        // SAFETY: as in `gating`; every address the pass uses was checked above for
+        // these sizes, outputs are disjoint, ops.py keeps every tensor alive.
+        unsafe {
+            moe_router::cuda::expert_choice::expert_choice_raw(
+                &be,
+                cu_stream(stream),
+                backward,
+                dt,
+                num_tokens,
+                num_experts,
+                capacity,
+                ptrs,
+            )
+        }
+        .map_err(to_py_err)
+    })
+}
+
+/// Expert-choice routing on CUDA: as `expert_choice`, with `device`, `stream` first.
+/// Every integer output equals the CPU's given the same `p = softmax(logits)`; `p` is
+/// computed to rounding of the CPU's, so a selection can differ between near-tied tokens.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (device, stream, dtype, logits, num_tokens, num_experts, capacity, weights, row, row_to_token, row_weights, tokens_per_expert, expert_offsets))]
+pub(crate) fn cuda_expert_choice(
+    py: Python<'_>,
+    device: usize,
+    stream: u64,
+    dtype: &str,
+    logits: RawBuf,
+    num_tokens: usize,
+    num_experts: usize,
+    capacity: usize,
+    weights: RawBuf,
+    row: RawBuf,
+    row_to_token: RawBuf,
+    row_weights: RawBuf,
+    tokens_per_expert: RawBuf,
+    expert_offsets: RawBuf,
+) -> PyResult<()> {
+    const OP: &str = "expert_choice";
+    let dt = self::dtype(OP, "logits", dtype)?;
+    let rows = expert_choice_sizes(num_tokens, num_experts, Some(capacity))?;
+    let logits = fbuf_in(dt, "logits", logits);
+    let w = Buf::<f32>::output("weights", weights);
+    let row = Buf::<i32>::output("row", row);
+    let rtt = Buf::<i32>::output("row_to_token", row_to_token);
+    let rw = Buf::<f32>::output("row_weights", row_weights);
+    let tpe = Buf::<i32>::output("tokens_per_expert", tokens_per_expert);
+    let eo = Buf::<i32>::output("expert_offsets", expert_offsets);
+    let te = mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?;
+    let te_shape = shape2("num_tokens", num_tokens, "num_experts", num_experts);
+    logits.expect_len(OP, te, &te_shape)?;
+    w.expect_len(OP, te, &te_shape)?;
+    row.expect_len(OP, te, &te_shape)?;
+    let rows_shape = format!("[num_experts * capacity] = [{rows}]");
+    rtt.expect_len(OP, rows, &rows_shape)?;
+    rw.expect_len(OP, rows, &rows_shape)?;
+    tpe.expect_len(
+        OP,
+        num_experts,
+        format_args!("[num_experts] = [{num_experts}]"),
+    )?;
+    eo.expect_len(
+        OP,
+        num_experts + 1,
+        format_args!("[num_experts + 1] = [{}]", num_experts + 1),
+    )?;
+    check_bufs(
+        OP,
+        &[
+            logits.span(),
+            w.span(),
+            row.span(),
+            rtt.span(),
+            rw.span(),
+            tpe.span(),
+            eo.span(),
+        ],
+    )?;
+    let ptrs = ExpertChoiceRawPtrs {
+        logits: logits.addr(),
+        weights: w.addr(),
+        row: row.addr(),
+        row_to_token: rtt.addr(),
+        row_weights: rw.addr(),
+        tokens_per_expert: tpe.addr(),
+        expert_offsets: eo.addr(),
+        ..Default::default()
+    };
+    expert_choice_call(
+        py,
+        OP,
+        device,
+        stream,
+        false,
+        dt,
+        num_tokens,
+        num_experts,
+        capacity,
+        ptrs,
+    )
+}
+
+/// Backward of expert choice on CUDA: as `expert_choice_backward`, with `device`,
+/// `stream` first. A `row` entry counts as chosen iff it is `>= 0` (entries below -1,
+/// which the CPU rejects, are not checked: no host read).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (device, stream, dtype, logits, num_tokens, num_experts, row, grad_weights, grad_logits))]
+pub(crate) fn cuda_expert_choice_backward(
+    py: Python<'_>,
+    device: usize,
+    stream: u64,
+    dtype: &str,
+    logits: RawBuf,
+    num_tokens: usize,
+    num_experts: usize,
+    row: RawBuf,
+    grad_weights: RawBuf,
+    grad_logits: RawBuf,
+) -> PyResult<()> {
+    const OP: &str = "expert_choice_backward";
+    let dt = self::dtype(OP, "logits", dtype)?;
+    expert_choice_sizes(num_tokens, num_experts, None)?;
+    let logits = fbuf_in(dt, "logits", logits);
+    let row = Buf::<i32>::input("row", row);
+    let gw = Buf::<f32>::input("grad_weights", grad_weights);
+    let gl = fbuf_out(dt, "grad_logits", grad_logits);
+    let te = mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?;
+    let te_shape = shape2("num_tokens", num_tokens, "num_experts", num_experts);
+    logits.expect_len(OP, te, &te_shape)?;
+    row.expect_len(OP, te, &te_shape)?;
+    gw.expect_len(OP, te, &te_shape)?;
+    gl.expect_len(OP, te, &te_shape)?;
+    check_bufs(OP, &[logits.span(), row.span(), gw.span(), gl.span()])?;
+    let ptrs = ExpertChoiceRawPtrs {
+        logits: logits.addr(),
+        row: row.addr(),
+        grad_weights: gw.addr(),
+        grad_logits: gl.addr(),
+        ..Default::default()
+    };
+    expert_choice_call(
+        py,
+        OP,
+        device,
+        stream,
+        true,
+        dt,
+        num_tokens,
+        num_experts,
+        0,
         ptrs,
     )
 }
@@ -1709,6 +2131,10 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_topk_gating, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_topk_gating_replay, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_topk_gating_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_dispatch, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_dispatch_workspace_len, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_expert_choice, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_expert_choice_backward, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_permute, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_permute_backward, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_unpermute, m)?)?;

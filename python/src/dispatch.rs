@@ -10,7 +10,7 @@ const OP: &str = "dispatch";
 
 /// The dispatch config from the flat options the Python layer passes.
 #[allow(clippy::too_many_arguments)]
-fn dispatch_config(
+pub(crate) fn dispatch_config(
     num_experts: usize,
     capacity: Option<usize>,
     drop_policy: &str,

@@ -34,6 +34,9 @@ def test_default_build_has_the_cuda_bindings():
     assert _native.aux_loss_backward_workspace_len(100, 8, 10) == 10 * 8
     assert _native.router_stats_workspace_len(0) == 0
     assert _native.unpermute_backward_workspace_len(17) == 17
+    # i32 words: at least the three per-assignment arrays (positions, slots, keys).
+    assert _native.cuda_dispatch_workspace_len(300, 2, 8, 3, "position", "compact", 1, False, 1, 0, 0) >= 3 * 600
+    assert _native.cuda_dispatch_workspace_len(0, 2, 8, None, "position", "dropless", 4, False, 2, 0, 0) > 0
 
 
 def _gating_args(logits=(FAKE, 8 * 4), t=8, e=4, weights=(FAKE + 4096, 16), indices=(FAKE + 8192, 16), k=2):
@@ -85,6 +88,150 @@ def test_cuda_bindings_reject_bad_sizes_for_every_op():
             call()
     with pytest.raises(TypeError, match="dtype"):
         _native.cuda_permute(0, 0, "f64", (f, 8), 2, 4, (f + s, 2), (f + 2 * s, 8))
+
+
+# Dispatch / expert choice bindings: a valid call (CPU addresses here, never touched), then
+# one broken argument per case; every case must be a ValueError before any device access.
+S = 4096
+
+
+def _dispatch_call(t=8, k=2, e=4, capacity=3, policy="position", layout="compact", align=1, ep=2, ws_at=None, **over):
+    try:
+        max_rows = _native.dispatch_max_rows(t, k, e, capacity, policy, layout, align, False, ep, 0, 0)
+        ws = _native.cuda_dispatch_workspace_len(t, k, e, capacity, policy, layout, align, False, ep, 0, 0)
+    except ValueError:  # a bad-config case: the call itself must raise it
+        max_rows = ws = 1
+    bufs = dict(
+        indices=(FAKE, t * k), weights=(FAKE + S, t * k), slot=(FAKE + 2 * S, t * k), row=(FAKE + 3 * S, t * k),
+        kept_weights=(FAKE + 4 * S, t * k), tokens_per_expert=(FAKE + 5 * S, e), row_to_token=(FAKE + 6 * S, max_rows),
+        expert_offsets=(FAKE + 7 * S, e + 1), rows_per_rank=(FAKE + 8 * S, ep), counts=(FAKE + 9 * S, 2),
+        workspace=(FAKE + 10 * S if ws_at is None else ws_at, ws),
+    )  # fmt: skip
+    bufs.update(over)
+    b = bufs
+    return lambda: _native.cuda_dispatch(
+        0, 0, b["indices"], b["weights"], t, k, e, capacity, policy, layout, align, False, ep, 0, 0, b["slot"],
+        b["row"], b["kept_weights"], b["tokens_per_expert"], b["row_to_token"], b["expert_offsets"],
+        b["rows_per_rank"], b["counts"], b["workspace"],
+    )  # fmt: skip
+
+
+def _ec_call(t=8, e=4, cap=3, dtype="f32", **over):
+    b = dict(
+        logits=(FAKE, t * e), weights=(FAKE + S, t * e), row=(FAKE + 2 * S, t * e), row_to_token=(FAKE + 3 * S, e * cap),
+        row_weights=(FAKE + 4 * S, e * cap), tokens_per_expert=(FAKE + 5 * S, e), expert_offsets=(FAKE + 6 * S, e + 1),
+    )  # fmt: skip
+    b.update(over)
+    return lambda: _native.cuda_expert_choice(
+        0, 0, dtype, b["logits"], t, e, cap, b["weights"], b["row"], b["row_to_token"], b["row_weights"],
+        b["tokens_per_expert"], b["expert_offsets"],
+    )  # fmt: skip
+
+
+def _ec_bwd_call(t=8, e=4, dtype="bf16", **over):
+    b = dict(logits=(FAKE, t * e), row=(FAKE + S, t * e), grad_weights=(FAKE + 2 * S, t * e),
+             grad_logits=(FAKE + 3 * S, t * e))  # fmt: skip
+    b.update(over)
+    return lambda: _native.cuda_expert_choice_backward(
+        0, 0, dtype, b["logits"], t, e, b["row"], b["grad_weights"], b["grad_logits"]
+    )
+
+
+NEW_BAD_CALLS = {
+    "dispatch/indices-len": (_dispatch_call(indices=(FAKE, 15)), "indices"),
+    "dispatch/weights-null": (_dispatch_call(weights=(0, 16)), "null"),
+    "dispatch/slot-misaligned": (_dispatch_call(slot=(FAKE + 2 * S + 2, 16)), "aligned"),
+    "dispatch/row-overlaps-slot": (_dispatch_call(row=(FAKE + 2 * S + 4, 16)), "overlaps"),
+    "dispatch/tokens_per_expert-len": (_dispatch_call(tokens_per_expert=(FAKE + 5 * S, 5)), "tokens_per_expert"),
+    "dispatch/row_to_token-len": (_dispatch_call(row_to_token=(FAKE + 6 * S, 99)), "row_to_token"),
+    "dispatch/expert_offsets-len": (_dispatch_call(expert_offsets=(FAKE + 7 * S, 4)), "expert_offsets"),
+    "dispatch/rows_per_rank-len": (_dispatch_call(rows_per_rank=(FAKE + 8 * S, 1)), "rows_per_rank"),
+    "dispatch/counts-len": (_dispatch_call(counts=(FAKE + 9 * S, 1)), "counts"),
+    "dispatch/counts-null": (_dispatch_call(counts=(0, 2)), "null"),
+    "dispatch/counts-misaligned": (_dispatch_call(counts=(FAKE + 9 * S + 4, 2)), "aligned"),
+    "dispatch/workspace-short": (_dispatch_call(workspace=(FAKE + 10 * S, 3)), "workspace"),
+    "dispatch/workspace-overlaps-input": (_dispatch_call(ws_at=FAKE + S - 4), "overlaps"),
+    "dispatch/policy": (_dispatch_call(policy="nope"), "drop_policy"),
+    "dispatch/layout": (_dispatch_call(layout="nope"), "layout"),
+    "dispatch/pad-without-capacity": (_dispatch_call(capacity=None, layout="pad_to_capacity"), "capacity"),
+    "dispatch/ep_size": (_dispatch_call(ep=3), "ep_size"),
+    "dispatch/topk-over-experts": (_dispatch_call(k=5), "topk"),
+    "expert_choice/logits-len": (_ec_call(logits=(FAKE, 31)), "logits"),
+    "expert_choice/weights-null": (_ec_call(weights=(0, 32)), "null"),
+    "expert_choice/row-misaligned": (_ec_call(row=(FAKE + 2 * S + 1, 32)), "aligned"),
+    "expert_choice/row_to_token-len": (_ec_call(row_to_token=(FAKE + 3 * S, 11)), "row_to_token"),
+    "expert_choice/row_weights-overlaps": (_ec_call(row_weights=(FAKE + 3 * S, 12)), "overlaps"),
+    "expert_choice/tokens_per_expert-len": (_ec_call(tokens_per_expert=(FAKE + 5 * S, 3)), "tokens_per_expert"),
+    "expert_choice/expert_offsets-len": (_ec_call(expert_offsets=(FAKE + 6 * S, 4)), "expert_offsets"),
+    "expert_choice/no-experts": (_ec_call(e=0, cap=3), "num_experts"),
+    "expert_choice/rows-overflow-i32": (_ec_call(e=4, cap=2**30, row_to_token=(FAKE + 3 * S, 2**32),
+                                                 row_weights=(FAKE + 2**36, 2**32)), "num_experts \\* capacity"),
+    "expert_choice/tokens-over-i32": (_ec_call(t=2**31, e=1, cap=0, logits=(FAKE, 2**31)), "num_tokens"),
+    "expert_choice_backward/row-len": (_ec_bwd_call(row=(FAKE + S, 31)), "row"),
+    "expert_choice_backward/grad_weights-null": (_ec_bwd_call(grad_weights=(0, 32)), "null"),
+    "expert_choice_backward/grad_logits-len": (_ec_bwd_call(grad_logits=(FAKE + 3 * S, 33)), "grad_logits"),
+    "expert_choice_backward/grad_logits-overlaps": (_ec_bwd_call(grad_logits=(FAKE + 2, 32)), "overlaps"),
+    "expert_choice_backward/no-experts": (_ec_bwd_call(e=0), "num_experts"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(NEW_BAD_CALLS))
+def test_dispatch_and_expert_choice_bindings_reject_a_bad_call_before_touching_a_device(name):
+    call, needle = NEW_BAD_CALLS[name]
+    with pytest.raises(ValueError, match=needle):
+        call()
+
+
+def test_dispatch_and_expert_choice_bindings_reject_bad_dtypes_and_configs():
+    with pytest.raises(TypeError, match="dtype"):
+        _ec_call(dtype="f64")()
+    with pytest.raises(TypeError, match="dtype"):
+        _ec_bwd_call(dtype="i32")()
+    with pytest.raises(ValueError, match="capacity"):
+        _native.cuda_dispatch_workspace_len(8, 2, 4, None, "position", "pad_to_capacity", 1, False, 1, 0, 0)
+    with pytest.raises(ValueError, match="align"):
+        _native.cuda_dispatch_workspace_len(8, 2, 4, None, "position", "dropless", 0, False, 1, 0, 0)
+
+
+@pytest.mark.skipif(_native.cuda_device_count() > 0, reason="needs a machine WITHOUT a CUDA device")
+@pytest.mark.parametrize(
+    "call",
+    [
+        _dispatch_call(),
+        _dispatch_call(t=0, capacity=None, layout="dropless", align=4, ep=4),
+        _dispatch_call(capacity=2, policy="random", layout="pad_to_capacity", ep=1),
+        _ec_call(),
+        _ec_call(t=0, cap=5, dtype="f16"),
+        _ec_bwd_call(),
+    ],
+    ids=["dispatch", "dispatch-empty-dropless", "dispatch-pad", "expert_choice", "expert_choice-empty", "ec-backward"],
+)
+def test_valid_dispatch_and_expert_choice_calls_pass_the_checks(call):
+    # Past every check, the backend is the first thing that needs a device.
+    with pytest.raises(RuntimeError, match="CUDA device 0"):
+        call()
+
+
+@pytest.mark.skipif(_native.cuda_device_count() > 0, reason="needs a machine WITHOUT a CUDA device")
+def test_ops_cuda_branches_pass_the_binding_checks(monkeypatch):
+    # Run the ops' CUDA branches on CPU tensors with the real bindings: every buffer the
+    # branch allocates and passes (sizes, dtypes, counts, workspace, argument order) must
+    # satisfy the binding's checks, which then fail only for want of a device.
+    monkeypatch.setattr(ops, "_on_cuda", lambda dev: True)
+    monkeypatch.setattr(ops, "_cuda", lambda op, name, dev: (getattr(_native, f"cuda_{name}"), 0, 0))
+    idx, w = _idx(T, K, E), torch.rand(T, K)
+    z = torch.randn(T, E, dtype=torch.bfloat16)
+    calls = [
+        lambda: ops.dispatch(idx, w, E, 4, "probs", "compact", 1, True, 3, 0, 0),
+        lambda: ops.dispatch(idx.long(), w, E, 5, "random", "pad_to_capacity", 1, False, 2, -1, 7),
+        lambda: ops.dispatch(idx, w, E, None, "batch_prioritized", "dropless", 8, False, 4, 0, 0),
+        lambda: ops.expert_choice(z, 4),
+        lambda: ops.expert_choice(z[:0], 0),
+        lambda: ops.expert_choice_backward(z, torch.full((T, E), -1, dtype=torch.int32), torch.randn(T, E)),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="CUDA device 0"):
+            call()
 
 
 @pytest.mark.skipif(_native.cuda_device_count() > 0, reason="needs a machine WITHOUT a CUDA device")
@@ -178,7 +325,7 @@ def test_permute_unpermute_cuda_match_cpu_with_gradients(dtype):
     x = torch.randn(T, H).to(dtype)
     idx = _idx(T, K, E)
     w = torch.rand(T, K)
-    d = mr.dispatch(idx, w, E, capacity=6)  # CPU: dispatch has no CUDA kernel yet
+    d = mr.dispatch(idx, w, E, capacity=6)  # the CPU plan for both devices
     outs = []
     for dev in ("cpu", "cuda"):
         xx = x.to(dev).requires_grad_()
@@ -273,19 +420,171 @@ def test_empty_inputs_on_cuda():
     assert float(mr.aux_loss(z, K)) == 0.0
 
 
+def _routing(t, k, e, seed):
+    """Distinct indices per token with a skewed expert load (low experts over capacity),
+    -1 entries and tie-heavy weights (few distinct values)."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.linspace(4.0, 1.0, e).expand(max(t, 1), e)
+    idx = torch.multinomial(probs, k, replacement=False, generator=g)[:t]
+    idx[torch.rand(t, k, generator=g) < 0.1] = -1
+    w = (torch.randint(0, 4, (t, k), generator=g).float() + 1) / 8
+    return idx, w
+
+
+DISPATCH_LAYOUTS = [("compact", 5, 1), ("compact", None, 1), ("pad_to_capacity", 4, 1), ("dropless", None, 1),
+                    ("dropless", None, 4)]  # fmt: skip
+
+
 @requires_cuda
-@pytest.mark.parametrize("name", ["dispatch", "expert_choice"])
-def test_ops_without_a_cuda_kernel_raise_naming_it(name):
-    if ops.native_has(f"cuda_{name}"):
-        pytest.skip(f"cuda_{name} is built: wire it in ops.py and test it here")
-    z = torch.randn(T, E, device="cuda")
-    call = {
-        "dispatch": lambda: mr.dispatch(_idx(T, K, E).cuda(), torch.rand(T, K, device="cuda"), E, capacity=4),
-        "expert_choice": lambda: mr.expert_choice(z, 2),
-    }[name]
-    with pytest.raises(RuntimeError, match=f"CUDA kernels are not built in this wheel for `{name}`"):
-        call()
-    assert z.device.type == "cuda"
+@pytest.mark.parametrize("policy", ["position", "choice_then_position", "probs", "batch_prioritized", "random"])
+@pytest.mark.parametrize("layout,capacity,align", DISPATCH_LAYOUTS, ids=lambda v: str(v))
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("ep_size", [1, 4])
+@pytest.mark.parametrize("t", [0, 37, 300])
+def test_dispatch_cuda_matches_cpu(policy, layout, capacity, align, renormalize, ep_size, t):
+    idx, w = _routing(t, K, E, seed=t + 1)
+    opts = (E, capacity, policy, layout, align, renormalize, ep_size, 11, 5)
+    cpu = torch.ops.moe_router.dispatch(idx, w, *opts)
+    got = torch.ops.moe_router.dispatch(idx.cuda(), w.cuda(), *opts)
+    names = ["kept_weights", "slot", "row", "tokens_per_expert", "row_to_token", "expert_offsets", "rows_per_rank",
+             "counts"]  # fmt: skip
+    for a, b, name in zip(got, cpu, names):
+        assert a.device.type == "cuda", name
+        # Every output, the kept weights too, is the CPU's bit for bit (same f32 ops).
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a.cpu(), b), name
+    # The functional layer: num_rows / dropped are 0-d int64 device views of counts.
+    d_cpu = mr.dispatch(idx, w, E, capacity=capacity, drop_policy=policy, layout=layout, align=align,
+                        renormalize=renormalize, ep_size=ep_size, seed=11, offset=5)  # fmt: skip
+    d = mr.dispatch(idx.cuda(), w.cuda(), E, capacity=capacity, drop_policy=policy, layout=layout, align=align,
+                    renormalize=renormalize, ep_size=ep_size, seed=11, offset=5)  # fmt: skip
+    for f in d._fields:
+        _close(getattr(d, f), getattr(d_cpu, f), torch.float32, msg=f)
+    assert d.num_rows.shape == () and d.dropped.shape == () and d.num_rows.dtype == torch.int64
+
+
+@requires_cuda
+def test_dispatch_and_expert_choice_on_cuda_do_not_sync():
+    idx, w = _routing(257, K, E, seed=3)
+    idx, w = idx.cuda(), w.cuda()
+    z = torch.randn(257, E, device="cuda")
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        d = mr.dispatch(idx, w, E, capacity=20, drop_policy="probs", renormalize=True, ep_size=2)
+        c = mr.expert_choice(z, 30)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    assert d.num_rows.device.type == "cuda" and d.dropped.device.type == "cuda"
+    assert c.row.device.type == "cuda"
+
+
+@requires_cuda
+def test_dispatch_out_of_range_indices_count_as_not_routed_on_cuda():
+    idx, w = _routing(64, K, E, seed=9)
+    bad = idx.clone()
+    bad[3, 0], bad[10, 1], bad[20, 2] = E, 2**40, -5  # CPU would raise
+    got = mr.dispatch(bad.cuda(), w.cuda(), E, capacity=6, drop_policy="probs")
+    fixed = torch.where((bad >= 0) & (bad < E), bad, -1)
+    want = mr.dispatch(fixed, w, E, capacity=6, drop_policy="probs")
+    for f in ("slot", "row", "tokens_per_expert", "row_to_token", "expert_offsets", "rows_per_rank", "num_rows",
+              "dropped"):  # fmt: skip
+        _close(getattr(got, f), getattr(want, f), msg=f)
+
+
+def _cpu_p(z):
+    """The CPU reference's p = softmax(z) exactly (every expert takes every token)."""
+    return torch.ops.moe_router.expert_choice(z, z.shape[0])[0]
+
+
+def _check_expert_choice(got, cpu, p, cap, what):
+    """Compare like tests/gpu_vs_cpu.rs: counts / offsets exact; each expert's chosen set
+    equal, or different only between tokens whose CPU p are within a few ulps of that
+    expert's selection threshold (the GPU's p may differ by an ulp). Returns the number
+    of experts whose set differed so."""
+    g = [x.cpu() for x in got]
+    weights, row, r2t, row_w, tpe, offsets = g
+    c_weights, c_row, c_r2t, c_row_w, c_tpe, c_offsets = cpu
+    assert torch.equal(tpe, c_tpe) and torch.equal(offsets, c_offsets), what
+    t, e = weights.shape
+    taken = min(cap, t)
+    near = 0
+    for x in range(e):
+        seg = slice(x * cap, x * cap + cap)
+        gs, cs = r2t[seg], c_r2t[seg]
+        assert (gs[taken:] == -1).all() and (row_w[seg][taken:] == 0).all(), f"{what}: expert {x} unused rows"
+        toks = gs[:taken]
+        assert ((toks >= 0) & (toks < t)).all() and (toks[1:] > toks[:-1]).all(), f"{what}: expert {x} order"
+        if taken:
+            rows = torch.arange(x * cap, x * cap + taken, dtype=torch.int32)
+            assert torch.equal(row[toks.long(), x], rows), f"{what}: expert {x} row"
+            assert torch.equal(weights[toks.long(), x], row_w[x * cap : x * cap + taken]), f"{what}: weights"
+            _close(row_w[x * cap : x * cap + taken].cuda(), p[toks.long(), x], torch.float32, msg=f"{what}: p")
+        if not torch.equal(toks, cs[:taken]):
+            thr = p[cs[:taken].long(), x].min()
+            diff = set(toks.tolist()) ^ set(cs[:taken].tolist())
+            for tok in diff:
+                v = p[tok, x]
+                assert abs(v - thr) <= 4e-7 * abs(thr) + 1e-37, f"{what}: expert {x}: token {tok} p {v} thr {thr}"
+            near += 1
+        else:
+            _close(row_w[seg].cuda(), c_row_w[seg], torch.float32, msg=f"{what}: row_weights")
+    unchosen = row < 0
+    assert (row[unchosen] == -1).all() and (weights[unchosen] == 0).all(), what
+    if near == 0:
+        assert torch.equal(row, c_row), f"{what}: row"
+    return near
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("t,e", [(1, 8), (33, E), (257, 60), (1000, 8)])
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+def test_expert_choice_cuda_matches_cpu(dtype, t, e, kind):
+    if kind == "randn":
+        z = ref.randn((t, e), seed=t * e, dtype=dtype, scale=2.0)
+    else:  # few distinct logits: many exact ties in p (lower token first on both devices)
+        g = torch.Generator().manual_seed(t + e)
+        z = (torch.randint(-3, 3, (t, e), generator=g).float() * 0.5).to(dtype)
+    p = _cpu_p(z)
+    near, experts = 0, 0
+    for cap in sorted({0, 1, -(-2 * t // e), t // 2, t, t + 3}):
+        what = f"{dtype} T={t} E={e} {kind} cap={cap}"
+        cpu = torch.ops.moe_router.expert_choice(z, cap)
+        got = torch.ops.moe_router.expert_choice(z.cuda(), cap)
+        for a in got:
+            assert a.device.type == "cuda", what
+        for a, b in zip(got, cpu):
+            assert a.dtype == b.dtype and a.shape == b.shape, what
+        near += _check_expert_choice(got, cpu, p, cap, what)
+        experts += e
+        # Backward on the CPU's selection (the same row for both devices).
+        gw = torch.randn(t, e)
+        g_cpu = torch.ops.moe_router.expert_choice_backward(z, cpu[1], gw)
+        g = torch.ops.moe_router.expert_choice_backward(z.cuda(), cpu[1].cuda(), gw.cuda())
+        rtol = {torch.float32: 1.3e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        torch.testing.assert_close(g.cpu().double(), g_cpu.double(), rtol=rtol, atol=1e-5, msg=f"{what}: grad")
+    # Near-ties need CPU p within an ulp of each other: rare for random logits, more
+    # common (but still a minority) with few distinct logits.
+    bound = 10 if kind == "randn" else 4
+    assert near * bound <= experts, f"near-ties are not rare: {near} of {experts}"
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_expert_choice_gradients_cuda_match_cpu(dtype):
+    z = ref.tie_free_logits(48, E, seed=4, dtype=dtype)
+    res = []
+    for dev in ("cpu", "cuda"):
+        x = z.to(dev).requires_grad_()
+        c = mr.expert_choice(x, 9)
+        (c.weights.square().sum() + 2.0 * c.row_weights.sum()).backward()
+        res.append((c.row, c.row_to_token, x.grad))
+    if not torch.equal(res[1][0].cpu(), res[0][0]):
+        pytest.fail("tie-free logits must give the same selection on both devices")
+    _close(res[1][1], res[0][1])
+    _close(res[1][2], res[0][2], dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -302,7 +601,10 @@ def test_ops_on_a_non_default_stream_give_the_same_results():
         d_row = torch.arange(257 * K, device="cuda").reshape(257, K)
         r2t = torch.arange(257, device="cuda").repeat_interleave(K)
         out = mr.unpermute(mr.permute(x, r2t, d_row), d_row, w)
-        return w, i, out, mr.aux_loss(z, K), mr.z_loss(z)
+        d = mr.dispatch(i, w, E, capacity=40, drop_policy="probs", renormalize=True)
+        c = mr.expert_choice(z, 30)
+        return (w, i, out, mr.aux_loss(z, K), mr.z_loss(z), d.row, d.row_to_token, d.kept_weights, d.num_rows,
+                d.dropped, c.row, c.weights)  # fmt: skip
 
     ref_out = step()
     torch.cuda.synchronize()
@@ -331,10 +633,6 @@ def _to_cuda(v):
 def test_opcheck_on_cuda(name):
     from test_opcheck import SAMPLES
 
-    if name in ("dispatch", "expert_choice", "expert_choice_backward") and not ops.native_has(
-        "cuda_" + name.replace("_backward", "")
-    ):
-        pytest.skip(f"{name}: no CUDA kernel in this build")
     op = getattr(torch.ops.moe_router, name).default
     for args in SAMPLES[name]:
         torch.library.opcheck(op, tuple(_to_cuda(a) for a in args))
@@ -353,6 +651,30 @@ def test_compile_fullgraph_on_cuda():
         r2t = torch.arange(64, device=x.device).repeat_interleave(K)
         out = mr.unpermute(mr.permute(x, r2t, r), r, w)
         return out.square().mean() + mr.aux_loss(z, K, coeff=0.01) + mr.z_loss(z, coeff=1e-3)
+
+    eager = f(x, router)
+    (ge,) = torch.autograd.grad(eager, router)
+    compiled = torch.compile(f, fullgraph=True)
+    got = compiled(x, router)
+    (gc,) = torch.autograd.grad(got, router)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)
+
+
+@requires_cuda
+def test_compile_fullgraph_dispatch_and_expert_choice_on_cuda():
+    torch._dynamo.reset()
+    x = torch.randn(64, H, device="cuda")
+    router = (torch.randn(H, E, device="cuda") * 0.5).requires_grad_()
+
+    def f(x, router):
+        z = x @ router
+        w, i = mr.topk_gating(z, K)
+        d = mr.dispatch(i, w, E, capacity=12, drop_policy="probs", renormalize=True)
+        out = mr.unpermute(mr.permute(x, d.row_to_token, d.row), d.row, d.kept_weights)
+        c = mr.expert_choice(z, 10)
+        out2 = mr.unpermute(mr.permute(x, c.row_to_token, c.row), c.row, c.weights)
+        return out.square().mean() + out2.square().mean() + d.dropped.float() * 0.0
 
     eager = f(x, router)
     (ge,) = torch.autograd.grad(eager, router)
