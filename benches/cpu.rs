@@ -193,6 +193,13 @@ fn permute_bench(c: &mut Criterion) {
     let x32 = logits(T * H, 5);
     let xb: Vec<bf16> = x32.iter().map(|&v| bf16::from_f32(v)).collect();
     let mut g = c.benchmark_group("cpu_permute");
+    // Reference point: a plain memcpy of the permute buffer's bytes (read + write).
+    {
+        let src = vec![1.0f32; rows * H];
+        let mut dst = vec![0.0f32; rows * H];
+        g.throughput(Throughput::Bytes((2 * rows * H * 4) as u64));
+        g.bench_function("memcpy_baseline", |b| b.iter(|| dst.copy_from_slice(black_box(&src))));
+    }
     // bytes moved: read x rows + write buffer rows (permute); read buffer + write out (unpermute)
     for (dt, size) in [("f32", 4usize), ("bf16", 2)] {
         g.throughput(Throughput::Bytes((2 * rows * H * size) as u64));
