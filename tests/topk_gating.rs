@@ -361,7 +361,7 @@ fn expert_masking_excludes_masked_candidates() {
 
 fn gating_case() -> impl Strategy<Value = (usize, usize, usize, Option<(usize, usize)>, u64)> {
     (
-        0usize..120,
+        0usize..300,
         1usize..300,
         1usize..33,
         any::<u64>(),

@@ -59,9 +59,10 @@ def native_has(name: str) -> bool:
 def _native_fn(op: str, name: str):
     fn = getattr(_native, name, None)
     if fn is None:
-        raise NotImplementedError(
-            f"moe_router.{op}: this build of moe_router._native does not provide `{name}` "
-            "(the Rust op has not landed in the core crate yet); rebuild from a newer checkout"
+        raise RuntimeError(
+            f"moe_router.{op}: this build of moe_router._native does not provide `{name}`: the "
+            "Python package and its native module come from different versions; reinstall "
+            "(`pip install ./python` or scripts/setup_python.sh)"
         )
     return fn
 
