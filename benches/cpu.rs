@@ -198,7 +198,9 @@ fn permute_bench(c: &mut Criterion) {
         let src = vec![1.0f32; rows * H];
         let mut dst = vec![0.0f32; rows * H];
         g.throughput(Throughput::Bytes((2 * rows * H * 4) as u64));
-        g.bench_function("memcpy_baseline", |b| b.iter(|| dst.copy_from_slice(black_box(&src))));
+        g.bench_function("memcpy_baseline", |b| {
+            b.iter(|| dst.copy_from_slice(black_box(&src)))
+        });
     }
     // bytes moved: read x rows + write buffer rows (permute); read buffer + write out (unpermute)
     for (dt, size) in [("f32", 4usize), ("bf16", 2)] {

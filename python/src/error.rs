@@ -2,12 +2,13 @@
 //!
 //! - `Shape`, `InvalidArgument`, `Layout`, `Overflow`, `NonFinite` → `ValueError`
 //!   (the call is wrong or the data is; the message names the argument and the fix);
-//! - `Unsupported` → `NotImplementedError` (a subclass of `RuntimeError`: the build or
-//!   device lacks the feature);
+//! - `Unsupported` → `ValueError` too: the sizes are outside what the backend handles
+//!   (e.g. more than 2048 experts or k > 32 on the CUDA kernels) and the message says
+//!   what is valid;
 //! - a dtype this module does not know → `TypeError` (raised in `tensor.rs`);
 //! - anything else (future driver / compiler errors) → `RuntimeError`.
 
-use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::PyErr;
 
 /// Convert a core error to the Python exception described in the module docs.
@@ -19,8 +20,8 @@ pub(crate) fn to_py_err(err: moe_router::Error) -> PyErr {
         | E::InvalidArgument { .. }
         | E::Layout { .. }
         | E::Overflow { .. }
-        | E::NonFinite { .. } => PyValueError::new_err(msg),
-        E::Unsupported { .. } => PyNotImplementedError::new_err(msg),
+        | E::NonFinite { .. }
+        | E::Unsupported { .. } => PyValueError::new_err(msg),
         _ => PyRuntimeError::new_err(msg),
     }
 }
