@@ -61,6 +61,7 @@ if [ "${GPU_RUN_SUMMARY_ONLY:-0}" != 1 ]; then
 
   # ---- tests: every test and lib binary, one after the other
   : > "$OUT/tests.log"
+  ls .gpu/bin/test-* .gpu/bin/lib-* >/dev/null 2>&1 || record "tests (no .gpu/bin/test-* or lib-*: run pack.sh)" 127 "$(date +%s)" ""
   for t in .gpu/bin/test-* .gpu/bin/lib-*; do
     [ -x "$t" ] || continue
     t0=$(date +%s)
