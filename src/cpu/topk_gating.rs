@@ -58,6 +58,30 @@ fn base_scores<T: RouterFloat>(row: &[T], cfg: &TopkGatingConfig, z: &mut [f32],
     }
 }
 
+/// [`base_scores`] where only the entries at `idx` are needed afterwards (replay and
+/// backward): the pre-softmax denominator needs the whole row, the other modes only
+/// the selected experts, so they skip the rest of the row.
+#[inline]
+fn base_scores_at<T: RouterFloat>(
+    row: &[T],
+    cfg: &TopkGatingConfig,
+    idx: &[i32],
+    z: &mut [f32],
+    p: &mut [f32],
+) {
+    if cfg.score_function == ScoreFunction::Softmax && cfg.pre_softmax {
+        return base_scores(row, cfg, z, p);
+    }
+    for &e in idx {
+        let e = e as usize;
+        z[e] = row[e].to_f32();
+        p[e] = match cfg.score_function {
+            ScoreFunction::Sigmoid => sigmoid(z[e]),
+            ScoreFunction::Softmax => z[e],
+        };
+    }
+}
+
 /// Raw weights `w0_j` of the selected `idx` (before normalisation and scaling),
 /// given the row's logits `z` and base scores `p`.
 #[inline]
@@ -232,7 +256,7 @@ pub fn replay<T: RouterFloat>(
                 let t = c * CHUNK + r;
                 let row = &logits[t * num_experts..(t + 1) * num_experts];
                 let idx = &indices[t * k..(t + 1) * k];
-                base_scores(row, cfg, &mut s.z, &mut s.p);
+                base_scores_at(row, cfg, idx, &mut s.z, &mut s.p);
                 raw_weights(cfg, &s.z, &s.p, idx, &mut w0);
                 finish_weights(cfg, &w0, w);
             }
@@ -266,7 +290,7 @@ pub fn backward<T: RouterFloat>(
                 let row = &logits[t * num_experts..(t + 1) * num_experts];
                 let idx = &indices[t * k..(t + 1) * k];
                 let gw = &grad_weights[t * k..(t + 1) * k];
-                base_scores(row, cfg, &mut s.z, &mut s.p);
+                base_scores_at(row, cfg, idx, &mut s.z, &mut s.p);
                 raw_weights(cfg, &s.z, &s.p, idx, &mut w0);
                 // through the scaling and the renormalisation: g0 = dL/dw0
                 if cfg.normalize {
