@@ -19,6 +19,14 @@ typedef unsigned long long u64;
 #define MOE_NAN __int_as_float(0x7fffffff)
 #define MOE_NEG_INF __int_as_float(0xff800000)
 
+// Dynamic shared memory: `extern __shared__ T name[]` on the GPU, the launch's buffer
+// under the CPU emulator (emu/cuda_emu.h), which cannot declare it that way.
+#ifdef MOE_ROUTER_EMU
+#define MOE_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::emu::dynamic_smem())
+#else
+#define MOE_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 // ---------------------------------------------------------------------------
 // Element types. `Elem<T>` is the storage type, `load_f32` widens, `store_from_f32`
 // rounds on the final store.
@@ -28,9 +36,16 @@ struct bf16_t { u16 bits; };
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(f16_t x) {
+#ifdef MOE_ROUTER_EMU
+    // The CPU emulator (emu/): g++'s _Float16 converts exactly like `cvt`.
+    _Float16 h;
+    __builtin_memcpy(&h, &x.bits, 2);
+    return (float)h;
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
     return f;
+#endif
 }
 __device__ __forceinline__ float to_f32(bf16_t x) {
     return __uint_as_float(((u32)x.bits) << 16);
@@ -40,7 +55,12 @@ template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float v) {
     f16_t r;
+#ifdef MOE_ROUTER_EMU
+    const _Float16 h = (_Float16)v;  // round to nearest even, as cvt.rn
+    __builtin_memcpy(&r.bits, &h, 2);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+#endif
     return r;
 }
 // bf16 round to nearest even, NaN kept quiet: the same bits as `half::bf16::from_f32`.

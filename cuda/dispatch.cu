@@ -196,7 +196,7 @@ __device__ __forceinline__ void number_kept(KeyFn key, int n, u32 thr, int want_
 // ---------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(COUNT_THREADS)
     dispatch_count(DispatchParams P, const int* __restrict__ indices, int* __restrict__ ws) {
-    extern __shared__ int s_hist[];
+    MOE_DYNAMIC_SHARED(int, s_hist);
     const Ws w = workspace(P, ws);
     const int E = P.num_experts;
     const long long c = blockIdx.x;
@@ -331,7 +331,7 @@ __device__ __forceinline__ u32 drop_key_hi(const DispatchParams& P, const int* i
 extern "C" __global__ void __launch_bounds__(32)
     dispatch_scatter(DispatchParams P, const int* __restrict__ indices,
                      const float* __restrict__ weights, int* __restrict__ ws) {
-    extern __shared__ int s_cur[];
+    MOE_DYNAMIC_SHARED(int, s_cur);
     const Ws w = workspace(P, ws);
     const int E = P.num_experts, k = P.topk, lane = threadIdx.x;
     const long long c = blockIdx.x;
