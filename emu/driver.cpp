@@ -37,6 +37,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <map>
 #include <mutex>
@@ -141,7 +142,11 @@ constexpr size_t kGuard = 4096;
 constexpr size_t kAlign = 256;
 constexpr unsigned char kCanary = 0xFD;
 constexpr unsigned char kPoison = 0xCD;
-constexpr size_t kGraveyardMax = 8192;
+// Freed allocations stay in quarantine (not returned to the host allocator) until
+// either bound is passed, so that an access to one is a certain use after free rather
+// than host memory the allocator has handed out again (a borrowed buffer).
+constexpr size_t kQuarantineMaxCount = 4096;
+constexpr size_t kQuarantineMaxBytes = size_t(256) << 20;
 
 constexpr uint32_t kCtxMagic = 0x43545831u;
 constexpr uint32_t kStreamMagic = 0x53545231u;
@@ -209,6 +214,8 @@ struct State {
     // Freed device allocations (user address -> size), to refuse use after free.
     std::map<uintptr_t, size_t> graveyard;
     size_t grave_max_span = 0;
+    std::deque<std::pair<uintptr_t, void*>> quarantine;  // oldest first
+    size_t quarantine_bytes = 0;
     std::set<void*> host_allocs;
     // Per-context settings (shared: one device).
     size_t limits[7] = {1024, 1 << 20, 8 << 20, 2, 2048, 64, 0};
@@ -279,8 +286,8 @@ std::map<uintptr_t, Alloc>::iterator find_overlapping(State& s, uintptr_t p, siz
     return s.allocs.end();
 }
 
-// Freed allocations may overlap each other (the host allocator reuses memory), so a
-// search walks every freed region that starts within the largest freed span.
+// Quarantined allocations are disjoint (none has gone back to the host allocator), but
+// a search still walks every one that starts within the largest freed span.
 template <class F>
 void for_each_freed_overlapping(State& s, uintptr_t p, size_t n, F&& f) {
     uintptr_t lo = p > s.grave_max_span + 2 * kGuard ? p - s.grave_max_span - 2 * kGuard : 0;
@@ -301,15 +308,6 @@ uintptr_t find_freed(State& s, uintptr_t p, size_t n, size_t* size_out) {
         return true;
     });
     return found;
-}
-
-// A new allocation reuses [p - guard, p + n + guard): forget freed regions there.
-void forget_freed_overlapping(State& s, uintptr_t p, size_t n) {
-    for_each_freed_overlapping(s, p - kGuard, n + 2 * kGuard,
-                               [&](std::map<uintptr_t, size_t>::iterator it) {
-                                   s.graveyard.erase(it);
-                                   return false;
-                               });
 }
 
 // Offset (relative to the allocation start) of the first damaged guard byte; returns
@@ -461,7 +459,6 @@ CUresult do_alloc(State& s, const char* fn, CUdeviceptr* dptr, size_t size, bool
     memset(base + kGuard, kPoison, size);
     memset(base + kGuard + size, kCanary, kGuard);
     uintptr_t user = reinterpret_cast<uintptr_t>(base + kGuard);
-    forget_freed_overlapping(s, user, size);
     s.allocs[user] = Alloc{size, raw};
     s.bytes_in_use += size;
     *dptr = static_cast<CUdeviceptr>(user);
@@ -497,15 +494,22 @@ CUresult do_free(State& s, const char* fn, CUdeviceptr p) {
                 fn, al.size, p, bad);
     s.allocs.erase(it);
     s.bytes_in_use -= al.size;
-    // Poison the freed memory before handing it back (catches stale host views).
+    // Poison the freed memory (catches stale views) and quarantine it.
     memset(al.raw, kPoison, kGuard + al.size + kGuard);
-    free(al.raw);
-    if (s.graveyard.size() >= kGraveyardMax) {
-        s.graveyard.clear();
-        s.grave_max_span = 0;
-    }
     s.graveyard[a] = al.size;
     s.grave_max_span = std::max(s.grave_max_span, al.size);
+    s.quarantine.emplace_back(a, al.raw);
+    s.quarantine_bytes += al.size;
+    while (!s.quarantine.empty() && (s.quarantine.size() > kQuarantineMaxCount ||
+                                     s.quarantine_bytes > kQuarantineMaxBytes)) {
+        auto [user, raw] = s.quarantine.front();
+        s.quarantine.pop_front();
+        auto g = s.graveyard.find(user);
+        s.quarantine_bytes -= g->second;
+        s.graveyard.erase(g);
+        free(raw);
+    }
+    if (s.graveyard.empty()) s.grave_max_span = 0;
     return damaged ? CUDA_ERROR_ILLEGAL_ADDRESS : CUDA_SUCCESS;
 }
 
