@@ -13,7 +13,7 @@ GEN="$OUT/gen"
 mkdir -p "$GEN"
 CXX="${CXX:-g++}"
 # -ffp-contract=off: a * b + c rounds twice, as with NVRTC's --fmad=false.
-FLAGS=(-std=c++17 -O2 -g -fPIC -ffp-contract=off -fno-fast-math -fvisibility=hidden
+FLAGS=(-std=c++17 -O2 -g -fPIC -ffp-contract=off -fno-fast-math -fno-strict-aliasing -fvisibility=hidden
        -DMOE_ROUTER_EMU=1 -I"$ROOT/emu" -Wall -Wno-unknown-pragmas -Wno-unused-function
        -Wno-unused-variable -Wno-unused-but-set-variable ${MOE_EMU_CXXFLAGS:-})
 
