@@ -376,7 +376,7 @@ void run_block(bool reverse) {
     }
 }
 
-unsigned long long g_launches = 0;
+std::map<std::string, unsigned long long> g_launches;
 
 }  // namespace
 
@@ -435,9 +435,15 @@ extern "C" int moe_emu_launch(const char* name, unsigned gx, unsigned gy, unsign
     g.smem.assign(dyn_smem, 0xCD);
     bdim = dim3(bx, by, bz);
     gdim = dim3(gx, gy, gz);
-    // Alternate the order of blocks and of threads between launches: a kernel whose
-    // result depends on that order (a race) then differs between repeated runs.
-    const bool reverse = (g_launches++ & 1ull) != 0;
+    // Alternate the order of blocks and of threads between launches of each kernel: a
+    // kernel whose result depends on that order (a race) then differs between runs.
+    // MOE_EMU_ORDER=forward|reverse pins the order (for debugging a failure).
+    static const char* order = std::getenv("MOE_EMU_ORDER");
+    // Counted per kernel: a global count would give a kernel the same order on every
+    // launch whenever the launches between two of its own are even in number.
+    bool reverse = (g_launches[it->first]++ & 1ull) != 0;
+    if (order && std::strcmp(order, "forward") == 0) reverse = false;
+    if (order && std::strcmp(order, "reverse") == 0) reverse = true;
     const unsigned long long nblocks = (unsigned long long)gx * gy * gz;
     for (unsigned long long b = 0; b < nblocks && !g.failed; ++b) {
         const unsigned long long lin = reverse ? nblocks - 1 - b : b;
