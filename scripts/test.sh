@@ -5,7 +5,9 @@
 #    one pass of every criterion bench in test mode;
 # 2. CUDA kernels: compiled by NVRTC for sm_80 and sm_90 (no GPU needed; NVRTC comes
 #    from the PyTorch wheel installed in step 3's venv); GPU-vs-CPU tests run when a
-#    device is present and print "SKIPPED: no CUDA device" otherwise;
+#    device is present and print "SKIPPED: no CUDA device" otherwise; then the same
+#    GPU-vs-CPU tests run the real kernels and host code on the CPU emulator (emu/,
+#    built with g++ by scripts/build_emu.sh) at reduced sizes;
 # 3. Python: creates .venv (torch==2.11.*, pytest, ...), builds and installs the
 #    extension, runs the pytest suite.
 set -euo pipefail
@@ -35,6 +37,11 @@ else
   echo "note: $NVLIB not found; the NVRTC compile test will report SKIPPED"
 fi
 cargo test --locked --features cuda --test nvrtc_compile --test gpu_vs_cpu -- --nocapture
+
+echo "== [3b/4] CUDA kernels on the CPU emulator (emu/README.md): gpu_vs_cpu at reduced sizes"
+bash scripts/build_emu.sh
+LD_LIBRARY_PATH="$PWD/target/emu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test --locked --release --features cuda --test gpu_vs_cpu
 
 echo "== [4/4] pytest"
 $PY -m pytest -q -rs python/tests
