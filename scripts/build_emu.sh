@@ -9,6 +9,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${1:-$ROOT/target/emu}"
+# MOE_EMU_CUDA_DIR: another copy of cuda/ (scripts/emu_mutants.sh builds mutants).
+CUDA_DIR="${MOE_EMU_CUDA_DIR:-$ROOT/cuda}"
 GEN="$OUT/gen"
 mkdir -p "$GEN"
 CXX="${CXX:-g++}"
@@ -19,7 +21,7 @@ FLAGS=(-std=c++17 -O2 -g -fPIC -ffp-contract=off -fno-fast-math -fno-strict-alia
 
 objs=()
 pids=()
-for cu in "$ROOT"/cuda/*.cu; do
+for cu in "$CUDA_DIR"/*.cu; do
     m="$(basename "$cu" .cu)"
     src="$GEN/$m.cpp"
     {
@@ -46,7 +48,7 @@ for cu in "$ROOT"/cuda/*.cu; do
     objs+=("$obj")
     # Rebuild when the generated unit, the module, the shared header or the emulator
     # header is newer than the object.
-    if [[ ! -f "$obj" || "$src" -nt "$obj" || "$cu" -nt "$obj" || "$ROOT/cuda/common.cuh" -nt "$obj" ||
+    if [[ ! -f "$obj" || "$src" -nt "$obj" || "$cu" -nt "$obj" || "$CUDA_DIR/common.cuh" -nt "$obj" ||
           "$ROOT/emu/cuda_emu.h" -nt "$obj" ]]; then
         "$CXX" "${FLAGS[@]}" -c "$src" -o "$obj" &
         pids+=($!)

@@ -40,8 +40,11 @@ cargo test --locked --features cuda --test nvrtc_compile --test gpu_vs_cpu -- --
 
 echo "== [3b/4] CUDA kernels on the CPU emulator (emu/README.md): gpu_vs_cpu at reduced sizes"
 bash scripts/build_emu.sh
-LD_LIBRARY_PATH="$PWD/target/emu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+LD_LIBRARY_PATH="$PWD/target/emu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" MOE_ROUTER_REQUIRE_DEVICE=1 \
   cargo test --locked --release --features cuda --test gpu_vs_cpu
+# ... and that suite can fail: planted kernel bugs (a race, the tie order, an
+# out-of-bounds write, a bad warp mask, an off-by-one capacity) must each be caught.
+bash scripts/emu_mutants.sh
 
 echo "== [4/4] pytest"
 $PY -m pytest -q -rs python/tests

@@ -5,6 +5,8 @@
 //! a closing `gpu_vs_cpu: P passed, F failed, S skipped` line; it exits non-zero on
 //! any failure. Without a CUDA device every test is reported SKIPPED, never passed.
 //! Arguments that do not start with `-` filter tests by substring; `--list` lists them.
+//! With `MOE_ROUTER_REQUIRE_DEVICE=1` a missing device fails every test instead (CI
+//! sets it where the CPU emulator of `emu/` must be loaded).
 //!
 //! Top-k gating forward, replay and backward over token counts {0, 1, 31, 33, 257,
 //! 4099}, expert counts {1, 7, 8, 60, 64, 128, 160, 256, 1024, 2048} (both the
@@ -2559,6 +2561,8 @@ fn main() {
         ))
     };
     let (mut passed, mut failed, mut skipped) = (0usize, 0usize, 0usize);
+    // Set where a device (or the emulator) must be there: a skip would be a false pass.
+    let require_device = std::env::var_os("MOE_ROUTER_REQUIRE_DEVICE").is_some_and(|v| v == "1");
     let device = backend
         .as_ref()
         .ok()
@@ -2590,6 +2594,10 @@ fn main() {
             Err((true, why)) => {
                 failed += 1;
                 println!("test {name} ... FAILED ({why})");
+            }
+            Err((false, why)) if require_device => {
+                failed += 1;
+                println!("test {name} ... FAILED ({why}; MOE_ROUTER_REQUIRE_DEVICE=1)");
             }
             Err((false, why)) => {
                 skipped += 1;
