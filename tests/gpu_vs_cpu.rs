@@ -388,7 +388,10 @@ fn topk_gating_matches_cpu_every_shape_and_mode(be: &CudaBackend) {
 
 fn topk_gating_is_bitwise_reproducible(be: &CudaBackend) {
     let mut rng = Rng::new(7);
-    for &(t, e) in scaled(&[(4099usize, 256usize), (257, 2048)], &[(1031, 64), (33, 2048)]) {
+    for &(t, e) in scaled(
+        &[(4099usize, 256usize), (257, 2048)],
+        &[(1031, 64), (33, 2048)],
+    ) {
         let k = 8;
         let z = make_logits(&mut rng, t * e, Input::Random);
         let cfg = TopkGatingConfig::new(k)
@@ -2605,7 +2608,11 @@ fn main() {
             }
         }
     }
-    let on = if emulated() { " (on the CPU emulator)" } else { "" };
+    let on = if emulated() {
+        " (on the CPU emulator)"
+    } else {
+        ""
+    };
     println!("gpu_vs_cpu: {passed} passed, {failed} failed, {skipped} skipped{on}");
     if failed > 0 {
         std::process::exit(1);
