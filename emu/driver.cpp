@@ -20,6 +20,12 @@
 // allocated (borrowed pointers: upgrade_device_ptr) are allowed with a one-time
 // warning unless they touch a live allocation's guard or a freed allocation.
 //
+// Sanitizer build (MOE_EMU_SANITIZE=1 bash scripts/build_emu.sh, under
+// AddressSanitizer): an allocation is exactly the requested size (256-byte aligned)
+// with no canary guards, so ASan's own redzones catch every out-of-bounds read or
+// write as it happens; freed allocations are still poisoned (0xCD) and quarantined,
+// and are also marked poisoned for ASan, so a kernel touching one is reported.
+//
 // Everything runs synchronously on the calling thread: streams and events are
 // bookkeeping, and a global mutex serialises kernel launches.
 //
@@ -44,6 +50,13 @@
 #include <set>
 #include <sstream>
 #include <string>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define MOE_EMU_ASAN 1
+#include <sanitizer/asan_interface.h>
+#else
+#define MOE_EMU_ASAN 0
+#endif
 
 // Only the driver API (EMU_API) is exported; everything below is hidden, including
 // the template instantiations over this file's types.
@@ -137,8 +150,8 @@ constexpr int kMaxThreadsPerSm = 2048;
 constexpr int kMaxBlocksPerSm = 32;
 constexpr int kSmCount = 132;
 
-// Memory checking.
-constexpr size_t kGuard = 4096;
+// Memory checking. Under ASan there are no guards: its redzones replace them.
+constexpr size_t kGuard = MOE_EMU_ASAN ? 0 : 4096;
 constexpr size_t kAlign = 256;
 constexpr unsigned char kCanary = 0xFD;
 constexpr unsigned char kPoison = 0xCD;
@@ -496,6 +509,9 @@ CUresult do_free(State& s, const char* fn, CUdeviceptr p) {
     s.bytes_in_use -= al.size;
     // Poison the freed memory (catches stale views) and quarantine it.
     memset(al.raw, kPoison, kGuard + al.size + kGuard);
+#if MOE_EMU_ASAN
+    ASAN_POISON_MEMORY_REGION(al.raw, kGuard + al.size + kGuard);
+#endif
     s.graveyard[a] = al.size;
     s.grave_max_span = std::max(s.grave_max_span, al.size);
     s.quarantine.emplace_back(a, al.raw);
@@ -506,6 +522,9 @@ CUresult do_free(State& s, const char* fn, CUdeviceptr p) {
         s.quarantine.pop_front();
         auto g = s.graveyard.find(user);
         s.quarantine_bytes -= g->second;
+#if MOE_EMU_ASAN
+        ASAN_UNPOISON_MEMORY_REGION(raw, kGuard + g->second + kGuard);
+#endif
         s.graveyard.erase(g);
         free(raw);
     }

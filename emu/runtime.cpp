@@ -6,6 +6,11 @@
 // stack pointer); other architectures use ucontext. Each fiber has its own stack with
 // a guard page below it. The runtime is not reentrant: emu/driver.cpp serialises
 // launches.
+//
+// Under AddressSanitizer (MOE_EMU_SANITIZE=1 bash scripts/build_emu.sh) every switch is
+// announced with __sanitizer_start_switch_fiber / __sanitizer_finish_switch_fiber, so
+// that ASan knows which stack is running, and a fiber stack's shadow is cleared before
+// the stack is reused (a fiber abandoned by a failed launch leaves its frames poisoned).
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -22,6 +27,14 @@
 
 #if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
+
+#if defined(__SANITIZE_ADDRESS__)
+#define MOE_EMU_ASAN 1
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#else
+#define MOE_EMU_ASAN 0
 #endif
 
 namespace emu {
@@ -43,6 +56,7 @@ struct Fiber {
     ucontext_t uc;
 #endif
     char* stack = nullptr;  // lowest usable address (the guard page is below)
+    void* asan_fake = nullptr;  // ASan's fake stack while switched out (MOE_EMU_ASAN)
     uint3 idx = {0, 0, 0};
     unsigned lane = 0, warp = 0;
     State state = READY;
@@ -64,6 +78,13 @@ struct Launch {
     ucontext_t sched_uc;
 #endif
     Fiber* cur = nullptr;
+    // Scheduler side of the ASan fiber annotations: its fake stack while a fiber
+    // runs, and its stack's bounds (reported to the first fiber that starts).
+    void* sched_asan_fake = nullptr;
+    const void* sched_stack_bottom = nullptr;
+    size_t sched_stack_size = 0;
+    // Dynamic shared memory: exactly the launch's size (a fresh allocation per
+    // launch), so that under ASan a read or write past its end is caught.
     std::vector<unsigned char> smem;
     bool failed = false;
     std::string error;
@@ -124,20 +145,52 @@ extern "C" void moe_emu_switch(void** save_sp, void* new_sp);
 namespace emu {
 namespace {
 
-// Switch from the running fiber back to the scheduler.
+// ASan's fiber annotations (no-ops without ASan). Before a switch, the stack being
+// switched to; `save` receives the current stack's fake stack, and null means the
+// current stack is finished. After it, `restore` is the fake stack saved when this
+// stack was left (null on its first entry) and *bottom / *size receive the bounds of
+// the stack switched from.
+inline void asan_start_switch(void** save, const void* bottom, size_t size) {
+#if MOE_EMU_ASAN
+    __sanitizer_start_switch_fiber(save, bottom, size);
+#else
+    (void)save, (void)bottom, (void)size;
+#endif
+}
+inline void asan_finish_switch(void* restore, const void** bottom, size_t* size) {
+#if MOE_EMU_ASAN
+    __sanitizer_finish_switch_fiber(restore, bottom, size);
+#else
+    (void)restore, (void)bottom, (void)size;
+#endif
+}
+
+// Switch from the running fiber back to the scheduler (the fiber resumes later).
 void yield_to_scheduler() {
     Fiber* f = g.cur;
+    asan_start_switch(&f->asan_fake, g.sched_stack_bottom, g.sched_stack_size);
 #if defined(__x86_64__)
     moe_emu_switch(&f->sp, g.sched_sp);
 #else
     swapcontext(&f->uc, &g.sched_uc);
 #endif
+    asan_finish_switch(f->asan_fake, &g.sched_stack_bottom, &g.sched_stack_size);
 }
 
 [[noreturn]] void fiber_main() {
+    // First entry (from resume()): this stack is new to ASan, which reports the
+    // scheduler's stack bounds for the switches back.
+    asan_finish_switch(nullptr, &g.sched_stack_bottom, &g.sched_stack_size);
     g.invoke(g.params);
-    g.cur->state = DONE;
-    yield_to_scheduler();
+    Fiber* f = g.cur;
+    f->state = DONE;
+    // Final exit: a null save slot tells ASan this stack is finished.
+    asan_start_switch(nullptr, g.sched_stack_bottom, g.sched_stack_size);
+#if defined(__x86_64__)
+    moe_emu_switch(&f->sp, g.sched_sp);
+#else
+    swapcontext(&f->uc, &g.sched_uc);
+#endif
     std::abort();  // a finished fiber is never resumed
 }
 
@@ -154,6 +207,7 @@ struct Stacks {
     size_t stride() const { return kStackBytes + page; }
     bool ensure(size_t n) {
         if (n <= count) return true;
+        unpoison();
         if (base) munmap(base, count * stride());
         base = nullptr;
         count = 0;
@@ -167,12 +221,24 @@ struct Stacks {
         return true;
     }
     char* stack(size_t i) const { return base + i * stride() + page; }
+    // Clears the ASan shadow of the whole arena (no-op without ASan).
+    void unpoison() const {
+#if MOE_EMU_ASAN
+        if (base) ASAN_UNPOISON_MEMORY_REGION(base, count * stride());
+#endif
+    }
 };
 Stacks g_stacks;
 
 void start_fiber(Fiber& f, size_t i) {
     f.stack = g_stacks.stack(i);
     f.state = READY;
+    f.asan_fake = nullptr;
+#if MOE_EMU_ASAN
+    // The initial frame below is written from here; instrumented frames set their own
+    // shadow, so the rest of the stack needs clearing only after a failed launch.
+    ASAN_UNPOISON_MEMORY_REGION(f.stack + kStackBytes - 4096, 4096);
+#endif
 #if defined(__x86_64__)
     // Initial frame, from the top: a fake return address for fiber_main (so that its
     // entry sees rsp = 8 mod 16, as after a call), fiber_main as the address
@@ -195,11 +261,13 @@ void start_fiber(Fiber& f, size_t i) {
 void resume(Fiber& f) {
     g.cur = &f;
     tid = &f.idx;
+    asan_start_switch(&g.sched_asan_fake, f.stack, kStackBytes);
 #if defined(__x86_64__)
     moe_emu_switch(&g.sched_sp, f.sp);
 #else
     swapcontext(&g.sched_uc, &f.uc);
 #endif
+    asan_finish_switch(g.sched_asan_fake, nullptr, nullptr);
 }
 
 const char* op_name(int op) {
@@ -432,7 +500,7 @@ extern "C" int moe_emu_launch(const char* name, unsigned gx, unsigned gy, unsign
         f.lane = i % 32;
         f.warp = i / 32;
     }
-    g.smem.assign(dyn_smem, 0xCD);
+    g.smem.assign(dyn_smem, 0xCD);  // g.smem was empty: capacity is exactly dyn_smem
     bdim = dim3(bx, by, bz);
     gdim = dim3(gx, gy, gz);
     // Alternate the order of blocks and of threads between launches of each kernel: a
@@ -451,6 +519,9 @@ extern "C" int moe_emu_launch(const char* name, unsigned gx, unsigned gy, unsign
         run_block(reverse);
     }
     tid = nullptr;
+    // A failed launch abandons its fibers mid-kernel, their frames' redzones still
+    // poisoned in the shadow of stacks that later launches reuse.
+    if (g.failed) g_stacks.unpoison();
     if (g.failed) return report(g.error);
     return 0;
 }

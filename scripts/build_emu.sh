@@ -6,9 +6,19 @@
 # Each cuda/<module>.cu becomes one translation unit, wrapped in its own namespace
 # (the modules share helper names), with every entry point of its `// @entries:`
 # (times f32/f16/bf16) and `// @untyped:` lines registered by name.
+#
+# MOE_EMU_SANITIZE=1 builds the sanitizer variant instead, in target/emu-asan by default:
+# kernels, runtime and driver with AddressSanitizer and UndefinedBehaviorSanitizer
+# (out-of-bounds reads and writes, use after free, UB in the kernels). The process that
+# loads it must preload the ASan runtime; scripts/emu_sanitize.sh does all of that.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-OUT="${1:-$ROOT/target/emu}"
+SANITIZE="${MOE_EMU_SANITIZE:-0}"
+if [[ "$SANITIZE" == 1 ]]; then
+    OUT="${1:-$ROOT/target/emu-asan}"
+else
+    OUT="${1:-$ROOT/target/emu}"
+fi
 # MOE_EMU_CUDA_DIR: another copy of cuda/ (scripts/emu_mutants.sh builds mutants).
 CUDA_DIR="${MOE_EMU_CUDA_DIR:-$ROOT/cuda}"
 GEN="$OUT/gen"
@@ -17,7 +27,25 @@ CXX="${CXX:-g++}"
 # -ffp-contract=off: a * b + c rounds twice, as with NVRTC's --fmad=false.
 FLAGS=(-std=c++17 -O2 -g -fPIC -ffp-contract=off -fno-fast-math -fno-strict-aliasing -fvisibility=hidden
        -DMOE_ROUTER_EMU=1 -I"$ROOT/emu" -Wall -Wno-unknown-pragmas -Wno-unused-function
-       -Wno-unused-variable -Wno-unused-but-set-variable ${MOE_EMU_CXXFLAGS:-})
+       -Wno-unused-variable -Wno-unused-but-set-variable)
+LINKFLAGS=()
+if [[ "$SANITIZE" == 1 ]]; then
+    # driver.cpp and runtime.cpp see __SANITIZE_ADDRESS__: exact-size allocations
+    # without canary guards, and fiber switches announced to ASan.
+    SAN=(-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer)
+    FLAGS+=("${SAN[@]}")
+    LINKFLAGS+=("${SAN[@]}")
+elif [[ "$SANITIZE" != 0 ]]; then
+    echo "build_emu.sh: MOE_EMU_SANITIZE must be 0 or 1, not '$SANITIZE'" >&2
+    exit 2
+fi
+FLAGS+=(${MOE_EMU_CXXFLAGS:-})
+# Objects are rebuilt when a source is newer, and all of them when the flags change.
+STAMP="$GEN/flags"
+if [[ "$(cat "$STAMP" 2>/dev/null)" != "$CXX ${FLAGS[*]}" ]]; then
+    rm -f "$GEN"/*.o
+    printf '%s\n' "$CXX ${FLAGS[*]}" > "$STAMP"
+fi
 
 objs=()
 pids=()
@@ -69,7 +97,7 @@ if [[ $status -ne 0 ]]; then
     echo "build_emu.sh: compiling the emulator failed" >&2
     exit 1
 fi
-"$CXX" -shared -fPIC -o "$OUT/libcuda.so.tmp" "${objs[@]}" -lpthread
+"$CXX" -shared -fPIC "${LINKFLAGS[@]}" -o "$OUT/libcuda.so.tmp" "${objs[@]}" -lpthread
 mv "$OUT/libcuda.so.tmp" "$OUT/libcuda.so"
 ln -sf libcuda.so "$OUT/libcuda.so.1"
 echo "$OUT/libcuda.so"
