@@ -198,6 +198,10 @@ struct EmuFunction {
     EmuModule* module = nullptr;
     std::string name;
     int max_dynamic_smem = kSharedPerBlock;
+    // Threads per block the kernel may be launched with: its `.maxntid` (from
+    // __launch_bounds__) when the PTX has one, else the device limit. A GPU refuses a
+    // launch above it, so the emulator does too.
+    int max_threads = kMaxThreadsPerBlock;
     int carveout = -1;
     int cache_config = 0;
 };
@@ -540,6 +544,28 @@ bool is_ident_char(char c) {
 }
 
 // Entry names: ".entry <name>(" (optionally after ".visible"/".weak").
+// The product of the `.maxntid x, y, z` directive between `.entry name(` and the body's
+// `{`, or the device limit when the entry has none.
+int ptx_max_threads(const std::string& ptx, const std::string& name) {
+    const std::string head = ".entry " + name + "(";
+    const size_t at = ptx.find(head);
+    if (at == std::string::npos) return kMaxThreadsPerBlock;
+    const size_t body = ptx.find('{', at);
+    const size_t m = ptx.find(".maxntid", at);
+    if (m == std::string::npos || (body != std::string::npos && m > body)) return kMaxThreadsPerBlock;
+    long long prod = 1;
+    const char* p = ptx.c_str() + m + 8;
+    for (int i = 0; i < 3; ++i) {
+        char* end = nullptr;
+        const long v = std::strtol(p, &end, 10);
+        if (end == p) break;
+        prod *= v > 0 ? v : 1;
+        p = end;
+        while (*p == ' ' || *p == ',') ++p;
+    }
+    return prod > 0 && prod < kMaxThreadsPerBlock ? (int)prod : kMaxThreadsPerBlock;
+}
+
 std::set<std::string> ptx_entries(const std::string& ptx) {
     std::set<std::string> out;
     size_t pos = 0;
@@ -1515,6 +1541,7 @@ EMU_API CUresult cuModuleGetFunction(CUfunction* hfunc, CUmodule hmod, const cha
     auto* f = new EmuFunction;
     f->module = hmod;
     f->name = name;
+    f->max_threads = ptx_max_threads(hmod->ptx, name);
     hmod->functions[name] = f;
     s.functions.insert(f);
     *hfunc = f;
@@ -1533,7 +1560,7 @@ EMU_API CUresult cuFuncGetAttribute(int* pi, int attrib, CUfunction hfunc) {
     if (f == nullptr) return CUDA_ERROR_INVALID_HANDLE;
     if (pi == nullptr) return CUDA_ERROR_INVALID_VALUE;
     switch (attrib) {
-        case CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *pi = kMaxThreadsPerBlock; break;
+        case CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *pi = f->max_threads; break;
         case CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES: *pi = 0; break;
         case CU_FUNC_ATTRIBUTE_CONST_SIZE_BYTES: *pi = 0; break;
         case CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES: *pi = 0; break;
@@ -1706,6 +1733,8 @@ EMU_API CUresult cuLaunchKernel(CUfunction hfunc, unsigned int gx, unsigned int 
             why = "the block exceeds (1024, 1024, 64)";
         else if (threads > static_cast<unsigned long long>(kMaxThreadsPerBlock))
             why = "the block has more than 1024 threads";
+        else if (threads > static_cast<unsigned long long>(f->max_threads))
+            why = "the block has more threads than the kernel's __launch_bounds__ (.maxntid)";
         if (why != nullptr) {
             emu_msg("cuLaunchKernel: kernel %s: grid (%u, %u, %u), block (%u, %u, %u): %s",
                     name.c_str(), gx, gy, gz, bx, by, bz, why);
