@@ -141,7 +141,7 @@ def _i32(op: str, name: str, t: Tensor) -> Tensor:
         return t.contiguous()
     if t.dtype != torch.int64:
         raise TypeError(f"moe_router.{op}: `{name}` has dtype {t.dtype}, expected int32 or int64")
-    if t.device.type != "cpu":
+    if _on_cuda(t.device):
         return t.clamp(_I32_MIN, _I32_MAX).to(torch.int32).contiguous()
     if t.numel() > 0:
         lo, hi = int(t.min()), int(t.max())
