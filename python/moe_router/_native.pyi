@@ -181,7 +181,7 @@ def cuda_unpermute_backward(
 def cuda_aux_loss(
     device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
     padding_mask: Optional[Buf], counts: Optional[Buf], total_tokens: Optional[int], topk: int, score_function: str,
-    coeff: float, loss: Buf, counts_out: Buf, total_out: Buf, workspace: Buf,
+    coeff: float, loss: Buf, counts_out: Buf, scores_sum: Buf, total_out: Buf, workspace: Buf,
 ) -> None: ...
 def cuda_aux_loss_backward(
     device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
@@ -191,7 +191,7 @@ def cuda_aux_loss_backward(
 def cuda_seq_aux_loss(
     device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, seq_len: int,
     padding_mask: Optional[Buf], topk: int, score_function: str, coeff: float, loss: Buf, counts_out: Buf,
-    valid_out: Buf, workspace: Buf,
+    scores_sum: Buf, valid_out: Buf, workspace: Buf,
 ) -> None: ...
 def cuda_seq_aux_loss_backward(
     device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, seq_len: int,

@@ -141,7 +141,7 @@ def _i32(op: str, name: str, t: Tensor) -> Tensor:
         return t.contiguous()
     if t.dtype != torch.int64:
         raise TypeError(f"moe_router.{op}: `{name}` has dtype {t.dtype}, expected int32 or int64")
-    if t.device.type != "cpu":
+    if _on_cuda(t.device):
         return t.clamp(_I32_MIN, _I32_MAX).to(torch.int32).contiguous()
     if t.numel() > 0:
         lo, hi = int(t.min()), int(t.max())
@@ -716,10 +716,11 @@ def aux_loss(
         fn, index, stream = _cuda(op, "aux_loss", dev)
         loss_t = torch.empty((), dtype=torch.float32, device=dev)
         used_t = torch.empty((), dtype=torch.int64, device=dev)
+        scores_sum = torch.empty((e,), dtype=torch.float32, device=dev)  # written by the kernels, not returned
         ws = torch.empty((_native.losses_workspace_len(t, e),), dtype=torch.float64, device=dev)
         fn(
             index, stream, dt, _buf(logits), t, e, _obuf(mask), _obuf(c), total, topk, score_function, coeff,
-            _buf(loss_t), _buf(counts_out), _buf(used_t), _buf(ws),
+            _buf(loss_t), _buf(counts_out), _buf(scores_sum), _buf(used_t), _buf(ws),
         )  # fmt: skip
         return loss_t, counts_out, used_t
     loss, used_total = _native_fn(op, "aux_loss")(
@@ -825,10 +826,11 @@ def seq_aux_loss(
         fn, index, stream = _cuda(op, "seq_aux_loss", dev)
         loss_t = torch.empty((), dtype=torch.float32, device=dev)
         valid = torch.empty((b,), dtype=torch.int64, device=dev)  # recomputed by the backward
+        scores_sum = torch.empty((b, e), dtype=torch.float32, device=dev)  # written by the kernels, not returned
         ws = torch.empty((_native.losses_workspace_len(t, e, seq_len),), dtype=torch.float64, device=dev)
         fn(
             index, stream, dt, _buf(logits), t, e, seq_len, _obuf(mask), topk, score_function, coeff, _buf(loss_t),
-            _buf(counts_out), _buf(valid), _buf(ws),
+            _buf(counts_out), _buf(scores_sum), _buf(valid), _buf(ws),
         )  # fmt: skip
         return loss_t, counts_out
     loss = _native_fn(op, "seq_aux_loss")(

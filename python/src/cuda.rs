@@ -1270,11 +1270,13 @@ fn scalar<T>(op: &str, b: &Buf<T>) -> PyResult<()> {
 }
 
 /// Switch/GShard load-balance loss forward on CUDA. Outputs on the device: `loss` `[1]`
-/// f32, `counts_out` `[num_experts]` i64, `total_out` `[1]` i64 (the `T_total` used);
-/// `workspace` f64 of `losses_workspace_len(num_tokens, num_experts, None)`.
+/// f32, `counts_out` `[num_experts]` i64, `scores_sum` `[num_experts]` f32 (the per-expert
+/// score sums the kernels write; not a Python output, but it must be a real buffer),
+/// `total_out` `[1]` i64 (the `T_total` used); `workspace` f64 of
+/// `losses_workspace_len(num_tokens, num_experts, None)`.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (device, stream, dtype, logits, num_tokens, num_experts, padding_mask, counts, total_tokens, topk, score_function, coeff, loss, counts_out, total_out, workspace))]
+#[pyo3(signature = (device, stream, dtype, logits, num_tokens, num_experts, padding_mask, counts, total_tokens, topk, score_function, coeff, loss, counts_out, scores_sum, total_out, workspace))]
 pub(crate) fn cuda_aux_loss(
     py: Python<'_>,
     device: usize,
@@ -1291,6 +1293,7 @@ pub(crate) fn cuda_aux_loss(
     coeff: f32,
     loss: RawBuf,
     counts_out: RawBuf,
+    scores_sum: RawBuf,
     total_out: RawBuf,
     workspace: RawBuf,
 ) -> PyResult<()> {
@@ -1306,11 +1309,13 @@ pub(crate) fn cuda_aux_loss(
     }
     let loss = Buf::<f32>::output("loss", loss);
     let counts_out = Buf::<i64>::output("counts_out", counts_out);
+    let scores_sum = Buf::<f32>::output("scores_sum", scores_sum);
     let total_out = Buf::<i64>::output("total_out", total_out);
     let ws = Buf::<f64>::output("workspace", workspace);
     scalar(OP, &loss)?;
     scalar(OP, &total_out)?;
     counts_out.expect_len(OP, num_experts, &e_shape)?;
+    scores_sum.expect_len(OP, num_experts, &e_shape)?;
     ws.expect_len(
         OP,
         ws_len,
@@ -1320,6 +1325,7 @@ pub(crate) fn cuda_aux_loss(
         logits.span(),
         loss.span(),
         counts_out.span(),
+        scores_sum.span(),
         total_out.span(),
         ws.span(),
     ];
@@ -1332,6 +1338,7 @@ pub(crate) fn cuda_aux_loss(
         counts: counts.as_ref().map_or(0, Buf::addr),
         loss: loss.addr(),
         out_counts: counts_out.addr(),
+        scores_sum: scores_sum.addr(),
         total_tokens: total_out.addr(),
         workspace: ws.addr(),
         ..Default::default()
@@ -1482,12 +1489,13 @@ fn aux_backward(
 }
 
 /// Sequence-level load-balance loss forward on CUDA: `loss` `[1]` f32, `counts_out`
-/// `[num_tokens / seq_len, num_experts]` i64, `valid_out` `[num_tokens / seq_len]` i64
+/// `[num_tokens / seq_len, num_experts]` i64, `scores_sum` of the same shape f32 (written
+/// by the kernels, not a Python output), `valid_out` `[num_tokens / seq_len]` i64
 /// (valid tokens per sequence); `workspace` f64 of `losses_workspace_len(num_tokens,
 /// num_experts, seq_len)`.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (device, stream, dtype, logits, num_tokens, num_experts, seq_len, padding_mask, topk, score_function, coeff, loss, counts_out, valid_out, workspace))]
+#[pyo3(signature = (device, stream, dtype, logits, num_tokens, num_experts, seq_len, padding_mask, topk, score_function, coeff, loss, counts_out, scores_sum, valid_out, workspace))]
 pub(crate) fn cuda_seq_aux_loss(
     py: Python<'_>,
     device: usize,
@@ -1503,6 +1511,7 @@ pub(crate) fn cuda_seq_aux_loss(
     coeff: f32,
     loss: RawBuf,
     counts_out: RawBuf,
+    scores_sum: RawBuf,
     valid_out: RawBuf,
     workspace: RawBuf,
 ) -> PyResult<()> {
@@ -1513,12 +1522,19 @@ pub(crate) fn cuda_seq_aux_loss(
     let (segments, ws_len, _) = loss_plan(OP, num_tokens, num_experts, Some(seq_len))?;
     let loss = Buf::<f32>::output("loss", loss);
     let counts_out = Buf::<i64>::output("counts_out", counts_out);
+    let scores_sum = Buf::<f32>::output("scores_sum", scores_sum);
     let valid_out = Buf::<i64>::output("valid_out", valid_out);
     let ws = Buf::<f64>::output("workspace", workspace);
     scalar(OP, &loss)?;
+    let seg_e = mul(OP, "segments * num_experts", segments, num_experts)?;
     counts_out.expect_len(
         OP,
-        mul(OP, "segments * num_experts", segments, num_experts)?,
+        seg_e,
+        shape2("segments", segments, "num_experts", num_experts),
+    )?;
+    scores_sum.expect_len(
+        OP,
+        seg_e,
         shape2("segments", segments, "num_experts", num_experts),
     )?;
     valid_out.expect_len(OP, segments, format_args!("[segments] = [{segments}]"))?;
@@ -1531,6 +1547,7 @@ pub(crate) fn cuda_seq_aux_loss(
         logits.span(),
         loss.span(),
         counts_out.span(),
+        scores_sum.span(),
         valid_out.span(),
         ws.span(),
     ];
@@ -1541,6 +1558,7 @@ pub(crate) fn cuda_seq_aux_loss(
         padding_mask: mask.as_ref().map_or(0, Buf::addr),
         loss: loss.addr(),
         out_counts: counts_out.addr(),
+        scores_sum: scores_sum.addr(),
         total_tokens: valid_out.addr(),
         workspace: ws.addr(),
         ..Default::default()
