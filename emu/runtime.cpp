@@ -11,6 +11,7 @@
 // announced with __sanitizer_start_switch_fiber / __sanitizer_finish_switch_fiber, so
 // that ASan knows which stack is running, and a fiber stack's shadow is cleared before
 // the stack is reused (a fiber abandoned by a failed launch leaves its frames poisoned).
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -258,17 +259,73 @@ void start_fiber(Fiber& f, size_t i) {
 #endif
 }
 
+volatile sig_atomic_t g_in_fiber = 0;  // a kernel (not the runtime) is running
+
 void resume(Fiber& f) {
     g.cur = &f;
     tid = &f.idx;
     asan_start_switch(&g.sched_asan_fake, f.stack, kStackBytes);
+    g_in_fiber = 1;
 #if defined(__x86_64__)
     moe_emu_switch(&g.sched_sp, f.sp);
 #else
     swapcontext(&g.sched_uc, &f.uc);
 #endif
+    g_in_fiber = 0;
     asan_finish_switch(g.sched_asan_fake, nullptr, nullptr);
 }
+
+#if !defined(__SANITIZE_ADDRESS__)
+// A kernel that touches an unmapped address (a null or wild pointer, or a fiber stack
+// overflow into its guard page) fails its launch with a message, as a GPU reports an
+// illegal address, instead of killing the process. The handler runs on its own stack,
+// marks the thread finished and switches back to the scheduler; it never returns.
+// Installed for the duration of a launch only (Rust keeps its own SIGSEGV handler for
+// stack overflows); a fault outside a kernel gets the previous handler back and faults
+// again.
+const int kFaultSignals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
+struct sigaction g_old_actions[4];
+std::vector<char> g_altstack;
+stack_t g_old_altstack;
+
+void on_fault(int sig, siginfo_t* si, void*) {
+    if (!g_in_fiber || g.cur == nullptr) {
+        for (int i = 0; i < 4; ++i) sigaction(kFaultSignals[i], &g_old_actions[i], nullptr);
+        return;
+    }
+    g_in_fiber = 0;
+    const uint3 t = g.cur->idx;
+    const char* what = sig == SIGFPE ? "integer division by zero or overflow (undefined on a GPU too)"
+                       : sig == SIGILL ? "a trap (g++ compiles a provable null dereference to one)"
+                                       : "invalid memory access (a null or wild pointer, or a thread stack overflow)";
+    fail("signal %d at address %p in thread (%u,%u,%u) of block (%u,%u,%u): %s", sig, si->si_addr,
+         t.x, t.y, t.z, bid.x, bid.y, bid.z, what);
+    g.cur->state = DONE;
+    yield_to_scheduler();
+    std::abort();
+}
+
+void install_fault_handler() {
+    if (g_altstack.empty()) g_altstack.resize(64 * 1024);
+    stack_t ss = {};
+    ss.ss_sp = g_altstack.data();
+    ss.ss_size = g_altstack.size();
+    sigaltstack(&ss, &g_old_altstack);
+    struct sigaction sa = {};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    for (int i = 0; i < 4; ++i) sigaction(kFaultSignals[i], &sa, &g_old_actions[i]);
+}
+
+void remove_fault_handler() {
+    for (int i = 0; i < 4; ++i) sigaction(kFaultSignals[i], &g_old_actions[i], nullptr);
+    sigaltstack(&g_old_altstack, nullptr);
+}
+#else
+void install_fault_handler() {}  // ASan reports faults itself
+void remove_fault_handler() {}
+#endif
 
 const char* op_name(int op) {
     switch (op) {
@@ -513,11 +570,13 @@ extern "C" int moe_emu_launch(const char* name, unsigned gx, unsigned gy, unsign
     if (order && std::strcmp(order, "forward") == 0) reverse = false;
     if (order && std::strcmp(order, "reverse") == 0) reverse = true;
     const unsigned long long nblocks = (unsigned long long)gx * gy * gz;
+    install_fault_handler();
     for (unsigned long long b = 0; b < nblocks && !g.failed; ++b) {
         const unsigned long long lin = reverse ? nblocks - 1 - b : b;
         bid = {(unsigned)(lin % gx), (unsigned)((lin / gx) % gy), (unsigned)(lin / ((unsigned long long)gx * gy))};
         run_block(reverse);
     }
+    remove_fault_handler();
     tid = nullptr;
     // A failed launch abandons its fibers mid-kernel, their frames' redzones still
     // poisoned in the shadow of stacks that later launches reuse.

@@ -27,6 +27,7 @@ MUTANTS=(
   'tie-order|common.cuh|s/\(u64\)\(0xffffffffu - index\)/(u64)index/|topk_gating_matches|equal scores ranked higher index first (SPEC: lower index first)'
   'oob-write|bias_update.cu|s/(const i128 total = \{red_hi\[0\], red_lo\[0\]\};)/$1 if (tid == 0) bias[num_experts] = 0.0f;/|router_stats_and_bias|a write one element past the end of bias, in-range values untouched'
   'warp-mask|common.cuh|s/(float warp_sum\(float v\) \{.*?)FULL_MASK/${1}0x0000ffffu/s|losses_match|a warp sum whose mask leaves out half of the calling lanes'
+  'null-write|bias_update.cu|s/(const i128 total = \{red_hi\[0\], red_lo\[0\]\};)/$1 if (tid == 0) ((float*)((u64)bias >> 48))[0] = rate;/|router_stats_and_bias|a write through a null pointer (fails the launch, not the process)'
   'capacity|dispatch.cu|s/min\(cnt, P\.capacity\)/min(cnt, P.capacity + 1)/|dispatch_treats_out_of_range|one row over capacity kept per expert'
 )
 

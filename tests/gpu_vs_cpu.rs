@@ -1533,6 +1533,127 @@ fn permute_raw_entry_matches(be: &CudaBackend) {
     assert_bits(&s.clone_dtoh(&dbuf).unwrap(), &cpu, "permute_raw f16");
 }
 
+/// The raw entries (what the Python layer calls) refuse a null or misaligned pointer
+/// for a buffer they use, naming it, before any launch; a null optional buffer is
+/// fine. (The CUDA aux-loss binding once passed a null `scores_sum`, which the kernel
+/// writes.)
+fn raw_entries_reject_null_and_misaligned_pointers(be: &CudaBackend) {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use moe_router::cuda::losses::{losses_raw, LossesPass, LossesRawPtrs};
+    use moe_router::cuda::permute::*;
+    use moe_router::cuda::topk_gating::{topk_gating_raw, TopkGatingPass, TopkGatingRawPtrs};
+    use moe_router::DType;
+    let s = be.stream();
+    let (t, e, k) = (8usize, 4usize, 2usize);
+    let z = upload(be, &vec![0.5f32; t * e], 0);
+    let mut w = upload(be, &vec![0f32; t * k], 0);
+    let mut i = upload(be, &vec![0i32; t * k], 0);
+    let (zp, _g1) = z.device_ptr(s);
+    let (wp, _g2) = w.device_ptr_mut(s);
+    let (ip, _g3) = i.device_ptr_mut(s);
+    let expect = |r: moe_router::Result<()>, arg: &str| {
+        let err = r.expect_err(arg).to_string();
+        assert!(err.contains(arg), "error should name `{arg}`: {err}");
+    };
+    let gating = |ptrs: TopkGatingRawPtrs| {
+        // SAFETY: every non-null pointer is a live buffer of the documented shape; the
+        // call must fail on the null / misaligned one before launching anything.
+        unsafe {
+            topk_gating_raw(
+                be,
+                s.cu_stream(),
+                TopkGatingPass::Forward,
+                DType::F32,
+                t,
+                e,
+                &TopkGatingConfig::new(k),
+                ptrs,
+            )
+        }
+    };
+    let ok = TopkGatingRawPtrs {
+        logits: zp,
+        indices: ip,
+        weights: wp,
+        ..Default::default()
+    };
+    gating(ok).unwrap(); // expert_bias = 0: no bias
+    expect(gating(TopkGatingRawPtrs { weights: 0, ..ok }), "weights");
+    expect(
+        gating(TopkGatingRawPtrs {
+            logits: zp + 2,
+            ..ok
+        }),
+        "logits",
+    );
+    expect(
+        gating(TopkGatingRawPtrs {
+            expert_bias: wp + 1,
+            ..ok
+        }),
+        "expert_bias",
+    );
+    // permute: a null destination.
+    let sizes = PermuteSizes {
+        num_tokens: t,
+        num_rows: 4,
+        hidden: e,
+        k: 0,
+    };
+    let rtt = upload(be, &vec![0i32; 4], 0);
+    let (rp, _g4) = rtt.device_ptr(s);
+    let r = unsafe {
+        // SAFETY: as above.
+        permute_raw(
+            be,
+            s.cu_stream(),
+            PermutePass::Permute,
+            DType::F32,
+            sizes,
+            PermuteRawPtrs {
+                x: zp,
+                row_to_token: rp,
+                buf: 0,
+                ..Default::default()
+            },
+        )
+    };
+    expect(r, "buf");
+    // The aux-loss forward with every buffer but `scores_sum`.
+    let mut out = upload(be, &vec![0i64; 64], 0);
+    let mut ws = upload(be, &vec![0f64; 1 << 16], 0);
+    let (op, _g5) = out.device_ptr_mut(s);
+    let (wsp, _g6) = ws.device_ptr_mut(s);
+    let cfg = AuxLossConfig::new(k);
+    let r = unsafe {
+        // SAFETY: as above; `out` and `ws` are larger than every buffer they stand for.
+        losses_raw(
+            be,
+            s.cu_stream(),
+            LossesPass::AuxForward,
+            DType::F32,
+            t,
+            e,
+            None,
+            None,
+            &cfg,
+            None,
+            LossesRawPtrs {
+                logits: zp,
+                loss: op,
+                out_counts: op + 64,
+                scores_sum: 0,
+                total_tokens: op + 128,
+                workspace: wsp,
+                z_loss: op + 192,
+                valid_tokens: op + 256,
+                ..Default::default()
+            },
+        )
+    };
+    expect(r, "scores_sum");
+}
+
 // ---------------------------------------------------------------------------
 // Dispatch (cuda/dispatch.cu) against src/cpu/dispatch.rs: every integer output
 // exactly, kept weights bit for bit (the same f32 operations in the same order).
@@ -2509,6 +2630,10 @@ const TESTS: &[(&str, TestFn)] = &[
         permute_is_bitwise_reproducible,
     ),
     ("permute_raw_entry_matches", permute_raw_entry_matches),
+    (
+        "raw_entries_reject_null_and_misaligned_pointers",
+        raw_entries_reject_null_and_misaligned_pointers,
+    ),
     (
         "dispatch_matches_cpu_every_policy_and_layout",
         dispatch_matches_cpu_every_policy_and_layout,

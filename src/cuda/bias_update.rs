@@ -97,8 +97,24 @@ pub unsafe fn update_expert_bias_raw(
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     // SAFETY: (2) and (3).
-    let mut b = unsafe { BorrowedSlice::<f32>::new(be.stream(), bias, num_experts) };
+    let mut b = unsafe {
+        BorrowedSlice::<f32>::checked(
+            be.stream(),
+            bias,
+            num_experts,
+            "update_expert_bias_raw",
+            "bias",
+        )
+    }?;
     // SAFETY: (2).
-    let c = unsafe { BorrowedSlice::<i64>::new(be.stream(), counts, num_experts) };
+    let c = unsafe {
+        BorrowedSlice::<i64>::checked(
+            be.stream(),
+            counts,
+            num_experts,
+            "update_expert_bias_raw",
+            "counts",
+        )
+    }?;
     update_expert_bias_cuda(&be, &mut b.view_mut(), &c.view(), rate)
 }

@@ -421,17 +421,57 @@ pub unsafe fn dispatch_raw(
     let s = be.stream();
     // SAFETY (every BorrowedSlice below): (2) and (3); lengths are the documented
     // shapes for these sizes.
-    let idx = unsafe { BorrowedSlice::<i32>::new(s, ptrs.indices, n) };
-    let w = unsafe { BorrowedSlice::<f32>::new(s, ptrs.weights, n) };
-    let mut slot = unsafe { BorrowedSlice::<i32>::new(s, ptrs.slot, n) };
-    let mut row = unsafe { BorrowedSlice::<i32>::new(s, ptrs.row, n) };
-    let mut kw = unsafe { BorrowedSlice::<f32>::new(s, ptrs.kept_weights, n) };
-    let mut tpe = unsafe { BorrowedSlice::<i32>::new(s, ptrs.tokens_per_expert, e) };
-    let mut rtt = unsafe { BorrowedSlice::<i32>::new(s, ptrs.row_to_token, max_rows) };
-    let mut eo = unsafe { BorrowedSlice::<i32>::new(s, ptrs.expert_offsets, e + 1) };
-    let mut rpr = unsafe { BorrowedSlice::<i32>::new(s, ptrs.rows_per_rank, cfg.ep_size) };
-    let mut counts = unsafe { BorrowedSlice::<i64>::new(s, ptrs.counts, 2) };
-    let mut ws = unsafe { BorrowedSlice::<i32>::new(s, ptrs.workspace, ws_len) };
+    let idx =
+        unsafe { BorrowedSlice::<i32>::checked(s, ptrs.indices, n, "dispatch_raw", "indices") }?;
+    let w =
+        unsafe { BorrowedSlice::<f32>::checked(s, ptrs.weights, n, "dispatch_raw", "weights") }?;
+    let mut slot =
+        unsafe { BorrowedSlice::<i32>::checked(s, ptrs.slot, n, "dispatch_raw", "slot") }?;
+    let mut row = unsafe { BorrowedSlice::<i32>::checked(s, ptrs.row, n, "dispatch_raw", "row") }?;
+    let mut kw = unsafe {
+        BorrowedSlice::<f32>::checked(s, ptrs.kept_weights, n, "dispatch_raw", "kept_weights")
+    }?;
+    let mut tpe = unsafe {
+        BorrowedSlice::<i32>::checked(
+            s,
+            ptrs.tokens_per_expert,
+            e,
+            "dispatch_raw",
+            "tokens_per_expert",
+        )
+    }?;
+    let mut rtt = unsafe {
+        BorrowedSlice::<i32>::checked(
+            s,
+            ptrs.row_to_token,
+            max_rows,
+            "dispatch_raw",
+            "row_to_token",
+        )
+    }?;
+    let mut eo = unsafe {
+        BorrowedSlice::<i32>::checked(
+            s,
+            ptrs.expert_offsets,
+            e + 1,
+            "dispatch_raw",
+            "expert_offsets",
+        )
+    }?;
+    let mut rpr = unsafe {
+        BorrowedSlice::<i32>::checked(
+            s,
+            ptrs.rows_per_rank,
+            cfg.ep_size,
+            "dispatch_raw",
+            "rows_per_rank",
+        )
+    }?;
+    let mut counts =
+        unsafe { BorrowedSlice::<i64>::checked(s, ptrs.counts, 2, "dispatch_raw", "counts") }?;
+    let mut ws = unsafe {
+        BorrowedSlice::<i32>::checked(s, ptrs.workspace, ws_len, "dispatch_raw", "workspace")
+    }?;
     dispatch_cuda(
         &be,
         &idx.view(),

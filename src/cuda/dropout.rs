@@ -316,7 +316,9 @@ pub unsafe fn expert_mask_raw(
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     // SAFETY: (2).
-    let mut m = unsafe { BorrowedSlice::<bool>::new(be.stream(), masked, n) };
+    let mut m = unsafe {
+        BorrowedSlice::<bool>::checked(be.stream(), masked, n, "expert_mask_raw", "masked")
+    }?;
     expert_mask_cuda(&be, num_tokens, num_experts, topk, cfg, &mut m.view_mut())
 }
 
@@ -353,12 +355,28 @@ pub unsafe fn assignment_dropout_raw(
     let be = unsafe { backend.on_borrowed_stream(stream) };
     let s = be.stream();
     // SAFETY (every BorrowedSlice below): (2) and (3).
-    let idx = unsafe { BorrowedSlice::<i32>::new(s, ptrs.indices, n) };
-    let w = unsafe { BorrowedSlice::<f32>::new(s, ptrs.weights, n) };
-    let mut keep = unsafe { BorrowedSlice::<bool>::new(s, ptrs.keep, n) };
+    let idx = unsafe {
+        BorrowedSlice::<i32>::checked(s, ptrs.indices, n, "assignment_dropout_raw", "indices")
+    }?;
+    let w = unsafe {
+        BorrowedSlice::<f32>::checked(s, ptrs.weights, n, "assignment_dropout_raw", "weights")
+    }?;
+    let mut keep = unsafe {
+        BorrowedSlice::<bool>::checked(s, ptrs.keep, n, "assignment_dropout_raw", "keep")
+    }?;
     if backward {
-        let go = unsafe { BorrowedSlice::<f32>::new(s, ptrs.grad_out, n) };
-        let mut gw = unsafe { BorrowedSlice::<f32>::new(s, ptrs.grad_weights, n) };
+        let go = unsafe {
+            BorrowedSlice::<f32>::checked(s, ptrs.grad_out, n, "assignment_dropout_raw", "grad_out")
+        }?;
+        let mut gw = unsafe {
+            BorrowedSlice::<f32>::checked(
+                s,
+                ptrs.grad_weights,
+                n,
+                "assignment_dropout_raw",
+                "grad_weights",
+            )
+        }?;
         return assignment_dropout_backward_cuda(
             &be,
             &idx.view(),
@@ -371,9 +389,27 @@ pub unsafe fn assignment_dropout_raw(
             &mut gw.view_mut(),
         );
     }
-    let mut oi = unsafe { BorrowedSlice::<i32>::new(s, ptrs.out_indices, n) };
-    let mut ow = unsafe { BorrowedSlice::<f32>::new(s, ptrs.out_weights, n) };
-    let mut dr = unsafe { BorrowedSlice::<u64>::new(s, ptrs.dropped, 1) };
+    let mut oi = unsafe {
+        BorrowedSlice::<i32>::checked(
+            s,
+            ptrs.out_indices,
+            n,
+            "assignment_dropout_raw",
+            "out_indices",
+        )
+    }?;
+    let mut ow = unsafe {
+        BorrowedSlice::<f32>::checked(
+            s,
+            ptrs.out_weights,
+            n,
+            "assignment_dropout_raw",
+            "out_weights",
+        )
+    }?;
+    let mut dr = unsafe {
+        BorrowedSlice::<u64>::checked(s, ptrs.dropped, 1, "assignment_dropout_raw", "dropped")
+    }?;
     assignment_dropout_cuda(
         &be,
         &idx.view(),

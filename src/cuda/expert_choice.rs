@@ -286,11 +286,31 @@ pub unsafe fn expert_choice_raw(
         ($t:ty) => {{
             // SAFETY (every BorrowedSlice below): (2) and (3); lengths are the
             // documented shapes for these sizes.
-            let z = unsafe { BorrowedSlice::<$t>::new(s, ptrs.logits, te) };
+            let z = unsafe {
+                BorrowedSlice::<$t>::checked(s, ptrs.logits, te, "expert_choice_raw", "logits")
+            }?;
             if backward {
-                let row = unsafe { BorrowedSlice::<i32>::new(s, ptrs.row, te) };
-                let g = unsafe { BorrowedSlice::<f32>::new(s, ptrs.grad_weights, te) };
-                let mut gz = unsafe { BorrowedSlice::<$t>::new(s, ptrs.grad_logits, te) };
+                let row = unsafe {
+                    BorrowedSlice::<i32>::checked(s, ptrs.row, te, "expert_choice_raw", "row")
+                }?;
+                let g = unsafe {
+                    BorrowedSlice::<f32>::checked(
+                        s,
+                        ptrs.grad_weights,
+                        te,
+                        "expert_choice_raw",
+                        "grad_weights",
+                    )
+                }?;
+                let mut gz = unsafe {
+                    BorrowedSlice::<$t>::checked(
+                        s,
+                        ptrs.grad_logits,
+                        te,
+                        "expert_choice_raw",
+                        "grad_logits",
+                    )
+                }?;
                 expert_choice_backward_cuda::<$t>(
                     &be,
                     &z.view(),
@@ -301,14 +321,54 @@ pub unsafe fn expert_choice_raw(
                     &mut gz.view_mut(),
                 )
             } else {
-                let mut w = unsafe { BorrowedSlice::<f32>::new(s, ptrs.weights, te) };
-                let mut row = unsafe { BorrowedSlice::<i32>::new(s, ptrs.row, te) };
-                let mut rtt = unsafe { BorrowedSlice::<i32>::new(s, ptrs.row_to_token, rows) };
-                let mut rw = unsafe { BorrowedSlice::<f32>::new(s, ptrs.row_weights, rows) };
-                let mut tpe =
-                    unsafe { BorrowedSlice::<i32>::new(s, ptrs.tokens_per_expert, num_experts) };
-                let mut eo =
-                    unsafe { BorrowedSlice::<i32>::new(s, ptrs.expert_offsets, num_experts + 1) };
+                let mut w = unsafe {
+                    BorrowedSlice::<f32>::checked(
+                        s,
+                        ptrs.weights,
+                        te,
+                        "expert_choice_raw",
+                        "weights",
+                    )
+                }?;
+                let mut row = unsafe {
+                    BorrowedSlice::<i32>::checked(s, ptrs.row, te, "expert_choice_raw", "row")
+                }?;
+                let mut rtt = unsafe {
+                    BorrowedSlice::<i32>::checked(
+                        s,
+                        ptrs.row_to_token,
+                        rows,
+                        "expert_choice_raw",
+                        "row_to_token",
+                    )
+                }?;
+                let mut rw = unsafe {
+                    BorrowedSlice::<f32>::checked(
+                        s,
+                        ptrs.row_weights,
+                        rows,
+                        "expert_choice_raw",
+                        "row_weights",
+                    )
+                }?;
+                let mut tpe = unsafe {
+                    BorrowedSlice::<i32>::checked(
+                        s,
+                        ptrs.tokens_per_expert,
+                        num_experts,
+                        "expert_choice_raw",
+                        "tokens_per_expert",
+                    )
+                }?;
+                let mut eo = unsafe {
+                    BorrowedSlice::<i32>::checked(
+                        s,
+                        ptrs.expert_offsets,
+                        num_experts + 1,
+                        "expert_choice_raw",
+                        "expert_offsets",
+                    )
+                }?;
                 expert_choice_cuda::<$t>(
                     &be,
                     &z.view(),

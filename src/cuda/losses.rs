@@ -970,25 +970,65 @@ pub unsafe fn losses_raw(
     let z_coeff = z_loss_coeff.unwrap_or(0.0);
     macro_rules! run {
         ($t:ty) => {{
-            let z = unsafe { BorrowedSlice::<$t>::new(s, ptrs.logits, nl) };
+            let z = unsafe {
+                BorrowedSlice::<$t>::checked(s, ptrs.logits, nl, "losses_raw", "logits")
+            }?;
             match pass {
                 LossesPass::AuxForward => {
                     let counts = (ptrs.counts != 0)
                         .then(|| unsafe { BorrowedSlice::<i64>::new(s, ptrs.counts, ne_s) });
                     let counts_v = counts.as_ref().map(|b| b.view());
-                    let mut loss = unsafe { BorrowedSlice::<f32>::new(s, ptrs.loss, 1) };
-                    let mut oc = unsafe { BorrowedSlice::<i64>::new(s, ptrs.out_counts, ne_s) };
-                    let mut ss = unsafe { BorrowedSlice::<f32>::new(s, ptrs.scores_sum, ne_s) };
-                    let mut tt = unsafe { BorrowedSlice::<i64>::new(s, ptrs.total_tokens, segs) };
+                    let mut loss = unsafe {
+                        BorrowedSlice::<f32>::checked(s, ptrs.loss, 1, "losses_raw", "loss")
+                    }?;
+                    let mut oc = unsafe {
+                        BorrowedSlice::<i64>::checked(
+                            s,
+                            ptrs.out_counts,
+                            ne_s,
+                            "losses_raw",
+                            "out_counts",
+                        )
+                    }?;
+                    let mut ss = unsafe {
+                        BorrowedSlice::<f32>::checked(
+                            s,
+                            ptrs.scores_sum,
+                            ne_s,
+                            "losses_raw",
+                            "scores_sum",
+                        )
+                    }?;
+                    let mut tt = unsafe {
+                        BorrowedSlice::<i64>::checked(
+                            s,
+                            ptrs.total_tokens,
+                            segs,
+                            "losses_raw",
+                            "total_tokens",
+                        )
+                    }?;
                     let mut ws = unsafe {
-                        BorrowedSlice::<f64>::new(
+                        BorrowedSlice::<f64>::checked(
                             s,
                             ptrs.workspace,
                             plan.workspace_len(num_experts),
+                            "losses_raw",
+                            "workspace",
                         )
-                    };
-                    let mut zl = unsafe { BorrowedSlice::<f32>::new(s, ptrs.z_loss, 1) };
-                    let mut vt = unsafe { BorrowedSlice::<i64>::new(s, ptrs.valid_tokens, 1) };
+                    }?;
+                    let mut zl = unsafe {
+                        BorrowedSlice::<f32>::checked(s, ptrs.z_loss, 1, "losses_raw", "z_loss")
+                    }?;
+                    let mut vt = unsafe {
+                        BorrowedSlice::<i64>::checked(
+                            s,
+                            ptrs.valid_tokens,
+                            1,
+                            "losses_raw",
+                            "valid_tokens",
+                        )
+                    }?;
                     let out = AuxLossCudaBuffers {
                         loss: loss.view_mut(),
                         counts: oc.view_mut(),
@@ -1028,19 +1068,47 @@ pub unsafe fn losses_raw(
                     }
                 }
                 LossesPass::AuxBackward => {
-                    let counts = unsafe { BorrowedSlice::<i64>::new(s, ptrs.counts, ne_s) };
-                    let gl = unsafe { BorrowedSlice::<f32>::new(s, ptrs.grad_loss, 1) };
+                    let counts = unsafe {
+                        BorrowedSlice::<i64>::checked(s, ptrs.counts, ne_s, "losses_raw", "counts")
+                    }?;
+                    let gl = unsafe {
+                        BorrowedSlice::<f32>::checked(
+                            s,
+                            ptrs.grad_loss,
+                            1,
+                            "losses_raw",
+                            "grad_loss",
+                        )
+                    }?;
                     let mut ws = unsafe {
-                        BorrowedSlice::<f32>::new(
+                        BorrowedSlice::<f32>::checked(
                             s,
                             ptrs.workspace,
                             aux_loss_backward_workspace_len(num_tokens, num_experts, seq_len),
+                            "losses_raw",
+                            "workspace",
                         )
-                    };
-                    let mut g = unsafe { BorrowedSlice::<$t>::new(s, ptrs.grad_logits, nl) };
+                    }?;
+                    let mut g = unsafe {
+                        BorrowedSlice::<$t>::checked(
+                            s,
+                            ptrs.grad_logits,
+                            nl,
+                            "losses_raw",
+                            "grad_logits",
+                        )
+                    }?;
                     match seq_len {
                         None => {
-                            let tt = unsafe { BorrowedSlice::<i64>::new(s, ptrs.total_tokens, 1) };
+                            let tt = unsafe {
+                                BorrowedSlice::<i64>::checked(
+                                    s,
+                                    ptrs.total_tokens,
+                                    1,
+                                    "losses_raw",
+                                    "total_tokens",
+                                )
+                            }?;
                             aux_loss_backward_cuda::<$t>(
                                 &be,
                                 &z.view(),
@@ -1056,8 +1124,15 @@ pub unsafe fn losses_raw(
                             )
                         }
                         Some(sl) => {
-                            let vt =
-                                unsafe { BorrowedSlice::<i64>::new(s, ptrs.total_tokens, segs) };
+                            let vt = unsafe {
+                                BorrowedSlice::<i64>::checked(
+                                    s,
+                                    ptrs.total_tokens,
+                                    segs,
+                                    "losses_raw",
+                                    "total_tokens",
+                                )
+                            }?;
                             seq_aux_loss_backward_cuda::<$t>(
                                 &be,
                                 &z.view(),
@@ -1077,14 +1152,26 @@ pub unsafe fn losses_raw(
                 }
                 LossesPass::ZForward => {
                     let mut ws = unsafe {
-                        BorrowedSlice::<f64>::new(
+                        BorrowedSlice::<f64>::checked(
                             s,
                             ptrs.workspace,
                             losses_workspace_len(num_tokens, num_experts, None),
+                            "losses_raw",
+                            "workspace",
                         )
-                    };
-                    let mut zl = unsafe { BorrowedSlice::<f32>::new(s, ptrs.z_loss, 1) };
-                    let mut vt = unsafe { BorrowedSlice::<i64>::new(s, ptrs.valid_tokens, 1) };
+                    }?;
+                    let mut zl = unsafe {
+                        BorrowedSlice::<f32>::checked(s, ptrs.z_loss, 1, "losses_raw", "z_loss")
+                    }?;
+                    let mut vt = unsafe {
+                        BorrowedSlice::<i64>::checked(
+                            s,
+                            ptrs.valid_tokens,
+                            1,
+                            "losses_raw",
+                            "valid_tokens",
+                        )
+                    }?;
                     z_loss_cuda::<$t>(
                         &be,
                         &z.view(),
@@ -1100,9 +1187,33 @@ pub unsafe fn losses_raw(
                     )
                 }
                 LossesPass::ZBackward => {
-                    let vt = unsafe { BorrowedSlice::<i64>::new(s, ptrs.valid_tokens, 1) };
-                    let gl = unsafe { BorrowedSlice::<f32>::new(s, ptrs.grad_loss, 1) };
-                    let mut g = unsafe { BorrowedSlice::<$t>::new(s, ptrs.grad_logits, nl) };
+                    let vt = unsafe {
+                        BorrowedSlice::<i64>::checked(
+                            s,
+                            ptrs.valid_tokens,
+                            1,
+                            "losses_raw",
+                            "valid_tokens",
+                        )
+                    }?;
+                    let gl = unsafe {
+                        BorrowedSlice::<f32>::checked(
+                            s,
+                            ptrs.grad_loss,
+                            1,
+                            "losses_raw",
+                            "grad_loss",
+                        )
+                    }?;
+                    let mut g = unsafe {
+                        BorrowedSlice::<$t>::checked(
+                            s,
+                            ptrs.grad_logits,
+                            nl,
+                            "losses_raw",
+                            "grad_logits",
+                        )
+                    }?;
                     z_loss_backward_cuda::<$t>(
                         &be,
                         &z.view(),

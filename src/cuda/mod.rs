@@ -445,6 +445,40 @@ impl CudaBackend {
     }
 }
 
+/// The checks a raw entry point can make of a caller-supplied device pointer: a buffer
+/// of `len > 0` elements is not at address 0 and is aligned to `align` bytes.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `op` and `arg`.
+pub fn check_device_ptr(
+    op: &'static str,
+    arg: &'static str,
+    ptr: u64,
+    len: usize,
+    align: usize,
+) -> Result<()> {
+    if len > 0 && ptr == 0 {
+        return Err(Error::invalid(
+            op,
+            arg,
+            "a null device pointer",
+            format!(
+                "`{arg}` holds {len} elements here: pass the address of a device buffer of \
+                 that size"
+            ),
+        ));
+    }
+    if len > 0 && align > 1 && ptr % align as u64 != 0 {
+        return Err(Error::invalid(
+            op,
+            arg,
+            format_args!("device address {ptr:#x}"),
+            format!("the address must be a multiple of {align} (the element size)"),
+        ));
+    }
+    Ok(())
+}
+
 /// A caller-owned device buffer (a PyTorch tensor's `data_ptr()`) seen as a
 /// [`CudaSlice`] for the length of a raw call, so that the raw entry points run the
 /// safe wrappers' checks and launches. Never freed: dropping it only lets go of the
@@ -474,6 +508,28 @@ impl<T> BorrowedSlice<T> {
         BorrowedSlice {
             inner: std::mem::ManuallyDrop::new(s),
         }
+    }
+
+    /// [`BorrowedSlice::new`] after the checks a caller-supplied pointer can get on the
+    /// host: a buffer of `len > 0` elements must not be at address 0 and must be
+    /// aligned for `T`. `op` and `arg` name the raw entry point and the pointer in the
+    /// error.
+    ///
+    /// # Safety
+    /// As [`BorrowedSlice::new`] (the checks catch two violations of it, not all).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a null or misaligned non-empty buffer.
+    pub unsafe fn checked(
+        stream: &Arc<CudaStream>,
+        ptr: u64,
+        len: usize,
+        op: &'static str,
+        arg: &'static str,
+    ) -> Result<Self> {
+        check_device_ptr(op, arg, ptr, len, std::mem::align_of::<T>())?;
+        // SAFETY: guaranteed by the caller.
+        Ok(unsafe { Self::new(stream, ptr, len) })
     }
 
     /// The whole buffer, read-only.

@@ -641,6 +641,42 @@ pub unsafe fn permute_raw(
         PermutePass::UnpermuteBackward => OP_UNPERMUTE_BACKWARD,
     };
     let d = sizes.dims(op, pass != PermutePass::Permute)?;
+    {
+        use super::check_device_ptr as check;
+        let z = dtype.size_in_bytes();
+        let (t, r) = (d.num_tokens as usize, d.num_rows as usize);
+        let (th, rh) = (t * d.hidden as usize, r * d.hidden as usize);
+        let a = d.assignments as usize;
+        let p = &ptrs;
+        match pass {
+            PermutePass::Permute => {
+                check(op, "x", p.x, th, z)?;
+                check(op, "row_to_token", p.row_to_token, r, 4)?;
+                check(op, "buf", p.buf, rh, z)?;
+            }
+            PermutePass::PermuteBackward => {
+                check(op, "grad_buf", p.grad_buf, rh, z)?;
+                check(op, "row", p.row, a, 4)?;
+                check(op, "grad_x", p.grad_x, th, z)?;
+            }
+            PermutePass::Unpermute => {
+                check(op, "y", p.y, rh, z)?;
+                check(op, "row", p.row, a, 4)?;
+                if p.weights != 0 {
+                    check(op, "weights", p.weights, a, 4)?; // optional: null means all ones
+                }
+                check(op, "out", p.out, th, z)?;
+            }
+            PermutePass::UnpermuteBackward => {
+                check(op, "grad_out", p.grad_out, th, z)?;
+                check(op, "y", p.y, rh, z)?;
+                check(op, "row", p.row, a, 4)?;
+                check(op, "grad_y", p.grad_y, rh, z)?;
+                check(op, "grad_weights", p.grad_weights, a, 4)?;
+                check(op, "workspace", p.workspace, r, 4)?;
+            }
+        }
+    }
     // SAFETY: the caller guarantees (1); the wrapper does not own the stream.
     let s = unsafe { backend.context().wrap_borrowed_stream(stream) };
     // SAFETY: the caller guarantees (2) and (3) for every pointer the pass uses.

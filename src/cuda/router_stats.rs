@@ -295,17 +295,44 @@ pub unsafe fn router_stats_raw(
     let be = unsafe { backend.on_borrowed_stream(stream) };
     let s = be.stream();
     // SAFETY (every BorrowedSlice below): (2) and (3).
-    let idx = unsafe { BorrowedSlice::<i32>::new(s, ptrs.indices, na) };
+    let idx = unsafe {
+        BorrowedSlice::<i32>::checked(s, ptrs.indices, na, "router_stats_raw", "indices")
+    }?;
     let slots = (ptrs.slots != 0).then(|| unsafe { BorrowedSlice::<i32>::new(s, ptrs.slots, na) });
     let mask = (ptrs.padding_mask != 0)
         .then(|| unsafe { BorrowedSlice::<bool>::new(s, ptrs.padding_mask, num_tokens) });
-    let mut sel = unsafe { BorrowedSlice::<i64>::new(s, ptrs.selected_counts, num_experts) };
-    let mut kept = unsafe { BorrowedSlice::<i64>::new(s, ptrs.kept_counts, num_experts) };
-    let mut sc = unsafe { BorrowedSlice::<i64>::new(s, ptrs.scalars, 4) };
-    let mut fl = unsafe { BorrowedSlice::<f32>::new(s, ptrs.floats, 4) };
+    let mut sel = unsafe {
+        BorrowedSlice::<i64>::checked(
+            s,
+            ptrs.selected_counts,
+            num_experts,
+            "router_stats_raw",
+            "selected_counts",
+        )
+    }?;
+    let mut kept = unsafe {
+        BorrowedSlice::<i64>::checked(
+            s,
+            ptrs.kept_counts,
+            num_experts,
+            "router_stats_raw",
+            "kept_counts",
+        )
+    }?;
+    let mut sc = unsafe {
+        BorrowedSlice::<i64>::checked(s, ptrs.scalars, 4, "router_stats_raw", "scalars")
+    }?;
+    let mut fl =
+        unsafe { BorrowedSlice::<f32>::checked(s, ptrs.floats, 4, "router_stats_raw", "floats") }?;
     let mut ws = unsafe {
-        BorrowedSlice::<f64>::new(s, ptrs.workspace, router_stats_workspace_len(num_tokens))
-    };
+        BorrowedSlice::<f64>::checked(
+            s,
+            ptrs.workspace,
+            router_stats_workspace_len(num_tokens),
+            "router_stats_raw",
+            "workspace",
+        )
+    }?;
     let slots_v = slots.as_ref().map(|b| b.view());
     let mask_v = mask.as_ref().map(|b| b.view());
     let out = RouterStatsCudaBuffers {
@@ -317,7 +344,9 @@ pub unsafe fn router_stats_raw(
     };
     macro_rules! run {
         ($t:ty) => {{
-            let z = unsafe { BorrowedSlice::<$t>::new(s, ptrs.logits, nl) };
+            let z = unsafe {
+                BorrowedSlice::<$t>::checked(s, ptrs.logits, nl, "router_stats_raw", "logits")
+            }?;
             router_stats_cuda::<$t>(
                 &be,
                 &z.view(),

@@ -320,7 +320,7 @@ pub fn topk_gating_backward_cuda<T: RouterFloat + DeviceRepr>(
 
 /// Raw device buffers of a top-k gating call, for the Python layer (PyTorch tensors'
 /// `data_ptr()`; `0` for an absent optional buffer).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TopkGatingRawPtrs {
     /// `logits [num_tokens, num_experts]`, element type `dtype`.
     pub logits: u64,
@@ -377,6 +377,31 @@ pub unsafe fn topk_gating_raw(
     let params = GatingParams::new(cfg, num_tokens, num_experts, has_bias)?;
     if num_tokens == 0 {
         return Ok(());
+    }
+    {
+        use super::check_device_ptr as check;
+        const OP: &str = "topk_gating_raw";
+        let (z, n) = (dtype.size_in_bytes(), num_tokens * cfg.topk);
+        check(OP, "logits", ptrs.logits, num_tokens * num_experts, z)?;
+        check(OP, "indices", ptrs.indices, n, 4)?;
+        match pass {
+            TopkGatingPass::Forward | TopkGatingPass::Replay => {
+                check(OP, "weights", ptrs.weights, n, 4)?;
+                if has_bias {
+                    check(OP, "expert_bias", ptrs.expert_bias, num_experts, 4)?;
+                }
+            }
+            TopkGatingPass::Backward => {
+                check(OP, "grad_weights", ptrs.grad_weights, n, 4)?;
+                check(
+                    OP,
+                    "grad_logits",
+                    ptrs.grad_logits,
+                    num_tokens * num_experts,
+                    z,
+                )?;
+            }
+        }
     }
     let root = match pass {
         TopkGatingPass::Forward => "topk_gating_fwd",
