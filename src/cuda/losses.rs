@@ -975,6 +975,9 @@ pub unsafe fn losses_raw(
             }?;
             match pass {
                 LossesPass::AuxForward => {
+                    // The z-loss buffers are used (and may not be null) only when the
+                    // z-loss is fused into this pass.
+                    let fused = usize::from(z_loss_coeff.is_some());
                     let counts = (ptrs.counts != 0)
                         .then(|| unsafe { BorrowedSlice::<i64>::new(s, ptrs.counts, ne_s) });
                     let counts_v = counts.as_ref().map(|b| b.view());
@@ -1018,13 +1021,13 @@ pub unsafe fn losses_raw(
                         )
                     }?;
                     let mut zl = unsafe {
-                        BorrowedSlice::<f32>::checked(s, ptrs.z_loss, 1, "losses_raw", "z_loss")
+                        BorrowedSlice::<f32>::checked(s, ptrs.z_loss, fused, "losses_raw", "z_loss")
                     }?;
                     let mut vt = unsafe {
                         BorrowedSlice::<i64>::checked(
                             s,
                             ptrs.valid_tokens,
-                            1,
+                            fused,
                             "losses_raw",
                             "valid_tokens",
                         )
