@@ -1600,7 +1600,7 @@ fn raw_entries_reject_null_and_misaligned_pointers(be: &CudaBackend) {
         hidden: e,
         k: 0,
     };
-    let rtt = upload(be, &vec![0i32; 4], 0);
+    let rtt = upload(be, &[0i32; 4], 0);
     let (rp, _g4) = rtt.device_ptr(s);
     let r = unsafe {
         // SAFETY: as above.

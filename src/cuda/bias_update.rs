@@ -6,6 +6,7 @@
 //! sync; the kernel applies the same formula to them and touches nothing out of
 //! range.
 
+use super::borrow;
 use super::{CudaBackend, CudaView, CudaViewMut};
 use crate::error::{Error, Result};
 use crate::ops::check_len;
@@ -93,27 +94,26 @@ pub unsafe fn update_expert_bias_raw(
     num_experts: usize,
     rate: f32,
 ) -> Result<()> {
-    use super::BorrowedSlice;
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     // SAFETY: (2) and (3).
     let mut b = unsafe {
-        BorrowedSlice::<f32>::checked(
+        borrow!(
+            f32,
             be.stream(),
             bias,
             num_experts,
-            "update_expert_bias_raw",
-            "bias",
+            "update_expert_bias_raw"
         )
     }?;
     // SAFETY: (2).
     let c = unsafe {
-        BorrowedSlice::<i64>::checked(
+        borrow!(
+            i64,
             be.stream(),
             counts,
             num_experts,
-            "update_expert_bias_raw",
-            "counts",
+            "update_expert_bias_raw"
         )
     }?;
     update_expert_bias_cuda(&be, &mut b.view_mut(), &c.view(), rate)

@@ -21,6 +21,7 @@
 //! Validate on the host with [`crate::ops::dispatch`] when the indices are
 //! untrusted.
 
+use super::borrow;
 use super::{CudaBackend, CudaView, CudaViewMut};
 use crate::error::{Error, Result};
 use crate::ops::{check_len, dispatch_max_rows, DispatchConfig, DispatchLayout, DropPolicy};
@@ -412,7 +413,6 @@ pub unsafe fn dispatch_raw(
     cfg: &DispatchConfig,
     ptrs: DispatchRawPtrs,
 ) -> Result<()> {
-    use super::BorrowedSlice;
     let max_rows = dispatch_max_rows(num_tokens, topk, cfg)?;
     let ws_len = dispatch_workspace_len(num_tokens, topk, cfg)?;
     let (n, e) = (num_tokens * topk, cfg.num_experts);
@@ -421,57 +421,17 @@ pub unsafe fn dispatch_raw(
     let s = be.stream();
     // SAFETY (every BorrowedSlice below): (2) and (3); lengths are the documented
     // shapes for these sizes.
-    let idx =
-        unsafe { BorrowedSlice::<i32>::checked(s, ptrs.indices, n, "dispatch_raw", "indices") }?;
-    let w =
-        unsafe { BorrowedSlice::<f32>::checked(s, ptrs.weights, n, "dispatch_raw", "weights") }?;
-    let mut slot =
-        unsafe { BorrowedSlice::<i32>::checked(s, ptrs.slot, n, "dispatch_raw", "slot") }?;
-    let mut row = unsafe { BorrowedSlice::<i32>::checked(s, ptrs.row, n, "dispatch_raw", "row") }?;
-    let mut kw = unsafe {
-        BorrowedSlice::<f32>::checked(s, ptrs.kept_weights, n, "dispatch_raw", "kept_weights")
-    }?;
-    let mut tpe = unsafe {
-        BorrowedSlice::<i32>::checked(
-            s,
-            ptrs.tokens_per_expert,
-            e,
-            "dispatch_raw",
-            "tokens_per_expert",
-        )
-    }?;
-    let mut rtt = unsafe {
-        BorrowedSlice::<i32>::checked(
-            s,
-            ptrs.row_to_token,
-            max_rows,
-            "dispatch_raw",
-            "row_to_token",
-        )
-    }?;
-    let mut eo = unsafe {
-        BorrowedSlice::<i32>::checked(
-            s,
-            ptrs.expert_offsets,
-            e + 1,
-            "dispatch_raw",
-            "expert_offsets",
-        )
-    }?;
-    let mut rpr = unsafe {
-        BorrowedSlice::<i32>::checked(
-            s,
-            ptrs.rows_per_rank,
-            cfg.ep_size,
-            "dispatch_raw",
-            "rows_per_rank",
-        )
-    }?;
-    let mut counts =
-        unsafe { BorrowedSlice::<i64>::checked(s, ptrs.counts, 2, "dispatch_raw", "counts") }?;
-    let mut ws = unsafe {
-        BorrowedSlice::<i32>::checked(s, ptrs.workspace, ws_len, "dispatch_raw", "workspace")
-    }?;
+    let idx = unsafe { borrow!(i32, s, ptrs.indices, n, "dispatch_raw") }?;
+    let w = unsafe { borrow!(f32, s, ptrs.weights, n, "dispatch_raw") }?;
+    let mut slot = unsafe { borrow!(i32, s, ptrs.slot, n, "dispatch_raw") }?;
+    let mut row = unsafe { borrow!(i32, s, ptrs.row, n, "dispatch_raw") }?;
+    let mut kw = unsafe { borrow!(f32, s, ptrs.kept_weights, n, "dispatch_raw") }?;
+    let mut tpe = unsafe { borrow!(i32, s, ptrs.tokens_per_expert, e, "dispatch_raw") }?;
+    let mut rtt = unsafe { borrow!(i32, s, ptrs.row_to_token, max_rows, "dispatch_raw") }?;
+    let mut eo = unsafe { borrow!(i32, s, ptrs.expert_offsets, e + 1, "dispatch_raw") }?;
+    let mut rpr = unsafe { borrow!(i32, s, ptrs.rows_per_rank, cfg.ep_size, "dispatch_raw") }?;
+    let mut counts = unsafe { borrow!(i64, s, ptrs.counts, 2, "dispatch_raw") }?;
+    let mut ws = unsafe { borrow!(i32, s, ptrs.workspace, ws_len, "dispatch_raw") }?;
     dispatch_cuda(
         &be,
         &idx.view(),

@@ -8,6 +8,7 @@
 //! value can cause an out-of-bounds access; a non-negative index counts as routed),
 //! and the consistency of `keep` with `indices` in the backward.
 
+use super::borrow;
 use super::{CudaBackend, CudaView, CudaViewMut};
 use crate::error::{Error, Result};
 use crate::ops::{check_len, checked_i32_product, DropoutConfig};
@@ -306,7 +307,6 @@ pub unsafe fn expert_mask_raw(
     cfg: &DropoutConfig,
     masked: u64,
 ) -> Result<()> {
-    use super::BorrowedSlice;
     let n = num_tokens.checked_mul(num_experts).ok_or(Error::Overflow {
         op: OP_MASK,
         what: "num_tokens * num_experts",
@@ -316,9 +316,7 @@ pub unsafe fn expert_mask_raw(
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     // SAFETY: (2).
-    let mut m = unsafe {
-        BorrowedSlice::<bool>::checked(be.stream(), masked, n, "expert_mask_raw", "masked")
-    }?;
+    let mut m = unsafe { borrow!(bool, be.stream(), masked, n, "expert_mask_raw") }?;
     expert_mask_cuda(&be, num_tokens, num_experts, topk, cfg, &mut m.view_mut())
 }
 
@@ -348,35 +346,18 @@ pub unsafe fn assignment_dropout_raw(
     renormalize: bool,
     ptrs: AssignmentDropoutRawPtrs,
 ) -> Result<()> {
-    use super::BorrowedSlice;
     let op = if backward { OP_DROP_BWD } else { OP_DROP };
     let n = checked_i32_product(op, "num_tokens * topk", num_tokens, topk)?;
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     let s = be.stream();
     // SAFETY (every BorrowedSlice below): (2) and (3).
-    let idx = unsafe {
-        BorrowedSlice::<i32>::checked(s, ptrs.indices, n, "assignment_dropout_raw", "indices")
-    }?;
-    let w = unsafe {
-        BorrowedSlice::<f32>::checked(s, ptrs.weights, n, "assignment_dropout_raw", "weights")
-    }?;
-    let mut keep = unsafe {
-        BorrowedSlice::<bool>::checked(s, ptrs.keep, n, "assignment_dropout_raw", "keep")
-    }?;
+    let idx = unsafe { borrow!(i32, s, ptrs.indices, n, "assignment_dropout_raw") }?;
+    let w = unsafe { borrow!(f32, s, ptrs.weights, n, "assignment_dropout_raw") }?;
+    let mut keep = unsafe { borrow!(bool, s, ptrs.keep, n, "assignment_dropout_raw") }?;
     if backward {
-        let go = unsafe {
-            BorrowedSlice::<f32>::checked(s, ptrs.grad_out, n, "assignment_dropout_raw", "grad_out")
-        }?;
-        let mut gw = unsafe {
-            BorrowedSlice::<f32>::checked(
-                s,
-                ptrs.grad_weights,
-                n,
-                "assignment_dropout_raw",
-                "grad_weights",
-            )
-        }?;
+        let go = unsafe { borrow!(f32, s, ptrs.grad_out, n, "assignment_dropout_raw") }?;
+        let mut gw = unsafe { borrow!(f32, s, ptrs.grad_weights, n, "assignment_dropout_raw") }?;
         return assignment_dropout_backward_cuda(
             &be,
             &idx.view(),
@@ -389,27 +370,9 @@ pub unsafe fn assignment_dropout_raw(
             &mut gw.view_mut(),
         );
     }
-    let mut oi = unsafe {
-        BorrowedSlice::<i32>::checked(
-            s,
-            ptrs.out_indices,
-            n,
-            "assignment_dropout_raw",
-            "out_indices",
-        )
-    }?;
-    let mut ow = unsafe {
-        BorrowedSlice::<f32>::checked(
-            s,
-            ptrs.out_weights,
-            n,
-            "assignment_dropout_raw",
-            "out_weights",
-        )
-    }?;
-    let mut dr = unsafe {
-        BorrowedSlice::<u64>::checked(s, ptrs.dropped, 1, "assignment_dropout_raw", "dropped")
-    }?;
+    let mut oi = unsafe { borrow!(i32, s, ptrs.out_indices, n, "assignment_dropout_raw") }?;
+    let mut ow = unsafe { borrow!(f32, s, ptrs.out_weights, n, "assignment_dropout_raw") }?;
+    let mut dr = unsafe { borrow!(u64, s, ptrs.dropped, 1, "assignment_dropout_raw") }?;
     assignment_dropout_cuda(
         &be,
         &idx.view(),

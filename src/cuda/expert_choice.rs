@@ -18,6 +18,7 @@
 //! rejects them) without reading device memory: it counts an entry as chosen iff it
 //! is `>= 0`. Row entries the kernels read back (`row_to_token`) are bounds-checked.
 
+use super::borrow;
 use super::{CudaBackend, CudaView, CudaViewMut};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -272,7 +273,6 @@ pub unsafe fn expert_choice_raw(
     capacity: usize,
     ptrs: ExpertChoiceRawPtrs,
 ) -> Result<()> {
-    use super::BorrowedSlice;
     let te = validate_sizes(num_tokens, num_experts)?;
     let rows = if backward {
         0
@@ -286,31 +286,11 @@ pub unsafe fn expert_choice_raw(
         ($t:ty) => {{
             // SAFETY (every BorrowedSlice below): (2) and (3); lengths are the
             // documented shapes for these sizes.
-            let z = unsafe {
-                BorrowedSlice::<$t>::checked(s, ptrs.logits, te, "expert_choice_raw", "logits")
-            }?;
+            let z = unsafe { borrow!($t, s, ptrs.logits, te, "expert_choice_raw") }?;
             if backward {
-                let row = unsafe {
-                    BorrowedSlice::<i32>::checked(s, ptrs.row, te, "expert_choice_raw", "row")
-                }?;
-                let g = unsafe {
-                    BorrowedSlice::<f32>::checked(
-                        s,
-                        ptrs.grad_weights,
-                        te,
-                        "expert_choice_raw",
-                        "grad_weights",
-                    )
-                }?;
-                let mut gz = unsafe {
-                    BorrowedSlice::<$t>::checked(
-                        s,
-                        ptrs.grad_logits,
-                        te,
-                        "expert_choice_raw",
-                        "grad_logits",
-                    )
-                }?;
+                let row = unsafe { borrow!(i32, s, ptrs.row, te, "expert_choice_raw") }?;
+                let g = unsafe { borrow!(f32, s, ptrs.grad_weights, te, "expert_choice_raw") }?;
+                let mut gz = unsafe { borrow!($t, s, ptrs.grad_logits, te, "expert_choice_raw") }?;
                 expert_choice_backward_cuda::<$t>(
                     &be,
                     &z.view(),
@@ -321,52 +301,28 @@ pub unsafe fn expert_choice_raw(
                     &mut gz.view_mut(),
                 )
             } else {
-                let mut w = unsafe {
-                    BorrowedSlice::<f32>::checked(
-                        s,
-                        ptrs.weights,
-                        te,
-                        "expert_choice_raw",
-                        "weights",
-                    )
-                }?;
-                let mut row = unsafe {
-                    BorrowedSlice::<i32>::checked(s, ptrs.row, te, "expert_choice_raw", "row")
-                }?;
-                let mut rtt = unsafe {
-                    BorrowedSlice::<i32>::checked(
-                        s,
-                        ptrs.row_to_token,
-                        rows,
-                        "expert_choice_raw",
-                        "row_to_token",
-                    )
-                }?;
-                let mut rw = unsafe {
-                    BorrowedSlice::<f32>::checked(
-                        s,
-                        ptrs.row_weights,
-                        rows,
-                        "expert_choice_raw",
-                        "row_weights",
-                    )
-                }?;
+                let mut w = unsafe { borrow!(f32, s, ptrs.weights, te, "expert_choice_raw") }?;
+                let mut row = unsafe { borrow!(i32, s, ptrs.row, te, "expert_choice_raw") }?;
+                let mut rtt =
+                    unsafe { borrow!(i32, s, ptrs.row_to_token, rows, "expert_choice_raw") }?;
+                let mut rw =
+                    unsafe { borrow!(f32, s, ptrs.row_weights, rows, "expert_choice_raw") }?;
                 let mut tpe = unsafe {
-                    BorrowedSlice::<i32>::checked(
+                    borrow!(
+                        i32,
                         s,
                         ptrs.tokens_per_expert,
                         num_experts,
-                        "expert_choice_raw",
-                        "tokens_per_expert",
+                        "expert_choice_raw"
                     )
                 }?;
                 let mut eo = unsafe {
-                    BorrowedSlice::<i32>::checked(
+                    borrow!(
+                        i32,
                         s,
                         ptrs.expert_offsets,
                         num_experts + 1,
-                        "expert_choice_raw",
-                        "expert_offsets",
+                        "expert_choice_raw"
                     )
                 }?;
                 expert_choice_cuda::<$t>(

@@ -21,6 +21,7 @@
 //! gives a zero gradient rather than an error. No kernel reads or writes out of
 //! bounds for any values.
 
+use super::borrow;
 use super::{CudaBackend, CudaStream, CudaView, CudaViewMut};
 use crate::error::{Error, Result};
 use crate::ops::aux_loss::{check_logits, check_seq_len};
@@ -970,9 +971,7 @@ pub unsafe fn losses_raw(
     let z_coeff = z_loss_coeff.unwrap_or(0.0);
     macro_rules! run {
         ($t:ty) => {{
-            let z = unsafe {
-                BorrowedSlice::<$t>::checked(s, ptrs.logits, nl, "losses_raw", "logits")
-            }?;
+            let z = unsafe { borrow!($t, s, ptrs.logits, nl, "losses_raw") }?;
             match pass {
                 LossesPass::AuxForward => {
                     // The z-loss buffers are used (and may not be null) only when the
@@ -981,57 +980,22 @@ pub unsafe fn losses_raw(
                     let counts = (ptrs.counts != 0)
                         .then(|| unsafe { BorrowedSlice::<i64>::new(s, ptrs.counts, ne_s) });
                     let counts_v = counts.as_ref().map(|b| b.view());
-                    let mut loss = unsafe {
-                        BorrowedSlice::<f32>::checked(s, ptrs.loss, 1, "losses_raw", "loss")
-                    }?;
-                    let mut oc = unsafe {
-                        BorrowedSlice::<i64>::checked(
-                            s,
-                            ptrs.out_counts,
-                            ne_s,
-                            "losses_raw",
-                            "out_counts",
-                        )
-                    }?;
-                    let mut ss = unsafe {
-                        BorrowedSlice::<f32>::checked(
-                            s,
-                            ptrs.scores_sum,
-                            ne_s,
-                            "losses_raw",
-                            "scores_sum",
-                        )
-                    }?;
-                    let mut tt = unsafe {
-                        BorrowedSlice::<i64>::checked(
-                            s,
-                            ptrs.total_tokens,
-                            segs,
-                            "losses_raw",
-                            "total_tokens",
-                        )
-                    }?;
+                    let mut loss = unsafe { borrow!(f32, s, ptrs.loss, 1, "losses_raw") }?;
+                    let mut oc = unsafe { borrow!(i64, s, ptrs.out_counts, ne_s, "losses_raw") }?;
+                    let mut ss = unsafe { borrow!(f32, s, ptrs.scores_sum, ne_s, "losses_raw") }?;
+                    let mut tt = unsafe { borrow!(i64, s, ptrs.total_tokens, segs, "losses_raw") }?;
                     let mut ws = unsafe {
-                        BorrowedSlice::<f64>::checked(
+                        borrow!(
+                            f64,
                             s,
                             ptrs.workspace,
                             plan.workspace_len(num_experts),
-                            "losses_raw",
-                            "workspace",
+                            "losses_raw"
                         )
                     }?;
-                    let mut zl = unsafe {
-                        BorrowedSlice::<f32>::checked(s, ptrs.z_loss, fused, "losses_raw", "z_loss")
-                    }?;
-                    let mut vt = unsafe {
-                        BorrowedSlice::<i64>::checked(
-                            s,
-                            ptrs.valid_tokens,
-                            fused,
-                            "losses_raw",
-                            "valid_tokens",
-                        )
-                    }?;
+                    let mut zl = unsafe { borrow!(f32, s, ptrs.z_loss, fused, "losses_raw") }?;
+                    let mut vt =
+                        unsafe { borrow!(i64, s, ptrs.valid_tokens, fused, "losses_raw") }?;
                     let out = AuxLossCudaBuffers {
                         loss: loss.view_mut(),
                         counts: oc.view_mut(),
@@ -1071,47 +1035,22 @@ pub unsafe fn losses_raw(
                     }
                 }
                 LossesPass::AuxBackward => {
-                    let counts = unsafe {
-                        BorrowedSlice::<i64>::checked(s, ptrs.counts, ne_s, "losses_raw", "counts")
-                    }?;
-                    let gl = unsafe {
-                        BorrowedSlice::<f32>::checked(
-                            s,
-                            ptrs.grad_loss,
-                            1,
-                            "losses_raw",
-                            "grad_loss",
-                        )
-                    }?;
+                    let counts = unsafe { borrow!(i64, s, ptrs.counts, ne_s, "losses_raw") }?;
+                    let gl = unsafe { borrow!(f32, s, ptrs.grad_loss, 1, "losses_raw") }?;
                     let mut ws = unsafe {
-                        BorrowedSlice::<f32>::checked(
+                        borrow!(
+                            f32,
                             s,
                             ptrs.workspace,
                             aux_loss_backward_workspace_len(num_tokens, num_experts, seq_len),
-                            "losses_raw",
-                            "workspace",
+                            "losses_raw"
                         )
                     }?;
-                    let mut g = unsafe {
-                        BorrowedSlice::<$t>::checked(
-                            s,
-                            ptrs.grad_logits,
-                            nl,
-                            "losses_raw",
-                            "grad_logits",
-                        )
-                    }?;
+                    let mut g = unsafe { borrow!($t, s, ptrs.grad_logits, nl, "losses_raw") }?;
                     match seq_len {
                         None => {
-                            let tt = unsafe {
-                                BorrowedSlice::<i64>::checked(
-                                    s,
-                                    ptrs.total_tokens,
-                                    1,
-                                    "losses_raw",
-                                    "total_tokens",
-                                )
-                            }?;
+                            let tt =
+                                unsafe { borrow!(i64, s, ptrs.total_tokens, 1, "losses_raw") }?;
                             aux_loss_backward_cuda::<$t>(
                                 &be,
                                 &z.view(),
@@ -1127,15 +1066,8 @@ pub unsafe fn losses_raw(
                             )
                         }
                         Some(sl) => {
-                            let vt = unsafe {
-                                BorrowedSlice::<i64>::checked(
-                                    s,
-                                    ptrs.total_tokens,
-                                    segs,
-                                    "losses_raw",
-                                    "total_tokens",
-                                )
-                            }?;
+                            let vt =
+                                unsafe { borrow!(i64, s, ptrs.total_tokens, segs, "losses_raw") }?;
                             seq_aux_loss_backward_cuda::<$t>(
                                 &be,
                                 &z.view(),
@@ -1155,26 +1087,16 @@ pub unsafe fn losses_raw(
                 }
                 LossesPass::ZForward => {
                     let mut ws = unsafe {
-                        BorrowedSlice::<f64>::checked(
+                        borrow!(
+                            f64,
                             s,
                             ptrs.workspace,
                             losses_workspace_len(num_tokens, num_experts, None),
-                            "losses_raw",
-                            "workspace",
+                            "losses_raw"
                         )
                     }?;
-                    let mut zl = unsafe {
-                        BorrowedSlice::<f32>::checked(s, ptrs.z_loss, 1, "losses_raw", "z_loss")
-                    }?;
-                    let mut vt = unsafe {
-                        BorrowedSlice::<i64>::checked(
-                            s,
-                            ptrs.valid_tokens,
-                            1,
-                            "losses_raw",
-                            "valid_tokens",
-                        )
-                    }?;
+                    let mut zl = unsafe { borrow!(f32, s, ptrs.z_loss, 1, "losses_raw") }?;
+                    let mut vt = unsafe { borrow!(i64, s, ptrs.valid_tokens, 1, "losses_raw") }?;
                     z_loss_cuda::<$t>(
                         &be,
                         &z.view(),
@@ -1190,33 +1112,9 @@ pub unsafe fn losses_raw(
                     )
                 }
                 LossesPass::ZBackward => {
-                    let vt = unsafe {
-                        BorrowedSlice::<i64>::checked(
-                            s,
-                            ptrs.valid_tokens,
-                            1,
-                            "losses_raw",
-                            "valid_tokens",
-                        )
-                    }?;
-                    let gl = unsafe {
-                        BorrowedSlice::<f32>::checked(
-                            s,
-                            ptrs.grad_loss,
-                            1,
-                            "losses_raw",
-                            "grad_loss",
-                        )
-                    }?;
-                    let mut g = unsafe {
-                        BorrowedSlice::<$t>::checked(
-                            s,
-                            ptrs.grad_logits,
-                            nl,
-                            "losses_raw",
-                            "grad_logits",
-                        )
-                    }?;
+                    let vt = unsafe { borrow!(i64, s, ptrs.valid_tokens, 1, "losses_raw") }?;
+                    let gl = unsafe { borrow!(f32, s, ptrs.grad_loss, 1, "losses_raw") }?;
+                    let mut g = unsafe { borrow!($t, s, ptrs.grad_logits, nl, "losses_raw") }?;
                     z_loss_backward_cuda::<$t>(
                         &be,
                         &z.view(),

@@ -479,6 +479,19 @@ pub fn check_device_ptr(
     Ok(())
 }
 
+/// `BorrowedSlice::<T>::checked(stream, ptrs.field, len, op, "field")`, naming the
+/// pointer after its field (or variable) in errors. It expands to an `unsafe` call:
+/// write it inside `unsafe { }` under the raw entry's SAFETY argument.
+macro_rules! borrow {
+    ($t:ty, $s:expr, $ptrs:ident . $field:ident, $len:expr, $op:expr) => {
+        $crate::cuda::BorrowedSlice::<$t>::checked($s, $ptrs.$field, $len, $op, stringify!($field))
+    };
+    ($t:ty, $s:expr, $p:ident, $len:expr, $op:expr) => {
+        $crate::cuda::BorrowedSlice::<$t>::checked($s, $p, $len, $op, stringify!($p))
+    };
+}
+pub(crate) use borrow;
+
 /// A caller-owned device buffer (a PyTorch tensor's `data_ptr()`) seen as a
 /// [`CudaSlice`] for the length of a raw call, so that the raw entry points run the
 /// safe wrappers' checks and launches. Never freed: dropping it only lets go of the

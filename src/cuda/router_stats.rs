@@ -10,6 +10,7 @@
 //! `indices` and `slots` (indices outside `[0, num_experts)` are skipped, as on the
 //! CPU, so nothing is written out of range).
 
+use super::borrow;
 use super::{CudaBackend, CudaView, CudaViewMut};
 use crate::error::{Error, Result};
 use crate::ops::{check_len, checked_i32_product};
@@ -295,42 +296,29 @@ pub unsafe fn router_stats_raw(
     let be = unsafe { backend.on_borrowed_stream(stream) };
     let s = be.stream();
     // SAFETY (every BorrowedSlice below): (2) and (3).
-    let idx = unsafe {
-        BorrowedSlice::<i32>::checked(s, ptrs.indices, na, "router_stats_raw", "indices")
-    }?;
+    let idx = unsafe { borrow!(i32, s, ptrs.indices, na, "router_stats_raw") }?;
     let slots = (ptrs.slots != 0).then(|| unsafe { BorrowedSlice::<i32>::new(s, ptrs.slots, na) });
     let mask = (ptrs.padding_mask != 0)
         .then(|| unsafe { BorrowedSlice::<bool>::new(s, ptrs.padding_mask, num_tokens) });
     let mut sel = unsafe {
-        BorrowedSlice::<i64>::checked(
+        borrow!(
+            i64,
             s,
             ptrs.selected_counts,
             num_experts,
-            "router_stats_raw",
-            "selected_counts",
+            "router_stats_raw"
         )
     }?;
-    let mut kept = unsafe {
-        BorrowedSlice::<i64>::checked(
-            s,
-            ptrs.kept_counts,
-            num_experts,
-            "router_stats_raw",
-            "kept_counts",
-        )
-    }?;
-    let mut sc = unsafe {
-        BorrowedSlice::<i64>::checked(s, ptrs.scalars, 4, "router_stats_raw", "scalars")
-    }?;
-    let mut fl =
-        unsafe { BorrowedSlice::<f32>::checked(s, ptrs.floats, 4, "router_stats_raw", "floats") }?;
+    let mut kept = unsafe { borrow!(i64, s, ptrs.kept_counts, num_experts, "router_stats_raw") }?;
+    let mut sc = unsafe { borrow!(i64, s, ptrs.scalars, 4, "router_stats_raw") }?;
+    let mut fl = unsafe { borrow!(f32, s, ptrs.floats, 4, "router_stats_raw") }?;
     let mut ws = unsafe {
-        BorrowedSlice::<f64>::checked(
+        borrow!(
+            f64,
             s,
             ptrs.workspace,
             router_stats_workspace_len(num_tokens),
-            "router_stats_raw",
-            "workspace",
+            "router_stats_raw"
         )
     }?;
     let slots_v = slots.as_ref().map(|b| b.view());
@@ -344,9 +332,7 @@ pub unsafe fn router_stats_raw(
     };
     macro_rules! run {
         ($t:ty) => {{
-            let z = unsafe {
-                BorrowedSlice::<$t>::checked(s, ptrs.logits, nl, "router_stats_raw", "logits")
-            }?;
+            let z = unsafe { borrow!($t, s, ptrs.logits, nl, "router_stats_raw") }?;
             router_stats_cuda::<$t>(
                 &be,
                 &z.view(),
