@@ -59,7 +59,7 @@ struct Fiber {
     char* stack = nullptr;  // lowest usable address (the guard page is below)
     void* asan_fake = nullptr;  // ASan's fake stack while switched out (MOE_EMU_ASAN)
     uint3 idx = {0, 0, 0};
-    unsigned lane = 0, warp = 0;
+    unsigned lane = 0;
     State state = READY;
     // The pending warp collective.
     int op = 0;
@@ -555,7 +555,6 @@ extern "C" int moe_emu_launch(const char* name, unsigned gx, unsigned gy, unsign
         Fiber& f = g.fibers[i];
         f.idx = {i % bx, (i / bx) % by, i / (bx * by)};
         f.lane = i % 32;
-        f.warp = i / 32;
     }
     g.smem.assign(dyn_smem, 0xCD);  // g.smem was empty: capacity is exactly dyn_smem
     bdim = dim3(bx, by, bz);

@@ -3,23 +3,16 @@
 # mutant below plants one kind of kernel bug in a copy of cuda/, builds that copy into
 # its own emulator, and runs the test that must catch it. Prints CAUGHT or MISSED per
 # mutant; exits non-zero if any is missed. cuda/ itself is never modified.
-#   bash scripts/emu_mutants.sh            (after scripts/setup_python.sh; ~4 min)
+#   bash scripts/emu_mutants.sh            (after scripts/setup_python.sh; ~1 min)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-PY=.venv/bin/python
-SP=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-NVLIB="$SP/nvidia/cu13/lib"
+source "$ROOT/scripts/emu_env.sh"
+NVLIB=$(emu_nvrtc_lib)
 WORK="$ROOT/target/emu-mutants"
 rm -rf "$WORK"
 mkdir -p "$WORK"
-cargo test --locked --release --features cuda --test gpu_vs_cpu --no-run 2>&1 | tail -1
-BIN=$(cargo test --locked --release --features cuda --test gpu_vs_cpu --no-run --message-format=json 2>/dev/null |
-    $PY -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "gpu_vs_cpu" and m.get("executable"):
-        print(m["executable"])')
+BIN=$(emu_test_bin)
 
 # name | file | perl substitution (-0 mode: the whole file) | test filter | the bug
 MUTANTS=(

@@ -17,23 +17,8 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 export CARGO_TERM_COLOR=never
 
-if [[ -z "${NVRTC_LIB:-}" ]]; then
-    # This checkout's .venv, else the main worktree's (for `git worktree` checkouts).
-    for dir in "$ROOT" "$(git worktree list --porcelain 2>/dev/null | sed -n '1s/^worktree //p')"; do
-        py="$dir/.venv/bin/python"
-        [[ -n "$dir" && -x "$py" ]] || continue
-        sp=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-        if [[ -d "$sp/nvidia/cu13/lib" ]]; then
-            NVRTC_LIB="$sp/nvidia/cu13/lib"
-            break
-        fi
-    done
-fi
-if [[ -z "${NVRTC_LIB:-}" || ! -d "$NVRTC_LIB" ]]; then
-    echo "emu_sanitize.sh: NVRTC not found (no .venv with nvidia/cu13/lib; run" \
-         "scripts/setup_python.sh or set NVRTC_LIB)" >&2
-    exit 2
-fi
+source "$ROOT/scripts/emu_env.sh"
+NVRTC_LIB=$(emu_nvrtc_lib)
 
 echo "== [1/3] emulator with -fsanitize=address,undefined: MOE_EMU_SANITIZE=1 scripts/build_emu.sh"
 MOE_EMU_SANITIZE=1 bash scripts/build_emu.sh
@@ -41,12 +26,7 @@ EMU="$ROOT/target/emu-asan"
 [[ -n "${CARGO_TARGET_DIR:-}" ]] || export CARGO_TARGET_DIR="$ROOT/target"
 
 echo "== [2/3] test binary: cargo test --release --features cuda --test gpu_vs_cpu --no-run"
-BIN=$(cargo test --release --features cuda --test gpu_vs_cpu --no-run --message-format=json |
-      sed -n 's/.*"executable":"\([^"]*gpu_vs_cpu[^"]*\)".*/\1/p' | tail -n 1)
-if [[ -z "$BIN" || ! -x "$BIN" ]]; then
-    echo "emu_sanitize.sh: cargo did not report the gpu_vs_cpu test executable" >&2
-    exit 1
-fi
+BIN=$(emu_test_bin)
 
 ASAN_RT="$(${CXX:-g++} -print-file-name=libasan.so)"
 if [[ ! -e "$ASAN_RT" ]]; then
