@@ -1,4 +1,5 @@
-//! Option parsing shared by several bindings (strings from Python → the core's enums).
+//! Option vocabularies shared by several bindings (strings from Python → the core's
+//! enums) and the float-dtype dispatch.
 
 use pyo3::PyResult;
 
@@ -19,14 +20,23 @@ pub(crate) fn score_function(op: &str, s: &str) -> PyResult<ScoreFunction> {
     }
 }
 
-/// Dispatch a generic function over the float dtype string: `float_dispatch!(OP, "logits",
-/// dtype, f::<T>(args..))` calls `f::<f32>`, `f::<half::f16>` or `f::<half::bf16>`.
+/// Run a generic expression for the float element type of `dtype` (a
+/// `moe_router::DType`): `float_dispatch!(dt, T => f::<T>(..))`.
 macro_rules! float_dispatch {
-    ($op:expr, $arg:expr, $dtype:expr, $f:ident ( $($a:expr),* $(,)? )) => {
-        match $crate::tensor::parse_float($op, $arg, $dtype)? {
-            $crate::tensor::Float::F32 => $f::<f32>($($a),*),
-            $crate::tensor::Float::F16 => $f::<half::f16>($($a),*),
-            $crate::tensor::Float::BF16 => $f::<half::bf16>($($a),*),
+    ($dt:expr, $t:ident => $e:expr) => {
+        match $dt {
+            moe_router::DType::F32 => {
+                type $t = f32;
+                $e
+            }
+            moe_router::DType::F16 => {
+                type $t = half::f16;
+                $e
+            }
+            moe_router::DType::BF16 => {
+                type $t = half::bf16;
+                $e
+            }
         }
     };
 }

@@ -1,329 +1,210 @@
-//! Bindings of `permute_into`, `permute_backward_into`, `unpermute_into`,
-//! `unpermute_backward_into`.
+//! `permute`, `permute_backward`, `unpermute`, `unpermute_backward`: tensors in, the
+//! core's CPU reference or CUDA kernels on the tensors' device.
 
 use pyo3::prelude::*;
 
 use crate::common::float_dispatch;
 use crate::error::to_py_err;
-use crate::tensor::{check_bufs, mul, run, Buf, RawBuf};
-use moe_router::RouterFloat;
+use crate::tensor::{run, Args, Elem};
 
-/// `out[r] = x[row_to_token[r]]` (0 where `row_to_token[r] == -1`): `x` `[num_tokens,
-/// hidden]`, `row_to_token` `[num_rows]` i32, `out` `[num_rows, hidden]` (dtype of `x`).
+/// `out[r] = x[row_to_token[r]]` (zeros where the token index is -1): `x` `[T, H]`,
+/// `row_to_token` `[R]` int32, `out` `[R, H]` (dtype of `x`).
 #[pyfunction]
-#[pyo3(signature = (dtype, x, num_tokens, hidden, row_to_token, out))]
-pub(crate) fn permute(
-    py: Python<'_>,
-    dtype: &str,
-    x: RawBuf,
-    num_tokens: usize,
-    hidden: usize,
-    row_to_token: RawBuf,
-    out: RawBuf,
-) -> PyResult<()> {
-    float_dispatch!(
-        "permute",
-        "x",
-        dtype,
-        permute_t(py, x, num_tokens, hidden, row_to_token, out)
-    )
-}
-
-fn permute_t<T: RouterFloat>(
-    py: Python<'_>,
-    x: RawBuf,
-    num_tokens: usize,
-    hidden: usize,
-    row_to_token: RawBuf,
-    out: RawBuf,
+pub(crate) fn permute<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    row_to_token: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
 ) -> PyResult<()> {
     const OP: &str = "permute";
-    let x = Buf::<T>::input("x", x);
-    let row_to_token = Buf::<i32>::input("row_to_token", row_to_token);
-    let out = Buf::<T>::output("out", out);
-    let num_rows = row_to_token.len();
-    x.expect_len(
-        OP,
-        mul(OP, "num_tokens * hidden", num_tokens, hidden)?,
-        format_args!("[num_tokens, hidden] = [{num_tokens}, {hidden}]"),
-    )?;
-    out.expect_len(
-        OP,
-        mul(OP, "num_rows * hidden", num_rows, hidden)?,
-        format_args!("[num_rows, hidden] = [{num_rows}, {hidden}]"),
-    )?;
-    check_bufs(OP, &[x.span(), row_to_token.span(), out.span()])?;
-    // SAFETY: `check_bufs` accepted all buffers (non-null, aligned, sized, outputs disjoint
-    // from everything); `ops.py` passes contiguous CPU tensors of these dtypes with these
-    // element counts, keeps them alive during the call and allocated the output fresh.
-    let (x, row_to_token, out) =
-        unsafe { (x.as_slice(), row_to_token.as_slice(), out.as_mut_slice()) };
-    run(py, OP, || {
-        moe_router::permute_into::<T>(x, num_tokens, hidden, row_to_token, out).map_err(to_py_err)
+    let mut a = Args::new(OP);
+    let (x, r2t, out) = (a.input("x", x)?, a.input("row_to_token", row_to_token)?, a.output("out", out)?);
+    let dt = x.float(OP)?;
+    let [t, h] = x.dims::<2>(OP)?;
+    r2t.expect_elem(OP, Elem::I32)?;
+    let [r] = r2t.dims::<1>(OP)?;
+    out.expect(OP, x.elem(), &[r, h])?;
+    let call = a.finish(py)?;
+    if call.on_cpu() {
+        return float_dispatch!(dt, T => {
+            let (x, r2t, out) = (x.slice::<T>(OP, &call)?, r2t.slice(OP, &call)?, out.slice_mut::<T>(OP, &call)?);
+            run(py, OP, || moe_router::permute_into::<T>(x, t, h, r2t, out).map_err(to_py_err))
+        });
+    }
+    cuda::launch_permute(py, OP, &call, dt, cuda::sizes(t, r, h, 0), |p| {
+        p.x = x.addr();
+        p.row_to_token = r2t.addr();
+        p.buf = out.addr();
     })
 }
 
-/// Backward of permute: `grad_x[t] = Σ_j grad_buf[row[t, j]]` over `row[t, j] >= 0`.
-/// `grad_buf` `[num_rows, hidden]`, `row` `[num_tokens, topk]` i32, `grad_x`
-/// `[num_tokens, hidden]`.
+/// Backward of permute: `grad_x[t] = Σ_j grad_buf[row[t, j]]` over `row[t, j] >= 0`:
+/// `grad_buf` `[R, H]`, `row` `[T, k]` int32, `grad_x` `[T, H]`.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (dtype, grad_buf, num_rows, hidden, row, num_tokens, topk, grad_x))]
-pub(crate) fn permute_backward(
-    py: Python<'_>,
-    dtype: &str,
-    grad_buf: RawBuf,
-    num_rows: usize,
-    hidden: usize,
-    row: RawBuf,
-    num_tokens: usize,
-    topk: usize,
-    grad_x: RawBuf,
-) -> PyResult<()> {
-    float_dispatch!(
-        "permute_backward",
-        "grad_buf",
-        dtype,
-        permute_backward_t(py, grad_buf, num_rows, hidden, row, num_tokens, topk, grad_x)
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn permute_backward_t<T: RouterFloat>(
-    py: Python<'_>,
-    grad_buf: RawBuf,
-    num_rows: usize,
-    hidden: usize,
-    row: RawBuf,
-    num_tokens: usize,
-    topk: usize,
-    grad_x: RawBuf,
+pub(crate) fn permute_backward<'py>(
+    py: Python<'py>,
+    grad_buf: &Bound<'py, PyAny>,
+    row: &Bound<'py, PyAny>,
+    grad_x: &Bound<'py, PyAny>,
 ) -> PyResult<()> {
     const OP: &str = "permute_backward";
-    let grad_buf = Buf::<T>::input("grad_buf", grad_buf);
-    let row = Buf::<i32>::input("row", row);
-    let grad_x = Buf::<T>::output("grad_x", grad_x);
-    grad_buf.expect_len(
-        OP,
-        mul(OP, "num_rows * hidden", num_rows, hidden)?,
-        format_args!("[num_rows, hidden] = [{num_rows}, {hidden}]"),
-    )?;
-    row.expect_len(
-        OP,
-        mul(OP, "num_tokens * topk", num_tokens, topk)?,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {topk}]"),
-    )?;
-    grad_x.expect_len(
-        OP,
-        mul(OP, "num_tokens * hidden", num_tokens, hidden)?,
-        format_args!("[num_tokens, hidden] = [{num_tokens}, {hidden}]"),
-    )?;
-    check_bufs(OP, &[grad_buf.span(), row.span(), grad_x.span()])?;
-    // SAFETY: as in `permute_t`.
-    let (grad_buf, row, grad_x) =
-        unsafe { (grad_buf.as_slice(), row.as_slice(), grad_x.as_mut_slice()) };
-    run(py, OP, || {
-        moe_router::permute_backward_into::<T>(
-            grad_buf, num_rows, hidden, row, num_tokens, topk, grad_x,
-        )
-        .map_err(to_py_err)
+    let mut a = Args::new(OP);
+    let (gb, row, gx) = (a.input("grad_buf", grad_buf)?, a.input("row", row)?, a.output("grad_x", grad_x)?);
+    let dt = gb.float(OP)?;
+    let [r, h] = gb.dims::<2>(OP)?;
+    row.expect_elem(OP, Elem::I32)?;
+    let [t, k] = row.dims::<2>(OP)?;
+    gx.expect(OP, gb.elem(), &[t, h])?;
+    let call = a.finish(py)?;
+    if call.on_cpu() {
+        return float_dispatch!(dt, T => {
+            let (gb, row, gx) = (gb.slice::<T>(OP, &call)?, row.slice(OP, &call)?, gx.slice_mut::<T>(OP, &call)?);
+            run(py, OP, || moe_router::permute_backward_into::<T>(gb, r, h, row, t, k, gx).map_err(to_py_err))
+        });
+    }
+    cuda::launch_permute(py, OP, &call, dt, cuda::sizes(t, r, h, k), |p| {
+        p.grad_buf = gb.addr();
+        p.row = row.addr();
+        p.grad_x = gx.addr();
     })
 }
 
 /// `out[t] = Σ_j weights[t, j] · y[row[t, j]]` over `row[t, j] >= 0`, accumulated in f32:
-/// `y` `[num_rows, hidden]`, `row` `[num_tokens, topk]` i32, `weights` `[num_tokens, topk]`
-/// f32, `out` `[num_tokens, hidden]` (dtype of `y`).
+/// `y` `[R, H]`, `row` `[T, k]` int32, `weights` `[T, k]` float32, `out` `[T, H]`.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (dtype, y, num_rows, hidden, row, weights, num_tokens, topk, out))]
-pub(crate) fn unpermute(
-    py: Python<'_>,
-    dtype: &str,
-    y: RawBuf,
-    num_rows: usize,
-    hidden: usize,
-    row: RawBuf,
-    weights: RawBuf,
-    num_tokens: usize,
-    topk: usize,
-    out: RawBuf,
-) -> PyResult<()> {
-    float_dispatch!(
-        "unpermute",
-        "y",
-        dtype,
-        unpermute_t(py, y, num_rows, hidden, row, weights, num_tokens, topk, out)
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn unpermute_t<T: RouterFloat>(
-    py: Python<'_>,
-    y: RawBuf,
-    num_rows: usize,
-    hidden: usize,
-    row: RawBuf,
-    weights: RawBuf,
-    num_tokens: usize,
-    topk: usize,
-    out: RawBuf,
+pub(crate) fn unpermute<'py>(
+    py: Python<'py>,
+    y: &Bound<'py, PyAny>,
+    row: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
 ) -> PyResult<()> {
     const OP: &str = "unpermute";
-    let y = Buf::<T>::input("y", y);
-    let row = Buf::<i32>::input("row", row);
-    let weights = Buf::<f32>::input("weights", weights);
-    let out = Buf::<T>::output("out", out);
-    let tk = mul(OP, "num_tokens * topk", num_tokens, topk)?;
-    y.expect_len(
-        OP,
-        mul(OP, "num_rows * hidden", num_rows, hidden)?,
-        format_args!("[num_rows, hidden] = [{num_rows}, {hidden}]"),
-    )?;
-    row.expect_len(
-        OP,
-        tk,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {topk}]"),
-    )?;
-    weights.expect_len(
-        OP,
-        tk,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {topk}]"),
-    )?;
-    out.expect_len(
-        OP,
-        mul(OP, "num_tokens * hidden", num_tokens, hidden)?,
-        format_args!("[num_tokens, hidden] = [{num_tokens}, {hidden}]"),
-    )?;
-    check_bufs(OP, &[y.span(), row.span(), weights.span(), out.span()])?;
-    // SAFETY: as in `permute_t`.
-    let (y, row, weights, out) = unsafe {
-        (
-            y.as_slice(),
-            row.as_slice(),
-            weights.as_slice(),
-            out.as_mut_slice(),
-        )
-    };
-    run(py, OP, || {
-        moe_router::unpermute_into::<T>(y, num_rows, hidden, row, weights, num_tokens, topk, out)
-            .map_err(to_py_err)
+    let mut a = Args::new(OP);
+    let (y, row, w, out) = (
+        a.input("y", y)?,
+        a.input("row", row)?,
+        a.input("weights", weights)?,
+        a.output("out", out)?,
+    );
+    let dt = y.float(OP)?;
+    let [r, h] = y.dims::<2>(OP)?;
+    row.expect_elem(OP, Elem::I32)?;
+    let [t, k] = row.dims::<2>(OP)?;
+    w.expect(OP, Elem::F32, &[t, k])?;
+    out.expect(OP, y.elem(), &[t, h])?;
+    let call = a.finish(py)?;
+    if call.on_cpu() {
+        return float_dispatch!(dt, T => {
+            let (y, row, w, out) =
+                (y.slice::<T>(OP, &call)?, row.slice(OP, &call)?, w.slice(OP, &call)?, out.slice_mut::<T>(OP, &call)?);
+            run(py, OP, || moe_router::unpermute_into::<T>(y, r, h, row, w, t, k, out).map_err(to_py_err))
+        });
+    }
+    cuda::launch_permute(py, OP, &call, dt, cuda::sizes(t, r, h, k), |p| {
+        p.y = y.addr();
+        p.row = row.addr();
+        p.weights = w.addr();
+        p.out = out.addr();
     })
 }
 
-/// Backward of unpermute: `grad_y` `[num_rows, hidden]` (dtype of `y`; padding rows 0) and
-/// `grad_weights[t, j] = <grad_out[t], y[row[t, j]]>` `[num_tokens, topk]` f32.
+/// Backward of unpermute: `grad_y` `[R, H]` (dtype of `y`) and `grad_weights` `[T, k]`
+/// float32 from `grad_out` `[T, H]`.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (dtype, grad_out, y, num_rows, hidden, row, weights, num_tokens, topk, grad_y, grad_weights))]
-pub(crate) fn unpermute_backward(
-    py: Python<'_>,
-    dtype: &str,
-    grad_out: RawBuf,
-    y: RawBuf,
-    num_rows: usize,
-    hidden: usize,
-    row: RawBuf,
-    weights: RawBuf,
-    num_tokens: usize,
-    topk: usize,
-    grad_y: RawBuf,
-    grad_weights: RawBuf,
-) -> PyResult<()> {
-    float_dispatch!(
-        "unpermute_backward",
-        "y",
-        dtype,
-        unpermute_backward_t(
-            py,
-            grad_out,
-            y,
-            num_rows,
-            hidden,
-            row,
-            weights,
-            num_tokens,
-            topk,
-            grad_y,
-            grad_weights
-        )
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn unpermute_backward_t<T: RouterFloat>(
-    py: Python<'_>,
-    grad_out: RawBuf,
-    y: RawBuf,
-    num_rows: usize,
-    hidden: usize,
-    row: RawBuf,
-    weights: RawBuf,
-    num_tokens: usize,
-    topk: usize,
-    grad_y: RawBuf,
-    grad_weights: RawBuf,
+pub(crate) fn unpermute_backward<'py>(
+    py: Python<'py>,
+    grad_out: &Bound<'py, PyAny>,
+    y: &Bound<'py, PyAny>,
+    row: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    grad_y: &Bound<'py, PyAny>,
+    grad_weights: &Bound<'py, PyAny>,
 ) -> PyResult<()> {
     const OP: &str = "unpermute_backward";
-    let grad_out = Buf::<T>::input("grad_out", grad_out);
-    let y = Buf::<T>::input("y", y);
-    let row = Buf::<i32>::input("row", row);
-    let weights = Buf::<f32>::input("weights", weights);
-    let grad_y = Buf::<T>::output("grad_y", grad_y);
-    let grad_weights = Buf::<f32>::output("grad_weights", grad_weights);
-    let tk = mul(OP, "num_tokens * topk", num_tokens, topk)?;
-    let rh = mul(OP, "num_rows * hidden", num_rows, hidden)?;
-    let tk_shape = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
-    let rh_shape = format!("[num_rows, hidden] = [{num_rows}, {hidden}]");
-    grad_out.expect_len(
+    let mut a = Args::new(OP);
+    let (go, y, row, w) = (
+        a.input("grad_out", grad_out)?,
+        a.input("y", y)?,
+        a.input("row", row)?,
+        a.input("weights", weights)?,
+    );
+    let (gy, gw) = (a.output("grad_y", grad_y)?, a.output("grad_weights", grad_weights)?);
+    let dt = y.float(OP)?;
+    let [r, h] = y.dims::<2>(OP)?;
+    row.expect_elem(OP, Elem::I32)?;
+    let [t, k] = row.dims::<2>(OP)?;
+    go.expect(OP, y.elem(), &[t, h])?;
+    w.expect(OP, Elem::F32, &[t, k])?;
+    gy.expect(OP, y.elem(), &[r, h])?;
+    gw.expect(OP, Elem::F32, &[t, k])?;
+    let call = a.finish(py)?;
+    if call.on_cpu() {
+        return float_dispatch!(dt, T => {
+            let (go, y, row, w) =
+                (go.slice::<T>(OP, &call)?, y.slice::<T>(OP, &call)?, row.slice(OP, &call)?, w.slice(OP, &call)?);
+            let (gy, gw) = (gy.slice_mut::<T>(OP, &call)?, gw.slice_mut(OP, &call)?);
+            run(py, OP, || {
+                moe_router::unpermute_backward_into::<T>(go, y, r, h, row, w, t, k, gy, gw).map_err(to_py_err)
+            })
+        });
+    }
+    let ws = call.scratch(
+        py,
         OP,
-        mul(OP, "num_tokens * hidden", num_tokens, hidden)?,
-        format_args!("[num_tokens, hidden] = [{num_tokens}, {hidden}]"),
+        "workspace",
+        "int32",
+        moe_router::cuda::permute::unpermute_backward_workspace_len(r),
     )?;
-    y.expect_len(OP, rh, &rh_shape)?;
-    grad_y.expect_len(OP, rh, &rh_shape)?;
-    row.expect_len(OP, tk, &tk_shape)?;
-    weights.expect_len(OP, tk, &tk_shape)?;
-    grad_weights.expect_len(OP, tk, &tk_shape)?;
-    check_bufs(
-        OP,
-        &[
-            grad_out.span(),
-            y.span(),
-            row.span(),
-            weights.span(),
-            grad_y.span(),
-            grad_weights.span(),
-        ],
-    )?;
-    // SAFETY: as in `permute_t`.
-    let (grad_out, y, row, weights, grad_y, grad_weights) = unsafe {
-        (
-            grad_out.as_slice(),
-            y.as_slice(),
-            row.as_slice(),
-            weights.as_slice(),
-            grad_y.as_mut_slice(),
-            grad_weights.as_mut_slice(),
-        )
-    };
-    run(py, OP, || {
-        moe_router::unpermute_backward_into::<T>(
-            grad_out,
-            y,
-            num_rows,
-            hidden,
-            row,
-            weights,
-            num_tokens,
-            topk,
-            grad_y,
-            grad_weights,
-        )
-        .map_err(to_py_err)
+    cuda::launch_permute(py, OP, &call, dt, cuda::sizes(t, r, h, k), |p| {
+        p.grad_out = go.addr();
+        p.y = y.addr();
+        p.row = row.addr();
+        p.weights = w.addr();
+        p.grad_y = gy.addr();
+        p.grad_weights = gw.addr();
+        p.workspace = ws.addr();
     })
 }
 
-/// Register this file's functions.
+mod cuda {
+    use pyo3::prelude::*;
+
+    use crate::device::launch;
+    use crate::tensor::Call;
+    use moe_router::cuda::permute::{permute_raw, PermutePass, PermuteRawPtrs, PermuteSizes};
+
+    pub(super) fn sizes(num_tokens: usize, num_rows: usize, hidden: usize, k: usize) -> PermuteSizes {
+        PermuteSizes { num_tokens, num_rows, hidden, k }
+    }
+
+    /// Launch the pass named by `op` with the addresses `fill` sets.
+    pub(super) fn launch_permute(
+        py: Python<'_>,
+        op: &'static str,
+        call: &Call,
+        dt: moe_router::DType,
+        sizes: PermuteSizes,
+        fill: impl FnOnce(&mut PermuteRawPtrs),
+    ) -> PyResult<()> {
+        let pass = match op {
+            "permute" => PermutePass::Permute,
+            "permute_backward" => PermutePass::PermuteBackward,
+            "unpermute" => PermutePass::Unpermute,
+            _ => PermutePass::UnpermuteBackward,
+        };
+        let mut ptrs = PermuteRawPtrs::default();
+        fill(&mut ptrs);
+        // SAFETY: every address is the data of a tensor the binding checked for this
+        // pass's shapes and dtypes (contiguous, on `call`'s device, outputs overlapping
+        // nothing), kept alive by its DLPack capsule until the launch is queued; torch's
+        // caching allocator does not reuse that memory before the stream's queued work
+        // has run. `call.stream` is torch's current stream of that device, whose context
+        // is the device's primary context, the one the backend retains.
+        launch(py, op, call, move |be, stream| unsafe { permute_raw(be, stream, pass, dt, sizes, ptrs) })
+    }
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(permute, m)?)?;
     m.add_function(wrap_pyfunction!(permute_backward, m)?)?;

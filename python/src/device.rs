@@ -1,0 +1,107 @@
+//! CUDA plumbing of the bindings (feature `cuda`): one cached [`CudaBackend`] per
+//! device, torch's current stream, and the launch wrapper every op's CUDA branch uses.
+//!
+//! The stream is never an argument: the binding asks torch for the current stream of
+//! the tensors' device (`torch._C._cuda_getCurrentRawStream`), so no caller-supplied
+//! handle reaches the driver. Kernels run on that stream without a host
+//! synchronisation; results stay on the device.
+//!
+//! Emulator mode (tests only): with the CPU stand-in for `libcuda` of `emu/` loaded,
+//! `_emulate_cuda_on_cpu(True)` sends CPU tensors down the CUDA branch (device 0,
+//! legacy stream), where the emulator's "device memory" is host memory. It refuses to
+//! turn on unless device 0 is that emulator, so it cannot hand host addresses to a GPU.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+
+use crate::error::to_py_err;
+use crate::tensor::{run, torch_attr, Call, Device};
+use moe_router::cuda::CudaBackend;
+
+/// Device name the emulator's driver reports.
+const EMULATOR_NAME: &str = "moe-router CPU emulator";
+
+static EMULATE: AtomicBool = AtomicBool::new(false);
+
+/// Whether CPU tensors go down the CUDA branch (emulator tests).
+pub(crate) fn emulated_cuda() -> bool {
+    EMULATE.load(Ordering::Relaxed)
+}
+
+/// Number of CUDA devices the driver reports; 0 without `libcuda` (never panics).
+#[pyfunction]
+pub(crate) fn cuda_device_count() -> usize {
+    moe_router::cuda::device_count()
+}
+
+/// Tests only: send CPU tensors down the CUDA branch, on the CPU emulator of `emu/`.
+/// `RuntimeError` unless device 0 is that emulator.
+#[pyfunction]
+pub(crate) fn _emulate_cuda_on_cpu(py: Python<'_>, on: bool) -> PyResult<()> {
+    if on {
+        let be = backend("_emulate_cuda_on_cpu", 0)?;
+        let name = py
+            .detach(|| be.context().name())
+            .map_err(|e| PyRuntimeError::new_err(format!("_emulate_cuda_on_cpu: {e}")))?;
+        if name != EMULATOR_NAME {
+            return Err(PyRuntimeError::new_err(format!(
+                "_emulate_cuda_on_cpu: device 0 is {name:?}, not the {EMULATOR_NAME:?}: emulator mode \
+                 would hand host addresses to a real device"
+            )));
+        }
+    }
+    EMULATE.store(on, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The backend of device `ordinal`, created on first use and then shared by every call
+/// (its kernel modules are compiled once per device and process).
+pub(crate) fn backend(op: &str, ordinal: usize) -> PyResult<Arc<CudaBackend>> {
+    static CACHE: OnceLock<Mutex<HashMap<usize, Arc<CudaBackend>>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Default::default).lock().map_err(|_| {
+        PyRuntimeError::new_err(format!(
+            "moe_router.{op}: the CUDA backend cache is poisoned (an earlier call panicked)"
+        ))
+    })?;
+    if let Some(b) = cache.get(&ordinal) {
+        return Ok(b.clone());
+    }
+    // `CudaBackend::new` checks that libcuda is present and that the device exists
+    // (`device_count`, which never panics) before creating the context.
+    let b = Arc::new(CudaBackend::new(ordinal).map_err(|e| {
+        PyRuntimeError::new_err(format!("moe_router.{op}: CUDA device {ordinal} is not usable: {e}"))
+    })?);
+    cache.insert(ordinal, b.clone());
+    Ok(b)
+}
+
+/// torch's current stream on CUDA device `index`, as the raw handle.
+pub(crate) fn current_stream(py: Python<'_>, op: &str, index: usize) -> PyResult<u64> {
+    static F: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    torch_attr(py, &F, "_C._cuda_getCurrentRawStream")?
+        .call1((index,))?
+        .extract::<u64>()
+        .map_err(|e| PyRuntimeError::new_err(format!("moe_router.{op}: no current CUDA stream: {e}")))
+}
+
+/// Run the CUDA branch of `op`: `f(backend, stream)` with the GIL released.
+pub(crate) fn launch(
+    py: Python<'_>,
+    op: &'static str,
+    call: &Call,
+    f: impl FnOnce(&CudaBackend, cudarc::driver::sys::CUstream) -> moe_router::Result<()> + Send,
+) -> PyResult<()> {
+    let Device::Cuda(ordinal) = call.device else {
+        return Err(crate::error::internal_error(op, "CUDA launch for a CPU call"));
+    };
+    let stream = call.stream;
+    run(py, op, move || {
+        let be = backend(op, ordinal)?;
+        f(&be, stream as usize as cudarc::driver::sys::CUstream).map_err(to_py_err)
+    })
+}
