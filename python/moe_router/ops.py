@@ -530,18 +530,11 @@ def permute(x: Tensor, row_to_token: Tensor, row: Tensor) -> Tensor:
     """buf [rows, H] = x[row_to_token] (0 where row_to_token is -1). `row` [T, k] is not
     read here: backward needs it."""
     op = "permute"
-    dev = _device(op, x=x, row_to_token=row_to_token, row=row)
-    dt = _float_name(op, "x", x)
-    x = _dense(op, "x", x)
+    _device(op, x=x, row_to_token=row_to_token, row=row)
+    x = x.contiguous()
     r2t = _i32(op, "row_to_token", row_to_token)
-    t, h = x.shape
-    out = torch.empty((r2t.shape[0], h), dtype=x.dtype, device=dev)
-    args = (dt, _buf(x), t, h, _buf(r2t), _buf(out))
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "permute", dev)
-        fn(index, stream, *args)
-    else:
-        _native_fn(op, "permute")(*args)
+    out = x.new_empty((r2t.shape[0], x.shape[-1]))
+    _native.permute(x, r2t, out)
     return out
 
 
@@ -554,18 +547,10 @@ def _(x, row_to_token, row):
 def permute_backward(grad_buf: Tensor, row: Tensor, num_tokens: int) -> Tensor:
     """grad_x [T, H]: grad_x[t] = sum_j grad_buf[row[t, j]] over row[t, j] >= 0."""
     op = "permute_backward"
-    dev = _device(op, grad_buf=grad_buf, row=row)
-    dt = _float_name(op, "grad_buf", grad_buf)
-    gb = _dense(op, "grad_buf", grad_buf)
+    gb = grad_buf.contiguous()
     row32 = _i32(op, "row", row)
-    r, h = gb.shape
-    grad_x = torch.empty((num_tokens, h), dtype=gb.dtype, device=dev)
-    args = (dt, _buf(gb), r, h, _buf(row32), num_tokens, row32.shape[1], _buf(grad_x))
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "permute_backward", dev)
-        fn(index, stream, *args)
-    else:
-        _native_fn(op, "permute_backward")(*args)
+    grad_x = gb.new_empty((num_tokens, gb.shape[-1]))
+    _native.permute_backward(gb, row32, grad_x)
     return grad_x
 
 
@@ -598,20 +583,11 @@ def unpermute(y: Tensor, row: Tensor, weights: Tensor) -> Tensor:
     """out [T, H] (dtype of y) = sum_j weights[t, j] * y[row[t, j]] over row[t, j] >= 0,
     accumulated in f32."""
     op = "unpermute"
-    dev = _device(op, y=y, row=row, weights=weights)
-    dt = _float_name(op, "y", y)
-    y = _dense(op, "y", y)
+    _device(op, y=y, row=row, weights=weights)
+    y = y.contiguous()
     row32 = _i32(op, "row", row)
-    w = _dense(op, "weights", weights, torch.float32)
-    r, h = y.shape
-    t, k = row32.shape
-    out = torch.empty((t, h), dtype=y.dtype, device=dev)
-    args = (dt, _buf(y), r, h, _buf(row32), _buf(w), t, k, _buf(out))
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "unpermute", dev)
-        fn(index, stream, *args)
-    else:
-        _native_fn(op, "unpermute")(*args)
+    out = y.new_empty((row32.shape[0], y.shape[-1]))
+    _native.unpermute(y, row32, weights.contiguous(), out)
     return out
 
 
@@ -624,23 +600,12 @@ def _(y, row, weights):
 def unpermute_backward(grad_out: Tensor, y: Tensor, row: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor]:
     """grad_y [rows, H] (dtype of y), grad_weights [T, k] f32."""
     op = "unpermute_backward"
-    dev = _device(op, grad_out=grad_out, y=y, row=row, weights=weights)
-    dt = _float_name(op, "y", y)
-    y = _dense(op, "y", y)
-    go = _dense(op, "grad_out", grad_out.to(y.dtype))
+    _device(op, grad_out=grad_out, y=y, row=row, weights=weights)
+    y = y.contiguous()
     row32 = _i32(op, "row", row)
-    w = _dense(op, "weights", weights, torch.float32)
-    r, h = y.shape
-    t, k = row32.shape
-    grad_y = torch.empty((r, h), dtype=y.dtype, device=dev)
-    grad_w = torch.empty((t, k), dtype=torch.float32, device=dev)
-    args = (dt, _buf(go), _buf(y), r, h, _buf(row32), _buf(w), t, k, _buf(grad_y), _buf(grad_w))
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "unpermute_backward", dev)
-        ws = torch.empty((_native.unpermute_backward_workspace_len(r),), dtype=torch.int32, device=dev)
-        fn(index, stream, *args, _buf(ws))
-    else:
-        _native_fn(op, "unpermute_backward")(*args)
+    grad_y = torch.empty_like(y)
+    grad_w = y.new_empty(row32.shape, dtype=torch.float32)
+    _native.unpermute_backward(grad_out.to(y.dtype).contiguous(), y, row32, weights.contiguous(), grad_y, grad_w)
     return grad_y, grad_w
 
 

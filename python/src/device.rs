@@ -28,6 +28,25 @@ const EMULATOR_NAME: &str = "moe-router CPU emulator";
 
 static EMULATE: AtomicBool = AtomicBool::new(false);
 
+/// CUDA branch calls per op since the process started (the emulator tests check that
+/// every op's CUDA branch ran; cheap enough to keep in every build).
+static LAUNCHES: Mutex<Vec<(&'static str, u64)>> = Mutex::new(Vec::new());
+
+fn count_launch(op: &'static str) {
+    if let Ok(mut v) = LAUNCHES.lock() {
+        match v.iter_mut().find(|(n, _)| *n == op) {
+            Some((_, c)) => *c += 1,
+            None => v.push((op, 1)),
+        }
+    }
+}
+
+/// `{op: calls}` of the CUDA branch since the process started.
+#[pyfunction]
+pub(crate) fn _cuda_calls() -> std::collections::BTreeMap<&'static str, u64> {
+    LAUNCHES.lock().map(|v| v.iter().copied().collect()).unwrap_or_default()
+}
+
 /// Whether CPU tensors go down the CUDA branch (emulator tests).
 pub(crate) fn emulated_cuda() -> bool {
     EMULATE.load(Ordering::Relaxed)
@@ -100,6 +119,7 @@ pub(crate) fn launch(
         return Err(crate::error::internal_error(op, "CUDA launch for a CPU call"));
     };
     let stream = call.stream;
+    count_launch(op);
     run(py, op, move || {
         let be = backend(op, ordinal)?;
         f(&be, stream as usize as cudarc::driver::sys::CUstream).map_err(to_py_err)

@@ -34,7 +34,6 @@ import contextlib
 import copy
 import ctypes
 import os
-from collections import Counter
 
 import pytest
 import torch
@@ -89,11 +88,8 @@ def _device_name(path: str) -> str:
 def emulator_device():
     # Only reached with MOE_ROUTER_EMU_TESTS=1 (the module is skipped otherwise): from here
     # on every problem is a failure, never a skip.
-    if not (hasattr(_native, "cuda_device_count") and _native.has_cuda()):
-        pytest.fail(
-            "MOE_ROUTER_EMU_TESTS=1 but this moe_router._native has no CUDA bindings (built without the `cuda` "
-            "feature, or a stale install): rebuild it (`pip install ./python`)"
-        )
+    if not hasattr(_native, "_emulate_cuda_on_cpu"):
+        pytest.fail("MOE_ROUTER_EMU_TESTS=1 but this moe_router._native is a stale install: rebuild it (`pip install ./python`)")
     n = _native.cuda_device_count()
     if n <= 0:
         pytest.fail(f"MOE_ROUTER_EMU_TESTS=1 but no CUDA device is visible: {HOWTO}")
@@ -111,7 +107,6 @@ def emulator_device():
 # The patch and the comparison
 
 
-CALLS: Counter = Counter()  # cuda_<name> bindings called under emu(), over the whole module
 _orig_on_cuda = getattr(ops, "_on_cuda", None)  # None: a stale install (the fixture fails first)
 
 
@@ -119,32 +114,33 @@ def _emu_on_cuda(dev: torch.device) -> bool:
     return dev.type == "cpu" or _orig_on_cuda(dev)
 
 
-def _emu_cuda(op: str, name: str, dev: torch.device):
-    fn = getattr(_native, f"cuda_{name}", None)
-    if fn is None:
-        ops._no_cuda_kernel(op, name)
-    CALLS[name] += 1
-    return fn, 0, 0  # device 0, stream 0 (the legacy default stream)
+def _calls() -> int:
+    return sum(_native._cuda_calls().values())
 
 
 @contextlib.contextmanager
 def emu():
-    """The ops' CUDA branches, for CPU tensors, on the emulator."""
-    saved = ops._on_cuda, ops._cuda
-    ops._on_cuda, ops._cuda = _emu_on_cuda, _emu_cuda
+    """The ops' CUDA branches, for CPU tensors, on the emulator: the native module sends
+    CPU tensors to the kernels (`_emulate_cuda_on_cpu`, refused unless device 0 is the
+    emulator) and `ops._on_cuda` says True for them (so the Python layer takes its CUDA
+    branches too: no host range checks, results left in tensors)."""
+    saved = ops._on_cuda
+    ops._on_cuda = _emu_on_cuda
+    _native._emulate_cuda_on_cpu(True)
     try:
         yield
     finally:
-        ops._on_cuda, ops._cuda = saved
+        _native._emulate_cuda_on_cpu(False)
+        ops._on_cuda = saved
 
 
 def both(f):
     """(emulated CUDA result, CPU result) of `f()`; `f` builds its own inputs (leaf
     tensors with requires_grad, backward calls, ...) so the two runs share nothing."""
-    before = sum(CALLS.values())
+    before = _calls()
     with emu():
         got = f()
-    assert sum(CALLS.values()) > before, "the CUDA branch was not taken"
+    assert _calls() > before, "the CUDA branch was not taken"
     return got, f()
 
 
@@ -826,13 +822,12 @@ def test_opcheck_on_the_cuda_branch(name):
 # --------------------------------------------------------------------------------------
 # Last: every CUDA binding ran (only meaningful when the whole module ran).
 
-EVERY_BINDING = {n[len("cuda_"):] for n in ops.NATIVE_OPS if n.startswith("cuda_")} - {
-    "device_count", "dispatch_workspace_len"
-}  # fmt: skip
+EVERY_OP = set(ops.NATIVE_OPS) - {"capacity", "dispatch_max_rows", "cuda_device_count"}
 
 
 def test_every_cuda_binding_was_exercised(request):
     if request.config.getoption("keyword") or request.config.getoption("markexpr"):
         pytest.skip("a -k / -m selection ran only part of the module")
-    missing = sorted(EVERY_BINDING - set(CALLS))
-    assert not missing, f"CUDA bindings never called under the emulator: {missing} (called: {dict(CALLS)})"
+    called = _native._cuda_calls()
+    missing = sorted(EVERY_OP - set(called))
+    assert not missing, f"ops whose CUDA branch never ran under the emulator: {missing} (called: {called})"
