@@ -228,24 +228,17 @@ def topk_gating(
     offset: int,
 ) -> Tuple[Tensor, Tensor]:
     """weights [T, k] f32, indices [T, k] i32."""
-    op = "topk_gating"
-    dev = _device(op, logits=logits, expert_bias=expert_bias)
-    dt = _float_name(op, "logits", logits)
-    logits = _dense(op, "logits", logits)
-    bias = None if expert_bias is None else _dense(op, "expert_bias", expert_bias, torch.float32)
-    t, e = logits.shape
-    weights = torch.empty((t, topk), dtype=torch.float32, device=dev)
-    indices = torch.empty((t, topk), dtype=torch.int32, device=dev)
-    args = (
-        dt, _buf(logits), t, e, _obuf(bias), topk, score_function, pre_softmax, normalize,
-        num_groups, group_topk, scaling_factor, noise_std, expert_mask_rate, _u64(seed), _u64(offset),
-        _buf(weights), _buf(indices),
+    _device("topk_gating", logits=logits, expert_bias=expert_bias)
+    logits = logits.contiguous()
+    t = logits.shape[0]
+    weights = logits.new_empty((t, topk), dtype=torch.float32)
+    indices = logits.new_empty((t, topk), dtype=torch.int32)
+    _native.topk_gating(
+        logits, None if expert_bias is None else expert_bias.contiguous(), weights, indices, topk=topk,
+        score_function=score_function, pre_softmax=pre_softmax, normalize=normalize, num_groups=num_groups,
+        group_topk=group_topk, scaling_factor=scaling_factor, noise_std=noise_std,
+        expert_mask_rate=expert_mask_rate, seed=_u64(seed), offset=_u64(offset),
     )  # fmt: skip
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "topk_gating", dev)
-        fn(index, stream, *args)
-    else:
-        _native_fn(op, "topk_gating")(*args)
     return weights, indices
 
 
@@ -270,19 +263,13 @@ def topk_gating_replay(
 ) -> Tensor:
     """weights [T, k] f32 of the given indices [T, k]."""
     op = "topk_gating_replay"
-    dev = _device(op, logits=logits, indices=indices)
-    dt = _float_name(op, "logits", logits)
-    logits = _dense(op, "logits", logits)
+    _device(op, logits=logits, indices=indices)
     idx = _i32(op, "indices", indices)
-    t, e = logits.shape
-    k = idx.shape[1]
-    weights = torch.empty((t, k), dtype=torch.float32, device=dev)
-    args = (dt, _buf(logits), t, e, _buf(idx), k, score_function, pre_softmax, normalize, scaling_factor, _buf(weights))
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "topk_gating_replay", dev)
-        fn(index, stream, *args)
-    else:
-        _native_fn(op, "topk_gating_replay")(*args)
+    weights = logits.new_empty(idx.shape, dtype=torch.float32)
+    _native.topk_gating_replay(
+        logits.contiguous(), idx, weights, score_function=score_function, pre_softmax=pre_softmax,
+        normalize=normalize, scaling_factor=scaling_factor,
+    )  # fmt: skip
     return weights
 
 
@@ -303,22 +290,13 @@ def topk_gating_backward(
 ) -> Tensor:
     """grad_logits [T, E] (dtype of logits) from grad_weights [T, k] f32."""
     op = "topk_gating_backward"
-    dev = _device(op, logits=logits, indices=indices, grad_weights=grad_weights)
-    dt = _float_name(op, "logits", logits)
-    logits = _dense(op, "logits", logits)
-    idx = _i32(op, "indices", indices)
-    gw = _dense(op, "grad_weights", grad_weights.to(torch.float32))
-    t, e = logits.shape
-    grad_logits = torch.empty((t, e), dtype=logits.dtype, device=dev)
-    args = (
-        dt, _buf(logits), t, e, _buf(idx), idx.shape[1], _buf(gw), score_function, pre_softmax, normalize,
-        scaling_factor, _buf(grad_logits),
+    _device(op, logits=logits, indices=indices, grad_weights=grad_weights)
+    logits = logits.contiguous()
+    grad_logits = torch.empty_like(logits)
+    _native.topk_gating_backward(
+        logits, _i32(op, "indices", indices), grad_weights.to(torch.float32).contiguous(), grad_logits,
+        score_function=score_function, pre_softmax=pre_softmax, normalize=normalize, scaling_factor=scaling_factor,
     )  # fmt: skip
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "topk_gating_backward", dev)
-        fn(index, stream, *args)
-    else:
-        _native_fn(op, "topk_gating_backward")(*args)
     return grad_logits
 
 
@@ -387,31 +365,22 @@ def dispatch(
     op = "dispatch"
     dev = _device(op, indices=indices, weights=weights)
     idx = _i32(op, "indices", indices)
-    w = _dense(op, "weights", weights, torch.float32)
     t, k = idx.shape
-    options = (num_experts, capacity, drop_policy, layout, align, renormalize, ep_size, _u64(seed), _u64(offset))
-    max_rows = _native_fn(op, "dispatch_max_rows")(t, k, *options)
-    slot = torch.empty((t, k), dtype=torch.int32, device=dev)
-    row = torch.empty((t, k), dtype=torch.int32, device=dev)
-    kept = torch.empty((t, k), dtype=torch.float32, device=dev)
-    tpe = torch.empty((num_experts,), dtype=torch.int32, device=dev)
-    r2t = torch.empty((max_rows,), dtype=torch.int32, device=dev)
-    offsets = torch.empty((num_experts + 1,), dtype=torch.int32, device=dev)
-    per_rank = torch.empty((ep_size,), dtype=torch.int32, device=dev)
-    args = (
-        _buf(idx), _buf(w), t, k, *options, _buf(slot), _buf(row), _buf(kept), _buf(tpe), _buf(r2t), _buf(offsets),
-        _buf(per_rank),
+    options = dict(
+        num_experts=num_experts, capacity=capacity, drop_policy=drop_policy, layout=layout, align=align,
+        renormalize=renormalize, ep_size=ep_size, seed=_u64(seed), offset=_u64(offset),
     )  # fmt: skip
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "dispatch", dev)
-        # (num_rows, dropped) written by the kernels: no host read.
-        counts = torch.empty((2,), dtype=torch.int64, device=dev)
-        ws_len = _native.cuda_dispatch_workspace_len(t, k, *options)
-        ws = torch.empty((ws_len,), dtype=torch.int32, device=dev)
-        fn(index, stream, *args, _buf(counts), _buf(ws))
-    else:
-        num_rows, dropped = _native_fn(op, "dispatch")(*args)
-        counts = torch.tensor([num_rows, dropped], dtype=torch.int64)
+    max_rows = _native.dispatch_max_rows(t, k, **options)
+    i32 = dict(dtype=torch.int32, device=dev)
+    slot = torch.empty((t, k), **i32)
+    row = torch.empty((t, k), **i32)
+    kept = torch.empty((t, k), dtype=torch.float32, device=dev)
+    tpe = torch.empty((num_experts,), **i32)
+    r2t = torch.empty((max_rows,), **i32)
+    offsets = torch.empty((num_experts + 1,), **i32)
+    per_rank = torch.empty((ep_size,), **i32)
+    counts = torch.empty((2,), dtype=torch.int64, device=dev)  # (num_rows, dropped)
+    _native.dispatch(idx, weights.contiguous(), slot, row, kept, tpe, r2t, offsets, per_rank, counts, **options)
     return kept, slot, row, tpe, r2t, offsets, per_rank, counts
 
 
@@ -440,26 +409,16 @@ def _(indices, weights, num_experts, capacity, drop_policy, layout, align, renor
 def expert_choice(logits: Tensor, capacity: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """weights [T, E] f32, row [T, E] i32, row_to_token [E*cap] i32, row_weights [E*cap]
     f32, tokens_per_expert [E] i32, expert_offsets [E+1] i32."""
-    op = "expert_choice"
-    dev = _device(op, logits=logits)
-    dt = _float_name(op, "logits", logits)
-    logits = _dense(op, "logits", logits)
+    logits = logits.contiguous()
     t, e = logits.shape
-    weights = torch.empty((t, e), dtype=torch.float32, device=dev)
-    row = torch.empty((t, e), dtype=torch.int32, device=dev)
-    r2t = torch.empty((e * capacity,), dtype=torch.int32, device=dev)
-    row_weights = torch.empty((e * capacity,), dtype=torch.float32, device=dev)
-    tpe = torch.empty((e,), dtype=torch.int32, device=dev)
-    offsets = torch.empty((e + 1,), dtype=torch.int32, device=dev)
-    args = (
-        dt, _buf(logits), t, e, capacity, _buf(weights), _buf(row), _buf(r2t), _buf(row_weights), _buf(tpe),
-        _buf(offsets),
-    )  # fmt: skip
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "expert_choice", dev)
-        fn(index, stream, *args)
-    else:
-        _native_fn(op, "expert_choice")(*args)
+    i32 = dict(dtype=torch.int32)
+    weights = logits.new_empty((t, e), dtype=torch.float32)
+    row = logits.new_empty((t, e), **i32)
+    r2t = logits.new_empty((e * capacity,), **i32)
+    row_weights = logits.new_empty((e * capacity,), dtype=torch.float32)
+    tpe = logits.new_empty((e,), **i32)
+    offsets = logits.new_empty((e + 1,), **i32)
+    _native.expert_choice(logits, weights, row, r2t, row_weights, tpe, offsets)
     return weights, row, r2t, row_weights, tpe, offsets
 
 
@@ -480,19 +439,10 @@ def _(logits, capacity):
 def expert_choice_backward(logits: Tensor, row: Tensor, grad_weights: Tensor) -> Tensor:
     """grad_logits [T, E] from grad_weights [T, E] f32 (through the softmax)."""
     op = "expert_choice_backward"
-    dev = _device(op, logits=logits, row=row, grad_weights=grad_weights)
-    dt = _float_name(op, "logits", logits)
-    logits = _dense(op, "logits", logits)
-    row32 = _i32(op, "row", row)
-    gw = _dense(op, "grad_weights", grad_weights.to(torch.float32))
-    t, e = logits.shape
-    grad_logits = torch.empty((t, e), dtype=logits.dtype, device=dev)
-    args = (dt, _buf(logits), t, e, _buf(row32), _buf(gw), _buf(grad_logits))
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "expert_choice_backward", dev)
-        fn(index, stream, *args)
-    else:
-        _native_fn(op, "expert_choice_backward")(*args)
+    _device(op, logits=logits, row=row, grad_weights=grad_weights)
+    logits = logits.contiguous()
+    grad_logits = torch.empty_like(logits)
+    _native.expert_choice_backward(logits, _i32(op, "row", row), grad_weights.to(torch.float32).contiguous(), grad_logits)
     return grad_logits
 
 

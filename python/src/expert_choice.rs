@@ -1,215 +1,135 @@
-//! Bindings of `expert_choice_into` and `expert_choice_backward_into`.
+//! `expert_choice`, `expert_choice_backward`: tensors in, the core's CPU reference or
+//! CUDA kernels on the tensors' device.
 
 use pyo3::prelude::*;
 
 use crate::common::float_dispatch;
 use crate::error::to_py_err;
-use crate::tensor::{check_bufs, mul, run, Buf, RawBuf};
-use moe_router::{ExpertChoiceBuffers, RouterFloat};
+use crate::tensor::{run, Args, Call, Elem};
+use moe_router::cuda::expert_choice::{expert_choice_raw, ExpertChoiceRawPtrs};
+use moe_router::{DType, ExpertChoiceBuffers};
 
-const OP: &str = "expert_choice";
-
-/// Expert-choice routing: each expert takes its `capacity` best tokens by softmax score.
-/// Outputs: `weights` `[num_tokens, num_experts]` f32 (0 where not chosen), `row`
-/// `[num_tokens, num_experts]` i32 (-1 where not chosen), `row_to_token`
-/// `[num_experts * capacity]` i32, `row_weights` `[num_experts * capacity]` f32,
-/// `tokens_per_expert` `[num_experts]` i32, `expert_offsets` `[num_experts + 1]` i32.
+/// Expert-choice routing: each expert picks its `capacity` best tokens of `logits`
+/// `[T, E]` (capacity = rows of `row_to_token` / E). Fills `weights` `[T, E]` float32,
+/// `row` `[T, E]` int32, `row_to_token` `[E * capacity]` int32, `row_weights`
+/// `[E * capacity]` float32, `tokens_per_expert` `[E]` int32, `expert_offsets` `[E + 1]`
+/// int32.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (dtype, logits, num_tokens, num_experts, capacity, weights, row, row_to_token, row_weights, tokens_per_expert, expert_offsets))]
-pub(crate) fn expert_choice(
-    py: Python<'_>,
-    dtype: &str,
-    logits: RawBuf,
-    num_tokens: usize,
-    num_experts: usize,
-    capacity: usize,
-    weights: RawBuf,
-    row: RawBuf,
-    row_to_token: RawBuf,
-    row_weights: RawBuf,
-    tokens_per_expert: RawBuf,
-    expert_offsets: RawBuf,
+#[allow(clippy::too_many_arguments)] // one argument per output tensor
+pub(crate) fn expert_choice<'py>(
+    py: Python<'py>,
+    logits: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    row: &Bound<'py, PyAny>,
+    row_to_token: &Bound<'py, PyAny>,
+    row_weights: &Bound<'py, PyAny>,
+    tokens_per_expert: &Bound<'py, PyAny>,
+    expert_offsets: &Bound<'py, PyAny>,
 ) -> PyResult<()> {
-    float_dispatch!(
-        OP,
-        "logits",
-        dtype,
-        forward(
-            py,
-            logits,
-            num_tokens,
-            num_experts,
-            capacity,
-            weights,
-            row,
-            row_to_token,
-            row_weights,
-            tokens_per_expert,
-            expert_offsets
-        )
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn forward<T: RouterFloat>(
-    py: Python<'_>,
-    logits: RawBuf,
-    num_tokens: usize,
-    num_experts: usize,
-    capacity: usize,
-    weights: RawBuf,
-    row: RawBuf,
-    row_to_token: RawBuf,
-    row_weights: RawBuf,
-    tokens_per_expert: RawBuf,
-    expert_offsets: RawBuf,
-) -> PyResult<()> {
-    let logits = Buf::<T>::input("logits", logits);
-    let weights = Buf::<f32>::output("weights", weights);
-    let row = Buf::<i32>::output("row", row);
-    let row_to_token = Buf::<i32>::output("row_to_token", row_to_token);
-    let row_weights = Buf::<f32>::output("row_weights", row_weights);
-    let tokens_per_expert = Buf::<i32>::output("tokens_per_expert", tokens_per_expert);
-    let expert_offsets = Buf::<i32>::output("expert_offsets", expert_offsets);
-    let te = mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?;
-    let ec = mul(OP, "num_experts * capacity", num_experts, capacity)?;
-    let te_shape = format!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]");
-    let ec_shape = format!("[num_experts * capacity] = [{ec}]");
-    logits.expect_len(OP, te, &te_shape)?;
-    weights.expect_len(OP, te, &te_shape)?;
-    row.expect_len(OP, te, &te_shape)?;
-    row_to_token.expect_len(OP, ec, &ec_shape)?;
-    row_weights.expect_len(OP, ec, &ec_shape)?;
-    tokens_per_expert.expect_len(
-        OP,
-        num_experts,
-        format_args!("[num_experts] = [{num_experts}]"),
-    )?;
-    expert_offsets.expect_len(
-        OP,
-        num_experts + 1,
-        format_args!("[num_experts + 1] = [{}]", num_experts + 1),
-    )?;
-    check_bufs(
-        OP,
-        &[
-            logits.span(),
-            weights.span(),
-            row.span(),
-            row_to_token.span(),
-            row_weights.span(),
-            tokens_per_expert.span(),
-            expert_offsets.span(),
-        ],
-    )?;
-    // SAFETY: `check_bufs` accepted all buffers (non-null, aligned, sized, outputs disjoint
-    // from everything); `ops.py` passes contiguous CPU tensors of these dtypes with these
-    // element counts, keeps them alive during the call and allocated the outputs fresh.
-    let (logits, bufs) = unsafe {
-        (
-            logits.as_slice(),
-            ExpertChoiceBuffers {
-                weights: weights.as_mut_slice(),
-                row: row.as_mut_slice(),
-                row_to_token: row_to_token.as_mut_slice(),
-                row_weights: row_weights.as_mut_slice(),
-                tokens_per_expert: tokens_per_expert.as_mut_slice(),
-                expert_offsets: expert_offsets.as_mut_slice(),
-            },
-        )
+    const OP: &str = "expert_choice";
+    let mut a = Args::new(OP);
+    let z = a.input("logits", logits)?;
+    let dt = z.float(OP)?;
+    let [t, e] = z.dims::<2>(OP)?;
+    let w = a.output("weights", weights)?;
+    w.expect(OP, Elem::F32, &[t, e])?;
+    let row = a.output("row", row)?;
+    row.expect(OP, Elem::I32, &[t, e])?;
+    let r2t = a.output("row_to_token", row_to_token)?;
+    r2t.expect_elem(OP, Elem::I32)?;
+    let [rows] = r2t.dims::<1>(OP)?;
+    let capacity = if e == 0 { 0 } else { rows / e };
+    r2t.expect(OP, Elem::I32, &[e * capacity])?;
+    let rw = a.output("row_weights", row_weights)?;
+    rw.expect(OP, Elem::F32, &[rows])?;
+    let tpe = a.output("tokens_per_expert", tokens_per_expert)?;
+    tpe.expect(OP, Elem::I32, &[e])?;
+    let offsets = a.output("expert_offsets", expert_offsets)?;
+    offsets.expect(OP, Elem::I32, &[e + 1])?;
+    let call = a.finish(py)?;
+    if call.on_cpu() {
+        let bufs = ExpertChoiceBuffers {
+            weights: w.slice_mut(OP, &call)?,
+            row: row.slice_mut(OP, &call)?,
+            row_to_token: r2t.slice_mut(OP, &call)?,
+            row_weights: rw.slice_mut(OP, &call)?,
+            tokens_per_expert: tpe.slice_mut(OP, &call)?,
+            expert_offsets: offsets.slice_mut(OP, &call)?,
+        };
+        return float_dispatch!(dt, T => {
+            let z = z.slice::<T>(OP, &call)?;
+            run(py, OP, || moe_router::expert_choice_into::<T>(z, t, e, capacity, bufs).map_err(to_py_err))
+        });
+    }
+    let ptrs = ExpertChoiceRawPtrs {
+        logits: z.addr(),
+        weights: w.addr(),
+        row: row.addr(),
+        row_to_token: r2t.addr(),
+        row_weights: rw.addr(),
+        tokens_per_expert: tpe.addr(),
+        expert_offsets: offsets.addr(),
+        ..Default::default()
     };
-    run(py, OP, || {
-        moe_router::expert_choice_into::<T>(logits, num_tokens, num_experts, capacity, bufs)
-            .map_err(to_py_err)
-    })?;
-    Ok(())
+    launch(py, OP, &call, false, dt, (t, e, capacity), ptrs)
 }
 
-/// Backward of expert choice: `grad_weights` `[num_tokens, num_experts]` f32 →
-/// `grad_logits` `[num_tokens, num_experts]` (dtype of `logits`), through the softmax.
+/// Backward of expert choice: `grad_weights` `[T, E]` float32 → `grad_logits` `[T, E]`
+/// (dtype of `logits`), through the selection recorded in `row` `[T, E]` int32.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (dtype, logits, num_tokens, num_experts, row, grad_weights, grad_logits))]
-pub(crate) fn expert_choice_backward(
-    py: Python<'_>,
-    dtype: &str,
-    logits: RawBuf,
-    num_tokens: usize,
-    num_experts: usize,
-    row: RawBuf,
-    grad_weights: RawBuf,
-    grad_logits: RawBuf,
-) -> PyResult<()> {
-    float_dispatch!(
-        OP,
-        "logits",
-        dtype,
-        backward(
-            py,
-            logits,
-            num_tokens,
-            num_experts,
-            row,
-            grad_weights,
-            grad_logits
-        )
-    )
-}
-
-fn backward<T: RouterFloat>(
-    py: Python<'_>,
-    logits: RawBuf,
-    num_tokens: usize,
-    num_experts: usize,
-    row: RawBuf,
-    grad_weights: RawBuf,
-    grad_logits: RawBuf,
+pub(crate) fn expert_choice_backward<'py>(
+    py: Python<'py>,
+    logits: &Bound<'py, PyAny>,
+    row: &Bound<'py, PyAny>,
+    grad_weights: &Bound<'py, PyAny>,
+    grad_logits: &Bound<'py, PyAny>,
 ) -> PyResult<()> {
     const OP: &str = "expert_choice_backward";
-    let logits = Buf::<T>::input("logits", logits);
-    let row = Buf::<i32>::input("row", row);
-    let grad_weights = Buf::<f32>::input("grad_weights", grad_weights);
-    let grad_logits = Buf::<T>::output("grad_logits", grad_logits);
-    let te = mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?;
-    let te_shape = format!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]");
-    for b in [&logits, &grad_logits] {
-        b.expect_len(OP, te, &te_shape)?;
+    let mut a = Args::new(OP);
+    let (z, row) = (a.input("logits", logits)?, a.input("row", row)?);
+    let (gw, gz) = (a.input("grad_weights", grad_weights)?, a.output("grad_logits", grad_logits)?);
+    let dt = z.float(OP)?;
+    let [t, e] = z.dims::<2>(OP)?;
+    row.expect(OP, Elem::I32, &[t, e])?;
+    gw.expect(OP, Elem::F32, &[t, e])?;
+    gz.expect(OP, z.elem(), &[t, e])?;
+    let call = a.finish(py)?;
+    if call.on_cpu() {
+        let (row, gw) = (row.slice(OP, &call)?, gw.slice(OP, &call)?);
+        return float_dispatch!(dt, T => {
+            let (z, gz) = (z.slice::<T>(OP, &call)?, gz.slice_mut::<T>(OP, &call)?);
+            run(py, OP, || moe_router::expert_choice_backward_into::<T>(z, t, e, row, gw, gz).map_err(to_py_err))
+        });
     }
-    row.expect_len(OP, te, &te_shape)?;
-    grad_weights.expect_len(OP, te, &te_shape)?;
-    check_bufs(
-        OP,
-        &[
-            logits.span(),
-            row.span(),
-            grad_weights.span(),
-            grad_logits.span(),
-        ],
-    )?;
-    // SAFETY: as in `forward`.
-    let (logits, row, grad_weights, grad_logits) = unsafe {
-        (
-            logits.as_slice(),
-            row.as_slice(),
-            grad_weights.as_slice(),
-            grad_logits.as_mut_slice(),
-        )
+    let ptrs = ExpertChoiceRawPtrs {
+        logits: z.addr(),
+        row: row.addr(),
+        grad_weights: gw.addr(),
+        grad_logits: gz.addr(),
+        ..Default::default()
     };
-    run(py, OP, || {
-        moe_router::expert_choice_backward_into::<T>(
-            logits,
-            num_tokens,
-            num_experts,
-            row,
-            grad_weights,
-            grad_logits,
-        )
-        .map_err(to_py_err)
+    launch(py, OP, &call, true, dt, (t, e, 0), ptrs)
+}
+
+fn launch(
+    py: Python<'_>,
+    op: &'static str,
+    call: &Call,
+    backward: bool,
+    dt: DType,
+    (t, e, capacity): (usize, usize, usize),
+    ptrs: ExpertChoiceRawPtrs,
+) -> PyResult<()> {
+    crate::device::launch(py, op, call, move |be, stream| {
+        // SAFETY: every address is the data of a tensor checked above for these sizes
+        // (contiguous, on `call`'s device, outputs overlapping nothing), kept alive by its
+        // DLPack capsule until the launch is queued (torch's caching allocator does not
+        // reuse it before the stream's queued work has run); `stream` is torch's current
+        // stream of that device, on its primary context, which the backend retains.
+        unsafe { expert_choice_raw(be, stream, backward, dt, t, e, capacity, ptrs) }
     })
 }
 
-/// Register this file's functions.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(expert_choice, m)?)?;
     m.add_function(wrap_pyfunction!(expert_choice_backward, m)?)?;

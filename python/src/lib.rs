@@ -13,15 +13,23 @@
 
 use pyo3::prelude::*;
 
+mod capacity;
 mod common;
 mod device;
+mod dispatch;
 mod error;
+mod expert_choice;
 mod permute;
 mod tensor;
+mod topk_gating;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    topk_gating::register(m)?;
+    capacity::register(m)?;
+    dispatch::register(m)?;
+    expert_choice::register(m)?;
     permute::register(m)?;
     m.add_function(wrap_pyfunction!(device::cuda_device_count, m)?)?;
     m.add_function(wrap_pyfunction!(device::_emulate_cuda_on_cpu, m)?)?;

@@ -1,397 +1,204 @@
-//! Bindings of `topk_gating_into`, `topk_gating_replay_into`, `topk_gating_backward_into`.
+//! `topk_gating`, `topk_gating_replay`, `topk_gating_backward`: tensors in, the core's
+//! CPU reference or CUDA kernels on the tensors' device.
 
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::common::{float_dispatch, score_function};
 use crate::error::{to_py_err, value_error};
-use crate::tensor::{check_bufs, mul, run, Buf, RawBuf};
-use moe_router::{DropoutConfig, GroupLimit, RouterFloat, SelectionNoise, TopkGatingConfig};
+use crate::tensor::{run, Args, Call, Elem, Opts};
+use moe_router::cuda::topk_gating::{topk_gating_raw, TopkGatingPass, TopkGatingRawPtrs};
+use moe_router::{DType, DropoutConfig, GroupLimit, SelectionNoise, TopkGatingConfig};
 
-const OP: &str = "topk_gating";
-
-/// The gating config from the flat options the Python layer passes. `noise_std == 0`
-/// means no noise and `expert_mask_rate == 0` no expert masking (both use `seed` /
-/// `offset`, in separate generator domains); any other value, valid or not, is handed
-/// to the core, whose validation names it.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gating_config(
-    topk: usize,
-    score: &str,
-    pre_softmax: bool,
-    normalize: bool,
-    num_groups: Option<usize>,
-    group_topk: Option<usize>,
-    scaling_factor: f32,
-    noise_std: f32,
-    expert_mask_rate: f32,
-    seed: u64,
-    offset: u64,
-) -> PyResult<TopkGatingConfig> {
+/// The gating config from the keyword options. `noise_std == 0` means no noise and
+/// `expert_mask_rate == 0` no expert masking (both draw from `seed` / `offset`, in
+/// separate generator domains); every other value, valid or not, goes to the core,
+/// whose validation names it. Replay and backward take no groups, noise or masking.
+fn gating_config(op: &'static str, o: &Opts<'_>, topk: usize, forward: bool) -> PyResult<TopkGatingConfig> {
     let mut cfg = TopkGatingConfig::new(topk);
-    cfg.score_function = score_function(OP, score)?;
-    cfg.pre_softmax = pre_softmax;
-    cfg.normalize = normalize;
-    cfg.group_limit = match (num_groups, group_topk) {
+    cfg.score_function = score_function(op, &o.or::<String>("score_function", "\"softmax\" or \"sigmoid\"", "softmax".into())?)?;
+    cfg.pre_softmax = o.or("pre_softmax", "a bool", false)?;
+    cfg.normalize = o.or("normalize", "a bool", false)?;
+    cfg.scaling_factor = o.or("scaling_factor", "a float", 1.0)?;
+    if !forward {
+        return Ok(cfg);
+    }
+    cfg.group_limit = match (o.opt::<usize>("num_groups", "an int >= 1")?, o.opt::<usize>("group_topk", "an int >= 1")?) {
         (None, None) => None,
         (Some(num_groups), Some(group_topk)) => Some(GroupLimit { num_groups, group_topk }),
         (g, k) => {
             return Err(value_error(
-                OP,
-                format_args!("invalid `num_groups` = {g:?}, `group_topk` = {k:?}: give both (group-limited routing) or neither"),
+                op,
+                format_args!(
+                    "invalid `num_groups` = {g:?}, `group_topk` = {k:?}: give both (group-limited routing) or neither"
+                ),
             ))
         }
     };
-    cfg.scaling_factor = scaling_factor;
-    cfg.noise = (noise_std != 0.0).then_some(SelectionNoise {
-        std: noise_std,
-        seed,
-        offset,
-    });
-    cfg.expert_masking =
-        (expert_mask_rate != 0.0).then(|| DropoutConfig::new(expert_mask_rate, seed, offset));
+    let seed: u64 = o.or("seed", "an int in [0, 2**64)", 0)?;
+    let offset: u64 = o.or("offset", "an int in [0, 2**64)", 0)?;
+    let noise_std: f32 = o.or("noise_std", "a float >= 0", 0.0)?;
+    let mask_rate: f32 = o.or("expert_mask_rate", "a float in [0, 1)", 0.0)?;
+    cfg.noise = (noise_std != 0.0).then_some(SelectionNoise { std: noise_std, seed, offset });
+    cfg.expert_masking = (mask_rate != 0.0).then(|| DropoutConfig::new(mask_rate, seed, offset));
     Ok(cfg)
 }
 
-/// Top-k gating: selects `topk` experts per token and writes their routing weights.
-///
-/// Args: `dtype` of `logits` ("f32" | "f16" | "bf16"); `logits` `[num_tokens, num_experts]`;
-/// `expert_bias` `[num_experts]` f32 or None; options as in `moe_router.topk_gating`;
-/// outputs `weights` `[num_tokens, topk]` f32 and `indices` `[num_tokens, topk]` i32.
+/// Top-k gating: `logits` `[T, E]` (float32 / float16 / bfloat16), `expert_bias` `[E]`
+/// float32 or None → `weights` `[T, k]` float32 and `indices` `[T, k]` int32.
+/// Options: `topk`, `score_function`, `pre_softmax`, `normalize`, `num_groups`,
+/// `group_topk`, `scaling_factor`, `noise_std`, `expert_mask_rate`, `seed`, `offset`.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (dtype, logits, num_tokens, num_experts, expert_bias, topk, score_function, pre_softmax, normalize, num_groups, group_topk, scaling_factor, noise_std, expert_mask_rate, seed, offset, weights, indices))]
-pub(crate) fn topk_gating(
-    py: Python<'_>,
-    dtype: &str,
-    logits: RawBuf,
-    num_tokens: usize,
-    num_experts: usize,
-    expert_bias: Option<RawBuf>,
-    topk: usize,
-    score_function: &str,
-    pre_softmax: bool,
-    normalize: bool,
-    num_groups: Option<usize>,
-    group_topk: Option<usize>,
-    scaling_factor: f32,
-    noise_std: f32,
-    expert_mask_rate: f32,
-    seed: u64,
-    offset: u64,
-    weights: RawBuf,
-    indices: RawBuf,
+#[pyo3(signature = (logits, expert_bias, weights, indices, **opts))]
+pub(crate) fn topk_gating<'py>(
+    py: Python<'py>,
+    logits: &Bound<'py, PyAny>,
+    expert_bias: Option<&Bound<'py, PyAny>>,
+    weights: &Bound<'py, PyAny>,
+    indices: &Bound<'py, PyAny>,
+    opts: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<()> {
-    let cfg = gating_config(
-        topk,
-        score_function,
-        pre_softmax,
-        normalize,
-        num_groups,
-        group_topk,
-        scaling_factor,
-        noise_std,
-        expert_mask_rate,
-        seed,
-        offset,
-    )?;
-    float_dispatch!(
-        OP,
-        "logits",
-        dtype,
-        forward(
-            py,
-            logits,
-            num_tokens,
-            num_experts,
-            expert_bias,
-            &cfg,
-            weights,
-            indices
-        )
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn forward<T: RouterFloat>(
-    py: Python<'_>,
-    logits: RawBuf,
-    num_tokens: usize,
-    num_experts: usize,
-    expert_bias: Option<RawBuf>,
-    cfg: &TopkGatingConfig,
-    weights: RawBuf,
-    indices: RawBuf,
-) -> PyResult<()> {
-    let logits = Buf::<T>::input("logits", logits);
-    let bias = expert_bias.map(|b| Buf::<f32>::input("expert_bias", b));
-    let weights = Buf::<f32>::output("weights", weights);
-    let indices = Buf::<i32>::output("indices", indices);
-    let tk = mul(OP, "num_tokens * topk", num_tokens, cfg.topk)?;
-    logits.expect_len(
-        OP,
-        mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?,
-        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
-    )?;
+    const OP: &str = "topk_gating";
+    let o = Opts::new(OP, opts);
+    let cfg = gating_config(OP, &o, o.req("topk", "an int >= 1")?, true)?;
+    o.done()?;
+    let mut a = Args::new(OP);
+    let z = a.input("logits", logits)?;
+    let bias = a.opt_input("expert_bias", expert_bias)?;
+    let (w, idx) = (a.output("weights", weights)?, a.output("indices", indices)?);
+    let dt = z.float(OP)?;
+    let [t, e] = z.dims::<2>(OP)?;
     if let Some(b) = &bias {
-        b.expect_len(
-            OP,
-            num_experts,
-            format_args!("[num_experts] = [{num_experts}]"),
-        )?;
+        b.expect(OP, Elem::F32, &[e])?;
     }
-    weights.expect_len(
-        OP,
-        tk,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk),
-    )?;
-    indices.expect_len(
-        OP,
-        tk,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk),
-    )?;
-    let mut spans = vec![logits.span(), weights.span(), indices.span()];
-    spans.extend(bias.as_ref().map(Buf::span));
-    check_bufs(OP, &spans)?;
-    // SAFETY: `check_bufs` accepted all buffers (non-null, aligned, sized, outputs
-    // disjoint from everything); `ops.py` passes contiguous CPU tensors of these dtypes
-    // with these element counts, keeps them alive during the call, and allocated the
-    // outputs fresh, so nothing else touches them while Rust runs.
-    let (logits, bias, weights, indices) = unsafe {
-        (
-            logits.as_slice(),
-            bias.as_ref().map(|b| b.as_slice()),
-            weights.as_mut_slice(),
-            indices.as_mut_slice(),
-        )
+    w.expect(OP, Elem::F32, &[t, cfg.topk])?;
+    idx.expect(OP, Elem::I32, &[t, cfg.topk])?;
+    let call = a.finish(py)?;
+    if call.on_cpu() {
+        let bias = bias.as_ref().map(|b| b.slice::<f32>(OP, &call)).transpose()?;
+        let (w, idx) = (w.slice_mut(OP, &call)?, idx.slice_mut(OP, &call)?);
+        return float_dispatch!(dt, T => {
+            let z = z.slice::<T>(OP, &call)?;
+            run(py, OP, || moe_router::topk_gating_into::<T>(z, t, e, bias, &cfg, w, idx).map_err(to_py_err))
+        });
+    }
+    let ptrs = TopkGatingRawPtrs {
+        logits: z.addr(),
+        expert_bias: bias.as_ref().map_or(0, |b| b.addr()),
+        indices: idx.addr(),
+        weights: w.addr(),
+        grad_weights: 0,
+        grad_logits: 0,
     };
-    run(py, OP, || {
-        moe_router::topk_gating_into::<T>(
-            logits,
-            num_tokens,
-            num_experts,
-            bias,
-            cfg,
-            weights,
-            indices,
-        )
-        .map_err(to_py_err)
-    })
+    launch_gating(py, OP, &call, TopkGatingPass::Forward, dt, (t, e), cfg, ptrs)
 }
 
-/// Routing replay: the weights of given `indices` `[num_tokens, topk]` (i32), computed
-/// exactly as if they had been selected. Output `weights` `[num_tokens, topk]` f32.
+/// Routing replay: the weights `[T, k]` float32 of given `indices` `[T, k]` int32,
+/// computed as if they had been selected (`k` from `indices`). Options: `score_function`,
+/// `pre_softmax`, `normalize`, `scaling_factor`.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (dtype, logits, num_tokens, num_experts, indices, topk, score_function, pre_softmax, normalize, scaling_factor, weights))]
-pub(crate) fn topk_gating_replay(
-    py: Python<'_>,
-    dtype: &str,
-    logits: RawBuf,
-    num_tokens: usize,
-    num_experts: usize,
-    indices: RawBuf,
-    topk: usize,
-    score_function: &str,
-    pre_softmax: bool,
-    normalize: bool,
-    scaling_factor: f32,
-    weights: RawBuf,
-) -> PyResult<()> {
-    let cfg = gating_config(
-        topk,
-        score_function,
-        pre_softmax,
-        normalize,
-        None,
-        None,
-        scaling_factor,
-        0.0,
-        0.0,
-        0,
-        0,
-    )?;
-    float_dispatch!(
-        OP,
-        "logits",
-        dtype,
-        replay(py, logits, num_tokens, num_experts, indices, &cfg, weights)
-    )
-}
-
-fn replay<T: RouterFloat>(
-    py: Python<'_>,
-    logits: RawBuf,
-    num_tokens: usize,
-    num_experts: usize,
-    indices: RawBuf,
-    cfg: &TopkGatingConfig,
-    weights: RawBuf,
+#[pyo3(signature = (logits, indices, weights, **opts))]
+pub(crate) fn topk_gating_replay<'py>(
+    py: Python<'py>,
+    logits: &Bound<'py, PyAny>,
+    indices: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    opts: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<()> {
     const OP: &str = "topk_gating_replay";
-    let logits = Buf::<T>::input("logits", logits);
-    let indices = Buf::<i32>::input("indices", indices);
-    let weights = Buf::<f32>::output("weights", weights);
-    let tk = mul(OP, "num_tokens * topk", num_tokens, cfg.topk)?;
-    logits.expect_len(
-        OP,
-        mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?,
-        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
-    )?;
-    indices.expect_len(
-        OP,
-        tk,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk),
-    )?;
-    weights.expect_len(
-        OP,
-        tk,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk),
-    )?;
-    check_bufs(OP, &[logits.span(), indices.span(), weights.span()])?;
-    // SAFETY: as in `forward`: checked buffers, live contiguous CPU tensors of these
-    // dtypes and sizes, the output fresh and exclusive.
-    let (logits, indices, weights) = unsafe {
-        (
-            logits.as_slice(),
-            indices.as_slice(),
-            weights.as_mut_slice(),
-        )
+    let mut a = Args::new(OP);
+    let (z, idx, w) = (a.input("logits", logits)?, a.input("indices", indices)?, a.output("weights", weights)?);
+    let dt = z.float(OP)?;
+    let [t, e] = z.dims::<2>(OP)?;
+    idx.expect_elem(OP, Elem::I32)?;
+    let [_, k] = idx.dims::<2>(OP)?;
+    let o = Opts::new(OP, opts);
+    let cfg = gating_config(OP, &o, k, false)?;
+    o.done()?;
+    idx.expect(OP, Elem::I32, &[t, k])?;
+    w.expect(OP, Elem::F32, &[t, k])?;
+    let call = a.finish(py)?;
+    if call.on_cpu() {
+        let (idx, w) = (idx.slice(OP, &call)?, w.slice_mut(OP, &call)?);
+        return float_dispatch!(dt, T => {
+            let z = z.slice::<T>(OP, &call)?;
+            run(py, OP, || moe_router::topk_gating_replay_into::<T>(z, t, e, idx, &cfg, w).map_err(to_py_err))
+        });
+    }
+    let ptrs = TopkGatingRawPtrs {
+        logits: z.addr(),
+        indices: idx.addr(),
+        weights: w.addr(),
+        ..Default::default()
     };
-    run(py, OP, || {
-        moe_router::topk_gating_replay_into::<T>(
-            logits,
-            num_tokens,
-            num_experts,
-            indices,
-            cfg,
-            weights,
-        )
-        .map_err(to_py_err)
-    })
+    launch_gating(py, OP, &call, TopkGatingPass::Replay, dt, (t, e), cfg, ptrs)
 }
 
-/// Backward of top-k gating (and of replay): `grad_weights` `[num_tokens, topk]` f32 →
-/// `grad_logits` `[num_tokens, num_experts]` (dtype of `logits`).
+/// Backward of top-k gating and of replay: `grad_weights` `[T, k]` float32 →
+/// `grad_logits` `[T, E]` (dtype of `logits`). Options as `topk_gating_replay`.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (dtype, logits, num_tokens, num_experts, indices, topk, grad_weights, score_function, pre_softmax, normalize, scaling_factor, grad_logits))]
-pub(crate) fn topk_gating_backward(
-    py: Python<'_>,
-    dtype: &str,
-    logits: RawBuf,
-    num_tokens: usize,
-    num_experts: usize,
-    indices: RawBuf,
-    topk: usize,
-    grad_weights: RawBuf,
-    score_function: &str,
-    pre_softmax: bool,
-    normalize: bool,
-    scaling_factor: f32,
-    grad_logits: RawBuf,
-) -> PyResult<()> {
-    let cfg = gating_config(
-        topk,
-        score_function,
-        pre_softmax,
-        normalize,
-        None,
-        None,
-        scaling_factor,
-        0.0,
-        0.0,
-        0,
-        0,
-    )?;
-    float_dispatch!(
-        OP,
-        "logits",
-        dtype,
-        backward(
-            py,
-            logits,
-            num_tokens,
-            num_experts,
-            indices,
-            grad_weights,
-            &cfg,
-            grad_logits
-        )
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn backward<T: RouterFloat>(
-    py: Python<'_>,
-    logits: RawBuf,
-    num_tokens: usize,
-    num_experts: usize,
-    indices: RawBuf,
-    grad_weights: RawBuf,
-    cfg: &TopkGatingConfig,
-    grad_logits: RawBuf,
+#[pyo3(signature = (logits, indices, grad_weights, grad_logits, **opts))]
+pub(crate) fn topk_gating_backward<'py>(
+    py: Python<'py>,
+    logits: &Bound<'py, PyAny>,
+    indices: &Bound<'py, PyAny>,
+    grad_weights: &Bound<'py, PyAny>,
+    grad_logits: &Bound<'py, PyAny>,
+    opts: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<()> {
     const OP: &str = "topk_gating_backward";
-    let logits = Buf::<T>::input("logits", logits);
-    let indices = Buf::<i32>::input("indices", indices);
-    let grad_weights = Buf::<f32>::input("grad_weights", grad_weights);
-    let grad_logits = Buf::<T>::output("grad_logits", grad_logits);
-    let te = mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?;
-    let tk = mul(OP, "num_tokens * topk", num_tokens, cfg.topk)?;
-    logits.expect_len(
-        OP,
-        te,
-        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
-    )?;
-    indices.expect_len(
-        OP,
-        tk,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk),
-    )?;
-    grad_weights.expect_len(
-        OP,
-        tk,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {}]", cfg.topk),
-    )?;
-    grad_logits.expect_len(
-        OP,
-        te,
-        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
-    )?;
-    check_bufs(
-        OP,
-        &[
-            logits.span(),
-            indices.span(),
-            grad_weights.span(),
-            grad_logits.span(),
-        ],
-    )?;
-    // SAFETY: as in `forward`: checked buffers, live contiguous CPU tensors of these
-    // dtypes and sizes, the output fresh and exclusive.
-    let (logits, indices, grad_weights, grad_logits) = unsafe {
-        (
-            logits.as_slice(),
-            indices.as_slice(),
-            grad_weights.as_slice(),
-            grad_logits.as_mut_slice(),
-        )
+    let mut a = Args::new(OP);
+    let (z, idx) = (a.input("logits", logits)?, a.input("indices", indices)?);
+    let (gw, gz) = (a.input("grad_weights", grad_weights)?, a.output("grad_logits", grad_logits)?);
+    let dt = z.float(OP)?;
+    let [t, e] = z.dims::<2>(OP)?;
+    idx.expect_elem(OP, Elem::I32)?;
+    let [_, k] = idx.dims::<2>(OP)?;
+    let o = Opts::new(OP, opts);
+    let cfg = gating_config(OP, &o, k, false)?;
+    o.done()?;
+    gw.expect(OP, Elem::F32, &[t, k])?;
+    gz.expect(OP, z.elem(), &[t, e])?;
+    let call = a.finish(py)?;
+    if call.on_cpu() {
+        let (idx, gw) = (idx.slice(OP, &call)?, gw.slice(OP, &call)?);
+        return float_dispatch!(dt, T => {
+            let (z, gz) = (z.slice::<T>(OP, &call)?, gz.slice_mut::<T>(OP, &call)?);
+            run(py, OP, || moe_router::topk_gating_backward_into::<T>(z, t, e, idx, gw, &cfg, gz).map_err(to_py_err))
+        });
+    }
+    let ptrs = TopkGatingRawPtrs {
+        logits: z.addr(),
+        indices: idx.addr(),
+        grad_weights: gw.addr(),
+        grad_logits: gz.addr(),
+        ..Default::default()
     };
-    run(py, OP, || {
-        moe_router::topk_gating_backward_into::<T>(
-            logits,
-            num_tokens,
-            num_experts,
-            indices,
-            grad_weights,
-            cfg,
-            grad_logits,
-        )
-        .map_err(to_py_err)
+    launch_gating(py, OP, &call, TopkGatingPass::Backward, dt, (t, e), cfg, ptrs)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_gating(
+    py: Python<'_>,
+    op: &'static str,
+    call: &Call,
+    pass: TopkGatingPass,
+    dt: DType,
+    (t, e): (usize, usize),
+    cfg: TopkGatingConfig,
+    ptrs: TopkGatingRawPtrs,
+) -> PyResult<()> {
+    crate::device::launch(py, op, call, move |be, stream| {
+        // SAFETY: every address is the data of a tensor the binding checked for this
+        // pass's shapes and dtypes (contiguous, on `call`'s device, outputs overlapping
+        // nothing), kept alive by its DLPack capsule until the launch is queued; torch's
+        // caching allocator does not reuse that memory before the stream's queued work
+        // has run. `stream` is torch's current stream of that device, whose context is
+        // the device's primary context, the one the backend retains.
+        unsafe { topk_gating_raw(be, stream, pass, dt, t, e, &cfg, ptrs) }
     })
 }
 
-/// Register this file's functions.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(topk_gating, m)?)?;
     m.add_function(wrap_pyfunction!(topk_gating_replay, m)?)?;

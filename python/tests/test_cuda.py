@@ -103,7 +103,9 @@ S = 4096
 
 def _dispatch_call(t=8, k=2, e=4, capacity=3, policy="position", layout="compact", align=1, ep=2, ws_at=None, **over):
     try:
-        max_rows = _native.dispatch_max_rows(t, k, e, capacity, policy, layout, align, False, ep, 0, 0)
+        max_rows = _native.dispatch_max_rows(
+            t, k, num_experts=e, capacity=capacity, drop_policy=policy, layout=layout, align=align, ep_size=ep
+        )
         ws = _native.cuda_dispatch_workspace_len(t, k, e, capacity, policy, layout, align, False, ep, 0, 0)
     except ValueError:  # a bad-config case: the call itself must raise it
         max_rows = ws = 1

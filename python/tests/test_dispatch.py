@@ -209,7 +209,7 @@ def test_python_max_rows_equals_the_core():
             continue
         if layout != "dropless" and align != 1:
             continue
-        want = _native.dispatch_max_rows(t, k, e, cap, "position", layout, align, False, 1, 0, 0)
+        want = _native.dispatch_max_rows(t, k, num_experts=e, capacity=cap, layout=layout, align=align)
         assert mr.dispatch_max_rows(t, k, e, capacity=cap, layout=layout, align=align) == want
 
 
