@@ -1,78 +1,72 @@
 """Type stubs of moe_router._native, the PyO3 bindings of the moe-router Rust crate.
 
-Internal: called by moe_router.ops with contiguous CPU tensors. Every tensor argument is
-a ``(data_ptr, numel)`` pair (``Buf``); outputs are filled in place. ``dtype`` names the
-element type of logits / hidden states: ``"f32"``, ``"f16"`` or ``"bf16"``. Index
-buffers are int32, counts int64 (dispatch and expert-choice counts int32), weights
-float32, masks torch.bool (one byte per element). Sizes are checked against every
-``numel``; a wrong call raises ``ValueError`` (``TypeError`` for an unknown dtype),
-never reads or writes out of bounds. The GIL is released while Rust runs.
-
-CUDA (``has_cuda()``: the ``cuda`` feature, on in the default build): the ``cuda_*``
-functions take the same ``(data_ptr, numel)`` pairs, here device addresses of contiguous
-CUDA tensors, plus ``device`` (the CUDA ordinal) and ``stream``
-(``torch.cuda.current_stream(device).cuda_stream``) first. They check every size, option
-and address (non-null, aligned, outputs disjoint) before touching a device (``ValueError``),
-then launch on that stream without synchronising; a missing driver / device / NVRTC is a
-``RuntimeError``. Scalar results (losses, counts) are written to 1-element device buffers.
-Workspaces are caller-allocated, sized by the ``*_workspace_len`` functions.
+Internal: called by moe_router.ops. Every function takes ``torch.Tensor`` arguments (the
+inputs, then the outputs it fills) and keyword options. It reads each tensor's shape,
+strides, dtype and device itself (DLPack) and checks them against the op's main inputs
+before touching any memory: every tensor C-contiguous, of the dtype and exact shape the
+op needs, all on one device, no output overlapping another tensor. A wrong call raises
+``TypeError`` (not a tensor, wrong dtype, unknown or missing option) or ``ValueError``
+(shapes, values, devices), with a message starting ``moe_router.<op>:``; no call can read
+or write memory its tensors do not own. CPU tensors run the Rust reference with the GIL
+released; CUDA tensors run the kernels on torch's current stream of their device, with no
+host synchronisation (workspaces come from torch's allocator). Dtypes: logits / hidden
+states float32, float16 or bfloat16; indices int32; weights float32; masks torch.bool.
 """
 
-from typing import Optional, Tuple
+from typing import Dict, Optional
 
-Buf = Tuple[int, int]
+from torch import Tensor
 
 __version__: str
-CUDA: bool
+DROP_POLICIES: tuple
+LAYOUTS: tuple
 
-def has_cuda() -> bool:
-    """Whether the CUDA bindings (``cuda_*``) are compiled in; says nothing about a device."""
-
+def cuda_device_count() -> int:
+    """CUDA devices the driver reports; 0 without libcuda (never raises)."""
+def _emulate_cuda_on_cpu(on: bool) -> None:
+    """Tests only: CPU tensors take the CUDA branch; refused unless device 0 is the CPU emulator."""
+def _cuda_calls() -> Dict[str, int]:
+    """CUDA-branch calls per op since the process started."""
 def topk_gating(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, expert_bias: Optional[Buf], topk: int,
-    score_function: str, pre_softmax: bool, normalize: bool, num_groups: Optional[int], group_topk: Optional[int],
-    scaling_factor: float, noise_std: float, expert_mask_rate: float, seed: int, offset: int, weights: Buf,
-    indices: Buf,
+    logits: Tensor, expert_bias: Optional[Tensor], weights: Tensor, indices: Tensor, *, topk: int,
+    score_function: str = "softmax", pre_softmax: bool = False, normalize: bool = False,
+    num_groups: Optional[int] = None, group_topk: Optional[int] = None, scaling_factor: float = 1.0,
+    noise_std: float = 0.0, expert_mask_rate: float = 0.0, seed: int = 0, offset: int = 0,
 ) -> None: ...
 def topk_gating_replay(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, indices: Buf, topk: int, score_function: str,
-    pre_softmax: bool, normalize: bool, scaling_factor: float, weights: Buf,
+    logits: Tensor, indices: Tensor, weights: Tensor, *, score_function: str = "softmax", pre_softmax: bool = False,
+    normalize: bool = False, scaling_factor: float = 1.0,
 ) -> None: ...
 def topk_gating_backward(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, indices: Buf, topk: int, grad_weights: Buf,
-    score_function: str, pre_softmax: bool, normalize: bool, scaling_factor: float, grad_logits: Buf,
+    logits: Tensor, indices: Tensor, grad_weights: Tensor, grad_logits: Tensor, *, score_function: str = "softmax",
+    pre_softmax: bool = False, normalize: bool = False, scaling_factor: float = 1.0,
 ) -> None: ...
 def capacity(
     num_tokens: int, num_experts: int, topk: int, capacity_factor: float, min_capacity: int = 0,
     capacity_multiple: Optional[int] = None,
 ) -> int: ...
 def dispatch_max_rows(
-    num_tokens: int, topk: int, num_experts: int, capacity: Optional[int], drop_policy: str, layout: str, align: int,
-    renormalize: bool, ep_size: int, seed: int, offset: int,
+    num_tokens: int, topk: int, *, num_experts: int, capacity: Optional[int] = None, drop_policy: Optional[str] = None,
+    layout: str = "compact", align: int = 1, renormalize: bool = False, ep_size: int = 1, seed: int = 0,
+    offset: int = 0,
 ) -> int: ...
 def dispatch(
-    indices: Buf, weights: Buf, num_tokens: int, topk: int, num_experts: int, capacity: Optional[int],
-    drop_policy: str, layout: str, align: int, renormalize: bool, ep_size: int, seed: int, offset: int, slot: Buf,
-    row: Buf, kept_weights: Buf, tokens_per_expert: Buf, row_to_token: Buf, expert_offsets: Buf, rows_per_rank: Buf,
-) -> Tuple[int, int]:
-    """Returns (num_rows, dropped)."""
+    indices: Tensor, weights: Tensor, slot: Tensor, row: Tensor, kept_weights: Tensor, tokens_per_expert: Tensor,
+    row_to_token: Tensor, expert_offsets: Tensor, rows_per_rank: Tensor, counts: Tensor, *, num_experts: int,
+    capacity: Optional[int] = None, drop_policy: Optional[str] = None, layout: str = "compact", align: int = 1,
+    renormalize: bool = False, ep_size: int = 1, seed: int = 0, offset: int = 0,
+) -> None:
+    """``counts`` [2] int64 = (num_rows, dropped)."""
 def expert_choice(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, capacity: int, weights: Buf, row: Buf,
-    row_to_token: Buf, row_weights: Buf, tokens_per_expert: Buf, expert_offsets: Buf,
+    logits: Tensor, weights: Tensor, row: Tensor, row_to_token: Tensor, row_weights: Tensor,
+    tokens_per_expert: Tensor, expert_offsets: Tensor,
 ) -> None: ...
-def expert_choice_backward(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, row: Buf, grad_weights: Buf, grad_logits: Buf
-) -> None: ...
-def permute(dtype: str, x: Buf, num_tokens: int, hidden: int, row_to_token: Buf, out: Buf) -> None: ...
-def permute_backward(
-    dtype: str, grad_buf: Buf, num_rows: int, hidden: int, row: Buf, num_tokens: int, topk: int, grad_x: Buf
-) -> None: ...
-def unpermute(
-    dtype: str, y: Buf, num_rows: int, hidden: int, row: Buf, weights: Buf, num_tokens: int, topk: int, out: Buf
-) -> None: ...
+def expert_choice_backward(logits: Tensor, row: Tensor, grad_weights: Tensor, grad_logits: Tensor) -> None: ...
+def permute(x: Tensor, row_to_token: Tensor, out: Tensor) -> None: ...
+def permute_backward(grad_buf: Tensor, row: Tensor, grad_x: Tensor) -> None: ...
+def unpermute(y: Tensor, row: Tensor, weights: Tensor, out: Tensor) -> None: ...
 def unpermute_backward(
-    dtype: str, grad_out: Buf, y: Buf, num_rows: int, hidden: int, row: Buf, weights: Buf, num_tokens: int,
-    topk: int, grad_y: Buf, grad_weights: Buf,
+    grad_out: Tensor, y: Tensor, row: Tensor, weights: Tensor, grad_y: Tensor, grad_weights: Tensor
 ) -> None: ...
 def aux_loss(
     dtype: str, logits: Buf, num_tokens: int, num_experts: int, padding_mask: Optional[Buf], counts: Optional[Buf],
@@ -115,113 +109,3 @@ def router_stats(
     padding_mask: Optional[Buf], strict: bool, selected_counts_out: Buf, kept_counts_out: Optional[Buf],
 ) -> Tuple[int, int, float, float, float, float, int]:
     """Returns (num_tokens, dropped, max_violation, mean_entropy, mean_lse, max_lse, nonfinite_logits)."""
-
-# --- CUDA (feature `cuda`) -------------------------------------------------------------
-
-def cuda_device_count() -> int:
-    """CUDA devices the driver reports; 0 without libcuda (never raises)."""
-def losses_workspace_len(num_tokens: int, num_experts: int, seq_len: Optional[int] = None) -> int:
-    """f64 elements of the loss forward workspace (aux / z: ``seq_len=None``)."""
-def aux_loss_backward_workspace_len(num_tokens: int, num_experts: int, seq_len: Optional[int] = None) -> int:
-    """f32 elements of the aux-loss backward workspace."""
-def router_stats_workspace_len(num_tokens: int) -> int:
-    """f64 elements of the router-statistics workspace."""
-def unpermute_backward_workspace_len(num_rows: int) -> int:
-    """i32 elements of the unpermute-backward workspace."""
-def cuda_topk_gating(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, expert_bias: Optional[Buf],
-    topk: int, score_function: str, pre_softmax: bool, normalize: bool, num_groups: Optional[int],
-    group_topk: Optional[int], scaling_factor: float, noise_std: float, expert_mask_rate: float, seed: int,
-    offset: int, weights: Buf, indices: Buf,
-) -> None: ...
-def cuda_topk_gating_replay(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, indices: Buf, topk: int,
-    score_function: str, pre_softmax: bool, normalize: bool, scaling_factor: float, weights: Buf,
-) -> None: ...
-def cuda_topk_gating_backward(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, indices: Buf, topk: int,
-    grad_weights: Buf, score_function: str, pre_softmax: bool, normalize: bool, scaling_factor: float,
-    grad_logits: Buf,
-) -> None: ...
-def cuda_dispatch_workspace_len(
-    num_tokens: int, topk: int, num_experts: int, capacity: Optional[int], drop_policy: str, layout: str, align: int,
-    renormalize: bool, ep_size: int, seed: int, offset: int,
-) -> int:
-    """i32 elements of the ``cuda_dispatch`` workspace (options as ``dispatch_max_rows``)."""
-def cuda_dispatch(
-    device: int, stream: int, indices: Buf, weights: Buf, num_tokens: int, topk: int, num_experts: int,
-    capacity: Optional[int], drop_policy: str, layout: str, align: int, renormalize: bool, ep_size: int, seed: int,
-    offset: int, slot: Buf, row: Buf, kept_weights: Buf, tokens_per_expert: Buf, row_to_token: Buf,
-    expert_offsets: Buf, rows_per_rank: Buf, counts: Buf, workspace: Buf,
-) -> None:
-    """``counts`` [2] int64 = (num_rows, dropped), written on the device; ``indices`` values are not checked."""
-def cuda_expert_choice(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, capacity: int,
-    weights: Buf, row: Buf, row_to_token: Buf, row_weights: Buf, tokens_per_expert: Buf, expert_offsets: Buf,
-) -> None: ...
-def cuda_expert_choice_backward(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, row: Buf,
-    grad_weights: Buf, grad_logits: Buf,
-) -> None: ...
-def cuda_permute(
-    device: int, stream: int, dtype: str, x: Buf, num_tokens: int, hidden: int, row_to_token: Buf, out: Buf
-) -> None: ...
-def cuda_permute_backward(
-    device: int, stream: int, dtype: str, grad_buf: Buf, num_rows: int, hidden: int, row: Buf, num_tokens: int,
-    topk: int, grad_x: Buf,
-) -> None: ...
-def cuda_unpermute(
-    device: int, stream: int, dtype: str, y: Buf, num_rows: int, hidden: int, row: Buf, weights: Buf,
-    num_tokens: int, topk: int, out: Buf,
-) -> None: ...
-def cuda_unpermute_backward(
-    device: int, stream: int, dtype: str, grad_out: Buf, y: Buf, num_rows: int, hidden: int, row: Buf, weights: Buf,
-    num_tokens: int, topk: int, grad_y: Buf, grad_weights: Buf, workspace: Buf,
-) -> None: ...
-def cuda_aux_loss(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
-    padding_mask: Optional[Buf], counts: Optional[Buf], total_tokens: Optional[int], topk: int, score_function: str,
-    coeff: float, loss: Buf, counts_out: Buf, scores_sum: Buf, total_out: Buf, workspace: Buf,
-) -> None: ...
-def cuda_aux_loss_backward(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
-    padding_mask: Optional[Buf], counts: Buf, total_tokens: Buf, topk: int, score_function: str, coeff: float,
-    grad_loss: Buf, workspace: Buf, grad_logits: Buf,
-) -> None: ...
-def cuda_seq_aux_loss(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, seq_len: int,
-    padding_mask: Optional[Buf], topk: int, score_function: str, coeff: float, loss: Buf, counts_out: Buf,
-    scores_sum: Buf, valid_out: Buf, workspace: Buf,
-) -> None: ...
-def cuda_seq_aux_loss_backward(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, seq_len: int,
-    padding_mask: Optional[Buf], counts: Buf, valid_tokens: Buf, topk: int, score_function: str, coeff: float,
-    grad_loss: Buf, workspace: Buf, grad_logits: Buf,
-) -> None: ...
-def cuda_z_loss(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
-    padding_mask: Optional[Buf], coeff: float, loss: Buf, valid_tokens: Buf, workspace: Buf,
-) -> None: ...
-def cuda_z_loss_backward(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
-    padding_mask: Optional[Buf], valid_tokens: Buf, coeff: float, grad_loss: Buf, grad_logits: Buf,
-) -> None: ...
-def cuda_expert_mask(
-    device: int, stream: int, num_tokens: int, num_experts: int, topk: int, rate: float, seed: int, offset: int,
-    masked: Buf,
-) -> None: ...
-def cuda_assignment_dropout(
-    device: int, stream: int, indices: Buf, weights: Buf, num_tokens: int, topk: int, num_experts: int, rate: float,
-    seed: int, offset: int, renormalize: bool, out_indices: Buf, out_weights: Buf, keep: Buf, dropped: Buf,
-) -> None: ...
-def cuda_assignment_dropout_backward(
-    device: int, stream: int, indices: Buf, weights: Buf, keep: Buf, num_tokens: int, topk: int, renormalize: bool,
-    grad_out: Buf, grad_weights: Buf,
-) -> None: ...
-def cuda_update_expert_bias(device: int, stream: int, bias: Buf, counts: Buf, rate: float) -> None: ...
-def cuda_router_stats(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, indices: Buf, topk: int,
-    slots: Optional[Buf], padding_mask: Optional[Buf], selected_counts: Buf, kept_counts: Buf, scalars: Buf,
-    floats: Buf, workspace: Buf,
-) -> None:
-    """scalars = (valid tokens, dropped, non-finite logits, sum selected); no strict mode."""

@@ -1,6 +1,8 @@
-"""The native module's own checks, called directly with raw (data_ptr, numel) pairs: a
-wrong call is a Python exception (ValueError / TypeError), never undefined behaviour;
-and the packaging promises (no torch import, abi3, stubs, py.typed)."""
+"""The native module's own checks, called directly: it takes tensors (read through
+DLPack: shape, strides, dtype, device) and keyword options, so no call, whatever its
+arguments, can make it read or write memory its tensors do not own. A wrong call is a
+Python exception (TypeError / ValueError) naming the argument, never undefined
+behaviour. Also the packaging promises (no torch import at load, abi3, stubs, py.typed)."""
 
 from __future__ import annotations
 
@@ -18,65 +20,122 @@ from moe_router import _native, ops
 PKG = os.path.dirname(moe_router.__file__)
 
 
-def buf(t):
-    return (t.data_ptr(), t.numel())
+def _gating(z, w, i, bias=None, **kw):
+    kw.setdefault("topk", 2)
+    return _native.topk_gating(z, bias, w, i, **kw)
 
 
-def _gating(logits, t, e, weights, indices, dtype="f32", k=2, bias=None):
-    return _native.topk_gating(dtype, logits, t, e, bias, k, "softmax", False, False, None, None, 1.0, 0.0, 0.0, 0, 0,
-                               weights, indices)  # fmt: skip
+def _bufs(t=4, e=8, k=2):
+    return torch.randn(t, e), torch.empty(t, k), torch.empty(t, k, dtype=torch.int32)
 
 
-def test_native_call_with_valid_buffers_works():
-    z, w, i = torch.randn(4, 8), torch.empty(4, 2), torch.empty(4, 2, dtype=torch.int32)
-    _gating(buf(z), 4, 8, buf(w), buf(i))
+def test_native_call_with_valid_tensors_works():
+    z, w, i = _bufs()
+    _gating(z, w, i)
     assert torch.equal(i.long(), torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :2])
 
 
+def test_addresses_are_not_accepted():
+    # The old interface's (data_ptr, numel) pairs: a wrong count or a stale address used
+    # to be a segfault. Now they are not tensors.
+    with pytest.raises(TypeError, match="moe_router.permute: `x` must be a torch.Tensor"):
+        _native.permute((0x1000, 8), (0x2000, 2), (0x3000, 8))
+    with pytest.raises(TypeError, match="`row_to_token` must be a torch.Tensor"):
+        _native.permute(torch.zeros(2, 4), 17, torch.zeros(2, 4))
+
+
 @pytest.mark.parametrize("what", ["logits", "weights", "indices"])
-def test_numel_must_match_the_sizes(what):
-    z, w, i = torch.randn(4, 8), torch.empty(4, 2), torch.empty(4, 2, dtype=torch.int32)
-    args = {"logits": buf(z), "weights": buf(w), "indices": buf(i)}
-    args[what] = (args[what][0], args[what][1] + 1)  # claims one element more than the sizes say
-    with pytest.raises(ValueError, match=what):
-        _gating(args["logits"], 4, 8, args["weights"], args["indices"])
+def test_shapes_must_agree(what):
+    z, w, i = _bufs()
+    args = {"logits": z, "weights": w, "indices": i}
+    args[what] = torch.cat([args[what], args[what][:1]])  # one row more than the others
+    with pytest.raises(ValueError, match="has shape"):
+        _gating(args["logits"], args["weights"], args["indices"])
 
 
-def test_unknown_dtype_is_a_type_error():
-    z, w, i = torch.randn(4, 8), torch.empty(4, 2), torch.empty(4, 2, dtype=torch.int32)
-    with pytest.raises(TypeError, match="f64"):
-        _gating(buf(z), 4, 8, buf(w), buf(i), dtype="f64")
+def test_smaller_output_than_the_op_writes_is_refused():
+    x, r2t = torch.randn(4, 8), torch.tensor([3, -1, 0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"`out` has shape \[3, 8\], expected \[4, 8\]"):
+        _native.permute(x, r2t, torch.empty(3, 8))
 
 
-def test_null_and_misaligned_pointers_are_rejected():
-    z, w, i = torch.randn(4, 8), torch.empty(4, 2), torch.empty(4, 2, dtype=torch.int32)
-    with pytest.raises(ValueError, match="null"):
-        _gating((0, 32), 4, 8, buf(w), buf(i))
-    with pytest.raises(ValueError, match="aligned"):
-        _gating((z.data_ptr() + 2, 32), 4, 8, buf(w), buf(i))
+def test_wrong_dtypes_are_type_errors():
+    z, w, i = _bufs()
+    with pytest.raises(TypeError, match="`logits` has dtype torch.float64"):
+        _gating(z.double(), w, i)
+    with pytest.raises(TypeError, match="`indices` has dtype torch.int64, expected torch.int32"):
+        _gating(z, w, i.long())
+    with pytest.raises(TypeError, match="`weights` has dtype torch.float16"):
+        _gating(z, w.half(), i)
 
 
-def test_overlapping_output_is_rejected():
-    z = torch.randn(4, 8)
-    i = torch.empty(4, 2, dtype=torch.int32)
+def test_non_contiguous_tensors_are_refused_not_misread():
+    z, w, i = _bufs(8, 4)
+    with pytest.raises(ValueError, match="`logits` is not contiguous"):
+        _gating(z.t().contiguous().t(), w, i)
+    wide = torch.empty(8, 4)
+    with pytest.raises(ValueError, match="`weights` is not contiguous"):
+        _gating(z, wide[:, :2], i)
+    # a view that is contiguous (a row slice) is fine
+    _gating(torch.randn(16, 4)[4:12], w, i)
+
+
+def test_overlapping_outputs_are_rejected():
+    base = torch.randn(40)
+    z, i = base[:32].view(4, 8), torch.empty(4, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="output `weights` overlaps `logits`"):
+        _gating(z, base[24:32].view(4, 2), i)  # weights written over the last logits
+    raw = torch.empty(12, dtype=torch.int32)
     with pytest.raises(ValueError, match="overlaps"):
-        _gating(buf(z), 4, 8, (z.data_ptr(), 8), buf(i))  # weights written over the logits
-    w = torch.empty(4, 2)
-    with pytest.raises(ValueError, match="overlaps"):
-        _gating(buf(z), 4, 8, buf(w), (w.data_ptr() + 4, 8))  # two outputs sharing memory
+        _gating(torch.randn(4, 8), raw[4:12].view(torch.float32).view(4, 2), raw[:8].view(4, 2))
 
 
-def test_size_overflow_is_rejected():
-    with pytest.raises(ValueError):
-        _gating((64, 2**62), 2**31, 2**31, (64, 4), (64, 4))
+def test_tensors_without_dense_storage_are_refused():
+    z, w, i = _bufs()
+    with pytest.raises(ValueError, match="`weights` cannot be read as a dense strided tensor"):
+        _gating(z, torch.empty(4, 2, device="meta"), i)
+    with pytest.raises(ValueError, match="`logits` cannot be read"):
+        _gating(z.to_sparse(), w, i)
 
 
-def test_core_errors_map_to_value_error():
-    z = torch.randn(4, 8)
-    counts = torch.full((8,), -1, dtype=torch.int64)
-    out = torch.empty(8, dtype=torch.int64)
-    with pytest.raises(ValueError, match="count"):
-        _native.aux_loss("f32", buf(z), 4, 8, None, buf(counts), None, 2, "softmax", 1.0, buf(out))
+@pytest.mark.parametrize(
+    "kw, exc, needle",
+    [
+        ({"topk": -1}, ValueError, "`topk` = -1 is out of range"),
+        ({"topk": 2**64}, ValueError, "out of range"),
+        ({"topk": "2"}, TypeError, "`topk` must be an int"),
+        ({"topk": 2, "seed": -1}, ValueError, "`seed` = -1 is out of range"),
+        ({"topk": 2, "bogus": 1}, TypeError, "unexpected option `bogus`"),
+        ({"topk": 2, "score_function": "tanh"}, ValueError, "score_function"),
+        ({"topk": 2, "num_groups": 2}, ValueError, "give both"),
+        ({}, TypeError, "missing option `topk`"),
+    ],
+)
+def test_options_are_checked(kw, exc, needle):
+    z, w, i = _bufs()
+    with pytest.raises(exc, match=needle):
+        _native.topk_gating(z, None, w, i, **kw)
+
+
+def test_core_errors_map_to_value_error_with_the_package_prefix():
+    z, w, i = _bufs()
+    with pytest.raises(ValueError, match=r"^moe_router\.topk_gating: .*`topk`"):
+        _native.topk_gating(z, None, torch.empty(4, 9), torch.empty(4, 9, dtype=torch.int32), topk=9)
+
+
+def test_empty_tensors_work():
+    z, w, i = _bufs(0)
+    _gating(z, w, i)
+    x = torch.empty(0, 8)
+    _native.permute(x, torch.empty(0, dtype=torch.int32), torch.empty(0, 8))
+
+
+def test_storage_offset_views_are_read_at_their_offset():
+    big = torch.randn(10, 8)
+    z = big[3:7]  # contiguous, non-zero storage offset
+    w, i = torch.empty(4, 2), torch.empty(4, 2, dtype=torch.int32)
+    _gating(z, w, i)
+    assert torch.equal(i.long(), torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :2])
 
 
 def test_native_module_does_not_import_torch():
