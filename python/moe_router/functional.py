@@ -447,8 +447,8 @@ class Dispatch(NamedTuple):
         row: ``[T, k]`` row of each assignment in the expert-major buffer, ``-1`` if
             dropped. Pass it to :func:`permute` and :func:`unpermute`.
         kept_weights: ``[T, k]`` float32, the weights with dropped assignments set to 0
-            (and rescaled to the token's routed sum if asked); differentiable w.r.t.
-            ``weights`` (computed with torch ops from ``slot``).
+            (and rescaled to the token's routed sum if asked), the core's values;
+            differentiable w.r.t. ``weights``.
         tokens_per_expert: ``[E]`` assignments kept per expert.
         dropped: 0-d int64 tensor, assignments dropped for capacity (``int(d.dropped)``).
         row_to_token: ``[max_rows]`` token of each buffer row, ``-1`` for padding rows and
@@ -555,15 +555,9 @@ def dispatch(
         raise ValueError(f"moe_router.{op}: invalid `ep_size` = {ep_size}: it must divide num_experts = {num_experts}")
     seed = _seed(op, "seed", seed)
     offset = _seed(op, "offset", offset)
-    _kept, slot, row, tpe, r2t, offsets, per_rank, counts = _moe.dispatch(
-        indices, weights.detach(), num_experts, capacity, drop_policy, layout, align, renormalize, ep_size, seed,
-        offset,
-    )  # fmt: skip
-    zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
-    kept_weights = torch.where(slot >= 0, weights, zero)
-    if renormalize:
-        routed_sum = torch.where(indices >= 0, weights, zero).sum(dim=-1, keepdim=True)
-        kept_weights = kept_weights * (routed_sum / (kept_weights.sum(dim=-1, keepdim=True) + 1e-20))
+    kept_weights, slot, row, tpe, r2t, offsets, per_rank, counts = _moe.dispatch(
+        indices, weights, num_experts, capacity, drop_policy, layout, align, renormalize, ep_size, seed, offset
+    )
     return Dispatch(
         slot=slot.long(),
         row=row.long(),

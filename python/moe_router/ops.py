@@ -341,8 +341,8 @@ topk_gating_replay.register_autograd(_replay_bwd, setup_context=_replay_setup)
 
 
 # --------------------------------------------------------------------------------------
-# Dispatch (not differentiable: the functional layer computes the differentiable
-# kept weights from `slot` with torch ops)
+# Dispatch (differentiable w.r.t. `weights` through `kept_weights`, whose forward value
+# is the core's)
 
 
 @torch.library.custom_op("moe_router::dispatch", mutates_args=())
@@ -399,6 +399,37 @@ def _(indices, weights, num_experts, capacity, drop_policy, layout, align, renor
         indices.new_empty((ep_size,), **i32),
         indices.new_empty((2,), dtype=torch.int64),
     )
+
+
+def _dispatch_setup(ctx, inputs, output):
+    ctx.renormalize = inputs[7]
+    if ctx.needs_input_grad[1]:
+        ctx.save_for_backward(inputs[0], inputs[1], output[1])
+
+
+def _dispatch_bwd(ctx, g_kept, *_unused):
+    """Gradient of ``kept_weights`` w.r.t. ``weights``: ``kept = m * w`` (``m``: slot >= 0),
+    or with ``renormalize`` ``kept = m * w * S / D`` per token (``S`` the routed sum,
+    ``D = K + 1e-20``, ``K`` the kept sum; all 0 if nothing was kept)."""
+    if not ctx.needs_input_grad[1]:
+        return (None,) * 11
+    indices, weights, slot = ctx.saved_tensors
+    kept = slot >= 0
+    zero = torch.zeros((), dtype=torch.float32, device=weights.device)
+    g = torch.where(kept, g_kept.to(torch.float32), zero)
+    if ctx.renormalize:
+        w = weights.to(torch.float32)
+        routed = indices >= 0
+        s = torch.where(routed, w, zero).sum(-1, keepdim=True)
+        d = torch.where(kept, w, zero).sum(-1, keepdim=True) + 1e-20
+        p = (g * w).sum(-1, keepdim=True)
+        any_kept = kept.any(-1, keepdim=True)
+        g = g * s / d + torch.where(routed, p / d, zero) - torch.where(kept, s * p / (d * d), zero)
+        g = torch.where(any_kept, g, zero)
+    return (None, g.to(weights.dtype)) + (None,) * 9
+
+
+dispatch.register_autograd(_dispatch_bwd, setup_context=_dispatch_setup)
 
 
 # --------------------------------------------------------------------------------------

@@ -272,3 +272,47 @@ def test_expert_choice_rows_feed_permute_and_unpermute():
     buf = mr.permute(x, ec.row_to_token, ec.row)
     out = mr.unpermute(buf, ec.row, ec.weights)
     assert_close_f32(out, x * ec.weights.sum(-1, keepdim=True))
+
+
+# --------------------------------------------------------------------------------------
+# kept_weights: the core's values (no torch recomputation) and their gradient
+
+
+def _renorm_reference(indices, weights, slot):
+    """kept = m * w * S / (K + 1e-20) in torch (differentiable), 0 where nothing kept."""
+    zero = torch.zeros((), dtype=weights.dtype)
+    m = slot >= 0
+    kept = torch.where(m, weights, zero)
+    s = torch.where(indices >= 0, weights, zero).sum(-1, keepdim=True)
+    out = kept * s / (kept.sum(-1, keepdim=True) + 1e-20)
+    return torch.where(m.any(-1, keepdim=True), out, zero)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("seed", range(5))
+def test_kept_weights_are_the_core_values_and_differentiable(renormalize, seed):
+    g = torch.Generator().manual_seed(seed)
+    t, k, e = 40, 3, 6
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    idx[::7, 1] = -1  # some unrouted assignments
+    w = torch.rand(t, k, generator=g).requires_grad_()
+    d = mr.dispatch(idx, w, e, capacity=12, drop_policy="probs", renormalize=renormalize)
+    core = ops.dispatch(idx, w.detach(), e, 12, "probs", "compact", 1, renormalize, 1, 0, 0)[0]
+    assert torch.equal(d.kept_weights.detach(), core)  # bit for bit, no torch recomputation
+    gout = torch.randn(t, k, generator=g)
+    (grad,) = torch.autograd.grad(d.kept_weights, w, gout)
+    w64 = w.detach().double().requires_grad_()
+    want = _renorm_reference(idx, w64, d.slot) if renormalize else torch.where(d.slot >= 0, w64, 0.0)
+    (grad_want,) = torch.autograd.grad(want, w64, gout.double())
+    torch.testing.assert_close(grad.double(), grad_want, rtol=1e-5, atol=1e-6)
+
+
+def test_renormalize_with_non_finite_weights_keeps_dropped_slots_at_zero():
+    # A token whose weights hold NaN / inf: its dropped slots are 0 (the core's rule),
+    # not NaN as a torch recomputation (0 * nan) would give.
+    idx = torch.tensor([[0, 1], [0, 1], [0, 1]])
+    w = torch.tensor([[float("nan"), 0.5], [float("inf"), 0.25], [0.3, 0.7]])
+    d = mr.dispatch(idx, w, 2, capacity=1, drop_policy="position", renormalize=True)
+    dropped = d.slot < 0
+    assert dropped.any()
+    assert torch.equal(d.kept_weights[dropped], torch.zeros(int(dropped.sum())))
