@@ -508,14 +508,14 @@ expert_choice.register_autograd(_ec_bwd, setup_context=_ec_setup)
 
 @torch.library.custom_op("moe_router::permute", mutates_args=())
 def permute(x: Tensor, row_to_token: Tensor, row: Tensor) -> Tensor:
-    """buf [rows, H] = x[row_to_token] (0 where row_to_token is -1). `row` [T, k] is not
-    read here: backward needs it."""
+    """buf [rows, H] = x[row_to_token] (0 where row_to_token is -1). `row` [T, k] is what
+    backward reads: on CPU the native call checks that both maps agree."""
     op = "permute"
     _device(op, x=x, row_to_token=row_to_token, row=row)
     x = x.contiguous()
     r2t = _i32(op, "row_to_token", row_to_token)
     out = x.new_empty((r2t.shape[0], x.shape[-1]))
-    _native.permute(x, r2t, out)
+    _native.permute(x, r2t, out, _i32(op, "row", row))
     return out
 
 

@@ -8,24 +8,38 @@ use crate::error::to_py_err;
 use crate::tensor::{run, Args, Elem};
 
 /// `out[r] = x[row_to_token[r]]` (zeros where the token index is -1): `x` `[T, H]`,
-/// `row_to_token` `[R]` int32, `out` `[R, H]` (dtype of `x`).
+/// `row_to_token` `[R]` int32, `out` `[R, H]` (dtype of `x`). With `row` `[T, k]` int32
+/// (the backward's map), CPU calls check that both maps agree
+/// (`moe_router::check_permute_maps`); CUDA calls do not read indices on the host.
 #[pyfunction]
+#[pyo3(signature = (x, row_to_token, out, row=None))]
 pub(crate) fn permute<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     row_to_token: &Bound<'py, PyAny>,
     out: &Bound<'py, PyAny>,
+    row: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<()> {
     const OP: &str = "permute";
     let mut a = Args::new(OP);
     let (x, r2t, out) = (a.input("x", x)?, a.input("row_to_token", row_to_token)?, a.output("out", out)?);
+    let row = a.opt_input("row", row)?;
     let dt = x.float(OP)?;
     let [t, h] = x.dims::<2>(OP)?;
     r2t.expect_elem(OP, Elem::I32)?;
     let [r] = r2t.dims::<1>(OP)?;
     out.expect(OP, x.elem(), &[r, h])?;
+    if let Some(row) = &row {
+        row.expect_elem(OP, Elem::I32)?;
+        let [_, k] = row.dims::<2>(OP)?;
+        row.expect(OP, Elem::I32, &[t, k])?;
+    }
     let call = a.finish(py)?;
     if call.on_cpu() {
+        if let Some(row) = &row {
+            let k = row.shape()[1];
+            moe_router::check_permute_maps(r2t.slice(OP, &call)?, row.slice(OP, &call)?, t, k).map_err(to_py_err)?;
+        }
         return float_dispatch!(dt, T => {
             let (x, r2t, out) = (x.slice::<T>(OP, &call)?, r2t.slice(OP, &call)?, out.slice_mut::<T>(OP, &call)?);
             run(py, OP, || moe_router::permute_into::<T>(x, t, h, r2t, out).map_err(to_py_err))

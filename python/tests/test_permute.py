@@ -141,3 +141,20 @@ def test_round_trip_sums_each_token_over_its_kept_assignments():
     back = mr.unpermute(mr.permute(x, r2t, row), row, torch.ones(t, k))
     kept = (row >= 0).sum(1, keepdim=True).float()
     assert_close_f32(back, x * kept)
+
+
+def test_permute_refuses_row_and_row_to_token_from_different_dispatches():
+    # The forward reads row_to_token, the backward row: a pair that disagrees would give a
+    # gradient that is not the forward's. CPU calls check them.
+    idx = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    w = torch.full((3, 2), 0.5)
+    d = mr.dispatch(idx, w, 2)
+    x = torch.randn(3, 4)
+    mr.permute(x, d.row_to_token, d.row)  # consistent: fine
+    swapped = d.row[[1, 0, 2]]  # tokens 0 and 1 exchange their rows
+    with pytest.raises(ValueError, match="same dispatch"):
+        mr.permute(x, d.row_to_token, swapped)
+    short = d.row.clone()
+    short[0, 0] = -1  # one assignment less than row_to_token holds
+    with pytest.raises(ValueError, match="same dispatch"):
+        mr.permute(x, d.row_to_token, short)

@@ -681,6 +681,68 @@ pub fn unpermute_backward<T: RouterFloat>(
     })
 }
 
+/// Check that `row_to_token [num_rows]` and `row [num_tokens, k]` describe the same
+/// mapping (as [`crate::dispatch`] produces them): every `row[t, j] >= 0` is a distinct row
+/// `r` with `row_to_token[r] == t`, and every row with `row_to_token[r] >= 0` is one of
+/// them. [`permute_into`] reads only `row_to_token` and its backward only `row`, so an
+/// inconsistent pair would give a gradient that is not the forward's.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the first disagreement; the checks of
+/// [`validate_permute_backward`] for `row`.
+///
+/// ```
+/// use moe_router::check_permute_maps;
+///
+/// let row = [3, 0, -1, 1]; // [num_tokens = 2, k = 2]
+/// assert!(check_permute_maps(&[0, 1, -1, 0, -1], &row, 2, 2).is_ok());
+/// assert!(check_permute_maps(&[0, 1, -1, 1, -1], &row, 2, 2).is_err());
+/// ```
+pub fn check_permute_maps(
+    row_to_token: &[i32],
+    row: &[i32],
+    num_tokens: usize,
+    k: usize,
+) -> Result<()> {
+    let op = OP_PERMUTE;
+    let num_rows = row_to_token.len();
+    check_row(op, row, num_tokens, k, num_rows)?;
+    check_row_entries(op, row, k, num_rows)?;
+    check_row_to_token(op, row_to_token, num_tokens)?;
+    let mut referenced = 0usize;
+    for (a, &r) in row.iter().enumerate() {
+        if r >= 0 {
+            referenced += 1;
+            let t = a / k.max(1);
+            let got = row_to_token[r as usize];
+            if got != t as i32 {
+                return Err(Error::invalid(
+                    op,
+                    "row",
+                    format_args!("{r} at [{t}, {}]", a % k.max(1)),
+                    format!(
+                        "row_to_token[{r}] = {got}, not token {t}: `row` and `row_to_token` must \
+                         come from the same dispatch"
+                    ),
+                ));
+            }
+        }
+    }
+    let used = row_to_token.iter().filter(|&&t| t >= 0).count();
+    if used != referenced {
+        return Err(Error::invalid(
+            op,
+            "row_to_token",
+            format_args!("{used} rows holding a token"),
+            format!(
+                "`row` points to {referenced} rows: `row` and `row_to_token` must come from the \
+                 same dispatch"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Derive `row_to_token [num_rows]` from `row [num_tokens, k]`: `row_to_token[r] = t`
 /// where `row[t, j] = r`, `-1` for rows no assignment points to (padding).
 ///
