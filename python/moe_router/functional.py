@@ -53,6 +53,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _native
 from . import ops as _ops
 
 __all__ = [
@@ -395,19 +396,25 @@ def capacity(
     check it against), so it also runs inside ``torch.compile``.
 
     Raises:
-        ValueError: ``num_experts < 1``, ``topk < 1``, a capacity factor that is not
+        ValueError: ``num_experts < 1``, ``topk`` outside ``[1, num_experts]``, a capacity factor that is not
         finite and > 0, ``capacity_multiple < 1``, a capacity above ``2**31 - 1``.
     """
     op = "capacity"
     _int(op, "num_tokens", num_tokens, 0)
     _int(op, "num_experts", num_experts, 1)
-    _int(op, "topk", topk, 1)
+    _int(op, "topk", topk, 1, num_experts, valid=f"in [1, num_experts] = [1, {num_experts}]: a token cannot pick an expert twice")
     capacity_factor = _float(op, "capacity_factor", capacity_factor, 0.0, lo_open=True, valid="finite and > 0")
     _int(op, "min_capacity", min_capacity, 0)
     _opt_int(op, "capacity_multiple", capacity_multiple, 1)
     # float(T * k) / float(E): both operands rounded to f64 first, as the core does
     # (Python's int / int would round the exact quotient once instead).
-    cap = math.ceil((float(num_tokens * topk) / float(num_experts)) * capacity_factor)
+    raw = (float(num_tokens * topk) / float(num_experts)) * capacity_factor
+    if not math.isfinite(raw) or raw > _I32_MAX:
+        raise ValueError(
+            f"moe_router.{op}: capacity = ceil({num_tokens} * {topk} / {num_experts} * {capacity_factor}) overflows "
+            f"the i32 slot index (max {_I32_MAX}); lower `capacity_factor` or split the batch"
+        )
+    cap = math.ceil(raw)
     cap = max(cap, min_capacity)
     if capacity_multiple is not None:
         cap = -(-cap // capacity_multiple) * capacity_multiple
@@ -432,10 +439,13 @@ def dispatch_max_rows(
     ``min(num_tokens * topk, num_experts * capacity)`` for ``"compact"``
     (``num_tokens * topk`` without capacity); ``num_tokens * topk + num_experts *
     (align - 1)`` for ``"dropless"``.
+
+    Raises:
+        TypeError / ValueError: as :func:`dispatch` for the same sizes and options.
     """
-    op = "dispatch_max_rows"
-    _choice(op, "layout", layout, LAYOUTS)
-    return _ops.dispatch_max_rows(num_tokens, topk, num_experts, capacity, layout, align)
+    return _native.dispatch_max_rows(
+        num_tokens, topk, num_experts=num_experts, capacity=capacity, layout=layout, align=align
+    )
 
 
 class Dispatch(NamedTuple):

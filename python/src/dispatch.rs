@@ -50,12 +50,19 @@ fn dispatch_config(op: &'static str, o: &Opts<'_>) -> PyResult<DispatchConfig> {
     Ok(DispatchConfig { num_experts, capacity, drop_policy, layout, renormalize, ep_size })
 }
 
-/// Rows of the dispatch buffer (length of `row_to_token`) for these sizes and options.
+/// Rows of the dispatch buffer (length of `row_to_token`) for these sizes and options
+/// (every option of `dispatch`, validated as `dispatch` does).
 #[pyfunction]
 #[pyo3(signature = (num_tokens, topk, **opts))]
-pub(crate) fn dispatch_max_rows(num_tokens: usize, topk: usize, opts: Option<&Bound<'_, PyDict>>) -> PyResult<usize> {
-    const OP: &str = "dispatch";
+pub(crate) fn dispatch_max_rows(
+    num_tokens: &Bound<'_, PyAny>,
+    topk: &Bound<'_, PyAny>,
+    opts: Option<&Bound<'_, PyDict>>,
+) -> PyResult<usize> {
+    const OP: &str = "dispatch_max_rows";
     let o = Opts::new(OP, opts);
+    let num_tokens: usize = o.arg("num_tokens", num_tokens, "an int >= 0")?;
+    let topk: usize = o.arg("topk", topk, "an int >= 1")?;
     let cfg = dispatch_config(OP, &o)?;
     o.done()?;
     moe_router::dispatch_max_rows(num_tokens, topk, &cfg).map_err(to_py_err)

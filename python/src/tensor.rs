@@ -640,6 +640,11 @@ impl<'py> Opts<'py> {
         })
     }
 
+    /// A positional argument converted with the options' rules (messages name it).
+    pub(crate) fn arg<T: for<'a> FromPyObject<'a, 'py>>(&self, name: &str, v: &Bound<'py, PyAny>, what: &str) -> PyResult<T> {
+        self.convert(name, v.clone(), what)
+    }
+
     /// A required option.
     pub(crate) fn req<T: for<'a> FromPyObject<'a, 'py>>(&self, name: &str, what: &str) -> PyResult<T> {
         match self.take(name)? {

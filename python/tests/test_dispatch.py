@@ -316,3 +316,29 @@ def test_renormalize_with_non_finite_weights_keeps_dropped_slots_at_zero():
     dropped = d.slot < 0
     assert dropped.any()
     assert torch.equal(d.kept_weights[dropped], torch.zeros(int(dropped.sum())))
+
+
+@pytest.mark.parametrize(
+    "args, kw, exc, needle",
+    [
+        ((-4, 2, 8), {}, ValueError, "`num_tokens` = -4"),
+        ((4, 2, 8), {"layout": "nope"}, ValueError, "layout"),
+        ((4, 2, 8), {"layout": "pad_to_capacity"}, ValueError, "capacity"),
+        ((4, 9, 8), {}, ValueError, "topk"),
+        ((4, 2, 8), {"capacity": 2**64}, ValueError, "`capacity`"),
+        ((4.5, 2, 8), {}, TypeError, "`num_tokens` must be an int"),
+        ((4, 2, 8), {"layout": "dropless", "align": 0}, ValueError, "align"),
+    ],
+)
+def test_dispatch_max_rows_validates_like_dispatch(args, kw, exc, needle):
+    with pytest.raises(exc, match=needle):
+        mr.dispatch_max_rows(*args, **kw)
+
+
+@pytest.mark.parametrize(
+    "args, kw, needle",
+    [((16, 8, 9, 1.0), {}, "topk"), ((10**6, 1, 1, 1e308), {}, "overflows"), ((10, 2, 1, float("inf")), {}, "capacity_factor")],
+)
+def test_capacity_refuses_nonsense(args, kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        mr.capacity(*args, **kw)
