@@ -83,11 +83,13 @@ __all__ = [
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INTS = (torch.int32, torch.int64)
-SCORE_FUNCTIONS = ("softmax", "sigmoid")
-DROP_POLICIES = ("position", "choice_then_position", "probs", "batch_prioritized", "random")
-LAYOUTS = ("compact", "pad_to_capacity", "dropless")
+# The option vocabularies are the native module's (one list, next to the parser).
+SCORE_FUNCTIONS = tuple(_native.SCORE_FUNCTIONS)
+DROP_POLICIES = tuple(_native.DROP_POLICIES)
+LAYOUTS = tuple(_native.LAYOUTS)
 _U64 = 2**64
 _I32_MAX = 2**31 - 1
+_I64_MAX = 2**63 - 1
 
 _moe = torch.ops.moe_router
 
@@ -118,13 +120,16 @@ def _tensor(
             f"moe_router.{op}: `{name}` has dtype {str(t.dtype).replace('torch.', '')}; "
             f"valid dtypes are {_dtype_names(dtypes)}{hint}"
         )
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"moe_router.{op}: `{name}` has layout {t.layout}; pass a dense tensor (`{name}.to_dense()`)"
+        )
+    if t.is_nested:
+        raise TypeError(f"moe_router.{op}: `{name}` is a nested tensor; pass a dense {ndim}-D tensor {dims}")
     if t.dim() != ndim:
         raise ValueError(f"moe_router.{op}: `{name}` must be {ndim}-D {dims}, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(
-            f"moe_router.{op}: `{name}` is not contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
-            f"pass `{name}.contiguous()`"
-        )
+    # Non-contiguous tensors (transposed, sliced) are fine: the ops make them contiguous,
+    # as PyTorch's own ops do.
     return t
 
 
@@ -162,6 +167,9 @@ def _is_int(v) -> bool:
 def _int(op: str, name: str, v, lo: Optional[int] = None, hi=None, valid: str = "") -> int:
     if not _is_int(v):
         raise TypeError(f"moe_router.{op}: `{name}` must be an int, got {type(v).__name__} {v!r}")
+    if hi is None and isinstance(v, int) and v > _I64_MAX:
+        # the ops' schema carries int64: say so here instead of a message from torch
+        raise ValueError(f"moe_router.{op}: invalid `{name}` = {v}: it must be <= 2**63 - 1")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         if not valid:
             valid = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"

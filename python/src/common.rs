@@ -6,6 +6,9 @@ use pyo3::PyResult;
 use crate::error::value_error;
 use moe_router::ScoreFunction;
 
+/// Valid `score_function` values.
+pub(crate) const SCORE_FUNCTIONS: [&str; 2] = ["softmax", "sigmoid"];
+
 /// `"softmax"` / `"sigmoid"` → [`ScoreFunction`], or `ValueError`.
 pub(crate) fn score_function(op: &str, s: &str) -> PyResult<ScoreFunction> {
     match s {
@@ -14,7 +17,7 @@ pub(crate) fn score_function(op: &str, s: &str) -> PyResult<ScoreFunction> {
         _ => Err(value_error(
             op,
             format_args!(
-                "invalid `score_function` = {s:?}: valid values are \"softmax\", \"sigmoid\""
+                "invalid `score_function` = {s:?}: valid values are {SCORE_FUNCTIONS:?}"
             ),
         )),
     }

@@ -26,6 +26,7 @@ mod topk_gating;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("SCORE_FUNCTIONS", common::SCORE_FUNCTIONS)?;
     topk_gating::register(m)?;
     capacity::register(m)?;
     dispatch::register(m)?;
