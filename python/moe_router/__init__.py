@@ -10,7 +10,7 @@ reference; every op is a ``torch.library`` custom op (``torch.ops.moe_router.*``
 fake kernel and an autograd formula, so it works under ``torch.compile(fullgraph=True)``.
 
 The public API is :mod:`moe_router.functional`, re-exported here; the ``nn.Module``
-layers ``TopkRouter`` and ``MoELayer`` live in :mod:`moe_router.modules`.
+layers ``TopKRouter`` and ``MoELayer`` live in :mod:`moe_router.modules`.
 """
 
 from . import _native
@@ -42,7 +42,7 @@ from .functional import (
 
 __version__ = _native.__version__
 
-_MODULE_EXPORTS = ("TopkRouter", "TopKRouter", "MoELayer", "update_router_biases")
+_MODULE_EXPORTS = ("TopKRouter", "MoELayer", "update_router_biases")
 
 
 def __getattr__(name):

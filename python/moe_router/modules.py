@@ -48,7 +48,6 @@ from . import functional as F
 __all__ = [
     "RouterOutput",
     "TopKRouter",
-    "TopkRouter",
     "ExpertMLPs",
     "MoELayer",
     "attach_aux_loss",
@@ -164,8 +163,24 @@ class RouterOutput:
 # --------------------------------------------------------------------------------------
 
 
-def _bad(arg: str, value: Any, valid: str) -> ValueError:
-    return ValueError(f"{arg}={value!r} is invalid: {valid}")
+def _bad(arg: str, value: Any, valid: str, owner: str = "TopKRouter") -> ValueError:
+    """The package's error format: ``moe_router.<owner>: invalid `arg` = value: valid``."""
+    return ValueError(f"moe_router.{owner}: invalid `{arg}` = {value!r}: it must be {valid}")
+
+
+def _check_hidden(owner: str, x: Any, hidden_size: int) -> None:
+    """``hidden_states`` is a float32 / float16 / bfloat16 tensor ``[..., hidden_size]``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"moe_router.{owner}: `hidden_states` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"moe_router.{owner}: `hidden_states` has dtype {x.dtype}; valid dtypes are float32, float16, bfloat16"
+        )
+    if x.dim() < 1 or x.shape[-1] != hidden_size:
+        raise ValueError(
+            f"moe_router.{owner}: `hidden_states` has shape {tuple(x.shape)}: its last dimension must be "
+            f"hidden_size = {hidden_size}"
+        )
 
 
 def _lowbias32(x: Tensor) -> Tensor:
@@ -557,11 +572,7 @@ class TopKRouter(nn.Module):
             record: override the router's ``record`` flag for this call.
             seq_len: sequence length for ``seq_aux_loss`` with 2-D input.
         """
-        if hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"hidden_states has shape {tuple(hidden_states.shape)}: its last dimension must be "
-                f"hidden_size={self.hidden_size}"
-            )
+        _check_hidden("TopKRouter", hidden_states, self.hidden_size)
         shape = tuple(hidden_states.shape)
         x = hidden_states.reshape(-1, self.hidden_size)
         num_tokens = x.shape[0]
@@ -587,7 +598,7 @@ class TopKRouter(nn.Module):
         if replay_indices is not None:
             if replay_indices.shape[-1] != k or replay_indices.numel() != num_tokens * k:
                 raise ValueError(
-                    f"replay_indices has shape {tuple(replay_indices.shape)}: expected "
+                    f"moe_router.TopKRouter: `replay_indices` has shape {tuple(replay_indices.shape)}: expected "
                     f"{shape[:-1] + (k,)} (tokens of hidden_states, topk={k})"
                 )
             selected = replay_indices.reshape(num_tokens, k)
@@ -624,8 +635,8 @@ class TopKRouter(nn.Module):
         if padding_mask is not None:
             if padding_mask.numel() != num_tokens:
                 raise ValueError(
-                    f"padding_mask has shape {tuple(padding_mask.shape)}: expected {shape[:-1]} "
-                    f"(the leading dims of hidden_states)"
+                    f"moe_router.TopKRouter: `padding_mask` has shape {tuple(padding_mask.shape)}: expected "
+                    f"{shape[:-1]} (the leading dims of hidden_states)"
                 )
             pad = padding_mask.reshape(num_tokens).to(torch.bool)
         indices = selected
@@ -783,7 +794,6 @@ class TopKRouter(nn.Module):
 
 
 #: Alias of :class:`TopKRouter` (the spelling ``moe_router.__init__`` exports lazily).
-TopkRouter = TopKRouter
 
 
 @torch.no_grad()
@@ -900,7 +910,7 @@ def grouped_mlp(buf: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor, act
     segment sizes are data-dependent.
     """
     if activation not in _ACTIVATIONS:
-        raise _bad("activation", activation, f"one of {_ACTIVATIONS}")
+        raise _bad("activation", activation, f"one of {_ACTIVATIONS}", "grouped_mlp")
     return _grouped_mlp_op(buf.contiguous(), expert_offsets, w1, w2, activation)
 
 
@@ -924,9 +934,9 @@ class ExpertMLPs(nn.Module):
     ) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
-            raise _bad("activation", activation, f"one of {_ACTIVATIONS}")
+            raise _bad("activation", activation, f"one of {_ACTIVATIONS}", "ExpertMLPs")
         if ffn_hidden_size < 1:
-            raise _bad("ffn_hidden_size", ffn_hidden_size, "a positive int")
+            raise _bad("ffn_hidden_size", ffn_hidden_size, "a positive int", "ExpertMLPs")
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.ffn_hidden_size = ffn_hidden_size
@@ -1016,7 +1026,9 @@ class MoELayer(nn.Module):
                 f"the layer has hidden_size={hidden_size}, num_experts={num_experts}"
             )
         if not router.build_dispatch:
-            raise ValueError("router was built with dispatch=False; MoELayer needs the dispatch plan")
+            raise ValueError(
+                "moe_router.MoELayer: the router was built with dispatch=False; MoELayer needs the dispatch plan"
+            )
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.router = router
@@ -1039,6 +1051,7 @@ class MoELayer(nn.Module):
 
         The output has the input's dtype. Keyword arguments go to :meth:`TopKRouter.forward`.
         """
+        _check_hidden("MoELayer", hidden_states, self.hidden_size)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
         r = self.router(

@@ -431,11 +431,18 @@ def test_constructor_errors_name_the_argument():
     for kw, arg in cases:
         kw = dict(kw)
         topk = kw.pop("topk", K)
-        with pytest.raises(ValueError, match=arg):
+        with pytest.raises(ValueError, match=rf"^moe_router\.TopKRouter: invalid `{arg}` = "):
             TopKRouter(H, E, topk, **kw)
     r = TopKRouter(H, E, K)
-    with pytest.raises(ValueError, match="hidden_size"):
+    with pytest.raises(ValueError, match=r"^moe_router\.TopKRouter: `hidden_states` .* hidden_size"):
         r(torch.randn(3, H + 1))
+    with pytest.raises(TypeError, match=r"^moe_router\.TopKRouter: `hidden_states` has dtype torch.float64"):
+        r(torch.randn(3, H, dtype=torch.float64))
+    layer = MoELayer(H, 8, E, K)
+    with pytest.raises(ValueError, match=r"^moe_router\.MoELayer: `hidden_states` .* hidden_size"):
+        layer(torch.randn(3, H + 1))
+    with pytest.raises(TypeError, match=r"^moe_router\.MoELayer: `hidden_states` has dtype torch.float64"):
+        layer(torch.randn(3, H, dtype=torch.float64))
     with pytest.raises(ValueError, match="replay_indices"):
         r(torch.randn(3, H), replay_indices=torch.zeros(3, K + 1, dtype=torch.long))
     with pytest.raises(ValueError, match="padding_mask"):
@@ -667,7 +674,7 @@ def test_compile_attach_aux_loss_fullgraph():
 def test_package_exports_modules():
     assert moe_router.modules.TopKRouter is TopKRouter
     assert moe_router.MoELayer is MoELayer
-    assert moe_router.modules.TopkRouter is TopKRouter  # the spelling __init__ exports
+    assert not hasattr(moe_router.modules, "TopkRouter")  # one exported name
 
 
 @needs_ops
