@@ -69,7 +69,7 @@ fn random_routing(
     (idx, w)
 }
 
-/// The keep decision, restated from the SPEC rule.
+/// The keep decision, restated from the rule of `docs/semantics.md` §9.2.
 fn keep_ref(t: usize, j: usize, k: usize, idx: i32, cfg: &DropoutConfig) -> bool {
     idx >= 0
         && uniform(

@@ -26,7 +26,7 @@ fn sig64(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// Base scores of the SPEC mode: softmax (pre), z (post), sigmoid.
+/// Base scores of the mode (`docs/semantics.md` §2.1): softmax (pre), z (post), sigmoid.
 fn base64(z: &[f64], cfg: &TopkGatingConfig) -> Vec<f64> {
     match cfg.score_function {
         ScoreFunction::Softmax if cfg.pre_softmax => softmax64(z),
@@ -657,7 +657,7 @@ fn bitwise_independent_of_thread_count() {
     assert_eq!(g(1), g(3));
 }
 
-// ---------- bad inputs (SPEC "Errors") ----------
+// ---------- bad inputs (`docs/semantics.md` §1.8 "Errors", §2.7) ----------
 
 fn err_of(r: moe_router::Result<()>) -> Error {
     r.expect_err("must be rejected")
