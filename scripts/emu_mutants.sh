@@ -17,7 +17,7 @@ BIN=$(emu_test_bin)
 # name | file | perl substitution (-0 mode: the whole file) | test filter | the bug
 MUTANTS=(
   'race|losses.cu|s/(red2\[tid\] \+= red2\[tid \+ w\];\n\s*\}\n)\s*__syncthreads\(\);/$1/|losses_match|losses_reduce tree sum without its barrier (a shared-memory race)'
-  'tie-order|common.cuh|s/\(u64\)\(0xffffffffu - index\)/(u64)index/|topk_gating_matches|equal scores ranked higher index first (SPEC: lower index first)'
+  'tie-order|common.cuh|s/\(u64\)\(0xffffffffu - index\)/(u64)index/|topk_gating_matches|equal scores ranked higher index first (docs/semantics.md §1.3: lower index first)'
   'oob-write|bias_update.cu|s/(const i128 total = \{red_hi\[0\], red_lo\[0\]\};)/$1 if (tid == 0) bias[num_experts] = 0.0f;/|router_stats_and_bias|a write one element past the end of bias, in-range values untouched'
   'warp-mask|common.cuh|s/(float warp_sum\(float v\) \{.*?)FULL_MASK/${1}0x0000ffffu/s|losses_match|a warp sum whose mask leaves out half of the calling lanes'
   'null-write|bias_update.cu|s/(const i128 total = \{red_hi\[0\], red_lo\[0\]\};)/$1 if (tid == 0) ((float*)((u64)bias >> 48))[0] = rate;/|router_stats_and_bias|a write through a null pointer (fails the launch, not the process)'

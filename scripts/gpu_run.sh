@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one command to run ON the GPU machine (repo root, `.gpu/` carried: see
-# ../shared/gpu/README.md; build it here first with `../shared/gpu/pack.sh`):
+# The one command to run ON the GPU machine (repo root, `.gpu/` carried along with the
+# device run). The project's own packing script, scripts/pack_gpu.sh, builds `.gpu/`
+# here first (test and bench executables with --features cuda, the wheel):
 #
 #     bash scripts/gpu_run.sh
 #
@@ -61,7 +62,7 @@ if [ "${GPU_RUN_SUMMARY_ONLY:-0}" != 1 ]; then
 
   # ---- tests: every test and lib binary, one after the other
   : > "$OUT/tests.log"
-  ls .gpu/bin/test-* .gpu/bin/lib-* >/dev/null 2>&1 || record "tests (no .gpu/bin/test-* or lib-*: run pack.sh)" 127 "$(date +%s)" ""
+  ls .gpu/bin/test-* .gpu/bin/lib-* >/dev/null 2>&1 || record "tests (no .gpu/bin/test-* or lib-*: run scripts/pack_gpu.sh)" 127 "$(date +%s)" ""
   for t in .gpu/bin/test-* .gpu/bin/lib-*; do
     [ -x "$t" ] || continue
     t0=$(date +%s)

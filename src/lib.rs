@@ -4,7 +4,7 @@
 //! build) and CUDA kernels (the `cuda` feature): top-k gating, capacity,
 //! capacity-factor dispatch, expert-choice routing, permute / unpermute of hidden
 //! states, load-balance and z losses, expert dropout, aux-loss-free bias update and
-//! router statistics. The contract every backend follows is `SPEC.md`.
+//! router statistics. The contract every backend follows is `docs/semantics.md`.
 //!
 //! Every op comes in two forms:
 //! - an allocating form over [`ndarray`] views (`topk_gating`, `dispatch`, ...);

@@ -1,8 +1,9 @@
 //! Total order for selection scores, shared by every op that ranks (and mirrored
 //! bit for bit by the CUDA kernels in `cuda/common.cuh`).
 //!
-//! SPEC tie rule: among equal scores the lower index ranks first; a NaN score ranks
-//! below every finite score and below `-inf`; `-0.0 == +0.0`. Both facts are folded
+//! The tie rule of `docs/semantics.md` §1.3: among equal scores the lower index ranks
+//! first; a NaN score ranks below every finite score and below `-inf`;
+//! `-0.0 == +0.0`. Both facts are folded
 //! into one `u64` key, larger = better, so ranking is plain integer comparison:
 //! `key = (score_key(q) << 32) | (u32::MAX - index)`.
 

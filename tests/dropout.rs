@@ -69,7 +69,7 @@ fn random_routing(
     (idx, w)
 }
 
-/// The keep decision, restated from the SPEC rule.
+/// The keep decision, restated from the rule of `docs/semantics.md` §9.2.
 fn keep_ref(t: usize, j: usize, k: usize, idx: i32, cfg: &DropoutConfig) -> bool {
     idx >= 0
         && uniform(
@@ -210,6 +210,83 @@ fn mask_thread_independent_and_into_matches() {
         expert_mask_into(1000, 12, 4, &cfg, &mut flat).unwrap()
     });
     assert_eq!(flat, a.iter().copied().collect::<Vec<_>>());
+}
+
+/// Runs `f` on its own thread and fails the test if it has not returned within
+/// `secs` seconds (a quadratic algorithm would run for hours at these sizes; the
+/// thread is left behind and dies with the test process).
+fn finishes_within<R: Send + 'static>(
+    secs: u64,
+    what: &str,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(r) => r,
+        Err(_) => panic!(
+            "{what}: not finished after {secs} s (expert masking must be O(E log E) per token)"
+        ),
+    }
+}
+
+#[test]
+fn mask_rate_near_one_is_not_quadratic() {
+    // Regression: the top-up unmasked one candidate per full scan of the row, so a
+    // rate close to 1 with a large topk cost O(E * topk) draws per token (35 s for
+    // 1000 tokens at E = topk = 4096; E = topk = 1e5 did not finish). The rule names
+    // a set (the `topk - unmasked` masked candidates with the largest draws), found
+    // with one selection: milliseconds here.
+    let cfg = DropoutConfig::new(0.999_999_9, 3, 4);
+    let m = finishes_within(60, "expert_mask(2, 200000, 200000)", move || {
+        expert_mask(2, 200_000, 200_000, &cfg).unwrap()
+    });
+    assert!(m.iter().all(|&x| !x), "topk = E: nothing may stay masked");
+    let m = finishes_within(60, "expert_mask(256, 4096, 4096)", move || {
+        expert_mask(256, 4096, 4096, &cfg).unwrap()
+    });
+    assert!(m.iter().all(|&x| !x));
+    // topk < E: exactly topk candidates stay, the largest draws of the masked ones.
+    let cfg = DropoutConfig::new(0.999_999_9, 5, 6);
+    let (t, e_n, k) = (3, 150_000, 100_000);
+    let m = finishes_within(60, "expert_mask(3, 150000, 100000)", move || {
+        expert_mask(t, e_n, k, &cfg).unwrap()
+    });
+    for tt in 0..t {
+        assert_eq!(
+            m.row(tt).to_vec(),
+            mask_reference(tt, e_n, k, &cfg),
+            "token {tt}"
+        );
+    }
+}
+
+#[test]
+fn mask_matches_reference_rule_large_rows_and_high_rates() {
+    // The selection must give exactly the set of the one-at-a-time rule, ties in `u`
+    // (24-bit draws: frequent at E = 3000) to the lower index, at every rate.
+    let mut rng = Rng::new(404);
+    for &(t, e_n) in &[(7usize, 3000usize), (40, 257), (64, 33), (5, 2048)] {
+        for &rate in &[0.3f32, 0.9, 0.99, 0.999_999_9] {
+            for &kf in &[0.0f64, 0.01, 0.5, 0.9, 1.0] {
+                let k = (1 + ((e_n - 1) as f64 * kf) as usize).min(e_n);
+                let cfg = DropoutConfig::new(rate, rng.next_u64(), rng.next_u64());
+                let m = expert_mask(t, e_n, k, &cfg).unwrap();
+                for tt in 0..t {
+                    let want = mask_reference(tt, e_n, k, &cfg);
+                    assert_eq!(
+                        m.row(tt).to_vec(),
+                        want,
+                        "T={t} E={e_n} k={k} rate={rate} token {tt}"
+                    );
+                    let free = want.iter().filter(|&&x| !x).count();
+                    assert!(free >= k);
+                }
+            }
+        }
+    }
 }
 
 proptest! {

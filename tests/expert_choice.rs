@@ -155,7 +155,7 @@ fn check_selection(z: &[f32], t_n: usize, e_n: usize, cap: usize) -> Result<(), 
     let logits = Array2::from_shape_vec((t_n, e_n), z.to_vec()).unwrap();
     let out = expert_choice(logits.view(), cap).unwrap();
     let chosen = check_structure(&out, t_n, e_n, cap);
-    // p as the SPEC defines it: the shared f32 softmax of each row
+    // p as `docs/semantics.md` §5 defines it: the shared f32 softmax of each row
     let mut p = vec![0.0f32; t_n * e_n];
     for t in 0..t_n {
         moe_router::cpu::softmax_row(

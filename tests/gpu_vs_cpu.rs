@@ -15,7 +15,8 @@
 //! f32, f16 and bf16 logits. Indices must be equal, except where the selection
 //! scores of the two differing experts are within a few ulps of each other (the GPU's
 //! `expf` and its tree-ordered softmax sum may round differently from the CPU): such
-//! near-ties are counted and must stay rare. Values within the SPEC tolerance.
+//! near-ties are counted and must stay rare. Values within the tolerance of
+//! `docs/semantics.md` §1.7.
 //! Every output buffer is poisoned before each launch. 20 repeated runs must be
 //! bitwise identical.
 //!
@@ -26,7 +27,7 @@
 //! out-of-range device indices act as -1. Expert choice: T up to 65537, E up to
 //! 256, capacities from 0 past T, f32/f16/bf16; integer outputs exact up to rare
 //! near-ties of p (the GPU's exp may differ from libm by an ulp), weights and the
-//! backward within the SPEC tolerance.
+//! backward within the tolerance of `docs/semantics.md` §1.7.
 
 mod common;
 
@@ -136,8 +137,8 @@ fn configs(e: usize, k: usize, rng: &mut Rng) -> Vec<(TopkGatingConfig, bool)> {
     v
 }
 
-/// f64 selection score of every expert of token `t` (the SPEC formula), used only to
-/// recognise near-ties.
+/// f64 selection score of every expert of token `t` (the formula of
+/// `docs/semantics.md` §2.1), used only to recognise near-ties.
 fn selection_scores(
     z: &[f32],
     bias: Option<&[f32]>,
@@ -2165,7 +2166,7 @@ fn dispatch_raw_entry_matches(be: &CudaBackend) {
 // p can differ from the CPU's by an ulp (exp), so an expert's chosen set may differ
 // only between tokens whose CPU p are within a few ulps of each other at the
 // selection boundary; such experts are counted and must stay rare. Everything
-// else is exact; weights within the SPEC tolerance.
+// else is exact; weights within the tolerance of `docs/semantics.md` §1.7.
 // ---------------------------------------------------------------------------
 
 const EC_TOKENS: [usize; 7] = [0, 1, 31, 33, 257, 4099, 65537];

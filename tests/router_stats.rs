@@ -16,7 +16,7 @@ fn cfg() -> RouterStatsConfig {
     RouterStatsConfig::new()
 }
 
-/// Naive float64 statistics, written from the SPEC definitions.
+/// Naive float64 statistics, written from the definitions of `docs/semantics.md` §11.
 struct RefStats {
     valid: usize,
     selected: Vec<i64>,

@@ -26,7 +26,7 @@ fn sig64(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// Base scores of the SPEC mode: softmax (pre), z (post), sigmoid.
+/// Base scores of the mode (`docs/semantics.md` §2.1): softmax (pre), z (post), sigmoid.
 fn base64(z: &[f64], cfg: &TopkGatingConfig) -> Vec<f64> {
     match cfg.score_function {
         ScoreFunction::Softmax if cfg.pre_softmax => softmax64(z),
@@ -362,6 +362,49 @@ fn expert_masking_excludes_masked_candidates() {
     );
 }
 
+#[test]
+fn expert_masking_near_rate_one_is_not_quadratic() {
+    // Regression: with rate 0.9999999 nearly every candidate is masked and the
+    // top-up to `topk` unmasked one candidate per scan of the row: O(E * k) draws per
+    // token ([4, 4096] with k = 4096 was 350x slower than without masking; E = k = 1e5
+    // did not finish). Now one selection per token, so it finishes in milliseconds.
+    let run_within = |t: usize, e: usize, k: usize| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let z: Vec<f32> = (0..t * e).map(|i| ((i * 37) % 101) as f32 * 0.01).collect();
+            let masked = TopkGatingConfig::new(k).expert_masking(0.999_999_9, 21, 8);
+            let _ = tx.send((run(&z, t, e, None, &masked), z));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!("topk_gating [{t}, {e}] k={k} with expert masking: not finished after 60 s")
+            })
+    };
+    // k = E: masking cannot remove anything, the result is plain top-k.
+    for &(t, e) in &[(4usize, 4096usize), (1, 100_000)] {
+        let ((w, idx), z) = run_within(t, e, e);
+        assert_eq!(
+            (w, idx),
+            run(&z, t, e, None, &TopkGatingConfig::new(e)),
+            "[{t}, {e}]"
+        );
+    }
+    // k < E: exactly the k candidates the mask leaves are selected.
+    let (t, e, k) = (2usize, 50_000usize, 40_000usize);
+    let ((_, idx), _) = run_within(t, e, k);
+    let m = moe_router::expert_mask(t, e, k, &moe_router::DropoutConfig::new(0.999_999_9, 21, 8))
+        .unwrap();
+    for tok in 0..t {
+        let mut got: Vec<usize> = idx[tok * k..(tok + 1) * k]
+            .iter()
+            .map(|&x| x as usize)
+            .collect();
+        got.sort_unstable();
+        let want: Vec<usize> = (0..e).filter(|&x| !m[[tok, x]]).collect();
+        assert_eq!(got, want, "token {tok}");
+    }
+}
+
 // ---------- properties ----------
 
 fn gating_case() -> impl Strategy<Value = (usize, usize, usize, Option<(usize, usize)>, u64)> {
@@ -614,7 +657,7 @@ fn bitwise_independent_of_thread_count() {
     assert_eq!(g(1), g(3));
 }
 
-// ---------- bad inputs (SPEC "Errors") ----------
+// ---------- bad inputs (`docs/semantics.md` §1.8 "Errors", §2.7) ----------
 
 fn err_of(r: moe_router::Result<()>) -> Error {
     r.expect_err("must be rejected")

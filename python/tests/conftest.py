@@ -2,7 +2,7 @@
 
 - `requires_cuda`: the CUDA variants; skipped LOUDLY (reason "SKIPPED: no CUDA device")
   on machines without a GPU.
-- `assert_close_f32`: the SPEC tolerance for f32 values (rtol 1.3e-6, atol 1e-5).
+- `assert_close_f32`: the f32 tolerance of docs/semantics.md §1.7 (rtol 1.3e-6, atol 1e-5).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Independent float64 references for the moe_router tests.
 
-Written from SPEC.md with plain PyTorch (and a small NumPy Philox-4x32-10 for the
+Written from docs/semantics.md with plain PyTorch (and a small NumPy Philox-4x32-10 for the
 random streams); nothing here imports moe_router, so a test that compares an op with
 these functions compares two independent implementations.
 """
@@ -43,7 +43,7 @@ def stable_topk(q: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# Top-k gating (SPEC "Top-k gating")
+# Top-k gating (docs/semantics.md §2 "Top-k gating")
 
 
 def gating_weights(z, idx, *, score_function="softmax", pre_softmax=False, normalize=False, scaling_factor=1.0):
@@ -201,7 +201,7 @@ def philox_uniform(seed: int, offset: int, domain: int, index: np.ndarray) -> np
 
 
 def expert_mask(t: int, e: int, k: int, rate: float, seed: int, offset: int) -> torch.Tensor:
-    """SPEC expert masking: candidate (t, e) masked when u < rate; if fewer than k remain,
+    """Expert masking (docs/semantics.md §9.1): candidate (t, e) masked when u < rate; if fewer than k remain,
     the masked candidates with the largest u (ties: lower expert) are unmasked."""
     u = philox_uniform(seed, offset, DOMAIN_EXPERT_MASKING, np.arange(t * e)).reshape(t, e)
     masked = u < np.float32(rate)

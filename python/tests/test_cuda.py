@@ -1,5 +1,5 @@
 """CUDA variants: every op with a CUDA kernel, run on CUDA tensors, against the same op on
-CPU (indices, masks and counts exactly equal; values within the SPEC tolerance), through
+CPU (indices, masks and counts exactly equal; values within the tolerance of docs/semantics.md §1.7), through
 autograd, opcheck, torch.compile(fullgraph=True) and on a non-default stream.
 
 The GPU tests need a CUDA device and are skipped LOUDLY without one (`pytest -rs` shows

@@ -1,5 +1,5 @@
 """capacity, dispatch (five drop policies, three layouts, expert parallelism) and
-expert_choice against brute-force references written here from SPEC.md."""
+expert_choice against brute-force references written here from docs/semantics.md."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def _spread_gate(router, seed=1, std=1.0):
 
 
 def ref_weights(logits64, idx, score_function, pre_softmax, normalize, scaling):
-    """Weights of the given selected experts, per token, from the SPEC formulas."""
+    """Weights of the given selected experts, per token, from the formulas of docs/semantics.md §2."""
     T, k = idx.shape
     w = torch.zeros(T, k, dtype=torch.float64)
     for t in range(T):

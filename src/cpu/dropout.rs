@@ -3,6 +3,7 @@
 use crate::cpu::CHUNK;
 use crate::ops::DropoutConfig;
 use crate::philox::{uniform, Domain};
+use crate::select::{key_index, rank_key};
 use rayon::prelude::*;
 
 /// Expert-masking mask of token `t` into `masked [num_experts]` (`true` = masked).
@@ -11,6 +12,14 @@ use rayon::prelude::*;
 /// `u = uniform(seed, offset, ExpertMasking, t * E + e) < rate`. If that leaves fewer
 /// than `topk` unmasked candidates, the masked candidates with the largest `u`
 /// (ties: lower expert index) are unmasked until exactly `topk` remain.
+///
+/// Cost: `O(E)` generator draws and an `O(E)` selection (`select_nth_unstable`) among
+/// the masked candidates, whatever the rate (the rule names a set, not a sequence of
+/// re-draws, so the `topk - unmasked` largest draws are found in one selection).
+///
+/// Never panics: only the first `min(num_experts, masked.len())` entries are written
+/// (the validated callers pass exactly `num_experts`), and `t * E + e` is formed in
+/// wrapping `u64` arithmetic (it fits for every validated size).
 pub fn expert_mask_row(
     t: usize,
     num_experts: usize,
@@ -18,32 +27,49 @@ pub fn expert_mask_row(
     cfg: &DropoutConfig,
     masked: &mut [bool],
 ) {
-    let base = (t * num_experts) as u64;
+    expert_mask_row_with(t, num_experts, topk, cfg, masked, &mut Vec::new());
+}
+
+/// [`expert_mask_row`] with a caller-owned scratch (reused across tokens).
+pub(crate) fn expert_mask_row_with(
+    t: usize,
+    num_experts: usize,
+    topk: usize,
+    cfg: &DropoutConfig,
+    masked: &mut [bool],
+    keys: &mut Vec<u64>,
+) {
+    let n = num_experts.min(masked.len());
+    let masked = &mut masked[..n];
+    let base = (t as u64).wrapping_mul(num_experts as u64);
+    // The rank key of a masked candidate's draw: larger `u` first, then lower index.
+    keys.clear();
     let mut unmasked = 0usize;
-    for (e, m) in masked.iter_mut().enumerate().take(num_experts) {
-        let u = uniform(cfg.seed, cfg.offset, Domain::ExpertMasking, base + e as u64);
+    for (e, m) in masked.iter_mut().enumerate() {
+        let u = uniform(
+            cfg.seed,
+            cfg.offset,
+            Domain::ExpertMasking,
+            base.wrapping_add(e as u64),
+        );
         *m = u < cfg.rate;
-        unmasked += usize::from(!*m);
+        if *m {
+            keys.push(rank_key(u, e));
+        } else {
+            unmasked += 1;
+        }
     }
-    while unmasked < topk {
-        // Unmask the masked candidate with the largest u (ties: lower index).
-        let mut best: Option<(f32, usize)> = None;
-        for (e, &m) in masked.iter().enumerate().take(num_experts) {
-            if m {
-                let u = uniform(cfg.seed, cfg.offset, Domain::ExpertMasking, base + e as u64);
-                // (`Option::is_none_or` would need Rust 1.82; the MSRV is 1.80.)
-                if best.map_or(true, |(bu, _)| u > bu) {
-                    best = Some((u, e));
-                }
-            }
-        }
-        match best {
-            Some((_, e)) => {
-                masked[e] = false;
-                unmasked += 1;
-            }
-            None => break,
-        }
+    let need = topk.saturating_sub(unmasked);
+    if need == 0 {
+        return;
+    }
+    // Unmask the `need` masked candidates with the largest keys (all of them if there
+    // are no more than that). Keys are distinct (they end with the index).
+    if need < keys.len() {
+        keys.select_nth_unstable_by(need - 1, |a, b| b.cmp(a));
+    }
+    for &key in keys.iter().take(need) {
+        masked[key_index(key)] = false;
     }
 }
 
@@ -60,14 +86,14 @@ pub fn expert_mask(
     if num_experts == 0 {
         return;
     }
-    let n = (num_tokens * num_experts).min(masked.len());
+    let n = num_tokens.saturating_mul(num_experts).min(masked.len());
     let masked = &mut masked[..n];
     masked
         .par_chunks_mut(CHUNK * num_experts)
         .enumerate()
-        .for_each(|(c, chunk)| {
+        .for_each_init(Vec::new, |keys, (c, chunk)| {
             for (i, row) in chunk.chunks_mut(num_experts).enumerate() {
-                expert_mask_row(c * CHUNK + i, num_experts, topk, cfg, row);
+                expert_mask_row_with(c * CHUNK + i, num_experts, topk, cfg, row, keys);
             }
         });
 }

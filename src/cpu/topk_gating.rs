@@ -5,7 +5,7 @@
 //! the result does not depend on the number of threads.
 
 use super::{sigmoid, CHUNK};
-use crate::cpu::dropout::expert_mask_row;
+use crate::cpu::dropout::expert_mask_row_with;
 use crate::ops::{ScoreFunction, TopkGatingConfig};
 use crate::philox::{normal, Domain};
 use crate::select::{key_index, rank_key, top_k_desc};
@@ -23,6 +23,7 @@ struct Scratch {
     keys: Vec<u64>,
     group_keys: Vec<u64>,
     masked: Vec<bool>,
+    mask_keys: Vec<u64>,
 }
 
 impl Scratch {
@@ -34,6 +35,7 @@ impl Scratch {
             keys: Vec::with_capacity(num_experts),
             group_keys: Vec::with_capacity(num_groups),
             masked: vec![false; num_experts],
+            mask_keys: Vec::new(),
         }
     }
 }
@@ -143,7 +145,7 @@ fn select_row(
     let base = (t * num_experts) as u64;
     if let Some(m) = &cfg.expert_masking {
         if m.rate > 0.0 {
-            expert_mask_row(t, num_experts, k, m, &mut s.masked);
+            expert_mask_row_with(t, num_experts, k, m, &mut s.masked, &mut s.mask_keys);
         } else {
             s.masked.fill(false);
         }

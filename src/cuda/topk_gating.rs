@@ -4,8 +4,9 @@
 //! One warp per token for `num_experts <= 256` (4 tokens per block), one 256-thread
 //! block per token for `num_experts <= 2048`; `topk <= 32`. Outputs match
 //! [`crate::cpu::topk_gating`]: indices exactly (ties and NaN by the shared rank key),
-//! weights and gradients within the SPEC tolerance (the softmax sum over all experts
-//! is a tree reduction, the rest mirrors the CPU's order of operations).
+//! weights and gradients within the tolerance of `docs/semantics.md` §1.7 (the
+//! softmax sum over all experts is a tree reduction, the rest mirrors the CPU's order
+//! of operations).
 //!
 //! What cannot be checked without reading device memory (a host-device sync) is not
 //! checked: a non-finite `expert_bias` and replay `indices` out of range or repeated.

@@ -1,7 +1,7 @@
 //! Top-k gating: scores, expert bias, group-limited routing, selection noise, expert
 //! masking, top-k selection and routing weights; routing replay; backward.
 //!
-//! SPEC "Top-k gating". Modes:
+//! `docs/semantics.md` §2 "Top-k gating". Modes:
 //! - **softmax, `pre_softmax = true`** (Switch, DeepSeek-V2, Qwen-MoE): `p = softmax(z)`
 //!   over all experts, select on `q = p + b`, `w_j = p[i_j]`;
 //! - **softmax, `pre_softmax = false`** (Mixtral; Megatron's default): select on
