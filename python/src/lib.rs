@@ -13,16 +13,22 @@
 
 use pyo3::prelude::*;
 
+mod bias_update;
 mod common;
 mod device;
+mod dropout;
 mod error;
 mod permute;
+mod router_stats;
 mod tensor;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     permute::register(m)?;
+    dropout::register(m)?;
+    bias_update::register(m)?;
+    router_stats::register(m)?;
     m.add_function(wrap_pyfunction!(device::cuda_device_count, m)?)?;
     m.add_function(wrap_pyfunction!(device::_emulate_cuda_on_cpu, m)?)?;
     m.add_function(wrap_pyfunction!(device::_cuda_calls, m)?)?;
