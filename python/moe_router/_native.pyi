@@ -20,6 +20,8 @@ Workspaces are caller-allocated, sized by the ``*_workspace_len`` functions.
 
 from typing import Optional, Tuple
 
+from torch import Tensor
+
 Buf = Tuple[int, int]
 
 __version__: str
@@ -99,22 +101,36 @@ def z_loss_backward(
     dtype: str, logits: Buf, num_tokens: int, num_experts: int, padding_mask: Optional[Buf], coeff: float,
     grad_loss: float, grad_logits: Buf,
 ) -> None: ...
-def expert_mask(num_tokens: int, num_experts: int, topk: int, rate: float, seed: int, offset: int, masked: Buf) -> None: ...
+# --- Tensor bindings: one function per op for CPU and CUDA tensors -------------------
+# Tensors in (inputs, then the outputs the call fills), options as keyword arguments.
+# Each tensor's dtype, shape, contiguity and device are read through DLPack and checked
+# (``TypeError`` for a dtype, ``ValueError`` for a shape / device mix / overlapping
+# output); CPU tensors run the Rust reference, CUDA tensors the kernels on torch's
+# current stream of their device, without a host synchronisation.
+
+def expert_mask(masked: Tensor, *, topk: int, rate: float, seed: int, offset: int) -> None:
+    """Fills ``masked`` ``[num_tokens, num_experts]`` bool (True = masked); seed / offset in [0, 2**64)."""
 def assignment_dropout(
-    indices: Buf, weights: Buf, num_tokens: int, topk: int, num_experts: int, rate: float, seed: int, offset: int,
-    renormalize: bool, out_indices: Buf, out_weights: Buf, keep: Buf,
-) -> int:
-    """Returns the number of routed assignments dropped."""
+    indices: Tensor, weights: Tensor, out_indices: Tensor, out_weights: Tensor, keep: Tensor, dropped: Tensor, *,
+    num_experts: int, rate: float, seed: int, offset: int, renormalize: bool,
+) -> None:
+    """``indices`` int32 / ``weights`` float32 ``[T, k]`` → ``out_indices`` int32, ``out_weights`` float32,
+    ``keep`` bool ``[T, k]`` and ``dropped`` (0-d int64: routed assignments dropped)."""
 def assignment_dropout_backward(
-    indices: Buf, weights: Buf, keep: Buf, num_tokens: int, topk: int, renormalize: bool, grad_out: Buf,
-    grad_weights: Buf,
-) -> None: ...
-def update_expert_bias(bias: Buf, counts: Buf, rate: float) -> None: ...
+    indices: Tensor, weights: Tensor, keep: Tensor, grad_out: Tensor, grad_weights: Tensor, *, renormalize: bool
+) -> None:
+    """``grad_weights`` float32 ``[T, k]`` from the forward's inputs, its ``keep`` and ``grad_out`` float32."""
+def update_expert_bias(bias: Tensor, counts: Tensor, *, rate: float) -> None:
+    """``bias`` ``[E]`` float32 (contiguous) updated in place from ``counts`` ``[E]`` int64."""
 def router_stats(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, indices: Buf, topk: int, slots: Optional[Buf],
-    padding_mask: Optional[Buf], strict: bool, selected_counts_out: Buf, kept_counts_out: Optional[Buf],
-) -> Tuple[int, int, float, float, float, float, int]:
-    """Returns (num_tokens, dropped, max_violation, mean_entropy, mean_lse, max_lse, nonfinite_logits)."""
+    logits: Tensor, indices: Tensor, slots: Optional[Tensor], padding_mask: Optional[Tensor],
+    selected_counts: Tensor, kept_counts: Tensor, scalars: Tensor, floats: Tensor, *, strict: bool,
+) -> None:
+    """``logits`` ``[T, E]`` float32 / float16 / bfloat16, ``indices`` / ``slots`` ``[T, k]`` int32,
+    ``padding_mask`` ``[T]`` bool → ``selected_counts`` / ``kept_counts`` ``[E]`` int64 (kept zeros without
+    slots), ``scalars`` ``[4]`` int64 = (valid tokens, dropped, non-finite logits, sum selected), ``floats``
+    ``[4]`` float32 = (max_violation, mean_entropy, mean_lse, max_lse). ``strict``: ``ValueError`` on
+    non-finite logits of valid tokens (on CUDA after one host read of the count)."""
 
 # --- CUDA (feature `cuda`) -------------------------------------------------------------
 
@@ -124,8 +140,6 @@ def losses_workspace_len(num_tokens: int, num_experts: int, seq_len: Optional[in
     """f64 elements of the loss forward workspace (aux / z: ``seq_len=None``)."""
 def aux_loss_backward_workspace_len(num_tokens: int, num_experts: int, seq_len: Optional[int] = None) -> int:
     """f32 elements of the aux-loss backward workspace."""
-def router_stats_workspace_len(num_tokens: int) -> int:
-    """f64 elements of the router-statistics workspace."""
 def unpermute_backward_workspace_len(num_rows: int) -> int:
     """i32 elements of the unpermute-backward workspace."""
 def cuda_topk_gating(
@@ -206,22 +220,3 @@ def cuda_z_loss_backward(
     device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
     padding_mask: Optional[Buf], valid_tokens: Buf, coeff: float, grad_loss: Buf, grad_logits: Buf,
 ) -> None: ...
-def cuda_expert_mask(
-    device: int, stream: int, num_tokens: int, num_experts: int, topk: int, rate: float, seed: int, offset: int,
-    masked: Buf,
-) -> None: ...
-def cuda_assignment_dropout(
-    device: int, stream: int, indices: Buf, weights: Buf, num_tokens: int, topk: int, num_experts: int, rate: float,
-    seed: int, offset: int, renormalize: bool, out_indices: Buf, out_weights: Buf, keep: Buf, dropped: Buf,
-) -> None: ...
-def cuda_assignment_dropout_backward(
-    device: int, stream: int, indices: Buf, weights: Buf, keep: Buf, num_tokens: int, topk: int, renormalize: bool,
-    grad_out: Buf, grad_weights: Buf,
-) -> None: ...
-def cuda_update_expert_bias(device: int, stream: int, bias: Buf, counts: Buf, rate: float) -> None: ...
-def cuda_router_stats(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, indices: Buf, topk: int,
-    slots: Optional[Buf], padding_mask: Optional[Buf], selected_counts: Buf, kept_counts: Buf, scalars: Buf,
-    floats: Buf, workspace: Buf,
-) -> None:
-    """scalars = (valid tokens, dropped, non-finite logits, sum selected); no strict mode."""

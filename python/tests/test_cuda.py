@@ -32,7 +32,6 @@ def test_default_build_has_the_cuda_bindings():
     assert isinstance(_native.cuda_device_count(), int)  # never raises, 0 without a driver
     assert _native.losses_workspace_len(100, 8) > 0
     assert _native.aux_loss_backward_workspace_len(100, 8, 10) == 10 * 8
-    assert _native.router_stats_workspace_len(0) == 0
     assert _native.unpermute_backward_workspace_len(17) == 17
     # i32 words: at least the three per-assignment arrays (positions, slots, keys).
     assert _native.cuda_dispatch_workspace_len(300, 2, 8, 3, "position", "compact", 1, False, 1, 0, 0) >= 3 * 600
@@ -80,12 +79,6 @@ def test_cuda_bindings_reject_bad_sizes_for_every_op():
                                           (f + s, 1), (f + 2 * s, 8), (f + 5 * s, 7), (f + 3 * s, 2), (f + 4 * s, 99)),
         lambda: _native.cuda_z_loss(0, 0, "f16", (f, 32), 8, 4, (f + s, 7), 1.0, (f + 2 * s, 1),
                                     (f + 3 * s, 1), (f + 4 * s, 99)),
-        lambda: _native.cuda_expert_mask(0, 0, 8, 4, 2, 0.5, 0, 0, (f, 31)),
-        lambda: _native.cuda_assignment_dropout(0, 0, (f, 16), (f + s, 16), 8, 2, 4, 0.5, 0, 0, True,
-                                                (f + 2 * s, 16), (f + 3 * s, 16), (f + 4 * s, 16), (f + 5 * s, 2)),
-        lambda: _native.cuda_update_expert_bias(0, 0, (f, 4), (f + s, 5), 0.1),
-        lambda: _native.cuda_router_stats(0, 0, "f32", (f, 32), 8, 4, (f + s, 16), 2, None, None, (f + 2 * s, 4),
-                                          (f + 3 * s, 4), (f + 4 * s, 3), (f + 5 * s, 4), (f + 6 * s, 99)),
         lambda: _native.cuda_topk_gating_backward(0, 0, "f32", (f, 32), 8, 4, (0, 16), 2, (f + s, 16), "softmax",
                                                   False, False, 1.0, (f + 2 * s, 32)),
     ]  # fmt: skip
