@@ -1061,8 +1061,8 @@ def router_stats(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """selected_counts [E] i64; kept_counts [E] i64 (zeros without slot); ints [3] i64 =
     (num_tokens, dropped, nonfinite_logits); floats [4] f32 = (max_violation,
-    mean_entropy, mean_lse, max_lse). With `strict`, a CUDA call reads the
-    non-finite count on the host (one sync)."""
+    mean_entropy, mean_lse, max_lse). Statistics: no output is differentiable. With
+    `strict`, a CUDA call reads the non-finite count on the host (one sync)."""
     op = "router_stats"
     _device(op, logits=logits, indices=indices, slot=slot, padding_mask=padding_mask)
     logits = logits.contiguous()
@@ -1088,6 +1088,19 @@ def _(logits, indices, slot, padding_mask, strict):
         logits.new_empty((3,), dtype=torch.int64),
         logits.new_empty((4,), dtype=torch.float32),
     )
+
+
+def _stats_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _stats_bwd(ctx, *grads):
+    return (None,) * 5
+
+
+# Statistics are not differentiable: the outputs are marked so (no graph to the logits),
+# and torch.compile traces the op without a backward through it.
+router_stats.register_autograd(_stats_bwd, setup_context=_stats_setup)
 
 
 #: Every custom op of the package (the tests run ``torch.library.opcheck`` on each).

@@ -1,6 +1,6 @@
 """expert_mask, assignment_dropout (with its gradient), update_expert_bias and
 router_stats against the independent references in reference.py (incl. a NumPy
-Philox-4x32-10 checked on Random123's known answers)."""
+Philox-4x32-10 checked on Random123's known answers), and regressions."""
 
 from __future__ import annotations
 
@@ -143,3 +143,51 @@ def test_router_stats_count_nonfinite_and_strict_mode_raises():
     # padding tokens are excluded, also from the strict check
     ok = mr.router_stats(z, idx, padding_mask=torch.tensor([False, True, False, True]), strict=True)
     assert int(ok.nonfinite_logits) == 0 and int(ok.num_tokens) == 2
+
+
+# --------------------------------------------------------------------------------------
+# Regressions
+
+
+def _stats_inputs(t=16, e=8, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, 4, generator=g)
+    w = torch.randn(e, 4, generator=g, requires_grad=True)
+    return x, w, k
+
+
+def test_router_stats_outputs_are_not_differentiable():
+    # The statistics used to carry the logits' autograd graph (through an op without an
+    # autograd formula): a loss that logged one of them could not be backpropagated.
+    x, w, k = _stats_inputs()
+    z = x @ w.t()
+    s = mr.router_stats(z, torch.topk(z.detach(), k).indices)
+    for name, v in s._asdict().items():
+        if v is not None:
+            assert not v.requires_grad and v.grad_fn is None, name
+    raw = torch.ops.moe_router.router_stats(z, torch.topk(z.detach(), k).indices, None, None, False)
+    assert not any(o.requires_grad for o in raw)
+    (z.square().sum() + s.max_violation + s.mean_entropy).backward()
+    want = torch.autograd.grad((x @ w.t()).square().sum(), w)[0]
+    assert torch.equal(w.grad, want)  # the statistics are constants of the loss
+
+
+def test_router_stats_compile_fullgraph_returning_max_violation():
+    x, w, k = _stats_inputs(seed=1)
+
+    def stats(x, w):
+        z = x @ w.t()
+        return mr.router_stats(z, torch.topk(z, k).indices).max_violation
+
+    def loss(x, w):
+        z = x @ w.t()
+        return z.square().mean() + mr.router_stats(z, torch.topk(z, k).indices).max_violation
+
+    torch._dynamo.reset()
+    got = torch.compile(stats, fullgraph=True)(x, w)
+    assert torch.equal(got, stats(x, w)) and not got.requires_grad
+    got = torch.compile(loss, fullgraph=True)(x, w)
+    assert_close_f32(got, loss(x, w))
+    got.backward()
+    want = torch.autograd.grad((x @ w.t()).square().mean(), w)[0]
+    assert_close_f32(w.grad, want)
