@@ -950,6 +950,10 @@ def expert_mask(
 ) -> Tensor:
     """masked [T, E] bool (True = masked), at least topk candidates left per token."""
     dev = torch.device(device)
+    if dev.type == "meta":
+        # No tensor input carries the device, so the dispatcher does not pick the fake
+        # kernel for a meta device on its own: shapes only, as every other op.
+        return _expert_mask_fake(num_tokens, num_experts, dev)
     masked = torch.empty((num_tokens, num_experts), dtype=torch.bool, device=dev)
     _native.expert_mask(masked, topk=topk, rate=rate, seed=_u64(seed), offset=_u64(offset))
     return masked

@@ -191,3 +191,10 @@ def test_router_stats_compile_fullgraph_returning_max_violation():
     got.backward()
     want = torch.autograd.grad((x @ w.t()).square().mean(), w)[0]
     assert_close_f32(w.grad, want)
+
+
+def test_expert_mask_on_the_meta_device_gives_meta_tensors():
+    m = mr.expert_mask(6, 8, 2, 0.5, seed=3, device="meta")
+    assert m.device.type == "meta" and m.shape == (6, 8) and m.dtype == torch.bool
+    m = torch.ops.moe_router.expert_mask(5, 4, 1, 0.0, 0, 0, torch.device("meta"))
+    assert m.device.type == "meta" and m.shape == (5, 4) and m.dtype == torch.bool
