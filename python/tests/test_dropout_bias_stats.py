@@ -12,7 +12,7 @@ import torch
 
 import moe_router as mr
 import reference as ref
-from conftest import assert_close_f32
+from conftest import assert_close_f32, requires_cuda
 
 
 def test_reference_philox_matches_random123_known_answers():
@@ -198,3 +198,31 @@ def test_expert_mask_on_the_meta_device_gives_meta_tensors():
     assert m.device.type == "meta" and m.shape == (6, 8) and m.dtype == torch.bool
     m = torch.ops.moe_router.expert_mask(5, 4, 1, 0.0, 0, 0, torch.device("meta"))
     assert m.device.type == "meta" and m.shape == (5, 4) and m.dtype == torch.bool
+
+
+def _nonfinite_logits():
+    z = torch.zeros(4, 4)
+    z[1, 2] = math.nan
+    return z, torch.tensor([[0], [1], [2], [3]])
+
+
+def test_router_stats_strict_error_message():
+    z, idx = _nonfinite_logits()
+    with pytest.raises(ValueError) as info:
+        mr.router_stats(z, idx, strict=True)
+    assert str(info.value) == (
+        "moe_router.router_stats: argument `logits` holds 1 non-finite value(s) (NaN or ±Inf) and strict mode is on; "
+        "fix the producer of `logits` or turn strict mode off"
+    )
+
+
+@requires_cuda
+def test_router_stats_strict_error_is_the_same_on_cuda():
+    # (test_cuda_emu.py checks the same on the emulator.)
+    z, idx = _nonfinite_logits()
+    msgs = []
+    for dev in ("cpu", "cuda"):
+        with pytest.raises(ValueError) as info:
+            mr.router_stats(z.to(dev), idx.to(dev), strict=True)
+        msgs.append(str(info.value))
+    assert msgs[0] == msgs[1]
