@@ -226,3 +226,15 @@ def test_router_stats_strict_error_is_the_same_on_cuda():
             mr.router_stats(z.to(dev), idx.to(dev), strict=True)
         msgs.append(str(info.value))
     assert msgs[0] == msgs[1]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True, None])
+def test_topk_router_validates_seed_at_construction(seed):
+    with pytest.raises(ValueError, match="seed"):
+        mr.TopKRouter(8, 4, 2, seed=seed)
+
+
+def test_topk_router_takes_every_uint64_seed():
+    for seed in (0, 2**63, 2**64 - 1, np.uint64(2**64 - 1)):
+        r = mr.TopKRouter(8, 4, 2, seed=seed, expert_dropout=0.5)
+        assert r.seed == int(seed) and type(r.seed) is int
