@@ -123,8 +123,8 @@ def assignment_dropout_backward(
 def update_expert_bias(bias: Tensor, counts: Tensor, *, rate: float) -> None:
     """``bias`` ``[E]`` float32 (contiguous) updated in place from ``counts`` ``[E]`` int64."""
 def router_stats(
-    logits: Tensor, indices: Tensor, slots: Optional[Tensor], padding_mask: Optional[Tensor],
-    selected_counts: Tensor, kept_counts: Tensor, scalars: Tensor, floats: Tensor, *, strict: bool,
+    logits: Tensor, indices: Tensor, selected_counts: Tensor, kept_counts: Tensor, scalars: Tensor, floats: Tensor, *,
+    slots: Optional[Tensor] = None, padding_mask: Optional[Tensor] = None, strict: bool,
 ) -> None:
     """``logits`` ``[T, E]`` float32 / float16 / bfloat16, ``indices`` / ``slots`` ``[T, k]`` int32,
     ``padding_mask`` ``[T]`` bool → ``selected_counts`` / ``kept_counts`` ``[E]`` int64 (kept zeros without

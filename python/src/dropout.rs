@@ -66,7 +66,6 @@ pub(crate) fn expert_mask<'py>(
 #[pyfunction]
 #[pyo3(signature = (indices, weights, out_indices, out_weights, keep, dropped, **opts))]
 pub(crate) fn assignment_dropout<'py>(
-    py: Python<'py>,
     indices: &Bound<'py, PyAny>,
     weights: &Bound<'py, PyAny>,
     out_indices: &Bound<'py, PyAny>,
@@ -76,6 +75,7 @@ pub(crate) fn assignment_dropout<'py>(
     opts: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<()> {
     const OP: &str = "assignment_dropout";
+    let py = indices.py(); // (not a parameter: six tensors and the options are enough)
     let o = Opts::new(OP, opts);
     let num_experts: usize = o.req("num_experts", "an int >= 1")?;
     let cfg = dropout_config(OP, &o)?;

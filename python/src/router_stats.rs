@@ -21,37 +21,38 @@ fn nonfinite(count: u64) -> PyErr {
 }
 
 /// Router statistics in one pass over `logits` `[num_tokens, num_experts]` (float32 /
-/// float16 / bfloat16) and the routing `indices` `[num_tokens, topk]` int32, with
-/// optional `slots` (`[num_tokens, topk]` int32, -1 = dropped) and `padding_mask`
-/// (`[num_tokens]` bool, `True` = padding). Fills `selected_counts` and `kept_counts`
-/// (`[num_experts]` int64; kept zeros without `slots`), `scalars` `[4]` int64 =
-/// (valid tokens, dropped, non-finite logits, Σ selected) and `floats` `[4]` float32 =
-/// (max_violation, mean_entropy, mean_lse, max_lse). Option: `strict` (`ValueError`
-/// when a valid token's logits hold NaN / ±Inf; on CUDA this reads the non-finite count
-/// on the host, one synchronisation).
+/// float16 / bfloat16) and the routing `indices` `[num_tokens, topk]` int32. Fills
+/// `selected_counts` and `kept_counts` (`[num_experts]` int64; kept zeros without
+/// `slots`), `scalars` `[4]` int64 = (valid tokens, dropped, non-finite logits,
+/// Σ selected) and `floats` `[4]` float32 = (max_violation, mean_entropy, mean_lse,
+/// max_lse). Keyword arguments: the optional input tensors `slots` (`[num_tokens, topk]`
+/// int32, -1 = dropped) and `padding_mask` (`[num_tokens]` bool, `True` = padding),
+/// and the option `strict` (`ValueError` when a valid token's logits hold NaN / ±Inf;
+/// on CUDA this reads the non-finite count on the host, one synchronisation).
 #[pyfunction]
-#[pyo3(signature = (logits, indices, slots, padding_mask, selected_counts, kept_counts, scalars, floats, **opts))]
+#[pyo3(signature = (logits, indices, selected_counts, kept_counts, scalars, floats, **opts))]
 pub(crate) fn router_stats<'py>(
-    py: Python<'py>,
     logits: &Bound<'py, PyAny>,
     indices: &Bound<'py, PyAny>,
-    slots: Option<&Bound<'py, PyAny>>,
-    padding_mask: Option<&Bound<'py, PyAny>>,
     selected_counts: &Bound<'py, PyAny>,
     kept_counts: &Bound<'py, PyAny>,
     scalars: &Bound<'py, PyAny>,
     floats: &Bound<'py, PyAny>,
     opts: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<()> {
+    let py = logits.py(); // (not a parameter: six tensors and the keywords are enough)
     let o = Opts::new(OP, opts);
+    let slots: Option<Bound<'py, PyAny>> = o.opt("slots", "a torch.Tensor or None")?;
+    let padding_mask: Option<Bound<'py, PyAny>> =
+        o.opt("padding_mask", "a torch.Tensor or None")?;
     let strict: bool = o.req("strict", "a bool")?;
     o.done()?;
     let scalars_obj = scalars;
     let mut a = Args::new(OP);
     let (z, idx) = (a.input("logits", logits)?, a.input("indices", indices)?);
     let (sl, pm) = (
-        a.opt_input("slots", slots)?,
-        a.opt_input("padding_mask", padding_mask)?,
+        a.opt_input("slots", slots.as_ref())?,
+        a.opt_input("padding_mask", padding_mask.as_ref())?,
     );
     let (sel, kept) = (
         a.output("selected_counts", selected_counts)?,

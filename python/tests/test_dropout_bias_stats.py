@@ -265,11 +265,13 @@ def _native_calls():
         return lambda: n.assignment_dropout(*a.values(), **{o: v for o, v in opts.items() if v is not ...})
 
     def stats(**kw):
-        a = dict(logits=z, indices=idx, slots=None, padding_mask=None,
-                 selected_counts=torch.empty(e, dtype=torch.int64), kept_counts=torch.empty(e, dtype=torch.int64),
-                 scalars=torch.empty(4, dtype=torch.int64), floats=torch.empty(4))  # fmt: skip
+        a = dict(logits=z, indices=idx, selected_counts=torch.empty(e, dtype=torch.int64),
+                 kept_counts=torch.empty(e, dtype=torch.int64), scalars=torch.empty(4, dtype=torch.int64),
+                 floats=torch.empty(4))  # fmt: skip
+        opts = dict(slots=None, padding_mask=None, strict=False)
+        opts.update({o: kw.pop(o) for o in list(kw) if o not in a})
         a.update(kw)
-        return lambda: n.router_stats(*a.values(), strict=False)
+        return lambda: n.router_stats(*a.values(), **opts)
 
     bias = torch.zeros(e)
     shared = torch.zeros(e, dtype=torch.int64)  # bias (its first half, as float32) over counts
@@ -314,6 +316,10 @@ def _native_calls():
         ("stats/scalars-3", stats(scalars=torch.empty(3, dtype=torch.int64)), ValueError, "scalars"),
         ("stats/floats-f64", stats(floats=torch.empty(4, dtype=torch.float64)), TypeError, "floats"),
         ("stats/device-mix", stats(logits=z.to("meta")), ValueError, "logits"),
+        ("stats/slots-list", stats(slots=[[0]]), TypeError, "slots"),
+        ("stats/strict-missing", lambda: n.router_stats(z, idx, *[torch.empty(e, dtype=torch.int64)] * 2,
+                                                        torch.empty(4, dtype=torch.int64), torch.empty(4)),
+         TypeError, "strict"),
     ]
 
 
