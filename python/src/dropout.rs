@@ -75,7 +75,7 @@ pub(crate) fn assignment_dropout<'py>(
     opts: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<()> {
     const OP: &str = "assignment_dropout";
-    let py = indices.py(); // (not a parameter: six tensors and the options are enough)
+    let py = indices.py(); // (from a tensor: one parameter fewer)
     let o = Opts::new(OP, opts);
     let num_experts: usize = o.req("num_experts", "an int >= 1")?;
     let cfg = dropout_config(OP, &o)?;

@@ -40,14 +40,13 @@ pub(crate) fn router_stats<'py>(
     floats: &Bound<'py, PyAny>,
     opts: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<()> {
-    let py = logits.py(); // (not a parameter: six tensors and the keywords are enough)
+    let py = logits.py(); // (from a tensor: one parameter fewer)
     let o = Opts::new(OP, opts);
     let slots: Option<Bound<'py, PyAny>> = o.opt("slots", "a torch.Tensor or None")?;
     let padding_mask: Option<Bound<'py, PyAny>> =
         o.opt("padding_mask", "a torch.Tensor or None")?;
     let strict: bool = o.req("strict", "a bool")?;
     o.done()?;
-    let scalars_obj = scalars;
     let mut a = Args::new(OP);
     let (z, idx) = (a.input("logits", logits)?, a.input("indices", indices)?);
     let (sl, pm) = (
@@ -140,7 +139,7 @@ pub(crate) fn router_stats<'py>(
     if strict {
         // The one host read of the op (documented): the non-finite count, read through
         // torch on the current stream, after the kernels queued above.
-        let count: i64 = scalars_obj.get_item(2)?.call_method0("item")?.extract()?;
+        let count: i64 = scalars.get_item(2)?.call_method0("item")?.extract()?;
         if count > 0 {
             return Err(nonfinite(count as u64));
         }
