@@ -63,8 +63,10 @@ else
   "${pip[@]}" install "$torch_spec"
 fi
 
-say "installing numpy pytest matplotlib tqdm maturin"
-"${pip[@]}" install -q numpy pytest matplotlib tqdm "maturin>=1.9,<2"
+say "installing numpy pytest matplotlib tqdm maturin ziglang ruff"
+# ziglang: maturin links the release wheel for manylinux2014 through zig
+# (scripts/check_release.sh); ruff: the Python lint gate.
+"${pip[@]}" install -q numpy pytest matplotlib tqdm "maturin>=1.9,<2" "ziglang==0.15.2" "ruff==0.14.*"
 
 say "building and installing ./python (moe_router, incremental Rust build in python/target)"
 # --no-build-isolation: use the venv's maturin, so the build does not download it again;

@@ -13,9 +13,11 @@ host synchronisation (workspaces come from torch's allocator). Dtypes: logits / 
 states float32, float16 or bfloat16; indices int32; weights float32; masks torch.bool.
 """
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from torch import Tensor
+
+Buf = Tuple[int, int]
 
 __version__: str
 DROP_POLICIES: tuple
@@ -93,19 +95,34 @@ def z_loss_backward(
     dtype: str, logits: Buf, num_tokens: int, num_experts: int, padding_mask: Optional[Buf], coeff: float,
     grad_loss: float, grad_logits: Buf,
 ) -> None: ...
-def expert_mask(num_tokens: int, num_experts: int, topk: int, rate: float, seed: int, offset: int, masked: Buf) -> None: ...
+# --- Tensor bindings: one function per op for CPU and CUDA tensors -------------------
+# Tensors in (inputs, then the outputs the call fills), options as keyword arguments.
+# Each tensor's dtype, shape, contiguity and device are read through DLPack and checked
+# (``TypeError`` for a dtype, ``ValueError`` for a shape / device mix / overlapping
+# output); CPU tensors run the Rust reference, CUDA tensors the kernels on torch's
+# current stream of their device, without a host synchronisation.
+
+def expert_mask(masked: Tensor, *, topk: int, rate: float, seed: int, offset: int) -> None:
+    """Fills ``masked`` ``[num_tokens, num_experts]`` bool (True = masked); seed / offset in [0, 2**64)."""
 def assignment_dropout(
-    indices: Buf, weights: Buf, num_tokens: int, topk: int, num_experts: int, rate: float, seed: int, offset: int,
-    renormalize: bool, out_indices: Buf, out_weights: Buf, keep: Buf,
-) -> int:
-    """Returns the number of routed assignments dropped."""
+    indices: Tensor, weights: Tensor, out_indices: Tensor, out_weights: Tensor, keep: Tensor, dropped: Tensor, *,
+    num_experts: int, rate: float, seed: int, offset: int, renormalize: bool,
+) -> None:
+    """``indices`` int32 / ``weights`` float32 ``[T, k]`` → ``out_indices`` int32, ``out_weights`` float32,
+    ``keep`` bool ``[T, k]`` and ``dropped`` (0-d int64: routed assignments dropped)."""
 def assignment_dropout_backward(
-    indices: Buf, weights: Buf, keep: Buf, num_tokens: int, topk: int, renormalize: bool, grad_out: Buf,
-    grad_weights: Buf,
-) -> None: ...
-def update_expert_bias(bias: Buf, counts: Buf, rate: float) -> None: ...
+    indices: Tensor, weights: Tensor, keep: Tensor, grad_out: Tensor, grad_weights: Tensor, *, renormalize: bool
+) -> None:
+    """``grad_weights`` float32 ``[T, k]`` from the forward's inputs, its ``keep`` and ``grad_out`` float32."""
+def update_expert_bias(bias: Tensor, counts: Tensor, *, rate: float) -> None:
+    """``bias`` ``[E]`` float32 (contiguous) updated in place from ``counts`` ``[E]`` int64."""
 def router_stats(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, indices: Buf, topk: int, slots: Optional[Buf],
-    padding_mask: Optional[Buf], strict: bool, selected_counts_out: Buf, kept_counts_out: Optional[Buf],
-) -> Tuple[int, int, float, float, float, float, int]:
-    """Returns (num_tokens, dropped, max_violation, mean_entropy, mean_lse, max_lse, nonfinite_logits)."""
+    logits: Tensor, indices: Tensor, selected_counts: Tensor, kept_counts: Tensor, scalars: Tensor, floats: Tensor, *,
+    slots: Optional[Tensor] = None, padding_mask: Optional[Tensor] = None, strict: bool,
+) -> None:
+    """``logits`` ``[T, E]`` float32 / float16 / bfloat16, ``indices`` / ``slots`` ``[T, k]`` int32,
+    ``padding_mask`` ``[T]`` bool → ``selected_counts`` / ``kept_counts`` ``[E]`` int64 (kept zeros without
+    slots), ``scalars`` ``[4]`` int64 = (valid tokens, dropped, non-finite logits, sum selected), ``floats``
+    ``[4]`` float32 = (max_violation, mean_entropy, mean_lse, max_lse). ``strict``: ``ValueError`` on
+    non-finite logits of valid tokens (on CUDA after one host read of the count)."""
+

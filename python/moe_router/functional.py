@@ -975,7 +975,8 @@ def update_expert_bias(bias: Tensor, counts: Tensor, rate: float, *, group=None)
 
 
 class RouterStats(NamedTuple):
-    """Result of :func:`router_stats` (0-d tensors for scalars).
+    """Result of :func:`router_stats` (0-d tensors for scalars). Statistics, not
+    differentiable: no field carries the logits' autograd graph.
 
     Attributes:
         selected_counts: ``[E]`` int64 assignments selected per expert.

@@ -36,6 +36,7 @@ is a dynamic int rather than a constant that recompiles every step.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -183,6 +184,17 @@ def _check_hidden(owner: str, x: Any, hidden_size: int) -> None:
         )
 
 
+def _uint64(v: Any) -> Optional[int]:
+    """``v`` as an int if it is an integer (not a bool) in ``[0, 2**64)``, else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        i = operator.index(v)
+    except TypeError:
+        return None
+    return i if 0 <= i < 2**64 else None
+
+
 def _lowbias32(x: Tensor) -> Tensor:
     """32-bit integer hash (lowbias32) on int64 tensors holding values in ``[0, 2^32)``."""
     m = 0xFFFFFFFF
@@ -295,7 +307,7 @@ class TopKRouter(nn.Module):
         compute_stats: compute :func:`moe_router.router_stats` each forward (one pass
             over the logits; no host sync, so it also runs inside ``torch.compile``).
         dispatch: build the dispatch plan in forward (needed by :class:`MoELayer`).
-        seed: seed of the training randomness.
+        seed: seed of the training randomness, an int in ``[0, 2**64 - 1]``.
         process_group: data-parallel group for ``global_aux_loss`` and the bias update.
         gate_init_std: std of the normal init of the gate weight (Megatron's
             ``--init-method-std``, default 0.02).
@@ -410,6 +422,10 @@ class TopKRouter(nn.Module):
             raise _bad("loss_mode", loss_mode, f"one of {_LOSS_MODES}")
         if topk_scaling_factor is not None and not math.isfinite(topk_scaling_factor):
             raise _bad("topk_scaling_factor", topk_scaling_factor, "a finite float or None")
+        # The ops take a uint64 seed: check it here, not at the first forward.
+        seed_int = _uint64(seed)
+        if seed_int is None:
+            raise _bad("seed", seed, "an int in [0, 2**64 - 1]")
 
         self.hidden_size = hidden_size
         self.num_experts = num_experts
@@ -442,7 +458,7 @@ class TopKRouter(nn.Module):
         self.sequence_first = bool(sequence_first)
         self.compute_stats = bool(compute_stats)
         self.build_dispatch = bool(dispatch)
-        self.seed = int(seed)
+        self.seed = seed_int
         self.rng_step = 0
         self.process_group = process_group
         self.recorded_indices: List[Tensor] = []

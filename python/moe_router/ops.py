@@ -930,21 +930,23 @@ def expert_mask(
     num_tokens: int, num_experts: int, topk: int, rate: float, seed: int, offset: int, device: torch.device
 ) -> Tensor:
     """masked [T, E] bool (True = masked), at least topk candidates left per token."""
-    op = "expert_mask"
     dev = torch.device(device)
-    masked = torch.zeros((num_tokens, num_experts), dtype=torch.bool, device=dev)
-    args = (num_tokens, num_experts, topk, rate, _u64(seed), _u64(offset), _buf(masked))
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "expert_mask", dev)
-        fn(index, stream, *args)
-    else:
-        _native_fn(op, "expert_mask")(*args)
+    if dev.type == "meta":
+        # No tensor input carries the device, so the dispatcher does not pick the fake
+        # kernel for a meta device on its own: shapes only, as every other op.
+        return _expert_mask_fake(num_tokens, num_experts, dev)
+    masked = torch.empty((num_tokens, num_experts), dtype=torch.bool, device=dev)
+    _native.expert_mask(masked, topk=topk, rate=rate, seed=_u64(seed), offset=_u64(offset))
     return masked
+
+
+def _expert_mask_fake(num_tokens, num_experts, device):
+    return torch.empty((num_tokens, num_experts), dtype=torch.bool, device=device)
 
 
 @expert_mask.register_fake
 def _(num_tokens, num_experts, topk, rate, seed, offset, device):
-    return torch.empty((num_tokens, num_experts), dtype=torch.bool, device=device)
+    return _expert_mask_fake(num_tokens, num_experts, device)
 
 
 @torch.library.custom_op("moe_router::assignment_dropout", mutates_args=())
@@ -954,23 +956,17 @@ def assignment_dropout(
     """weights [T, k] f32, indices [T, k] i32 (-1 where dropped), keep [T, k] bool.
     (Float output first: autograd test harnesses sum the outputs in order.)"""
     op = "assignment_dropout"
-    dev = _device(op, indices=indices, weights=weights)
+    _device(op, indices=indices, weights=weights)
     idx = _i32(op, "indices", indices)
-    w = _dense(op, "weights", weights, torch.float32)
-    t, k = idx.shape
-    out_idx = torch.empty((t, k), dtype=torch.int32, device=dev)
-    out_w = torch.empty((t, k), dtype=torch.float32, device=dev)
-    keep = torch.zeros((t, k), dtype=torch.bool, device=dev)
-    args = (
-        _buf(idx), _buf(w), t, k, num_experts, rate, _u64(seed), _u64(offset), renormalize, _buf(out_idx),
-        _buf(out_w), _buf(keep),
+    w = weights.contiguous()
+    out_idx = torch.empty_like(idx)
+    out_w = w.new_empty(idx.shape, dtype=torch.float32)
+    keep = w.new_empty(idx.shape, dtype=torch.bool)
+    dropped = w.new_empty((), dtype=torch.int64)  # routed assignments dropped (not an output of the op)
+    _native.assignment_dropout(
+        idx, w, out_idx, out_w, keep, dropped,
+        num_experts=num_experts, rate=rate, seed=_u64(seed), offset=_u64(offset), renormalize=renormalize,
     )  # fmt: skip
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "assignment_dropout", dev)
-        dropped = torch.empty((1,), dtype=torch.int64, device=dev)  # u64 count, not an output
-        fn(index, stream, *args, _buf(dropped))
-    else:
-        _native_fn(op, "assignment_dropout")(*args)
     return out_w, out_idx, keep
 
 
@@ -990,19 +986,13 @@ def assignment_dropout_backward(
     """grad_weights [T, k] f32 from the forward's input indices / weights, its keep mask
     and grad_out [T, k]."""
     op = "assignment_dropout_backward"
-    dev = _device(op, indices=indices, weights=weights, keep=keep, grad_out=grad_out)
+    _device(op, indices=indices, weights=weights, keep=keep, grad_out=grad_out)
     idx = _i32(op, "indices", indices)
-    w = _dense(op, "weights", weights, torch.float32)
-    kp = _dense(op, "keep", keep, torch.bool)
-    go = _dense(op, "grad_out", grad_out.to(torch.float32))
-    t, k = w.shape
-    grad_w = torch.empty((t, k), dtype=torch.float32, device=dev)
-    args = (_buf(idx), _buf(w), _buf(kp), t, k, renormalize, _buf(go), _buf(grad_w))
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "assignment_dropout_backward", dev)
-        fn(index, stream, *args)
-    else:
-        _native_fn(op, "assignment_dropout_backward")(*args)
+    w = weights.contiguous()
+    grad_w = w.new_empty(idx.shape, dtype=torch.float32)
+    _native.assignment_dropout_backward(
+        idx, w, keep.contiguous(), grad_out.to(torch.float32).contiguous(), grad_w, renormalize=renormalize
+    )
     return grad_w
 
 
@@ -1034,17 +1024,11 @@ assignment_dropout.register_autograd(_ad_bwd, setup_context=_ad_setup)
 
 @torch.library.custom_op("moe_router::update_expert_bias", mutates_args={"bias"})
 def update_expert_bias(bias: Tensor, counts: Tensor, rate: float) -> None:
-    """bias [E] f32 += rate * sign(mean(counts) - counts), in place."""
+    """bias [E] f32 += rate * sign(mean(counts) - counts), in place (`bias` must be a
+    contiguous float32 tensor: the native call checks it, and never copies it)."""
     op = "update_expert_bias"
-    dev = _device(op, bias=bias, counts=counts)
-    if bias.dtype != torch.float32 or not bias.is_contiguous():
-        raise ValueError(f"moe_router.{op}: `bias` must be a contiguous float32 tensor (it is updated in place)")
-    c = _i64(op, "counts", counts)
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "update_expert_bias", dev)
-        fn(index, stream, _buf(bias), _buf(c), rate)
-    else:
-        _native_fn(op, "update_expert_bias")(_buf(bias), _buf(c), rate)
+    _device(op, bias=bias, counts=counts)
+    _native.update_expert_bias(bias, _i64(op, "counts", counts), rate=rate)
 
 
 @update_expert_bias.register_fake
@@ -1062,45 +1046,22 @@ def router_stats(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """selected_counts [E] i64; kept_counts [E] i64 (zeros without slot); ints [3] i64 =
     (num_tokens, dropped, nonfinite_logits); floats [4] f32 = (max_violation,
-    mean_entropy, mean_lse, max_lse)."""
+    mean_entropy, mean_lse, max_lse). Statistics: no output is differentiable. With
+    `strict`, a CUDA call reads the non-finite count on the host (one sync)."""
     op = "router_stats"
-    dev = _device(op, logits=logits, indices=indices, slot=slot, padding_mask=padding_mask)
-    dt = _float_name(op, "logits", logits)
-    logits = _dense(op, "logits", logits)
+    _device(op, logits=logits, indices=indices, slot=slot, padding_mask=padding_mask)
+    logits = logits.contiguous()
     idx = _i32(op, "indices", indices)
     sl = None if slot is None else _i32(op, "slot", slot)
-    mask = _mask(op, "padding_mask", padding_mask)
-    t, e = logits.shape
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "router_stats", dev)
-        selected = torch.empty((e,), dtype=torch.int64, device=dev)
-        kept = torch.empty((e,), dtype=torch.int64, device=dev)  # zeroed by the kernels
-        scalars = torch.empty((4,), dtype=torch.int64, device=dev)
-        floats = torch.empty((4,), dtype=torch.float32, device=dev)
-        ws = torch.empty((_native.router_stats_workspace_len(t),), dtype=torch.float64, device=dev)
-        fn(
-            index, stream, dt, _buf(logits), t, e, _buf(idx), idx.shape[1], _obuf(sl), _obuf(mask), _buf(selected),
-            _buf(kept), _buf(scalars), _buf(floats), _buf(ws),
-        )  # fmt: skip
-        if strict:
-            # The one host read of the op, asked for by strict mode.
-            nonfinite = int(scalars[2])
-            if nonfinite > 0:
-                raise ValueError(
-                    f"moe_router.{op}: `logits` has {nonfinite} non-finite value(s) on valid tokens (strict mode); "
-                    "pass strict=False to count them instead"
-                )
-        # scalars = (valid tokens, dropped, non-finite, sum selected): the CPU layout is the first 3.
-        return selected, kept, scalars[:3].clone(), floats
-    selected = torch.empty((e,), dtype=torch.int64)
-    kept = torch.zeros((e,), dtype=torch.int64)
-    n, dropped, max_violation, entropy, mean_lse, max_lse, nonfinite = _native_fn(op, "router_stats")(
-        dt, _buf(logits), t, e, _buf(idx), idx.shape[1], _obuf(sl), _obuf(mask), strict, _buf(selected),
-        None if sl is None else _buf(kept),
-    )  # fmt: skip
-    ints = torch.tensor([n, dropped, nonfinite], dtype=torch.int64)
-    floats = torch.tensor([max_violation, entropy, mean_lse, max_lse], dtype=torch.float32)
-    return selected, kept, ints, floats
+    mask = None if padding_mask is None else padding_mask.contiguous()
+    e = logits.shape[-1]
+    selected = logits.new_empty((e,), dtype=torch.int64)
+    kept = logits.new_empty((e,), dtype=torch.int64)
+    scalars = logits.new_empty((4,), dtype=torch.int64)
+    floats = logits.new_empty((4,), dtype=torch.float32)
+    _native.router_stats(logits, idx, selected, kept, scalars, floats, slots=sl, padding_mask=mask, strict=strict)
+    # scalars = (valid tokens, dropped, non-finite, sum selected): the op returns the first 3.
+    return selected, kept, scalars[:3].clone(), floats
 
 
 @router_stats.register_fake
@@ -1112,6 +1073,19 @@ def _(logits, indices, slot, padding_mask, strict):
         logits.new_empty((3,), dtype=torch.int64),
         logits.new_empty((4,), dtype=torch.float32),
     )
+
+
+def _stats_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _stats_bwd(ctx, *grads):
+    return (None,) * 5
+
+
+# Statistics are not differentiable: the outputs are marked so (no graph to the logits),
+# and torch.compile traces the op without a backward through it.
+router_stats.register_autograd(_stats_bwd, setup_context=_stats_setup)
 
 
 #: Every custom op of the package (the tests run ``torch.library.opcheck`` on each).

@@ -1,186 +1,224 @@
-//! Bindings of expert dropout: `expert_mask_into`, `assignment_dropout_into`,
-//! `assignment_dropout_backward_into`.
+//! `expert_mask`, `assignment_dropout`, `assignment_dropout_backward`: tensors in, the
+//! core's CPU reference or CUDA kernels on the tensors' device.
 
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::error::to_py_err;
-use crate::tensor::{check_bufs, mul, run, Buf, RawBuf};
+use crate::tensor::{run, Args, Elem, Opts};
 use moe_router::{AssignmentDropoutBuffers, DropoutConfig};
 
-/// The expert-masking mask `masked` `[num_tokens, num_experts]` (bool, `true` = masked),
-/// deterministic from `(seed, offset)`; never fewer than `topk` candidates per token.
+/// The `rate`, `seed`, `offset` options of a dropout-like op, checked.
+fn dropout_config(op: &'static str, o: &Opts<'_>) -> PyResult<DropoutConfig> {
+    let rate: f32 = o.req("rate", "a float in [0, 1)")?;
+    let seed: u64 = o.req("seed", "an int in [0, 2**64)")?;
+    let offset: u64 = o.req("offset", "an int in [0, 2**64)")?;
+    let cfg = DropoutConfig::new(rate, seed, offset);
+    cfg.validate(op, "rate").map_err(to_py_err)?;
+    Ok(cfg)
+}
+
+/// The expert-masking mask `masked` `[num_tokens, num_experts]` bool (`true` = masked),
+/// deterministic from `(seed, offset)`, never fewer than `topk` candidates left per
+/// token; the sizes are `masked`'s. Options: `topk`, `rate`, `seed`, `offset`.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (num_tokens, num_experts, topk, rate, seed, offset, masked))]
-pub(crate) fn expert_mask(
-    py: Python<'_>,
-    num_tokens: usize,
-    num_experts: usize,
-    topk: usize,
-    rate: f32,
-    seed: u64,
-    offset: u64,
-    masked: RawBuf,
+#[pyo3(signature = (masked, **opts))]
+pub(crate) fn expert_mask<'py>(
+    py: Python<'py>,
+    masked: &Bound<'py, PyAny>,
+    opts: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<()> {
     const OP: &str = "expert_mask";
-    let cfg = DropoutConfig::new(rate, seed, offset);
-    let masked = Buf::<u8>::output("masked", masked);
-    masked.expect_len(
-        OP,
-        mul(OP, "num_tokens * num_experts", num_tokens, num_experts)?,
-        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
-    )?;
-    check_bufs(OP, &[masked.span()])?;
-    // SAFETY: `check_bufs` accepted the buffer; `ops.py` passes a fresh contiguous CPU
-    // torch.bool tensor with this element count and keeps it alive during the call.
-    let masked = unsafe { masked.as_mut_bools() };
-    run(py, OP, || {
-        moe_router::expert_mask_into(num_tokens, num_experts, topk, &cfg, masked).map_err(to_py_err)
+    let o = Opts::new(OP, opts);
+    let topk: usize = o.req("topk", "an int in [1, num_experts]")?;
+    let cfg = dropout_config(OP, &o)?;
+    o.done()?;
+    let mut a = Args::new(OP);
+    let masked = a.output("masked", masked)?;
+    masked.expect_elem(OP, Elem::Bool)?;
+    let [t, e] = masked.dims::<2>(OP)?;
+    let call = a.finish(py)?;
+    if call.on_cpu() {
+        let m = masked.bools_mut(OP, &call)?;
+        return run(py, OP, || {
+            moe_router::expert_mask_into(t, e, topk, &cfg, m).map_err(to_py_err)
+        });
+    }
+    let m = masked.addr();
+    // SAFETY: `m` is the data of `masked`, a contiguous torch.bool tensor of exactly
+    // `t * e` bytes on `call`'s device (checked above), kept alive by its DLPack capsule
+    // until the launch is queued; torch's caching allocator does not reuse that memory
+    // before the stream's queued work has run. `stream` is torch's current stream of
+    // that device, whose context is the device's primary context, the one the backend
+    // retains.
+    crate::device::launch(py, OP, &call, move |be, stream| unsafe {
+        moe_router::cuda::dropout::expert_mask_raw(be, stream, t, e, topk, &cfg, m)
     })
 }
 
-/// Assignment dropout (NLLB expert output masking): each of the `[num_tokens, topk]`
-/// assignments is dropped with probability `rate`. Outputs `out_indices` (i32, -1 where
-/// dropped), `out_weights` (f32, 0 where dropped; with `renormalize`, a token's weight
-/// sum is preserved) and `keep` (bool). Returns the number of routed assignments dropped.
+/// Assignment dropout (NLLB expert output masking): each routed assignment of
+/// `indices` `[num_tokens, topk]` int32 (-1 = not routed) / `weights` `[num_tokens,
+/// topk]` float32 is dropped with probability `rate`. Fills `out_indices` (int32, -1
+/// where dropped), `out_weights` (float32, 0 where dropped; with `renormalize`, a
+/// token's weight sum is preserved), `keep` (bool), all `[num_tokens, topk]`, and
+/// `dropped` (0-d int64: routed assignments dropped). Options: `num_experts`, `rate`,
+/// `seed`, `offset`, `renormalize`.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (indices, weights, num_tokens, topk, num_experts, rate, seed, offset, renormalize, out_indices, out_weights, keep))]
-pub(crate) fn assignment_dropout(
-    py: Python<'_>,
-    indices: RawBuf,
-    weights: RawBuf,
-    num_tokens: usize,
-    topk: usize,
-    num_experts: usize,
-    rate: f32,
-    seed: u64,
-    offset: u64,
-    renormalize: bool,
-    out_indices: RawBuf,
-    out_weights: RawBuf,
-    keep: RawBuf,
-) -> PyResult<usize> {
+#[pyo3(signature = (indices, weights, out_indices, out_weights, keep, dropped, **opts))]
+pub(crate) fn assignment_dropout<'py>(
+    indices: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    out_indices: &Bound<'py, PyAny>,
+    out_weights: &Bound<'py, PyAny>,
+    keep: &Bound<'py, PyAny>,
+    dropped: &Bound<'py, PyAny>,
+    opts: Option<&Bound<'py, PyDict>>,
+) -> PyResult<()> {
     const OP: &str = "assignment_dropout";
-    let cfg = DropoutConfig::new(rate, seed, offset);
-    let indices = Buf::<i32>::input("indices", indices);
-    let weights = Buf::<f32>::input("weights", weights);
-    let out_indices = Buf::<i32>::output("out_indices", out_indices);
-    let out_weights = Buf::<f32>::output("out_weights", out_weights);
-    let keep = Buf::<u8>::output("keep", keep);
-    let tk = mul(OP, "num_tokens * topk", num_tokens, topk)?;
-    let shape = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
-    indices.expect_len(OP, tk, &shape)?;
-    weights.expect_len(OP, tk, &shape)?;
-    out_indices.expect_len(OP, tk, &shape)?;
-    out_weights.expect_len(OP, tk, &shape)?;
-    keep.expect_len(OP, tk, &shape)?;
-    check_bufs(
-        OP,
-        &[
-            indices.span(),
-            weights.span(),
-            out_indices.span(),
-            out_weights.span(),
-            keep.span(),
-        ],
-    )?;
-    // SAFETY: `check_bufs` accepted all buffers (non-null, aligned, sized, outputs disjoint
-    // from everything); `ops.py` passes contiguous CPU tensors of these dtypes with these
-    // element counts, keeps them alive during the call and allocated the outputs fresh.
-    let (indices, weights, bufs) = unsafe {
-        (
-            indices.as_slice(),
-            weights.as_slice(),
-            AssignmentDropoutBuffers {
-                indices: out_indices.as_mut_slice(),
-                weights: out_weights.as_mut_slice(),
-                keep: keep.as_mut_bools(),
-            },
-        )
+    let py = indices.py(); // (from a tensor: one parameter fewer)
+    let o = Opts::new(OP, opts);
+    let num_experts: usize = o.req("num_experts", "an int >= 1")?;
+    let cfg = dropout_config(OP, &o)?;
+    let renormalize: bool = o.req("renormalize", "a bool")?;
+    o.done()?;
+    let mut a = Args::new(OP);
+    let (idx, w) = (a.input("indices", indices)?, a.input("weights", weights)?);
+    let (oi, ow) = (
+        a.output("out_indices", out_indices)?,
+        a.output("out_weights", out_weights)?,
+    );
+    let (kp, dr) = (a.output("keep", keep)?, a.output("dropped", dropped)?);
+    idx.expect_elem(OP, Elem::I32)?;
+    let [t, k] = idx.dims::<2>(OP)?;
+    w.expect(OP, Elem::F32, &[t, k])?;
+    oi.expect(OP, Elem::I32, &[t, k])?;
+    ow.expect(OP, Elem::F32, &[t, k])?;
+    kp.expect(OP, Elem::Bool, &[t, k])?;
+    dr.expect(OP, Elem::I64, &[])?;
+    let call = a.finish(py)?;
+    if call.on_cpu() {
+        let (idx, w) = (idx.slice::<i32>(OP, &call)?, w.slice::<f32>(OP, &call)?);
+        let bufs = AssignmentDropoutBuffers {
+            indices: oi.slice_mut(OP, &call)?,
+            weights: ow.slice_mut(OP, &call)?,
+            keep: kp.bools_mut(OP, &call)?,
+        };
+        let dr = dr.slice_mut::<i64>(OP, &call)?;
+        return run(py, OP, || {
+            let n = moe_router::assignment_dropout_into(
+                idx,
+                w,
+                t,
+                k,
+                num_experts,
+                &cfg,
+                renormalize,
+                bufs,
+            )
+            .map_err(to_py_err)?;
+            dr[0] = n as i64;
+            Ok(())
+        });
+    }
+    let ptrs = moe_router::cuda::dropout::AssignmentDropoutRawPtrs {
+        indices: idx.addr(),
+        weights: w.addr(),
+        keep: kp.addr(),
+        out_indices: oi.addr(),
+        out_weights: ow.addr(),
+        dropped: dr.addr(),
+        ..Default::default()
     };
-    run(py, OP, || {
-        moe_router::assignment_dropout_into(
-            indices,
-            weights,
-            num_tokens,
-            topk,
+    // SAFETY: every address is the data of a tensor checked above for this pass's
+    // dtypes and shapes (`[t, k]` each, `dropped` one 8-byte element, which the kernel
+    // writes as a u64 count), contiguous, on `call`'s device, outputs overlapping
+    // nothing; each is kept alive by its DLPack capsule until the launch is queued, and
+    // torch's caching allocator does not reuse that memory before the stream's queued
+    // work has run. `stream` is torch's current stream of that device, whose context is
+    // the device's primary context, the one the backend retains.
+    crate::device::launch(py, OP, &call, move |be, stream| unsafe {
+        moe_router::cuda::dropout::assignment_dropout_raw(
+            be,
+            stream,
+            false,
+            t,
+            k,
             num_experts,
             &cfg,
             renormalize,
-            bufs,
+            ptrs,
         )
-        .map_err(to_py_err)
     })
 }
 
-/// Backward of assignment dropout: from the forward's input `indices` (i32, -1 = not
-/// routed) and `weights` (f32) and its `keep` mask, all `[num_tokens, topk]`, and
-/// `grad_out` `[num_tokens, topk]` f32 (gradient of the output weights) →
-/// `grad_weights` `[num_tokens, topk]` f32.
+/// Backward of assignment dropout: from the forward's input `indices` (int32, -1 = not
+/// routed) and `weights` (float32), its `keep` mask (bool) and `grad_out` (float32,
+/// gradient of the output weights), all `[num_tokens, topk]`, fills `grad_weights`
+/// `[num_tokens, topk]` float32. Option: `renormalize`.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (indices, weights, keep, num_tokens, topk, renormalize, grad_out, grad_weights))]
-pub(crate) fn assignment_dropout_backward(
-    py: Python<'_>,
-    indices: RawBuf,
-    weights: RawBuf,
-    keep: RawBuf,
-    num_tokens: usize,
-    topk: usize,
-    renormalize: bool,
-    grad_out: RawBuf,
-    grad_weights: RawBuf,
+#[pyo3(signature = (indices, weights, keep, grad_out, grad_weights, **opts))]
+pub(crate) fn assignment_dropout_backward<'py>(
+    py: Python<'py>,
+    indices: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    keep: &Bound<'py, PyAny>,
+    grad_out: &Bound<'py, PyAny>,
+    grad_weights: &Bound<'py, PyAny>,
+    opts: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<()> {
     const OP: &str = "assignment_dropout_backward";
-    let indices = Buf::<i32>::input("indices", indices);
-    let weights = Buf::<f32>::input("weights", weights);
-    let keep = Buf::<u8>::input("keep", keep);
-    let grad_out = Buf::<f32>::input("grad_out", grad_out);
-    let grad_weights = Buf::<f32>::output("grad_weights", grad_weights);
-    let tk = mul(OP, "num_tokens * topk", num_tokens, topk)?;
-    let shape = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
-    indices.expect_len(OP, tk, &shape)?;
-    weights.expect_len(OP, tk, &shape)?;
-    keep.expect_len(OP, tk, &shape)?;
-    grad_out.expect_len(OP, tk, &shape)?;
-    grad_weights.expect_len(OP, tk, &shape)?;
-    check_bufs(
-        OP,
-        &[
-            indices.span(),
-            weights.span(),
-            keep.span(),
-            grad_out.span(),
-            grad_weights.span(),
-        ],
-    )?;
-    // SAFETY: as in `assignment_dropout`.
-    let (indices, weights, keep, grad_out, grad_weights) = unsafe {
-        (
-            indices.as_slice(),
-            weights.as_slice(),
-            keep.as_bools(),
-            grad_out.as_slice(),
-            grad_weights.as_mut_slice(),
-        )
+    let o = Opts::new(OP, opts);
+    let renormalize: bool = o.req("renormalize", "a bool")?;
+    o.done()?;
+    let mut a = Args::new(OP);
+    let (idx, w) = (a.input("indices", indices)?, a.input("weights", weights)?);
+    let (kp, go) = (a.input("keep", keep)?, a.input("grad_out", grad_out)?);
+    let gw = a.output("grad_weights", grad_weights)?;
+    idx.expect_elem(OP, Elem::I32)?;
+    let [t, k] = idx.dims::<2>(OP)?;
+    w.expect(OP, Elem::F32, &[t, k])?;
+    kp.expect(OP, Elem::Bool, &[t, k])?;
+    go.expect(OP, Elem::F32, &[t, k])?;
+    gw.expect(OP, Elem::F32, &[t, k])?;
+    let call = a.finish(py)?;
+    if call.on_cpu() {
+        let (idx, w, kp) = (
+            idx.slice::<i32>(OP, &call)?,
+            w.slice::<f32>(OP, &call)?,
+            kp.bools(OP, &call)?,
+        );
+        let (go, gw) = (go.slice::<f32>(OP, &call)?, gw.slice_mut::<f32>(OP, &call)?);
+        return run(py, OP, || {
+            moe_router::assignment_dropout_backward_into(idx, w, &kp, t, k, renormalize, go, gw)
+                .map_err(to_py_err)
+        });
+    }
+    let ptrs = moe_router::cuda::dropout::AssignmentDropoutRawPtrs {
+        indices: idx.addr(),
+        weights: w.addr(),
+        keep: kp.addr(),
+        grad_out: go.addr(),
+        grad_weights: gw.addr(),
+        ..Default::default()
     };
-    run(py, OP, || {
-        moe_router::assignment_dropout_backward_into(
-            indices,
-            weights,
-            &keep,
-            num_tokens,
-            topk,
+    // SAFETY: as in `assignment_dropout`: every address the backward pass uses is the
+    // data of a `[t, k]` tensor of the checked dtype on `call`'s device, `grad_weights`
+    // overlapping nothing. The backward reads no dropout config or expert count.
+    crate::device::launch(py, OP, &call, move |be, stream| unsafe {
+        moe_router::cuda::dropout::assignment_dropout_raw(
+            be,
+            stream,
+            true,
+            t,
+            k,
+            0,
+            &DropoutConfig::new(0.0, 0, 0),
             renormalize,
-            grad_out,
-            grad_weights,
+            ptrs,
         )
-        .map_err(to_py_err)
     })
 }
 
-/// Register this file's functions.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(expert_mask, m)?)?;
     m.add_function(wrap_pyfunction!(assignment_dropout, m)?)?;

@@ -13,13 +13,16 @@
 
 use pyo3::prelude::*;
 
+mod bias_update;
 mod capacity;
 mod common;
 mod device;
 mod dispatch;
+mod dropout;
 mod error;
 mod expert_choice;
 mod permute;
+mod router_stats;
 mod tensor;
 mod topk_gating;
 
@@ -32,6 +35,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     dispatch::register(m)?;
     expert_choice::register(m)?;
     permute::register(m)?;
+    dropout::register(m)?;
+    bias_update::register(m)?;
+    router_stats::register(m)?;
     m.add_function(wrap_pyfunction!(device::cuda_device_count, m)?)?;
     m.add_function(wrap_pyfunction!(device::_emulate_cuda_on_cpu, m)?)?;
     m.add_function(wrap_pyfunction!(device::_cuda_calls, m)?)?;

@@ -146,8 +146,6 @@ CASES = [
     ("expert_mask/rate-1", lambda: mr.expert_mask(T, E, K, 1.0), ValueError, "rate"),
     ("expert_mask/rate-neg", lambda: mr.expert_mask(T, E, K, -0.5), ValueError, "rate"),
     ("expert_mask/topk>E", lambda: mr.expert_mask(T, E, E + 1, 0.5), ValueError, "topk"),
-    ("expert_mask/meta-device", lambda: mr.expert_mask(T, E, K, 0.5, device="meta"), RuntimeError,
-     "CPU and CUDA only"),
     ("dropout/rate-neg", lambda: mr.assignment_dropout(IDX, W, -0.1, num_experts=E), ValueError, "rate"),
     ("dropout/weights-shape", lambda: mr.assignment_dropout(IDX, W[:1], 0.1, num_experts=E), ValueError, "weights"),
     ("dropout/weights-f16", lambda: mr.assignment_dropout(IDX, W.half(), 0.1, num_experts=E), TypeError, "weights"),

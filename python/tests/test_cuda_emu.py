@@ -672,10 +672,15 @@ def test_router_stats_strict():
     s, s_cpu = both(lambda: mr.router_stats(z, idx, strict=True))
     close(s.nonfinite_logits, s_cpu.nonfinite_logits)
     z[3, 4] = float("nan")
+    msgs = []
     for on_emu in (True, False):
+        before = _calls()
         with emu() if on_emu else contextlib.nullcontext():
-            with pytest.raises(ValueError, match="non-finite"):
+            with pytest.raises(ValueError, match="non-finite") as info:
                 mr.router_stats(z, idx, strict=True)
+        assert (_calls() > before) == on_emu
+        msgs.append(str(info.value))
+    assert msgs[0] == msgs[1], "strict mode raises another message on the CUDA branch"
     # a non-finite logit on a padding token is not counted: strict passes
     mask = torch.zeros(37, dtype=torch.bool)
     mask[3] = True

@@ -74,6 +74,7 @@ def _samples():
     s["update_expert_bias"] = [(torch.zeros(e), counts, 0.01)]
     s["router_stats"] = [
         (_z(t, e, rg=False), idx, None, None, False),
+        (_z(t, e), idx, None, None, False),  # statistics of logits that require grad: not differentiable
         (_z(t, e, torch.bfloat16, rg=False), idx.long(), torch.zeros(t, k, dtype=torch.int32), mask, True),
     ]
     return s
