@@ -948,7 +948,7 @@ def update_expert_bias(bias: Tensor, counts: Tensor, rate: float, *, group=None)
     ``torch.distributed`` process group the counts are first summed over ``group``.
 
     Args:
-        bias: ``[E]`` float32, contiguous; updated in place (under ``torch.no_grad``).
+        bias: ``[E]`` float32; updated in place (under ``torch.no_grad``).
         counts: ``[E]`` int32 / int64 assignments per expert (e.g. ``tokens_per_expert``).
         rate: update rate, finite and ``>= 0``.
 

@@ -1024,11 +1024,14 @@ assignment_dropout.register_autograd(_ad_bwd, setup_context=_ad_setup)
 
 @torch.library.custom_op("moe_router::update_expert_bias", mutates_args={"bias"})
 def update_expert_bias(bias: Tensor, counts: Tensor, rate: float) -> None:
-    """bias [E] f32 += rate * sign(mean(counts) - counts), in place (`bias` must be a
-    contiguous float32 tensor: the native call checks it, and never copies it)."""
+    """bias [E] f32 += rate * sign(mean(counts) - counts), in place (a non-contiguous
+    `bias` is updated through a contiguous copy written back)."""
     op = "update_expert_bias"
     _device(op, bias=bias, counts=counts)
-    _native.update_expert_bias(bias, _i64(op, "counts", counts), rate=rate)
+    dense = bias if bias.is_contiguous() else bias.contiguous()
+    _native.update_expert_bias(dense, _i64(op, "counts", counts), rate=rate)
+    if dense is not bias:
+        bias.copy_(dense)
 
 
 @update_expert_bias.register_fake

@@ -159,7 +159,7 @@ def test_native_module_is_an_abi3_extension():
 def test_py_typed_and_stub_match_the_native_module():
     assert os.path.exists(os.path.join(PKG, "py.typed"))
     stub = ast.parse(open(os.path.join(PKG, "_native.pyi")).read())
-    stubbed = {n.name for n in stub.body if isinstance(n, ast.FunctionDef)}
+    stubbed = {n.name for n in stub.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
     assert ops.NATIVE_OPS <= stubbed, f"functions without a stub: {sorted(ops.NATIVE_OPS - stubbed)}"
     # ... and this build provides every one of them (no op of the API is missing).
     assert stubbed <= ops.NATIVE_OPS, f"not built: {sorted(stubbed - ops.NATIVE_OPS)}"
