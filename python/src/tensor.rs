@@ -630,9 +630,13 @@ impl<'py> Opts<'py> {
     }
 
     fn convert<T: for<'a> FromPyObject<'a, 'py>>(&self, name: &str, v: Bound<'py, PyAny>, what: &str) -> PyResult<T> {
-        v.extract::<T>().map_err(|_| {
+        v.extract::<T>().map_err(|e| {
+            let e: PyErr = e.into();
             let shown = v.repr().map(|r| r.to_string()).unwrap_or_else(|_| "?".into());
-            if v.is_instance_of::<pyo3::types::PyInt>() {
+            // An int of the right type but outside the target's range is an OverflowError
+            // from PyO3: a value error here; anything else (a str, an int for a bool) is a
+            // type error.
+            if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(v.py()) {
                 value_error(self.op, format_args!("`{name}` = {shown} is out of range: expected {what}"))
             } else {
                 PyTypeError::new_err(format!("moe_router.{}: `{name}` must be {what}, got {shown}", self.op))
