@@ -128,6 +128,34 @@ fn bad_num_experts_topk_multiple() {
 }
 
 #[test]
+fn topk_above_num_experts_is_an_error() {
+    // Regression: capacity(16, 8, 9) returned ceil(16 * 9 / 8) = 18 for a routing
+    // that cannot exist (a token's topk experts are distinct).
+    let cfg = CapacityConfig::new(1.0);
+    for (e, k) in [(8usize, 9usize), (1, 2), (4, usize::MAX)] {
+        let err = capacity(16, e, k, &cfg).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    op: "capacity",
+                    arg: "topk",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.starts_with("capacity: invalid `topk`"), "{msg}");
+        assert!(msg.contains("topk must be <= num_experts"), "{msg}");
+        assert!(msg.contains(&format!("num_experts = {e}")), "{msg}");
+    }
+    // topk = num_experts is valid: every token goes to every expert.
+    assert_eq!(cap(16, 8, 8, &cfg), 16);
+    assert_eq!(cap(3, 1, 1, &cfg), 3);
+}
+
+#[test]
 fn overflow() {
     let max = i32::MAX as usize;
     // exactly i32::MAX is fine
@@ -144,9 +172,15 @@ fn overflow() {
         "{err}"
     );
     assert!(err.to_string().contains("capacity"));
-    let err = capacity(1 << 20, 1, 1 << 12, &CapacityConfig::new(1.0)).unwrap_err();
+    let err = capacity(1 << 20, 1 << 12, 1 << 12, &CapacityConfig::new(4096.0)).unwrap_err();
     assert!(matches!(err, Error::Overflow { .. }), "{err}");
-    let err = capacity(usize::MAX, 1, usize::MAX, &CapacityConfig::new(1e300)).unwrap_err();
+    let err = capacity(
+        usize::MAX,
+        usize::MAX,
+        usize::MAX,
+        &CapacityConfig::new(1e300),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::Overflow { .. }), "{err}");
     let err = capacity(1, 1, 1, &CapacityConfig::new(1.0).min_capacity(max + 1)).unwrap_err();
     assert!(matches!(err, Error::Overflow { .. }), "{err}");
@@ -163,6 +197,7 @@ proptest! {
         if let Some(m) = mult {
             cfg = cfg.capacity_multiple(m);
         }
+        let k = k.min(e);
         let c = capacity(t, e, k, &cfg).unwrap();
         // Python: max(math.ceil(T * k / E * cf), min), rounded up
         let base = (((t * k) as f64 / e as f64) * cf).ceil() as usize;

@@ -528,7 +528,15 @@ fn check_case(c: &Case, cfg: &DispatchConfig) -> Result<(), TestCaseError> {
         DispatchLayout::Dropless { .. } => usize::MAX,
         _ => cfg.capacity.unwrap_or(usize::MAX),
     };
-    let expected_kept = brute_force_kept(&c.indices, &c.weights, t_n, k, e_n, cap, cfg.drop_policy);
+    let expected_kept = brute_force_kept(
+        &c.indices,
+        &c.weights,
+        t_n,
+        k,
+        e_n,
+        cap,
+        cfg.effective_drop_policy(),
+    );
     let slot = out.slot.as_slice().unwrap();
     let row = out.row.as_slice().unwrap();
     let kw = out.kept_weights.as_slice().unwrap();
@@ -653,11 +661,12 @@ proptest! {
         let balanced = (t * k).div_ceil(e);
         let capacity = rng.below(2 * balanced + 2);
         let ep = { let d = divisors(e); d[rng.below(d.len())] };
-        let mut cfg = DispatchConfig::new(e).drop_policy(policy).renormalize(rng.below(2) == 0).ep_size(ep);
+        let mut cfg = DispatchConfig::new(e).renormalize(rng.below(2) == 0).ep_size(ep);
+        // A drop policy goes with a capacity (without one it is an error).
         cfg = match lay {
-            0 => cfg.layout(DispatchLayout::PadToCapacity).capacity(capacity),
+            0 => cfg.layout(DispatchLayout::PadToCapacity).capacity(capacity).drop_policy(policy),
             1 if rng.below(4) == 0 => cfg.layout(DispatchLayout::Compact),
-            1 => cfg.layout(DispatchLayout::Compact).capacity(capacity),
+            1 => cfg.layout(DispatchLayout::Compact).capacity(capacity).drop_policy(policy),
             _ => cfg.layout(DispatchLayout::Dropless { align: 1 + rng.below(8) }),
         };
         check_case(&c, &cfg)?;
@@ -904,6 +913,114 @@ fn bad_layout_capacity_combinations() {
         &DispatchConfig::new(3).layout(DispatchLayout::Dropless { align: 0 }),
     );
     assert_invalid(err, "align");
+}
+
+#[test]
+fn drop_policy_without_capacity_is_an_error() {
+    // Regression: a drop policy given without a capacity was silently ignored (every
+    // assignment kept), so a caller who forgot the capacity got no dropping and no
+    // error. Now the policy is an Option, and a given one needs a capacity.
+    let (i, w) = example();
+    for policy in [
+        DropPolicy::Position,
+        DropPolicy::Probs,
+        DropPolicy::Random { seed: 1, offset: 2 },
+    ] {
+        for layout in [
+            DispatchLayout::Compact,
+            DispatchLayout::Dropless { align: 1 },
+        ] {
+            let cfg = DispatchConfig::new(3).drop_policy(policy).layout(layout);
+            let err = err_of(&i, &w, &cfg);
+            let msg = err.to_string();
+            assert!(msg.starts_with("dispatch: invalid `drop_policy`"), "{msg}");
+            assert!(msg.contains("a drop policy needs a capacity"), "{msg}");
+            assert_invalid(err, "drop_policy");
+            assert!(dispatch_max_rows(4, 2, &cfg).is_err());
+            let (mut a, mut b, mut c) = ([0i32; 8], [0i32; 8], [0f32; 8]);
+            let (mut d, mut r, mut o, mut p) = ([0i32; 3], [0i32; 8], [0i32; 4], [0i32; 1]);
+            let err = dispatch_into(
+                i.as_slice().unwrap(),
+                w.as_slice().unwrap(),
+                4,
+                2,
+                &cfg,
+                DispatchBuffers {
+                    slot: &mut a,
+                    row: &mut b,
+                    kept_weights: &mut c,
+                    tokens_per_expert: &mut d,
+                    row_to_token: &mut r,
+                    expert_offsets: &mut o,
+                    rows_per_rank: &mut p,
+                },
+            )
+            .unwrap_err();
+            assert_invalid(err, "drop_policy");
+        }
+    }
+    // The default config (no capacity, no policy) stays valid, a capacity alone means
+    // Position, and a policy with a capacity is fine.
+    assert_eq!(DispatchConfig::new(3).drop_policy, None);
+    assert_eq!(
+        DispatchConfig::new(3).effective_drop_policy(),
+        DropPolicy::Position
+    );
+    let all = run(&i, &w, &DispatchConfig::new(3));
+    assert_eq!(all.dropped, 0);
+    let pos = run(&i, &w, &DispatchConfig::new(3).capacity(1));
+    assert_eq!(
+        pos,
+        run(
+            &i,
+            &w,
+            &DispatchConfig::new(3)
+                .capacity(1)
+                .drop_policy(DropPolicy::Position)
+        )
+    );
+    assert!(dispatch(
+        i.view(),
+        w.view(),
+        &DispatchConfig::new(3)
+            .capacity(1)
+            .drop_policy(DropPolicy::Probs)
+    )
+    .is_ok());
+}
+
+#[test]
+fn index_out_of_range_is_an_error_not_a_panic() {
+    // Regression (finding: `cpu::dispatch::dispatch(&[5], &[1.0], 1, 1,
+    // &DispatchConfig::new(2), ..)` indexed out of bounds). The CPU kernel is now
+    // crate-private; the public entry points reject the index.
+    let err = err_of(&array![[5]], &array![[1.0f32]], &DispatchConfig::new(2));
+    assert!(
+        err.to_string().starts_with("dispatch: invalid `indices`"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("5 at token 0"), "{err}");
+    assert_invalid(err, "indices");
+    let (mut a, mut b, mut c, mut d) = ([0i32; 1], [0i32; 1], [0f32; 1], [0i32; 2]);
+    let (mut r, mut o, mut p) = ([0i32; 1], [0i32; 3], [0i32; 1]);
+    let err = dispatch_into(
+        &[5],
+        &[1.0],
+        1,
+        1,
+        &DispatchConfig::new(2),
+        DispatchBuffers {
+            slot: &mut a,
+            row: &mut b,
+            kept_weights: &mut c,
+            tokens_per_expert: &mut d,
+            row_to_token: &mut r,
+            expert_offsets: &mut o,
+            rows_per_rank: &mut p,
+        },
+    )
+    .unwrap_err();
+    assert_invalid(err, "indices");
 }
 
 #[test]

@@ -189,8 +189,10 @@ proptest! {
             1 => DispatchLayout::Compact,
             _ => DispatchLayout::Dropless { align: small(&mut r, 5) },
         };
-        let mut cfg = DispatchConfig::new(e).drop_policy(policy).layout(layout).renormalize(r.below(2) == 0).ep_size(small(&mut r, 4));
+        let mut cfg = DispatchConfig::new(e).layout(layout).renormalize(r.below(2) == 0).ep_size(small(&mut r, 4));
         if r.below(4) != 0 { cfg = cfg.capacity(cap.unwrap_or_else(|| small(&mut r, 9))); }
+        // A policy without a capacity is an error; try that sometimes too.
+        if cfg.capacity.is_some() || r.below(8) == 0 { cfg = cfg.drop_policy(policy); }
         let idx = il(&mut r, t * k, e);
         let w = fl(&mut r, t * k);
         let rows = dispatch_max_rows(t, k, &cfg).unwrap_or_else(|_| small(&mut r, 50)).min(10_000);
@@ -212,4 +214,93 @@ proptest! {
         let bad_rows = il(&mut r, t * e, e * c + 1);
         let _ = expert_choice_backward_into(&z, t, e, &bad_rows, &gw, &mut gz);
     }
+}
+
+/// What stays public under `moe_router::cpu` is total: adversarial arguments (sizes
+/// that overflow `t * E`, a buffer shorter than `E`, `topk > E`, rates outside
+/// `[0, 1)`, lengths that disagree) give some result, never a panic. (The CPU kernels
+/// that index by their arguments are crate-private: see the `compile_fail` example
+/// in `src/cpu/mod.rs`.)
+#[test]
+fn public_cpu_functions_never_panic() {
+    use moe_router::cpu::dropout::expert_mask_row;
+    use moe_router::cpu::{sigmoid, softmax_row};
+    let rates = [
+        0.0f32,
+        0.5,
+        0.999_999_9,
+        1.0,
+        2.0,
+        -1.0,
+        f32::NAN,
+        f32::INFINITY,
+    ];
+    let sizes = [
+        (0usize, 0usize, 0usize, 0usize),
+        (usize::MAX, 3, 2, 3),              // t * E overflows
+        (usize::MAX / 2, usize::MAX, 1, 4), // E beyond the buffer
+        (7, 5, 9, 5),                       // topk > E
+        (7, 5, usize::MAX, 5),
+        (1, 64, 64, 10), // buffer shorter than E
+        (1, 3, 1, 10),   // buffer longer than E
+    ];
+    for &rate in &rates {
+        let cfg = DropoutConfig::new(rate, 1, 2);
+        for &(t, e, k, len) in &sizes {
+            let mut m = vec![true; len];
+            expert_mask_row(t, e, k, &cfg, &mut m);
+            let n = e.min(len);
+            if rate.is_nan() || rate <= 0.0 {
+                assert!(m[..n].iter().all(|&x| !x), "rate {rate}: nothing masked");
+            }
+            // Entries past E are not touched.
+            assert!(m[n..].iter().all(|&x| x));
+        }
+    }
+    for (z, out_len) in [
+        (vec![], 0usize),
+        (vec![1.0f32, 2.0], 5),
+        (vec![1.0, f32::NAN, f32::INFINITY], 1),
+        (vec![f32::NEG_INFINITY; 4], 4),
+    ] {
+        let mut out = vec![0.0f32; out_len];
+        let _ = softmax_row(z.iter().copied(), &mut out);
+    }
+    for x in [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.0,
+        -100.0,
+        100.0,
+    ] {
+        let _ = sigmoid(x);
+    }
+    // The permute kernels: sizes that overflow `hidden * k`, a `k` or `hidden` far
+    // beyond the slices (no allocation may be sized by them), rows out of range.
+    use moe_router::cpu::permute as p;
+    let big = [1usize << 40, usize::MAX / 3, usize::MAX];
+    let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let rows = [0i32, 1, -1, 7, i32::MAX, i32::MIN];
+    let w = [0.5f32; 6];
+    for &hidden in [0usize, 1, 2, 5].iter().chain(&big) {
+        for &k in [0usize, 1, 2, 4].iter().chain(&big) {
+            let mut out = [9.0f32; 6];
+            p::permute(&x, hidden, &rows, &mut out);
+            p::permute_backward(&x, hidden, &rows, k, &mut out);
+            p::unpermute(&x, hidden, &rows, &w, k, &mut out);
+            let (mut gy, mut gw) = ([0.0f32; 5], [0.0f32; 4]);
+            p::unpermute_backward(&x, &x, hidden, &rows, &w, k, &mut gy, &mut gw);
+            let xh: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let mut oh = vec![half::f16::ZERO; 7];
+            p::unpermute(&xh, hidden, &rows, &w, k, &mut oh);
+            let mut gyh = vec![half::f16::ZERO; 3];
+            p::unpermute_backward(&xh, &xh, hidden, &rows, &w, k, &mut gyh, &mut gw);
+        }
+    }
+    for v in [f32::NAN, f32::INFINITY, -0.0, 1e-40, 65520.0] {
+        let _ = p::f16_bits_to_f32(p::f32_to_f16_bits(v));
+        let _ = p::bf16_bits_to_f32(p::f32_to_bf16_bits(v));
+    }
+    let _ = p::dot_f32(&x, &w[..3]);
 }

@@ -199,7 +199,7 @@ pub fn dispatch(
     out: DispatchBuffers<'_>,
 ) -> DispatchCounts {
     let ne = cfg.num_experts;
-    let policy = cfg.drop_policy;
+    let policy = cfg.effective_drop_policy();
     let cap = match cfg.layout {
         DispatchLayout::Dropless { .. } => usize::MAX,
         _ => cfg.capacity.unwrap_or(usize::MAX),

@@ -69,14 +69,16 @@ pub(crate) fn expert_mask_row_with(
         keys.select_nth_unstable_by(need - 1, |a, b| b.cmp(a));
     }
     for &key in keys.iter().take(need) {
-        masked[key_index(key)] = false;
+        if let Some(m) = masked.get_mut(key_index(key)) {
+            *m = false;
+        }
     }
 }
 
 /// Expert-masking mask of every token into `masked [num_tokens, num_experts]`
 /// (`true` = masked), row by row with [`expert_mask_row`], rayon over chunks of
 /// [`CHUNK`] tokens. Bits depend only on `(seed, offset, t, e)`.
-pub fn expert_mask(
+pub(crate) fn expert_mask(
     num_tokens: usize,
     num_experts: usize,
     topk: usize,
@@ -101,7 +103,7 @@ pub fn expert_mask(
 /// Whether routed assignment `(t, j)` survives assignment dropout:
 /// dropped when `uniform(seed, offset, AssignmentDropout, t * topk + j) < rate`.
 #[inline]
-pub fn assignment_keep(t: usize, j: usize, topk: usize, cfg: &DropoutConfig) -> bool {
+pub(crate) fn assignment_keep(t: usize, j: usize, topk: usize, cfg: &DropoutConfig) -> bool {
     // `rate == 0` never drops (u >= 0); skip the generator then.
     cfg.rate <= 0.0
         || uniform(
@@ -144,7 +146,7 @@ fn token_sums(idx: &[i32], w: &[f32], keep: &[bool]) -> (f32, f32, bool) {
 /// preserved; a token that lost nothing is copied unchanged (so rate 0 is exactly the
 /// identity), and a token that lost everything gets all zeros.
 #[allow(clippy::too_many_arguments)]
-pub fn assignment_dropout(
+pub(crate) fn assignment_dropout(
     indices: &[i32],
     weights: &[f32],
     num_tokens: usize,
@@ -213,7 +215,7 @@ pub fn assignment_dropout(
 /// (a dropped assignment still gets `c`: its weight is part of the preserved sum `S`).
 /// Unrouted entries get 0.
 #[allow(clippy::too_many_arguments)]
-pub fn assignment_dropout_backward(
+pub(crate) fn assignment_dropout_backward(
     indices: &[i32],
     weights: &[f32],
     keep: &[bool],

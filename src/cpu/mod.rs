@@ -1,34 +1,44 @@
 //! The CPU reference backend: exact, deterministic, parallel over tokens with rayon.
 //!
-//! Functions here assume their arguments were validated by [`crate::ops`]; they are
-//! public so that tests and the CUDA backend's property tests can call them, but the
-//! documented entry points are the ones in [`crate::ops`].
+//! Most kernels here assume their arguments were validated by [`crate::ops`] (the
+//! documented entry points), so they are crate-private: a public function that
+//! indexes by its arguments without checking them would let a caller panic the
+//! library (for example `dispatch` with an expert index `>= num_experts`). What stays
+//! public is what tests hold other backends to and cannot be misused: [`softmax_row`],
+//! [`sigmoid`], [`CHUNK`], [`dropout::expert_mask_row`] and the [`permute`] module
+//! (each total: any input gives a result, never a panic).
+//!
+//! ```compile_fail
+//! // Crate-private: call `moe_router::dispatch_into`, which validates the indices.
+//! use moe_router::cpu::dispatch::dispatch;
+//! ```
 //!
 //! Determinism: per-token work is independent; reductions over tokens use
-//! [`chunked_reduce`], whose chunk boundaries and combine order do not depend on the
+//! `chunked_reduce`, whose chunk boundaries and combine order do not depend on the
 //! number of threads, so results are bitwise the same on 1 or 64 threads.
 
-pub mod aux_loss;
-pub mod bias_update;
-pub mod capacity;
-pub mod dispatch;
+pub(crate) mod aux_loss;
+pub(crate) mod bias_update;
+pub(crate) mod capacity;
+pub(crate) mod dispatch;
 pub mod dropout;
-pub mod expert_choice;
+pub(crate) mod expert_choice;
 pub mod permute;
-pub mod router_stats;
-pub mod topk_gating;
-pub mod z_loss;
+pub(crate) mod router_stats;
+pub(crate) mod topk_gating;
+pub(crate) mod z_loss;
 
 use rayon::prelude::*;
 
-/// Tokens per chunk in [`chunked_reduce`] (and rows per task in per-token loops).
+/// Tokens per chunk of the parallel loops and of the fixed-order reductions over
+/// tokens (chunk boundaries do not depend on the thread count).
 pub const CHUNK: usize = 256;
 
 /// Deterministic parallel reduction over `0..n`: `map` runs on the fixed ranges
 /// `[0, CHUNK), [CHUNK, 2*CHUNK), ...` in parallel, then `fold` receives the partial
 /// results in range order on the calling thread. The result is independent of the
 /// number of threads.
-pub fn chunked_reduce<A, M, F>(n: usize, map: M, mut fold: F)
+pub(crate) fn chunked_reduce<A, M, F>(n: usize, map: M, mut fold: F)
 where
     A: Send,
     M: Fn(std::ops::Range<usize>) -> A + Sync + Send,

@@ -1,8 +1,11 @@
 //! CPU reference for permute / unpermute and their backward passes.
 //!
 //! Arguments are assumed validated by [`mod@crate::ops::permute`]; on unvalidated input
-//! these functions still never panic or write out of bounds (a row or token index that
-//! is out of range is treated as not routed), they just compute something meaningless.
+//! these functions still never panic, allocate beyond their buffers or write out of
+//! bounds (a row or token index that is out of range is treated as not routed, sizes
+//! that disagree with the slices use what the slices hold), they just compute
+//! something meaningless. That is why this module is public: the GPU-vs-CPU tests
+//! hold the kernels to it on out-of-range rows.
 //!
 //! Work is split into blocks of whole rows / tokens (about [`TASK_ELEMS`] elements
 //! touched per rayon task). Every output row depends on its own inputs only, so the
@@ -337,12 +340,13 @@ fn gather_sum<S: Copy + Send + Sync, C: Codec<S>>(
         out.fill(c.store(0.0));
         return;
     }
-    let tpt = rows_per_task(hidden * k);
+    // Saturating: unvalidated sizes must not overflow (see the module docs).
+    let tpt = rows_per_task(hidden.saturating_mul(k));
     out.par_chunks_mut(tpt * hidden)
         .zip(row.par_chunks(tpt * k))
         .enumerate()
         .for_each(|(ci, (oc, rc))| {
-            let mut kept: Vec<(f32, &[S])> = Vec::with_capacity(k);
+            let mut kept: Vec<(f32, &[S])> = Vec::with_capacity(k.min(rc.len()));
             let w0 = ci * tpt * k;
             for (i, (o, rr)) in oc.chunks_mut(hidden).zip(rc.chunks(k)).enumerate() {
                 kept.clear();
@@ -476,15 +480,19 @@ fn unpermute_backward_impl<S: Copy + Send + Sync, C: Codec<S>>(
         }
     });
 
-    let tpt = rows_per_task(hidden * k);
+    // Saturating: unvalidated sizes must not overflow (see the module docs).
+    let tpt = rows_per_task(hidden.saturating_mul(k));
     dst.par_chunks_mut(tpt * k)
         .zip(grad_out.par_chunks(tpt * hidden))
         .zip(row.par_chunks(tpt * k))
         .zip(grad_weights.par_chunks_mut(tpt * k))
         .enumerate()
         .for_each(|(ci, (((dc, goc), rc), gwc))| {
-            let mut g = vec![0.0f32; hidden];
-            let mut tmp = vec![0.0f32; if c.slices() { hidden } else { 0 }];
+            // One token's row of grad_out (`hidden` for validated sizes; never more
+            // than the chunk holds, whatever `hidden` says).
+            let h = hidden.min(goc.len());
+            let mut g = vec![0.0f32; h];
+            let mut tmp = vec![0.0f32; if c.slices() { h } else { 0 }];
             let w0 = ci * tpt * k;
             let per_token = dc
                 .chunks_mut(k)

@@ -1,5 +1,5 @@
 //! Aux-loss-free expert-bias update on the GPU (`cuda/bias_update.cu`): the same
-//! exact integer sign rule as [`crate::cpu::bias_update`], in place on a device
+//! exact integer sign rule as `src/cpu/bias_update.rs`, in place on a device
 //! `bias [num_experts]` from device `counts [num_experts]`.
 //!
 //! Negative counts (rejected on the CPU path) cannot be detected without a host

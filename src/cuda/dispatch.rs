@@ -1,14 +1,14 @@
 //! Capacity-factor dispatch on the GPU (`cuda/dispatch.cu`), with the validation of
 //! [`crate::ops::dispatch`] ([`dispatch_max_rows`]).
 //!
-//! Every output equals [`crate::cpu::dispatch`]'s bit for bit: slots, rows,
+//! Every output equals `src/cpu/dispatch.rs`'s bit for bit: slots, rows,
 //! `row_to_token`, `expert_offsets`, `rows_per_rank`, `tokens_per_expert`, the row
 //! and dropped counts, and the kept weights (renormalised by the same `f32`
 //! operations in the same order). The kernels (see `cuda/dispatch.cu`): per-chunk
 //! expert histograms and their scans give a stable counting sort of the assignments
 //! into expert segments in `(t, j)` order; each over-capacity expert keeps its
-//! `capacity` largest [`crate::cpu::dispatch::drop_key`]s (a radix select in one
-//! block) and numbers them in token order. Integer atomics only count; no result
+//! `capacity` largest drop keys (`drop_key` in `src/cpu/dispatch.rs`; a radix
+//! select in one block) and numbers them in token order. Integer atomics only count; no result
 //! depends on the order of atomics or blocks.
 //!
 //! Nothing synchronises with the host: every buffer is sized by the host-known
@@ -215,7 +215,7 @@ pub fn dispatch_cuda(
         DispatchLayout::Compact => (cfg.capacity.map_or(-1, |c| c as i32), 1, 1),
         DispatchLayout::Dropless { align } => (-1, 2, align as i32),
     };
-    let (policy, seed, offset) = match cfg.drop_policy {
+    let (policy, seed, offset) = match cfg.effective_drop_policy() {
         DropPolicy::Position => (0, 0, 0),
         DropPolicy::ChoiceThenPosition => (1, 0, 0),
         DropPolicy::Probs => (2, 0, 0),

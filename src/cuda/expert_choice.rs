@@ -1,7 +1,7 @@
 //! Expert-choice routing on the GPU (`cuda/expert_choice.cu`), with the validation
 //! of [`crate::ops::expert_choice`].
 //!
-//! The CPU reference's steps ([`crate::cpu::expert_choice`]) with the same
+//! The CPU reference's steps (`src/cpu/expert_choice.rs`) with the same
 //! arithmetic: `p = softmax(z_t)` in `f32` in `softmax_row`'s operation order (the
 //! sum over experts is sequential), each expert's `capacity` largest
 //! [`crate::select::rank_key`]`(p[t, e], t)` found by a radix select in one block

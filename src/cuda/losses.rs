@@ -6,8 +6,8 @@
 //! plain top-k counts and (optionally, fused) `Σ lse²` for the z-loss, as f64
 //! partials per chunk of tokens in a caller-provided workspace; two tiny kernels
 //! then add the partials in a fixed order. No float atomics: the same input gives
-//! bitwise the same output. Results match [`crate::cpu::aux_loss`] /
-//! [`crate::cpu::z_loss`]: counts exactly (up to near-ties of the aux scores, which
+//! bitwise the same output. Results match `src/cpu/aux_loss.rs` /
+//! `src/cpu/z_loss.rs`: counts exactly (up to near-ties of the aux scores, which
 //! the GPU's `expf` may round differently), losses and sums within rounding.
 //!
 //! Backward: elementwise per token, one warp per token for `num_experts <= 256`,

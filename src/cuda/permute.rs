@@ -1,5 +1,5 @@
 //! Permute / unpermute and their backward passes on the GPU (`cuda/permute.cu`), the
-//! same arithmetic in the same order as [`crate::cpu::permute`]: permute copies bit
+//! same arithmetic in the same order as `src/cpu/permute.rs`: permute copies bit
 //! for bit, the sums over a token's assignments run in `f32` in `j` order with one
 //! rounding, and `grad_weights` uses the CPU's fixed 32-partial dot-product order, so
 //! results equal the CPU's bits (NaN payloads aside: the GPU's arithmetic returns the

@@ -1,7 +1,7 @@
 //! Router statistics on the GPU (`cuda/router_stats.cu`): one pass over the logits
 //! and the routing, deterministic (f64 partials per chunk of tokens combined in a
 //! fixed order; per-expert counts by integer atomics, which do not depend on order).
-//! Counts equal [`crate::cpu::router_stats`]'s exactly; the float statistics match
+//! Counts equal `src/cpu/router_stats.rs`'s exactly; the float statistics match
 //! to rounding.
 //!
 //! Results stay on the device ([`RouterStatsCudaBuffers`]). What needs a host sync

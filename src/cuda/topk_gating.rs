@@ -3,7 +3,7 @@
 //!
 //! One warp per token for `num_experts <= 256` (4 tokens per block), one 256-thread
 //! block per token for `num_experts <= 2048`; `topk <= 32`. Outputs match
-//! [`crate::cpu::topk_gating`]: indices exactly (ties and NaN by the shared rank key),
+//! `src/cpu/topk_gating.rs`: indices exactly (ties and NaN by the shared rank key),
 //! weights and gradients within the tolerance of `docs/semantics.md` §1.7 (the
 //! softmax sum over all experts is a tree reduction, the rest mirrors the CPU's order
 //! of operations).

@@ -86,7 +86,8 @@ impl CapacityConfig {
 ///
 /// # Errors
 /// - [`Error::InvalidArgument`]: `capacity_factor <= 0` or non-finite,
-///   `num_experts == 0`, `topk == 0`, `capacity_multiple == Some(0)`;
+///   `num_experts == 0`, `topk == 0` or `topk > num_experts`,
+///   `capacity_multiple == Some(0)`;
 /// - [`Error::Overflow`]: the capacity exceeds `i32::MAX` (slots are `i32`).
 ///
 /// # Examples
@@ -114,8 +115,15 @@ pub fn capacity(
             "the number of experts must be >= 1",
         ));
     }
-    if topk == 0 {
-        return Err(Error::invalid(OP, "topk", 0, "topk must be >= 1"));
+    if topk == 0 || topk > num_experts {
+        // A token routes to `topk` distinct experts: topk > E has no routing, and the
+        // formula would silently give a capacity for it.
+        return Err(Error::invalid(
+            OP,
+            "topk",
+            topk,
+            format!("topk must be >= 1 and topk must be <= num_experts = {num_experts}"),
+        ));
     }
     let overflow = |value: u128| Error::Overflow {
         op: OP,

@@ -65,8 +65,11 @@ pub struct DispatchConfig {
     pub num_experts: usize,
     /// Assignments each expert may keep (see [`crate::capacity`]); `None` keeps all.
     pub capacity: Option<usize>,
-    /// Which assignments are kept when an expert is over capacity.
-    pub drop_policy: DropPolicy,
+    /// Which assignments are kept when an expert is over capacity; `None` (the
+    /// default) is [`DropPolicy::Position`] (see [`DispatchConfig::effective_drop_policy`]).
+    /// A policy only matters with a capacity: setting one without a capacity is an
+    /// error (it would be silently ignored, every assignment being kept).
+    pub drop_policy: Option<DropPolicy>,
     /// Row layout of the expert-major buffer.
     pub layout: DispatchLayout,
     /// Rescale each token's kept weights to the sum of its routed weights.
@@ -77,13 +80,14 @@ pub struct DispatchConfig {
 }
 
 impl DispatchConfig {
-    /// `num_experts` experts, no capacity, [`DropPolicy::Position`],
-    /// [`DispatchLayout::Compact`], no renormalisation, one rank.
+    /// `num_experts` experts, no capacity, no drop policy given (so
+    /// [`DropPolicy::Position`] once a capacity is set), [`DispatchLayout::Compact`],
+    /// no renormalisation, one rank.
     pub fn new(num_experts: usize) -> Self {
         DispatchConfig {
             num_experts,
             capacity: None,
-            drop_policy: DropPolicy::Position,
+            drop_policy: None,
             layout: DispatchLayout::Compact,
             renormalize: false,
             ep_size: 1,
@@ -96,10 +100,15 @@ impl DispatchConfig {
         self
     }
 
-    /// Set the drop policy.
+    /// Set the drop policy (it needs a capacity: see [`DispatchConfig::capacity`]).
     pub fn drop_policy(mut self, policy: DropPolicy) -> Self {
-        self.drop_policy = policy;
+        self.drop_policy = Some(policy);
         self
+    }
+
+    /// The drop policy in force: the one given, or [`DropPolicy::Position`].
+    pub fn effective_drop_policy(&self) -> DropPolicy {
+        self.drop_policy.unwrap_or(DropPolicy::Position)
     }
 
     /// Set the row layout.
@@ -146,6 +155,14 @@ impl DispatchConfig {
                 "ep_size",
                 self.ep_size,
                 format!("the expert-parallel size must be >= 1 and divide num_experts = {e}"),
+            ));
+        }
+        if let (Some(policy), None) = (self.drop_policy, self.capacity) {
+            return Err(Error::invalid(
+                OP,
+                "drop_policy",
+                format_args!("{policy:?}"),
+                "a drop policy needs a capacity: set one with `capacity()` (see `capacity`), or leave the drop policy unset when every assignment is kept",
             ));
         }
         let assignments = checked_i32_product(OP, "num_tokens * topk", num_tokens, topk)?;
@@ -258,15 +275,10 @@ pub fn dispatch_into(
     cfg: &DispatchConfig,
     out: DispatchBuffers<'_>,
 ) -> Result<DispatchCounts> {
-    let max_rows = cfg.validate(num_tokens, topk)?;
+    let max_rows = validate_inputs(indices, weights.len(), num_tokens, topk, cfg)?;
     let e = cfg.num_experts;
     let n = num_tokens * topk; // fits i32: checked by validate
     let tk = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
-    if indices.len() != n || !indices_valid(indices, topk, e) {
-        // The serial check finds the first bad entry and words the error.
-        check_indices(OP, "indices", indices, num_tokens, topk, e, true)?;
-    }
-    check_len(OP, "weights", weights.len(), n, &tk)?;
     check_len(OP, "slot", out.slot.len(), n, &tk)?;
     check_len(OP, "row", out.row.len(), n, &tk)?;
     check_len(OP, "kept_weights", out.kept_weights.len(), n, &tk)?;
@@ -301,6 +313,33 @@ pub fn dispatch_into(
     Ok(crate::cpu::dispatch::dispatch(
         indices, weights, num_tokens, topk, cfg, out,
     ))
+}
+
+/// Every check of [`dispatch`] that does not involve an output buffer (the config,
+/// the sizes, `indices` and the length of `weights`), so that the allocating form
+/// runs them all before it allocates anything; returns [`dispatch_max_rows`].
+fn validate_inputs(
+    indices: &[i32],
+    weights_len: usize,
+    num_tokens: usize,
+    topk: usize,
+    cfg: &DispatchConfig,
+) -> Result<usize> {
+    let max_rows = cfg.validate(num_tokens, topk)?;
+    let e = cfg.num_experts;
+    let n = num_tokens * topk; // fits i32: checked by validate
+    if indices.len() != n || !indices_valid(indices, topk, e) {
+        // The serial check finds the first bad entry and words the error.
+        check_indices(OP, "indices", indices, num_tokens, topk, e, true)?;
+    }
+    check_len(
+        OP,
+        "weights",
+        weights_len,
+        n,
+        format_args!("[num_tokens, topk] = [{num_tokens}, {topk}]"),
+    )?;
+    Ok(max_rows)
 }
 
 /// Parallel fast path of `check_indices(.., allow_unrouted = true)` for valid input:
@@ -359,8 +398,8 @@ pub struct DispatchOutput {
 /// # Errors
 /// - [`Error::InvalidArgument`]: `num_experts == 0`, `topk == 0` or `> num_experts`,
 ///   `ep_size` 0 or not dividing `num_experts`, `align == 0`, PadToCapacity without a
-///   capacity, Dropless with a capacity, an index outside `[0, E)` and not `-1`, an
-///   expert repeated within a token;
+///   capacity, Dropless with a capacity, a drop policy without a capacity, an index
+///   outside `[0, E)` and not `-1`, an expert repeated within a token;
 /// - [`Error::Shape`]: `weights` not of the shape of `indices`;
 /// - [`Error::Layout`]: a non-contiguous input;
 /// - [`Error::Overflow`]: `T * k`, the row count or the capacity exceed `i32::MAX`.
@@ -397,9 +436,11 @@ pub fn dispatch(
             format!("{:?}", weights.shape()),
         ));
     }
-    let max_rows = cfg.validate(num_tokens, topk)?;
     let idx = as_rows(OP, "indices", &indices)?;
     let w = as_rows(OP, "weights", &weights)?;
+    // Everything is checked before the outputs (`row_to_token` may be E * capacity
+    // long) are allocated: a bad index must not cost a large allocation first.
+    let max_rows = validate_inputs(idx, w.len(), num_tokens, topk, cfg)?;
     let e = cfg.num_experts;
     let mut slot = Array2::<i32>::zeros((num_tokens, topk));
     let mut row = Array2::<i32>::zeros((num_tokens, topk));

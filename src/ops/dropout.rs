@@ -74,9 +74,7 @@ pub(crate) fn validate_expert_mask(
     cfg: &DropoutConfig,
     masked_len: usize,
 ) -> Result<()> {
-    check_topk(OP_MASK, num_experts, topk)?;
-    cfg.validate(OP_MASK, "rate")?;
-    let n = checked_i32_product(OP_MASK, "num_tokens * num_experts", num_tokens, num_experts)?;
+    let n = expert_mask_len(num_tokens, num_experts, topk, cfg)?;
     check_len(
         OP_MASK,
         "masked",
@@ -86,14 +84,40 @@ pub(crate) fn validate_expert_mask(
     )
 }
 
+/// The element count `num_tokens * num_experts` of the mask of [`expert_mask_into`],
+/// after every check of the arguments but the buffer: call it before allocating
+/// the mask, so that bad sizes are an error rather than a large allocation first.
+///
+/// # Errors
+/// As [`expert_mask_into`], but for the length of `masked`.
+///
+/// ```
+/// use moe_router::{expert_mask_len, DropoutConfig};
+///
+/// let cfg = DropoutConfig::new(0.5, 1, 0);
+/// assert_eq!(expert_mask_len(4, 8, 2, &cfg).unwrap(), 32);
+/// assert!(expert_mask_len(1 << 31, 2, 1, &cfg).is_err()); // nothing allocated
+/// ```
+pub fn expert_mask_len(
+    num_tokens: usize,
+    num_experts: usize,
+    topk: usize,
+    cfg: &DropoutConfig,
+) -> Result<usize> {
+    check_topk(OP_MASK, num_experts, topk)?;
+    cfg.validate(OP_MASK, "rate")?;
+    checked_i32_product(OP_MASK, "num_tokens * num_experts", num_tokens, num_experts)
+}
+
 /// Expert masking (before selection) into a caller-owned mask
 /// `masked [num_tokens, num_experts]` (row-major, `true` = masked).
 ///
 /// Candidate `(t, e)` is masked when `uniform(seed, offset, ExpertMasking, t * E + e)
 /// < rate`; if that leaves fewer than `topk` candidates of a token, the masked ones
 /// with the largest draws are unmasked until exactly `topk` remain (see
-/// [`crate::cpu::dropout::expert_mask_row`]). Rate 0 masks nothing. The mask depends
-/// only on `(seed, offset)` and the coordinates, not on the thread count or backend.
+/// [`crate::cpu::dropout::expert_mask_row`]; `O(E)` per token whatever the rate).
+/// Rate 0 masks nothing. The mask depends only on `(seed, offset)` and the
+/// coordinates, not on the thread count or backend.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] if `num_experts == 0`, `topk` is not in

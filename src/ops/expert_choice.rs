@@ -74,6 +74,36 @@ pub(crate) fn validate_sizes(num_tokens: usize, num_experts: usize) -> Result<us
     })
 }
 
+/// The number of rows `num_experts * capacity` of [`expert_choice`]'s row buffers
+/// (`row_to_token`, `row_weights`), after every check of the sizes: call it before
+/// allocating the buffers of [`expert_choice_into`], so that bad sizes are an error
+/// rather than a large allocation first.
+///
+/// The rows are `E * capacity` even when `capacity > num_tokens` (an expert then
+/// takes every token and its other rows are unused): the layout is pad-to-capacity,
+/// fixed by the arguments, not by the data. Pass `min(capacity, num_tokens)` when
+/// fixed shapes are not needed.
+///
+/// # Errors
+/// As [`expert_choice`]: [`Error::InvalidArgument`] if `num_experts` is 0 or above
+/// `i32::MAX`; [`Error::Overflow`] if `num_tokens` or `num_experts * capacity` exceed
+/// `i32::MAX`.
+///
+/// ```
+/// use moe_router::expert_choice_num_rows;
+///
+/// assert_eq!(expert_choice_num_rows(4, 8, 3).unwrap(), 24);
+/// assert!(expert_choice_num_rows(4, 8, 1 << 28).is_err()); // 2^31 rows: nothing allocated
+/// ```
+pub fn expert_choice_num_rows(
+    num_tokens: usize,
+    num_experts: usize,
+    capacity: usize,
+) -> Result<usize> {
+    validate_sizes(num_tokens, num_experts)?;
+    checked_i32_product(OP, "num_experts * capacity", num_experts, capacity)
+}
+
 /// [`expert_choice`] over flat row-major slices into caller-owned buffers.
 ///
 /// `logits` is `[num_tokens, num_experts]`; every buffer of `out` must have exactly
@@ -89,7 +119,7 @@ pub fn expert_choice_into<T: RouterFloat>(
     out: ExpertChoiceBuffers<'_>,
 ) -> Result<()> {
     let te = validate_sizes(num_tokens, num_experts)?;
-    let rows = checked_i32_product(OP, "num_experts * capacity", num_experts, capacity)?;
+    let rows = expert_choice_num_rows(num_tokens, num_experts, capacity)?;
     let shape = format!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]");
     check_len(OP, "logits", logits.len(), te, &shape)?;
     check_len(OP, "weights", out.weights.len(), te, &shape)?;
@@ -124,6 +154,10 @@ pub fn expert_choice_into<T: RouterFloat>(
 /// (no rows); with `capacity > num_tokens` each expert takes every token and its
 /// remaining rows are unused (`row_to_token = -1`, `row_weights = 0`).
 ///
+/// Memory: the outputs (`2 * T * E + 2 * E * capacity` words, the row buffers sized
+/// by `capacity` even beyond `num_tokens`, see [`expert_choice_num_rows`]) plus
+/// `O(T)` working memory per thread; no `[E, capacity]`-sized scratch.
+///
 /// # Errors
 /// - [`Error::InvalidArgument`]: `num_experts == 0`;
 /// - [`Error::Layout`]: non-contiguous `logits`;
@@ -148,8 +182,9 @@ pub fn expert_choice<T: RouterFloat>(
     capacity: usize,
 ) -> Result<ExpertChoiceOutput> {
     let (num_tokens, num_experts) = logits.dim();
-    validate_sizes(num_tokens, num_experts)?;
-    let rows = checked_i32_product(OP, "num_experts * capacity", num_experts, capacity)?;
+    // Every check before the outputs are allocated (the row buffers are sized by
+    // `capacity`, not by the input).
+    let rows = expert_choice_num_rows(num_tokens, num_experts, capacity)?;
     let z = as_rows(OP, "logits", &logits)?;
     let mut out = ExpertChoiceOutput {
         weights: Array2::zeros((num_tokens, num_experts)),
