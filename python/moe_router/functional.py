@@ -496,7 +496,7 @@ def dispatch(
     num_experts: int,
     *,
     capacity: Optional[int] = None,
-    drop_policy: str = "position",
+    drop_policy: Optional[str] = None,
     layout: str = "compact",
     align: int = 1,
     renormalize: bool = False,
@@ -515,7 +515,7 @@ def dispatch(
         capacity: assignments an expert keeps (see :func:`capacity`); ``None`` keeps all.
             Required by ``layout="pad_to_capacity"``; not allowed with ``"dropless"``.
         drop_policy: which assignments an over-full expert keeps (a lower key is kept
-            first): ``"position"`` key ``t``; ``"choice_then_position"`` key ``(j, t)``;
+            first; needs a ``capacity``; ``None`` means ``"position"`` with one): ``"position"`` key ``t``; ``"choice_then_position"`` key ``(j, t)``;
             ``"probs"`` key ``(-w, t)``; ``"batch_prioritized"`` key ``(-max_j w[t, j], t)``;
             ``"random"`` key ``(u(seed, offset, t), t)``.
         layout: ``"compact"`` (``sum(kept)`` rows, ``row = expert_offsets[e] + slot``),
@@ -552,7 +552,8 @@ def dispatch(
     _int(op, "num_experts", num_experts, 1)
     _int(op, "topk (indices.shape[1])", k, 1, num_experts, valid=f"in [1, num_experts] = [1, {num_experts}]")
     _opt_int(op, "capacity", capacity, 0)
-    _choice(op, "drop_policy", drop_policy, DROP_POLICIES)
+    if drop_policy is not None:  # a policy without a capacity is the core's error
+        _choice(op, "drop_policy", drop_policy, DROP_POLICIES)
     _choice(op, "layout", layout, LAYOUTS)
     _int(op, "align", align, 1)
     if layout == "pad_to_capacity" and capacity is None:

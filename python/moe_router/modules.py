@@ -776,7 +776,7 @@ class TopKRouter(nn.Module):
             weights,
             self.num_experts,
             capacity=capacity,
-            drop_policy=self.token_drop_policy,
+            drop_policy=None if capacity is None else self.token_drop_policy,
             layout=layout,
             align=self.dropless_align if layout == "dropless" else 1,
             renormalize=self.renormalize_after_drop,

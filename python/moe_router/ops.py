@@ -351,7 +351,7 @@ def dispatch(
     weights: Tensor,
     num_experts: int,
     capacity: Optional[int],
-    drop_policy: str,
+    drop_policy: Optional[str],
     layout: str,
     align: int,
     renormalize: bool,

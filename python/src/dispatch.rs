@@ -26,13 +26,16 @@ fn dispatch_config(op: &'static str, o: &Opts<'_>) -> PyResult<DispatchConfig> {
     let ep_size: usize = o.or("ep_size", "an int >= 1", 1)?;
     let seed: u64 = o.or("seed", "an int in [0, 2**64)", 0)?;
     let offset: u64 = o.or("offset", "an int in [0, 2**64)", 0)?;
-    let drop_policy = match policy.as_deref().unwrap_or("position") {
-        "position" => DropPolicy::Position,
-        "choice_then_position" => DropPolicy::ChoiceThenPosition,
-        "probs" => DropPolicy::Probs,
-        "batch_prioritized" => DropPolicy::BatchPrioritized,
-        "random" => DropPolicy::Random { seed, offset },
-        p => {
+    // `None`: no policy given (needs none without a capacity; `position` with one). A
+    // policy given without a capacity is the core's error.
+    let drop_policy = match policy.as_deref() {
+        None => None,
+        Some("position") => Some(DropPolicy::Position),
+        Some("choice_then_position") => Some(DropPolicy::ChoiceThenPosition),
+        Some("probs") => Some(DropPolicy::Probs),
+        Some("batch_prioritized") => Some(DropPolicy::BatchPrioritized),
+        Some("random") => Some(DropPolicy::Random { seed, offset }),
+        Some(p) => {
             return Err(value_error(
                 op,
                 format_args!("invalid `drop_policy` = {p:?}: valid values are {DROP_POLICIES:?}"),

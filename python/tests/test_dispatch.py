@@ -342,3 +342,9 @@ def test_dispatch_max_rows_validates_like_dispatch(args, kw, exc, needle):
 def test_capacity_refuses_nonsense(args, kw, needle):
     with pytest.raises(ValueError, match=needle):
         mr.capacity(*args, **kw)
+
+
+def test_drop_policy_without_capacity_is_an_error():
+    with pytest.raises(ValueError, match="drop_policy"):
+        mr.dispatch(torch.tensor([[0, 1]]), torch.ones(1, 2), 2, drop_policy="probs")
+    mr.dispatch(torch.tensor([[0, 1]]), torch.ones(1, 2), 2)  # no policy, no capacity: fine
