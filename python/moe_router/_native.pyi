@@ -59,6 +59,8 @@ def dispatch(
     renormalize: bool = False, ep_size: int = 1, seed: int = 0, offset: int = 0,
 ) -> None:
     """``counts`` [2] int64 = (num_rows, dropped)."""
+def expert_choice_num_rows(num_tokens: int, num_experts: int, capacity: int) -> int:
+    """``num_experts * capacity``, validated as ``expert_choice`` (call before allocating)."""
 def expert_choice(
     logits: Tensor, weights: Tensor, row: Tensor, row_to_token: Tensor, row_weights: Tensor,
     tokens_per_expert: Tensor, expert_offsets: Tensor,
@@ -102,6 +104,8 @@ def z_loss_backward(
 # output); CPU tensors run the Rust reference, CUDA tensors the kernels on torch's
 # current stream of their device, without a host synchronisation.
 
+def expert_mask_len(num_tokens: int, num_experts: int, *, topk: int, rate: float, seed: int, offset: int) -> int:
+    """Elements of ``masked``, validated as ``expert_mask`` (call before allocating)."""
 def expert_mask(masked: Tensor, *, topk: int, rate: float, seed: int, offset: int) -> None:
     """Fills ``masked`` ``[num_tokens, num_experts]`` bool (True = masked); seed / offset in [0, 2**64)."""
 def assignment_dropout(

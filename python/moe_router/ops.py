@@ -442,11 +442,12 @@ def expert_choice(logits: Tensor, capacity: int) -> Tuple[Tensor, Tensor, Tensor
     f32, tokens_per_expert [E] i32, expert_offsets [E+1] i32."""
     logits = logits.contiguous()
     t, e = logits.shape
+    rows = _native.expert_choice_num_rows(t, e, capacity)  # validates before allocating
     i32 = dict(dtype=torch.int32)
     weights = logits.new_empty((t, e), dtype=torch.float32)
     row = logits.new_empty((t, e), **i32)
-    r2t = logits.new_empty((e * capacity,), **i32)
-    row_weights = logits.new_empty((e * capacity,), dtype=torch.float32)
+    r2t = logits.new_empty((rows,), **i32)
+    row_weights = logits.new_empty((rows,), dtype=torch.float32)
     tpe = logits.new_empty((e,), **i32)
     offsets = logits.new_empty((e + 1,), **i32)
     _native.expert_choice(logits, weights, row, r2t, row_weights, tpe, offsets)
@@ -935,8 +936,10 @@ def expert_mask(
         # No tensor input carries the device, so the dispatcher does not pick the fake
         # kernel for a meta device on its own: shapes only, as every other op.
         return _expert_mask_fake(num_tokens, num_experts, dev)
+    opts = dict(topk=topk, rate=rate, seed=_u64(seed), offset=_u64(offset))
+    _native.expert_mask_len(num_tokens, num_experts, **opts)  # validates before allocating
     masked = torch.empty((num_tokens, num_experts), dtype=torch.bool, device=dev)
-    _native.expert_mask(masked, topk=topk, rate=rate, seed=_u64(seed), offset=_u64(offset))
+    _native.expert_mask(masked, **opts)
     return masked
 
 

@@ -21,6 +21,26 @@ fn dropout_config(op: &'static str, o: &Opts<'_>) -> PyResult<DropoutConfig> {
 /// The expert-masking mask `masked` `[num_tokens, num_experts]` bool (`true` = masked),
 /// deterministic from `(seed, offset)`, never fewer than `topk` candidates left per
 /// token; the sizes are `masked`'s. Options: `topk`, `rate`, `seed`, `offset`.
+/// Elements of the `masked` tensor of `expert_mask` for these sizes and options
+/// (`topk`, `rate`, `seed`, `offset`), validated as `expert_mask` does: call it before
+/// allocating, so that bad sizes are an error instead of a large allocation.
+#[pyfunction]
+#[pyo3(signature = (num_tokens, num_experts, **opts))]
+pub(crate) fn expert_mask_len(
+    num_tokens: &Bound<'_, PyAny>,
+    num_experts: &Bound<'_, PyAny>,
+    opts: Option<&Bound<'_, PyDict>>,
+) -> PyResult<usize> {
+    const OP: &str = "expert_mask";
+    let o = Opts::new(OP, opts);
+    let num_tokens: usize = o.arg("num_tokens", num_tokens, "an int >= 0")?;
+    let num_experts: usize = o.arg("num_experts", num_experts, "an int >= 1")?;
+    let topk: usize = o.req("topk", "an int in [1, num_experts]")?;
+    let cfg = dropout_config(OP, &o)?;
+    o.done()?;
+    moe_router::expert_mask_len(num_tokens, num_experts, topk, &cfg).map_err(to_py_err)
+}
+
 #[pyfunction]
 #[pyo3(signature = (masked, **opts))]
 pub(crate) fn expert_mask<'py>(
@@ -220,6 +240,7 @@ pub(crate) fn assignment_dropout_backward<'py>(
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(expert_mask_len, m)?)?;
     m.add_function(wrap_pyfunction!(expert_mask, m)?)?;
     m.add_function(wrap_pyfunction!(assignment_dropout, m)?)?;
     m.add_function(wrap_pyfunction!(assignment_dropout_backward, m)?)?;

@@ -9,6 +9,21 @@ use crate::tensor::{run, Args, Call, Elem};
 use moe_router::cuda::expert_choice::{expert_choice_raw, ExpertChoiceRawPtrs};
 use moe_router::{DType, ExpertChoiceBuffers};
 
+/// Rows of the expert-choice buffer, `num_experts * capacity`, validated as
+/// `expert_choice` does: call it before allocating the `[E * capacity]` outputs.
+#[pyfunction]
+pub(crate) fn expert_choice_num_rows(
+    num_tokens: &Bound<'_, PyAny>,
+    num_experts: &Bound<'_, PyAny>,
+    capacity: &Bound<'_, PyAny>,
+) -> PyResult<usize> {
+    let o = crate::tensor::Opts::new("expert_choice", None);
+    let t: usize = o.arg("num_tokens", num_tokens, "an int >= 0")?;
+    let e: usize = o.arg("num_experts", num_experts, "an int >= 1")?;
+    let c: usize = o.arg("capacity", capacity, "an int >= 0")?;
+    moe_router::expert_choice_num_rows(t, e, c).map_err(to_py_err)
+}
+
 /// Expert-choice routing: each expert picks its `capacity` best tokens of `logits`
 /// `[T, E]` (capacity = rows of `row_to_token` / E). Fills `weights` `[T, E]` float32,
 /// `row` `[T, E]` int32, `row_to_token` `[E * capacity]` int32, `row_weights`
@@ -131,6 +146,7 @@ fn launch(
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(expert_choice_num_rows, m)?)?;
     m.add_function(wrap_pyfunction!(expert_choice, m)?)?;
     m.add_function(wrap_pyfunction!(expert_choice_backward, m)?)?;
     Ok(())

@@ -230,3 +230,20 @@ def test_huge_ints_name_the_argument(thunk, needle):
 def test_sparse_and_nested_tensors_are_type_errors(thunk):
     with pytest.raises(TypeError, match="logits"):
         thunk()
+
+
+@pytest.mark.parametrize(
+    "thunk, needle",
+    [
+        (lambda: mr.expert_mask(2**31, 2, 1, 0.5), r"num_tokens \* num_experts = 4294967296 overflows"),  # was a 4 GB zero-fill first
+        (lambda: mr.expert_choice(torch.randn(4, 8), 2**28), r"num_experts \* capacity = 2147483648 overflows"),  # was a 16 GB allocation
+    ],
+)
+def test_sizes_are_checked_before_any_allocation(thunk, needle):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match=needle):
+        thunk()
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 256 * 1024, f"peak memory grew by {grown_kib} KiB before the error"
