@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The release shape, checked as a user would meet it:
-#   1. `cargo package` of the core crate (packs and builds it from the packaged sources);
+#   1. `cargo package` of the core crate (packs and builds it from the packaged sources),
+#      and the README's Rust quick start built as a new crate with moe-router as its only
+#      dependency;
 #   2. the PyPI wheel: a manylinux abi3 wheel built with maturin (manylinux2014 through
 #      zig when `ziglang` is installed in the venv, as scripts/setup_python.sh does; the
 #      host's own glibc tag otherwise);
@@ -20,6 +22,27 @@ mkdir -p "$out"
 
 echo "== cargo package (core crate)"
 cargo package --locked --allow-dirty --target-dir "$root/target" 2>&1 | tail -n 3
+
+echo "== the README's Rust quick start in a new crate whose only dependency is moe-router"
+mkdir -p "$out/user-crate/src"
+cat > "$out/user-crate/Cargo.toml" <<TOML
+[package]
+name = "user-crate"
+version = "0.0.0"
+edition = "2021"
+publish = false
+[dependencies]
+moe-router = { path = "$root" }
+[workspace]
+TOML
+{
+  echo 'fn main() -> Result<(), moe_router::Error> {'
+  awk '/^```rust$/{f=1; next} /^```$/{if (f) exit} f' "$root/README.md" | grep -v '^# Ok::<'
+  echo '    println!("README Rust quick start: ran");'
+  echo '    Ok(())'
+  echo '}'
+} > "$out/user-crate/src/main.rs"
+(cd "$out/user-crate" && CARGO_TARGET_DIR="$root/target/user-crate" cargo run --quiet --release)
 
 echo "== maturin build (abi3 wheel)"
 bin=$(dirname "$PY")

@@ -38,6 +38,9 @@ pub mod philox;
 pub mod select;
 
 pub use dtype::{kernel_name, DType, RouterFloat};
+/// The `ndarray` this crate's array API uses, re-exported so that a program needs no
+/// second dependency (and cannot pick a mismatched version): `use moe_router::ndarray`.
+pub use ndarray;
 pub use error::{Error, Result};
 pub use ops::*;
 
