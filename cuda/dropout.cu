@@ -30,21 +30,29 @@ struct DropoutParams {
     int pad_;
 };
 
+// The `need`-th largest of the group's nonzero keys (keys are distinct, and at least
+// `need` of them are nonzero): a binary search on the key bits from the top, one group
+// count per bit, so 64 reductions whatever `need` is. (Unmasking one candidate per
+// group max, as the CPU once did with a full rescan, cost `need` reductions per token,
+// up to E: quadratic in E at rates close to 1.)
 template <int NT>
-__device__ __forceinline__ u64 take_max(const u64* cand, u32& used, int tid, u64* scratch) {
-    u64 best = 0;
+__device__ __forceinline__ u64 kth_largest_key(const u64* key, int need, u64* scratch) {
+    u64 thr = 0;
+    for (int b = 63; b >= 0; --b) {
+        const u64 trial = thr | (1ull << b);
+        int c = 0;
 #pragma unroll
-    for (int i = 0; i < SLOTS; ++i)
-        if (!((used >> i) & 1u) && cand[i] > best) best = cand[i];
-    u64 win = GroupReduce<NT>::max_u64(best, scratch);
-    u32 e = key_index(win);
-    if (win != 0 && (int)(e % NT) == tid) used |= 1u << (e / NT);
-    return win;
+        for (int i = 0; i < SLOTS; ++i) c += key[i] >= trial ? 1 : 0;
+        // Invariant: at least `need` keys are >= thr; the largest such thr is the key.
+        if (GroupReduce<NT>::sum_int(c, scratch) >= need) thr = trial;
+    }
+    return thr;
 }
 
 // The CPU's expert_mask_row for token t: masked[e] = 1 when u < rate, then the
 // masked candidates with the largest u (ties: lower index) are unmasked until topk
-// candidates remain.
+// candidates remain, all at once: the threshold is the (topk - unmasked)-th largest
+// rank key of the masked candidates (kth_largest_key), O(SLOTS * 64) per thread.
 template <int NT>
 __device__ __forceinline__ void mask_token(const DropoutParams& P, long long t, int tid,
                                            u64* scratch, unsigned char* __restrict__ masked) {
@@ -67,10 +75,15 @@ __device__ __forceinline__ void mask_token(const DropoutParams& P, long long t, 
             }
         }
     }
-    const int total = GroupReduce<NT>::sum_int(unmasked, scratch);
-    u32 used = 0;
-    for (int r = total; r < P.topk; ++r) take_max<NT>(ukey, used, tid, scratch);
-    m &= ~used;
+    const int need = P.topk - GroupReduce<NT>::sum_int(unmasked, scratch);
+    if (need > 0) {  // group-uniform
+        // Unmask the `need` masked candidates with the largest keys (unmasked and
+        // out-of-range slots hold key 0, below any masked key).
+        const u64 thr = kth_largest_key<NT>(ukey, need, scratch);
+#pragma unroll
+        for (int i = 0; i < SLOTS; ++i)
+            if (ukey[i] >= thr) m &= ~(1u << i);
+    }
     unsigned char* row = masked + (long long)t * E;
 #pragma unroll
     for (int i = 0; i < SLOTS; ++i) {
