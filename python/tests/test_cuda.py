@@ -241,6 +241,7 @@ DISPATCH_LAYOUTS = [("compact", 5, 1), ("compact", None, 1), ("pad_to_capacity",
 @pytest.mark.parametrize("t", [0, 37, 300])
 def test_dispatch_cuda_matches_cpu(policy, layout, capacity, align, renormalize, ep_size, t):
     idx, w = _routing(t, K, E, seed=t + 1)
+    policy = None if capacity is None else policy  # a drop policy needs a capacity
     opts = (E, capacity, policy, layout, align, renormalize, ep_size, 11, 5)
     cpu = torch.ops.moe_router.dispatch(idx, w, *opts)
     got = torch.ops.moe_router.dispatch(idx.cuda(), w.cuda(), *opts)

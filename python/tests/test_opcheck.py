@@ -39,7 +39,7 @@ def _samples():
     s["dispatch"] = [
         (idx, w, e, 3, "position", "compact", 1, False, 1, 0, 0),
         (idx.long(), w, e, 2, "probs", "pad_to_capacity", 1, True, 2, 0, 0),
-        (idx, w, e, None, "position", "dropless", 4, False, 4, 0, 0),
+        (idx, w, e, None, None, "dropless", 4, False, 4, 0, 0),
         (idx, w, e, 1, "random", "compact", 1, False, 1, 5, 9),
     ]
     s["expert_choice"] = [(_z(t, e), 3), (_z(t, e, torch.bfloat16), 20)]
