@@ -419,19 +419,23 @@ pub unsafe fn dispatch_raw(
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     let s = be.stream();
-    // SAFETY (every BorrowedSlice below): (2) and (3); lengths are the documented
+    // SAFETY: for every BorrowedSlice here, (2) and (3); lengths are the documented
     // shapes for these sizes.
-    let idx = unsafe { borrow!(i32, s, ptrs.indices, n, "dispatch_raw") }?;
-    let w = unsafe { borrow!(f32, s, ptrs.weights, n, "dispatch_raw") }?;
-    let mut slot = unsafe { borrow!(i32, s, ptrs.slot, n, "dispatch_raw") }?;
-    let mut row = unsafe { borrow!(i32, s, ptrs.row, n, "dispatch_raw") }?;
-    let mut kw = unsafe { borrow!(f32, s, ptrs.kept_weights, n, "dispatch_raw") }?;
-    let mut tpe = unsafe { borrow!(i32, s, ptrs.tokens_per_expert, e, "dispatch_raw") }?;
-    let mut rtt = unsafe { borrow!(i32, s, ptrs.row_to_token, max_rows, "dispatch_raw") }?;
-    let mut eo = unsafe { borrow!(i32, s, ptrs.expert_offsets, e + 1, "dispatch_raw") }?;
-    let mut rpr = unsafe { borrow!(i32, s, ptrs.rows_per_rank, cfg.ep_size, "dispatch_raw") }?;
-    let mut counts = unsafe { borrow!(i64, s, ptrs.counts, 2, "dispatch_raw") }?;
-    let mut ws = unsafe { borrow!(i32, s, ptrs.workspace, ws_len, "dispatch_raw") }?;
+    let (idx, w, mut slot, mut row, mut kw, mut tpe, mut rtt, mut eo, mut rpr, mut counts, mut ws) = unsafe {
+        (
+            borrow!(i32, s, ptrs.indices, n, "dispatch_raw")?,
+            borrow!(f32, s, ptrs.weights, n, "dispatch_raw")?,
+            borrow!(i32, s, ptrs.slot, n, "dispatch_raw")?,
+            borrow!(i32, s, ptrs.row, n, "dispatch_raw")?,
+            borrow!(f32, s, ptrs.kept_weights, n, "dispatch_raw")?,
+            borrow!(i32, s, ptrs.tokens_per_expert, e, "dispatch_raw")?,
+            borrow!(i32, s, ptrs.row_to_token, max_rows, "dispatch_raw")?,
+            borrow!(i32, s, ptrs.expert_offsets, e + 1, "dispatch_raw")?,
+            borrow!(i32, s, ptrs.rows_per_rank, cfg.ep_size, "dispatch_raw")?,
+            borrow!(i64, s, ptrs.counts, 2, "dispatch_raw")?,
+            borrow!(i32, s, ptrs.workspace, ws_len, "dispatch_raw")?,
+        )
+    };
     dispatch_cuda(
         &be,
         &idx.view(),

@@ -351,13 +351,22 @@ pub unsafe fn assignment_dropout_raw(
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     let s = be.stream();
-    // SAFETY (every BorrowedSlice below): (2) and (3).
-    let idx = unsafe { borrow!(i32, s, ptrs.indices, n, "assignment_dropout_raw") }?;
-    let w = unsafe { borrow!(f32, s, ptrs.weights, n, "assignment_dropout_raw") }?;
-    let mut keep = unsafe { borrow!(bool, s, ptrs.keep, n, "assignment_dropout_raw") }?;
+    // SAFETY: for every BorrowedSlice here, (2) and (3).
+    let (idx, w, mut keep) = unsafe {
+        (
+            borrow!(i32, s, ptrs.indices, n, "assignment_dropout_raw")?,
+            borrow!(f32, s, ptrs.weights, n, "assignment_dropout_raw")?,
+            borrow!(bool, s, ptrs.keep, n, "assignment_dropout_raw")?,
+        )
+    };
     if backward {
-        let go = unsafe { borrow!(f32, s, ptrs.grad_out, n, "assignment_dropout_raw") }?;
-        let mut gw = unsafe { borrow!(f32, s, ptrs.grad_weights, n, "assignment_dropout_raw") }?;
+        // SAFETY: (2) and (3) of this entry's contract, for this buffer.
+        let (go, mut gw) = unsafe {
+            (
+                borrow!(f32, s, ptrs.grad_out, n, "assignment_dropout_raw")?,
+                borrow!(f32, s, ptrs.grad_weights, n, "assignment_dropout_raw")?,
+            )
+        };
         return assignment_dropout_backward_cuda(
             &be,
             &idx.view(),
@@ -370,9 +379,14 @@ pub unsafe fn assignment_dropout_raw(
             &mut gw.view_mut(),
         );
     }
-    let mut oi = unsafe { borrow!(i32, s, ptrs.out_indices, n, "assignment_dropout_raw") }?;
-    let mut ow = unsafe { borrow!(f32, s, ptrs.out_weights, n, "assignment_dropout_raw") }?;
-    let mut dr = unsafe { borrow!(u64, s, ptrs.dropped, 1, "assignment_dropout_raw") }?;
+    // SAFETY: (2) and (3) of this entry's contract, for this buffer.
+    let (mut oi, mut ow, mut dr) = unsafe {
+        (
+            borrow!(i32, s, ptrs.out_indices, n, "assignment_dropout_raw")?,
+            borrow!(f32, s, ptrs.out_weights, n, "assignment_dropout_raw")?,
+            borrow!(u64, s, ptrs.dropped, 1, "assignment_dropout_raw")?,
+        )
+    };
     assignment_dropout_cuda(
         &be,
         &idx.view(),

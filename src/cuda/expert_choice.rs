@@ -284,13 +284,18 @@ pub unsafe fn expert_choice_raw(
     let s = be.stream();
     macro_rules! run {
         ($t:ty) => {{
-            // SAFETY (every BorrowedSlice below): (2) and (3); lengths are the
+            // SAFETY: for every BorrowedSlice here, (2) and (3); lengths are the
             // documented shapes for these sizes.
             let z = unsafe { borrow!($t, s, ptrs.logits, te, "expert_choice_raw") }?;
             if backward {
-                let row = unsafe { borrow!(i32, s, ptrs.row, te, "expert_choice_raw") }?;
-                let g = unsafe { borrow!(f32, s, ptrs.grad_weights, te, "expert_choice_raw") }?;
-                let mut gz = unsafe { borrow!($t, s, ptrs.grad_logits, te, "expert_choice_raw") }?;
+                // SAFETY: (2) and (3) of this entry's contract, for this buffer.
+                let (row, g, mut gz) = unsafe {
+                    (
+                        borrow!(i32, s, ptrs.row, te, "expert_choice_raw")?,
+                        borrow!(f32, s, ptrs.grad_weights, te, "expert_choice_raw")?,
+                        borrow!($t, s, ptrs.grad_logits, te, "expert_choice_raw")?,
+                    )
+                };
                 expert_choice_backward_cuda::<$t>(
                     &be,
                     &z.view(),
@@ -301,12 +306,20 @@ pub unsafe fn expert_choice_raw(
                     &mut gz.view_mut(),
                 )
             } else {
-                let mut w = unsafe { borrow!(f32, s, ptrs.weights, te, "expert_choice_raw") }?;
-                let mut row = unsafe { borrow!(i32, s, ptrs.row, te, "expert_choice_raw") }?;
+                // SAFETY: (2) and (3) of this entry's contract, for this buffer.
+                let (mut w, mut row) = unsafe {
+                    (
+                        borrow!(f32, s, ptrs.weights, te, "expert_choice_raw")?,
+                        borrow!(i32, s, ptrs.row, te, "expert_choice_raw")?,
+                    )
+                };
                 let mut rtt =
+                    // SAFETY: (2) and (3) of this entry's contract, for this buffer.
                     unsafe { borrow!(i32, s, ptrs.row_to_token, rows, "expert_choice_raw") }?;
                 let mut rw =
+                    // SAFETY: (2) and (3) of this entry's contract, for this buffer.
                     unsafe { borrow!(f32, s, ptrs.row_weights, rows, "expert_choice_raw") }?;
+                // SAFETY: (2) and (3) of this entry's contract, for this buffer.
                 let mut tpe = unsafe {
                     borrow!(
                         i32,
@@ -316,6 +329,7 @@ pub unsafe fn expert_choice_raw(
                         "expert_choice_raw"
                     )
                 }?;
+                // SAFETY: (2) and (3) of this entry's contract, for this buffer.
                 let mut eo = unsafe {
                     borrow!(
                         i32,

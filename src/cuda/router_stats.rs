@@ -295,11 +295,14 @@ pub unsafe fn router_stats_raw(
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     let s = be.stream();
-    // SAFETY (every BorrowedSlice below): (2) and (3).
+    // SAFETY: for every BorrowedSlice here, (2) and (3).
     let idx = unsafe { borrow!(i32, s, ptrs.indices, na, "router_stats_raw") }?;
+    // SAFETY: (2) and (3) of this entry's contract, for this buffer.
     let slots = (ptrs.slots != 0).then(|| unsafe { BorrowedSlice::<i32>::new(s, ptrs.slots, na) });
     let mask = (ptrs.padding_mask != 0)
+        // SAFETY: (2) and (3) of this entry's contract, for this buffer.
         .then(|| unsafe { BorrowedSlice::<bool>::new(s, ptrs.padding_mask, num_tokens) });
+    // SAFETY: (2) and (3) of this entry's contract, for this buffer.
     let mut sel = unsafe {
         borrow!(
             i64,
@@ -309,9 +312,15 @@ pub unsafe fn router_stats_raw(
             "router_stats_raw"
         )
     }?;
-    let mut kept = unsafe { borrow!(i64, s, ptrs.kept_counts, num_experts, "router_stats_raw") }?;
-    let mut sc = unsafe { borrow!(i64, s, ptrs.scalars, 4, "router_stats_raw") }?;
-    let mut fl = unsafe { borrow!(f32, s, ptrs.floats, 4, "router_stats_raw") }?;
+    // SAFETY: (2) and (3) of this entry's contract, for this buffer.
+    let (mut kept, mut sc, mut fl) = unsafe {
+        (
+            borrow!(i64, s, ptrs.kept_counts, num_experts, "router_stats_raw")?,
+            borrow!(i64, s, ptrs.scalars, 4, "router_stats_raw")?,
+            borrow!(f32, s, ptrs.floats, 4, "router_stats_raw")?,
+        )
+    };
+    // SAFETY: (2) and (3) of this entry's contract, for this buffer.
     let mut ws = unsafe {
         borrow!(
             f64,
@@ -332,6 +341,7 @@ pub unsafe fn router_stats_raw(
     };
     macro_rules! run {
         ($t:ty) => {{
+            // SAFETY: the raw entry's contract covers this buffer (see its # Safety).
             let z = unsafe { borrow!($t, s, ptrs.logits, nl, "router_stats_raw") }?;
             router_stats_cuda::<$t>(
                 &be,
