@@ -224,11 +224,13 @@ __device__ __forceinline__ double switch_scale(int E, int k, double t, float coe
 // ---------------------------------------------------------------------------
 // losses_reduce: one 256-thread block per segment. Adds the segment's workspace rows
 // in chunk order; writes scores_sum [seg, E] (f32), counts [seg, E] (i64, the plain
-// top-k counts, or a copy of the caller's), total_tokens [seg] (i64) and the
-// segment's (loss, valid, Σ lse²) to the workspace.
+// top-k counts, or a copy of the caller's), total_tokens [seg] (i64: T_total used) and
+// the segment's (loss, valid, Σ lse²) to the workspace. total_in: null, or the global
+// loss's caller T_total [1] in device memory.
 // ---------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(256)
-    losses_reduce(LossParams P, const long long* __restrict__ counts_in, double* __restrict__ ws,
+    losses_reduce(LossParams P, const long long* __restrict__ counts_in,
+                  const long long* __restrict__ total_in, double* __restrict__ ws,
                   float* __restrict__ scores_sum, long long* __restrict__ counts_out,
                   long long* __restrict__ total_tokens) {
     __shared__ double prod[MAX_EXPERTS];
@@ -255,7 +257,11 @@ extern "C" __global__ void __launch_bounds__(256)
         __syncthreads();
     }
     const double valid = red2[0], zsum = red[0];
-    const double total = P.total_override > 0.0 ? P.total_override : valid;
+    // T_total: the caller's device value (<= 0 counts as 0: loss 0), else its host
+    // value, else the valid tokens.
+    double total;
+    if (total_in != nullptr) total = total_in[0] > 0 ? (double)total_in[0] : 0.0;
+    else total = P.total_override > 0.0 ? P.total_override : valid;
     if (P.want_aux) {
         for (int e = tid; e < E && e < MAX_EXPERTS; e += 256) {
             double s = 0.0, n = 0.0;
