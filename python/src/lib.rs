@@ -13,16 +13,20 @@
 
 use pyo3::prelude::*;
 
+mod aux_loss;
 mod common;
 mod device;
 mod error;
 mod permute;
 mod tensor;
+mod z_loss;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     permute::register(m)?;
+    aux_loss::register(m)?;
+    z_loss::register(m)?;
     m.add_function(wrap_pyfunction!(device::cuda_device_count, m)?)?;
     m.add_function(wrap_pyfunction!(device::_emulate_cuda_on_cpu, m)?)?;
     m.add_function(wrap_pyfunction!(device::_cuda_calls, m)?)?;
