@@ -20,6 +20,8 @@ Workspaces are caller-allocated, sized by the ``*_workspace_len`` functions.
 
 from typing import Optional, Tuple
 
+from torch import Tensor
+
 Buf = Tuple[int, int]
 
 __version__: str
@@ -74,31 +76,48 @@ def unpermute_backward(
     dtype: str, grad_out: Buf, y: Buf, num_rows: int, hidden: int, row: Buf, weights: Buf, num_tokens: int,
     topk: int, grad_y: Buf, grad_weights: Buf,
 ) -> None: ...
+# --- Losses (one function per op for CPU and CUDA tensors; options are keywords) ---------
+# Every tensor is contiguous and on one device; `logits` [T, E] float32 / float16 /
+# bfloat16, `padding_mask` [T] bool or None. Outputs are 0-d / small tensors that the
+# caller allocates on that device; both devices write them (no host read on CUDA).
+
 def aux_loss(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, padding_mask: Optional[Buf], counts: Optional[Buf],
-    total_tokens: Optional[int], topk: int, score_function: str, coeff: float, counts_out: Buf,
-) -> Tuple[float, int]:
-    """Returns (loss, total_tokens)."""
+    logits: Tensor, padding_mask: Optional[Tensor], counts: Optional[Tensor], total_tokens: Optional[Tensor],
+    loss: Tensor, counts_out: Tensor, total_out: Tensor, *, topk: int, score_function: str = "softmax",
+    coeff: float = 1.0,
+) -> None:
+    """Switch/GShard loss. ``counts`` [E] int64 (or None: the top-k counts of these logits) and
+    ``total_tokens`` [] int64 (only with ``counts``); writes ``loss`` [] float32,
+    ``counts_out`` [E] int64 (the counts used), ``total_out`` [] int64 (the T_total used)."""
 def aux_loss_backward(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, padding_mask: Optional[Buf], counts: Buf,
-    total_tokens: int, topk: int, score_function: str, coeff: float, grad_loss: float, grad_logits: Buf,
-) -> None: ...
+    logits: Tensor, padding_mask: Optional[Tensor], counts: Tensor, total_tokens: Tensor, grad_loss: Tensor,
+    grad_logits: Tensor, *, topk: int, score_function: str = "softmax", coeff: float = 1.0,
+) -> None:
+    """``grad_logits`` [T, E] (dtype of logits) for ``grad_loss`` [] float32, with the forward's
+    ``counts_out`` and ``total_out``."""
 def seq_aux_loss(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, seq_len: int, padding_mask: Optional[Buf], topk: int,
-    score_function: str, coeff: float, counts_out: Buf,
-) -> float: ...
+    logits: Tensor, padding_mask: Optional[Tensor], loss: Tensor, counts_out: Tensor, valid_tokens: Tensor, *,
+    seq_len: int, topk: int, score_function: str = "softmax", coeff: float = 1.0,
+) -> None:
+    """Sequence-level loss of [B * seq_len, E] logits: ``loss`` [] float32, ``counts_out`` [B, E]
+    int64, ``valid_tokens`` [B] int64."""
 def seq_aux_loss_backward(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, seq_len: int, padding_mask: Optional[Buf],
-    counts: Buf, topk: int, score_function: str, coeff: float, grad_loss: float, grad_logits: Buf,
-) -> None: ...
+    logits: Tensor, padding_mask: Optional[Tensor], counts: Tensor, valid_tokens: Tensor, grad_loss: Tensor,
+    grad_logits: Tensor, *, seq_len: int, topk: int, score_function: str = "softmax", coeff: float = 1.0,
+) -> None:
+    """``grad_logits`` [T, E] with the forward's ``counts_out`` and ``valid_tokens`` (checked
+    against ``padding_mask`` on CPU)."""
 def z_loss(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, padding_mask: Optional[Buf], coeff: float
-) -> Tuple[float, int]:
-    """Returns (loss, valid_tokens)."""
+    logits: Tensor, padding_mask: Optional[Tensor], loss: Tensor, valid_tokens: Tensor, *, coeff: float = 1.0
+) -> None:
+    """Router z-loss: ``loss`` [] float32, ``valid_tokens`` [] int64."""
 def z_loss_backward(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, padding_mask: Optional[Buf], coeff: float,
-    grad_loss: float, grad_logits: Buf,
-) -> None: ...
+    logits: Tensor, padding_mask: Optional[Tensor], valid_tokens: Tensor, grad_loss: Tensor, grad_logits: Tensor, *,
+    coeff: float = 1.0,
+) -> None:
+    """``grad_logits`` [T, E] for ``grad_loss`` [] float32, with the forward's ``valid_tokens``
+    (checked against ``padding_mask`` on CPU)."""
+
 def expert_mask(num_tokens: int, num_experts: int, topk: int, rate: float, seed: int, offset: int, masked: Buf) -> None: ...
 def assignment_dropout(
     indices: Buf, weights: Buf, num_tokens: int, topk: int, num_experts: int, rate: float, seed: int, offset: int,
@@ -120,10 +139,6 @@ def router_stats(
 
 def cuda_device_count() -> int:
     """CUDA devices the driver reports; 0 without libcuda (never raises)."""
-def losses_workspace_len(num_tokens: int, num_experts: int, seq_len: Optional[int] = None) -> int:
-    """f64 elements of the loss forward workspace (aux / z: ``seq_len=None``)."""
-def aux_loss_backward_workspace_len(num_tokens: int, num_experts: int, seq_len: Optional[int] = None) -> int:
-    """f32 elements of the aux-loss backward workspace."""
 def router_stats_workspace_len(num_tokens: int) -> int:
     """f64 elements of the router-statistics workspace."""
 def unpermute_backward_workspace_len(num_rows: int) -> int:
@@ -177,34 +192,6 @@ def cuda_unpermute(
 def cuda_unpermute_backward(
     device: int, stream: int, dtype: str, grad_out: Buf, y: Buf, num_rows: int, hidden: int, row: Buf, weights: Buf,
     num_tokens: int, topk: int, grad_y: Buf, grad_weights: Buf, workspace: Buf,
-) -> None: ...
-def cuda_aux_loss(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
-    padding_mask: Optional[Buf], counts: Optional[Buf], total_tokens: Optional[int], topk: int, score_function: str,
-    coeff: float, loss: Buf, counts_out: Buf, scores_sum: Buf, total_out: Buf, workspace: Buf,
-) -> None: ...
-def cuda_aux_loss_backward(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
-    padding_mask: Optional[Buf], counts: Buf, total_tokens: Buf, topk: int, score_function: str, coeff: float,
-    grad_loss: Buf, workspace: Buf, grad_logits: Buf,
-) -> None: ...
-def cuda_seq_aux_loss(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, seq_len: int,
-    padding_mask: Optional[Buf], topk: int, score_function: str, coeff: float, loss: Buf, counts_out: Buf,
-    scores_sum: Buf, valid_out: Buf, workspace: Buf,
-) -> None: ...
-def cuda_seq_aux_loss_backward(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int, seq_len: int,
-    padding_mask: Optional[Buf], counts: Buf, valid_tokens: Buf, topk: int, score_function: str, coeff: float,
-    grad_loss: Buf, workspace: Buf, grad_logits: Buf,
-) -> None: ...
-def cuda_z_loss(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
-    padding_mask: Optional[Buf], coeff: float, loss: Buf, valid_tokens: Buf, workspace: Buf,
-) -> None: ...
-def cuda_z_loss_backward(
-    device: int, stream: int, dtype: str, logits: Buf, num_tokens: int, num_experts: int,
-    padding_mask: Optional[Buf], valid_tokens: Buf, coeff: float, grad_loss: Buf, grad_logits: Buf,
 ) -> None: ...
 def cuda_expert_mask(
     device: int, stream: int, num_tokens: int, num_experts: int, topk: int, rate: float, seed: int, offset: int,

@@ -74,9 +74,9 @@ def test_size_overflow_is_rejected():
 def test_core_errors_map_to_value_error():
     z = torch.randn(4, 8)
     counts = torch.full((8,), -1, dtype=torch.int64)
-    out = torch.empty(8, dtype=torch.int64)
+    loss, out, total = torch.empty(()), torch.empty(8, dtype=torch.int64), torch.empty((), dtype=torch.int64)
     with pytest.raises(ValueError, match="count"):
-        _native.aux_loss("f32", buf(z), 4, 8, None, buf(counts), None, 2, "softmax", 1.0, buf(out))
+        _native.aux_loss(z, None, counts, None, loss, out, total, topk=2)
 
 
 def test_native_module_does_not_import_torch():
