@@ -672,11 +672,18 @@ def _total_tokens(op: str, total_tokens: Tensor, dev: torch.device) -> Tensor:
     """The caller's ``T_total`` as an int64 tensor on ``dev`` (the native call checks
     that it is 0-d). A tensor on the logits' device is passed as it is (the CUDA kernels
     read it there: no host read); a 0-d CPU value with CUDA logits (a host scalar
-    carried as a tensor) is filled in on the device from its host value (no copy, no
-    sync)."""
+    carried as a tensor, e.g. an int given to ``functional.aux_loss``) is checked on the
+    host, as the CPU does (the kernels cannot reject a device value below 1), then filled
+    in on the device (no copy, no sync)."""
     total = _i64(op, "total_tokens", total_tokens)
     if total.device != dev and total.device.type == "cpu" and total.dim() == 0:
-        return torch.full((), int(total), dtype=torch.int64, device=dev)
+        v = int(total)
+        if v < 1:
+            raise ValueError(
+                f"moe_router.{op}: invalid `total_tokens` = {v}: total_tokens must be >= 1 (the number of tokens "
+                "the counts cover)"
+            )
+        return torch.full((), v, dtype=torch.int64, device=dev)
     return total.to(dev)
 
 

@@ -261,3 +261,16 @@ def test_global_aux_loss_reads_no_tensor_value_on_the_host(monkeypatch):
     )
     assert_close_f32(loss.detach(), lr)
     assert_close_f32(x.grad, gr, rtol=1e-5, atol=1e-8)
+
+
+def test_host_total_tokens_for_device_logits_is_checked_on_the_host():
+    # An int total_tokens (carried as a CPU tensor) with logits on another device is filled
+    # in there without a copy; the kernels cannot reject a device value below 1, so the
+    # host value is checked first, as the CPU path does. ("meta" stands for CUDA here.)
+    from moe_router import ops
+
+    dev = torch.device("meta")
+    with pytest.raises(ValueError, match="total_tokens"):
+        ops._total_tokens("aux_loss", torch.tensor(0), dev)
+    t = ops._total_tokens("aux_loss", torch.tensor(7, dtype=torch.int32), dev)
+    assert t.device == dev and t.dtype == torch.int64 and t.shape == ()
