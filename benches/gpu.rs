@@ -31,7 +31,7 @@ use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::bf16;
 use moe_router::cuda::dispatch::{dispatch_cuda, dispatch_workspace_len, DispatchCudaBuffers};
 use moe_router::cuda::losses::{
-    aux_loss_cuda, losses_workspace_len, AuxLossCudaBuffers, ZLossCudaBuffers,
+    aux_loss_cuda, losses_workspace_len, AuxLossCudaBuffers, CudaTotalTokens, ZLossCudaBuffers,
 };
 use moe_router::cuda::permute::{permute_cuda, unpermute_cuda};
 use moe_router::cuda::topk_gating::{topk_gating_backward_cuda, topk_gating_cuda};
@@ -295,7 +295,7 @@ fn loss_bench<T: RouterFloat + DeviceRepr>(
             e,
             None,
             None,
-            None,
+            CudaTotalTokens::Valid,
             &cfg,
             Some(1e-3),
             AuxLossCudaBuffers {
@@ -331,7 +331,7 @@ fn loss_bench<T: RouterFloat + DeviceRepr>(
             e,
             None,
             None,
-            None,
+            CudaTotalTokens::Valid,
             &cfg,
             Some(1e-3),
             AuxLossCudaBuffers {

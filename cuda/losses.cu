@@ -2,10 +2,11 @@
 // z-loss, forward and backward.
 //
 // Mirrors src/cpu/aux_loss.rs and src/cpu/z_loss.rs: the same f32 per-token formulas
-// (softmax with the max shift, sigmoid / (Σ sigmoid + 1e-20), lse = m + ln s), the
-// same u64 rank keys for the plain top-k counts, f64 sums over tokens, and the same
-// f64 expressions for the loss scale. Sums over the experts of one token are fixed
-// trees (they may differ from the CPU's sequential sums by rounding only).
+// (softmax with the max shift, sigmoid / (Σ sigmoid + 1e-20), lse = m + ln s, or +inf
+// for a row whose max is +inf), the same u64 rank keys for the plain top-k counts, f64
+// sums over tokens, and the same f64 expressions for the loss scale. Sums over the
+// experts of one token are fixed trees (they may differ from the CPU's sequential sums
+// by rounding only).
 //
 // Forward: ONE pass over the logits (`losses_fwd`) computes, per chunk of tokens, the
 // f64 partial sums Σ_t P[t, e], the top-k counts (exact small integers, stored as
@@ -118,6 +119,12 @@ __device__ __forceinline__ void aux_scores(const float* z, int E, int tid, u64* 
     }
 }
 
+// logsumexp from the softmax statistics: m + ln s, or +inf when the max is +inf (s is
+// NaN then: exp(inf - inf)), as torch.logsumexp. The CPU's lse_row (src/cpu/z_loss.rs).
+__device__ __forceinline__ float lse_of(float m, float s) {
+    return (isinf(m) && m > 0.0f) ? m : m + logf(s);
+}
+
 __device__ __forceinline__ bool is_padding(const unsigned char* mask, long long t) {
     return mask != nullptr && mask[t] != 0;
 }
@@ -153,7 +160,7 @@ __device__ __forceinline__ void fwd_chunk(const T* __restrict__ logits,
         float m = 0.0f, s = 1.0f;
         if (need_softmax) softmax_stats<NT>(z, E, tid, scratch, m, s);
         if (P.want_z) {
-            double lse = (double)(m + logf(s));
+            double lse = (double)lse_of(m, s);
             zsum += lse * lse;
         }
         if (P.want_aux) {
@@ -217,11 +224,13 @@ __device__ __forceinline__ double switch_scale(int E, int k, double t, float coe
 // ---------------------------------------------------------------------------
 // losses_reduce: one 256-thread block per segment. Adds the segment's workspace rows
 // in chunk order; writes scores_sum [seg, E] (f32), counts [seg, E] (i64, the plain
-// top-k counts, or a copy of the caller's), total_tokens [seg] (i64) and the
-// segment's (loss, valid, Σ lse²) to the workspace.
+// top-k counts, or a copy of the caller's), total_tokens [seg] (i64: T_total used) and
+// the segment's (loss, valid, Σ lse²) to the workspace. total_in: null, or the global
+// loss's caller T_total [1] in device memory.
 // ---------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(256)
-    losses_reduce(LossParams P, const long long* __restrict__ counts_in, double* __restrict__ ws,
+    losses_reduce(LossParams P, const long long* __restrict__ counts_in,
+                  const long long* __restrict__ total_in, double* __restrict__ ws,
                   float* __restrict__ scores_sum, long long* __restrict__ counts_out,
                   long long* __restrict__ total_tokens) {
     __shared__ double prod[MAX_EXPERTS];
@@ -248,7 +257,11 @@ extern "C" __global__ void __launch_bounds__(256)
         __syncthreads();
     }
     const double valid = red2[0], zsum = red[0];
-    const double total = P.total_override > 0.0 ? P.total_override : valid;
+    // T_total: the caller's device value (<= 0 counts as 0: loss 0), else its host
+    // value, else the valid tokens.
+    double total;
+    if (total_in != nullptr) total = total_in[0] > 0 ? (double)total_in[0] : 0.0;
+    else total = P.total_override > 0.0 ? P.total_override : valid;
     if (P.want_aux) {
         for (int e = tid; e < E && e < MAX_EXPERTS; e += 256) {
             double s = 0.0, n = 0.0;
@@ -416,7 +429,7 @@ __device__ __forceinline__ void z_bwd_token(const T* __restrict__ logits,
     load_row<NT, T>(logits + t * (long long)E, E, tid, z);
     softmax_stats<NT>(z, E, tid, scratch, m, s);
     aux_scores<NT>(z, E, tid, scratch, 0, m, s, p);
-    const float f = scale * (m + logf(s));
+    const float f = scale * lse_of(m, s);
 #pragma unroll
     for (int i = 0; i < SLOTS; ++i)
         if (i * NT + tid < E) out[i * NT + tid] = from_f32<T>(f * p[i]);

@@ -3,7 +3,8 @@
 // Mirrors src/cpu/router_stats.rs: per token (valid = not padding) the count of
 // non-finite logits, the entropy and logsumexp of entropy_lse_row (max with NaN
 // winning, `rest` = Σ exp(z − m) over every entry but the first maximum, ln s =
-// log1p(rest), H = Σ_{p ≠ 0} p · (ln s − (z − m))), and the selected / kept counts
+// log1p(rest), H = Σ_{p ≠ 0} p · (ln s − (z − m)), lse = m + ln s or +inf when
+// m = +inf), and the selected / kept counts
 // and dropped assignments from `indices` / `slots`.
 //
 // Determinism: the float sums are f64 partials per chunk of tokens (one workspace
@@ -107,7 +108,8 @@ __device__ __forceinline__ void stats_chunk(const T* __restrict__ logits,
             }
         }
         const float h = GroupReduce<NT>::sum_f(lh, scratch);
-        const float lse = m + ln_s;
+        // +inf for a max of +inf (ln_s is NaN then), as the CPU and torch.logsumexp.
+        const float lse = (isinf(m) && m > 0.0f) ? m : m + ln_s;
         h_sum += (double)h;
         lse_sum += (double)lse;
         lse_max = nan_max_d(lse_max, (double)lse);

@@ -247,6 +247,47 @@ fn hand_caller_counts_and_total() {
     assert!((out.loss - 3.75).abs() < 1e-6, "{}", out.loss);
 }
 
+/// `total_tokens` is the number of tokens the caller's counts cover: without counts
+/// the loss would use this batch's own counts with another batch's `T_total` (a loss
+/// off by `(T / T_total)²`), so it is an error naming `total_tokens` and `counts`.
+#[test]
+fn total_tokens_without_counts_is_an_error() {
+    let z = [0.0f32; 6 * 8];
+    for total in [1usize, 6, 1000] {
+        let err = aux_loss(&z, 6, 8, None, None, Some(total), &AuxLossConfig::new(2)).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::InvalidArgument {
+                    arg: "total_tokens",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("total_tokens") && msg.contains("requires `counts`"),
+            "{msg}"
+        );
+    }
+    // With counts it is what the counts cover; without either, the valid tokens.
+    let c = [1i64; 8];
+    let cfg = AuxLossConfig::new(2);
+    assert_eq!(
+        aux_loss(&z, 6, 8, None, Some(&c), Some(1), &cfg)
+            .unwrap()
+            .total_tokens,
+        1
+    );
+    assert_eq!(
+        aux_loss(&z, 6, 8, None, None, None, &cfg)
+            .unwrap()
+            .total_tokens,
+        6
+    );
+}
+
 /// Uniform scores: `Σ_t P[t, e] = T / E` and `Σ_e c_e = k T`, so `L = coeff` whatever
 /// the counts are (the loss's minimum for balanced routing).
 #[test]

@@ -506,8 +506,8 @@ use moe_router::cuda::dropout::{
 };
 use moe_router::cuda::losses::{
     aux_loss_backward_cuda, aux_loss_backward_workspace_len, aux_loss_cuda, losses_workspace_len,
-    seq_aux_loss_backward_cuda, seq_aux_loss_cuda, z_loss_backward_cuda, AuxLossCudaBuffers,
-    ZLossCudaBuffers,
+    seq_aux_loss_backward_cuda, seq_aux_loss_cuda, z_loss_backward_cuda, z_loss_cuda,
+    AuxLossCudaBuffers, CudaTotalTokens, ZLossCudaBuffers,
 };
 use moe_router::cuda::router_stats::{
     router_stats_cuda, router_stats_workspace_len, RouterStatsCudaBuffers,
@@ -610,7 +610,7 @@ fn check_losses<T: RouterFloat + cudarc::driver::DeviceRepr>(
             e,
             dmv.as_ref(),
             dcv.as_ref(),
-            None,
+            CudaTotalTokens::Valid,
             cfg,
             Some(zc),
             out,
@@ -832,6 +832,220 @@ fn losses_match_cpu_every_shape_and_mode(be: &CudaBackend) {
     }
 }
 
+/// The global aux loss with caller counts and a caller `T_total` given on the host or
+/// in device memory (read by the kernels): both as the CPU's loss with that total; a
+/// device total <= 0 gives loss 0 and total 0; a total without counts is an error on
+/// both backends, before any launch.
+fn aux_loss_caller_total_host_and_device(be: &CudaBackend) {
+    let s = be.stream();
+    let mut rng = Rng::new(41);
+    let (t, e) = (37usize, 7usize);
+    let cfg = AuxLossConfig::new(2).coeff(0.5);
+    let z = rng.normal_vec(t * e, 2.0);
+    let mask: Vec<bool> = (0..t).map(|i| i % 5 == 1).collect();
+    let counts: Vec<i64> = (0..e).map(|_| rng.below(90) as i64).collect();
+    let dz = s.clone_htod(&z).unwrap();
+    let dm = s.clone_htod(&mask).unwrap();
+    let dc = s.clone_htod(&counts).unwrap();
+    let run = |total: CudaTotalTokens<'_, '_>,
+               counts: bool|
+     -> moe_router::Result<(f32, Vec<i64>, i64)> {
+        let mut dl = s.clone_htod(&[f32::NAN]).unwrap();
+        let mut dco = s.clone_htod(&vec![-9i64; e]).unwrap();
+        let mut dsu = s.clone_htod(&vec![f32::NAN; e]).unwrap();
+        let mut dto = s.clone_htod(&[-9i64]).unwrap();
+        let mut dws = s
+            .clone_htod(&vec![f64::NAN; losses_workspace_len(t, e, None)])
+            .unwrap();
+        aux_loss_cuda(
+            be,
+            &dz.as_view(),
+            t,
+            e,
+            Some(&dm.as_view()),
+            counts.then(|| dc.as_view()).as_ref(),
+            total,
+            &cfg,
+            None,
+            AuxLossCudaBuffers {
+                loss: dl.as_view_mut(),
+                counts: dco.as_view_mut(),
+                scores_sum: dsu.as_view_mut(),
+                total_tokens: dto.as_view_mut(),
+                workspace: dws.as_view_mut(),
+                z_loss: None,
+            },
+        )?;
+        Ok((
+            s.clone_dtoh(&dl).unwrap()[0],
+            s.clone_dtoh(&dco).unwrap(),
+            s.clone_dtoh(&dto).unwrap()[0],
+        ))
+    };
+    for total in [1usize, 29, 500, 1 << 40] {
+        let c =
+            moe_router::aux_loss(&z, t, e, Some(&mask), Some(&counts), Some(total), &cfg).unwrap();
+        let dt = s.clone_htod(&[total as i64]).unwrap();
+        let dtv = dt.as_view();
+        for (how, tt) in [
+            ("host", CudaTotalTokens::Host(total)),
+            ("device", CudaTotalTokens::Device(&dtv)),
+        ] {
+            let (l, co, to) = run(tt, true).unwrap();
+            assert!(
+                closef(l, c.loss, 1e-5, 1e-12),
+                "total {total} {how}: loss GPU {l} CPU {}",
+                c.loss
+            );
+            assert_eq!(co, counts, "total {total} {how}: counts");
+            assert_eq!(to, total as i64, "total {total} {how}: total_tokens");
+        }
+    }
+    for bad in [0i64, -3, i64::MIN] {
+        let dt = s.clone_htod(&[bad]).unwrap();
+        let (l, _, to) = run(CudaTotalTokens::Device(&dt.as_view()), true).unwrap();
+        assert_eq!((l, to), (0.0, 0), "device total {bad}");
+    }
+    let name = |r: moe_router::Result<(f32, Vec<i64>, i64)>, what: &str| {
+        let err = r.expect_err(what).to_string();
+        assert!(err.contains("total_tokens"), "{what}: {err}");
+        err
+    };
+    let err = name(
+        run(CudaTotalTokens::Host(7), false),
+        "host total without counts",
+    );
+    assert!(err.contains("counts"), "{err}");
+    let cerr = moe_router::aux_loss(&z, t, e, Some(&mask), None, Some(7), &cfg).unwrap_err();
+    assert_eq!(err, cerr.to_string(), "CUDA and CPU reject it alike");
+    let dt = s.clone_htod(&[7i64]).unwrap();
+    let err = name(
+        run(CudaTotalTokens::Device(&dt.as_view()), false),
+        "device total without counts",
+    );
+    assert!(err.contains("counts"), "{err}");
+    name(run(CudaTotalTokens::Host(0), true), "host total 0");
+    let dt2 = s.clone_htod(&[7i64, 8]).unwrap();
+    name(
+        run(CudaTotalTokens::Device(&dt2.as_view()), true),
+        "device total of 2 elements",
+    );
+}
+
+/// A `+inf` logit: logsumexp `+inf` (as torch.logsumexp), so the z-loss (alone or
+/// fused into the aux forward) and router statistics' mean / max logsumexp are `+inf`
+/// on both backends, not NaN.
+fn plus_inf_logits_give_inf_lse(be: &CudaBackend) {
+    let s = be.stream();
+    let inf = f32::INFINITY;
+    for e in [3usize, 300] {
+        let t = 3usize;
+        let mut z: Vec<f32> = (0..t * e).map(|i| (i % 5) as f32 * 0.25).collect();
+        z[e + 1] = inf;
+        z[e + 2] = inf;
+        let c = moe_router::z_loss(&z, t, e, None, 1e-3).unwrap();
+        assert_eq!(c.loss, inf, "E={e}: CPU z-loss");
+        let dz = s.clone_htod(&z).unwrap();
+        let mut dws = s
+            .clone_htod(&vec![f64::NAN; losses_workspace_len(t, e, None)])
+            .unwrap();
+        let mut dl = s.clone_htod(&[f32::NAN]).unwrap();
+        let mut dv = s.clone_htod(&[-9i64]).unwrap();
+        z_loss_cuda(
+            be,
+            &dz.as_view(),
+            t,
+            e,
+            None,
+            1e-3,
+            &mut dws.as_view_mut(),
+            ZLossCudaBuffers {
+                loss: dl.as_view_mut(),
+                valid_tokens: dv.as_view_mut(),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.clone_dtoh(&dl).unwrap()[0], inf, "E={e}: GPU z-loss");
+        // Fused into the aux forward.
+        let mut al = s.clone_htod(&[f32::NAN]).unwrap();
+        let mut ac = s.clone_htod(&vec![0i64; e]).unwrap();
+        let mut asu = s.clone_htod(&vec![0f32; e]).unwrap();
+        let mut at = s.clone_htod(&[0i64]).unwrap();
+        let mut zl = s.clone_htod(&[f32::NAN]).unwrap();
+        aux_loss_cuda(
+            be,
+            &dz.as_view(),
+            t,
+            e,
+            None,
+            None,
+            CudaTotalTokens::Valid,
+            &AuxLossConfig::new(1),
+            Some(1e-3),
+            AuxLossCudaBuffers {
+                loss: al.as_view_mut(),
+                counts: ac.as_view_mut(),
+                scores_sum: asu.as_view_mut(),
+                total_tokens: at.as_view_mut(),
+                workspace: dws.as_view_mut(),
+                z_loss: Some(ZLossCudaBuffers {
+                    loss: zl.as_view_mut(),
+                    valid_tokens: dv.as_view_mut(),
+                }),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            s.clone_dtoh(&zl).unwrap()[0],
+            inf,
+            "E={e}: GPU fused z-loss"
+        );
+        // Router statistics.
+        let idx: Vec<i32> = (0..t as i32).collect();
+        let cs = moe_router::router_stats(
+            &z,
+            t,
+            e,
+            &idx,
+            1,
+            None,
+            None,
+            &moe_router::RouterStatsConfig::new(),
+        )
+        .unwrap();
+        assert_eq!((cs.mean_lse, cs.max_lse), (inf, inf), "E={e}: CPU stats");
+        let di = s.clone_htod(&idx).unwrap();
+        let mut sel = s.clone_htod(&vec![-1i64; e]).unwrap();
+        let mut kept = s.clone_htod(&vec![-1i64; e]).unwrap();
+        let mut sc = s.clone_htod(&[-1i64; 4]).unwrap();
+        let mut fl = s.clone_htod(&[f32::NAN; 4]).unwrap();
+        let mut ws = s
+            .clone_htod(&vec![f64::NAN; router_stats_workspace_len(t)])
+            .unwrap();
+        router_stats_cuda(
+            be,
+            &dz.as_view(),
+            t,
+            e,
+            &di.as_view(),
+            1,
+            None,
+            None,
+            RouterStatsCudaBuffers {
+                selected_counts: sel.as_view_mut(),
+                kept_counts: kept.as_view_mut(),
+                scalars: sc.as_view_mut(),
+                floats: fl.as_view_mut(),
+                workspace: ws.as_view_mut(),
+            },
+        )
+        .unwrap();
+        let fl = s.clone_dtoh(&fl).unwrap();
+        assert_eq!((fl[2], fl[3]), (inf, inf), "E={e}: GPU stats {fl:?}");
+        assert!(fl[1].is_nan() && cs.mean_entropy.is_nan(), "E={e}: entropy");
+    }
+}
+
 fn losses_are_bitwise_reproducible(be: &CudaBackend) {
     let mut rng = Rng::new(5);
     let (t, e) = (4099usize, 128usize);
@@ -857,7 +1071,7 @@ fn losses_are_bitwise_reproducible(be: &CudaBackend) {
             e,
             None,
             None,
-            None,
+            CudaTotalTokens::Valid,
             &cfg,
             Some(1.0),
             AuxLossCudaBuffers {
@@ -2623,6 +2837,11 @@ const TESTS: &[(&str, TestFn)] = &[
         "losses_are_bitwise_reproducible",
         losses_are_bitwise_reproducible,
     ),
+    (
+        "aux_loss_caller_total_host_and_device",
+        aux_loss_caller_total_host_and_device,
+    ),
+    ("plus_inf_logits_give_inf_lse", plus_inf_logits_give_inf_lse),
     ("dropout_matches_cpu", dropout_matches_cpu),
     (
         "router_stats_and_bias_update_match_cpu",

@@ -372,6 +372,36 @@ fn nonfinite_logits_counted_and_strict() {
 }
 
 #[test]
+fn plus_inf_logit_gives_inf_lse() {
+    // logsumexp of a row whose max is +inf is +inf (as torch.logsumexp), not NaN; its
+    // entropy has no value (NaN). Two +inf in a row, or +inf next to -inf: the same.
+    let inf = f32::INFINITY;
+    for row in [[inf, 0.0], [inf, inf], [f32::NEG_INFINITY, inf]] {
+        let z = [row[0], row[1], 1.0, 1.0];
+        let s = router_stats(&z, 2, 2, &[0, 1], 1, None, None, &cfg()).unwrap();
+        assert_eq!(s.mean_lse, f32::INFINITY, "{row:?}: {s:?}");
+        assert_eq!(s.max_lse, f32::INFINITY, "{row:?}: {s:?}");
+        assert!(s.mean_entropy.is_nan(), "{row:?}: {s:?}");
+        // Padding the +inf row leaves the finite row: lse = 1 + ln 2.
+        let s = router_stats(&z, 2, 2, &[0, 1], 1, None, Some(&[true, false]), &cfg()).unwrap();
+        assert_close(&[s.mean_lse as f64], &[1.0 + 2f64.ln()], 1e-6, 0.0, "lse");
+    }
+    // A NaN row still makes both NaN, whatever the other rows hold.
+    let s = router_stats(
+        &[inf, 0.0, f32::NAN, 0.0],
+        2,
+        2,
+        &[0, 1],
+        1,
+        None,
+        None,
+        &cfg(),
+    )
+    .unwrap();
+    assert!(s.mean_lse.is_nan() && s.max_lse.is_nan(), "{s:?}");
+}
+
+#[test]
 fn masked_minus_inf_logits_keep_stats_finite() {
     // A -inf next to finite logits (a masked expert) is counted but contributes
     // 0·log 0 = 0: the row is a uniform over the other two experts.

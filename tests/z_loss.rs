@@ -132,6 +132,51 @@ fn large_logits_are_stable() {
     assert_close(&to64(&gb), &want, 4e-3, 1e-8, "bf16 large-logit grad");
 }
 
+/// A `+inf` logit: `logsumexp = +inf` (as `torch.logsumexp`), so the z-loss is `+inf`,
+/// not NaN (`m + ln Σ exp(z − m)` with `m = +inf` is `inf + ln NaN`). The other rows
+/// stay what they were; padding the `+inf` row gives back the finite loss; a NaN
+/// logit still gives NaN.
+#[test]
+fn plus_inf_logit_gives_inf_loss() {
+    let inf = f32::INFINITY;
+    for row in [
+        [inf, 0.0, -1.0],
+        [0.0, inf, inf],
+        [inf, f32::NEG_INFINITY, 2.0],
+    ] {
+        let z = [row[0], row[1], row[2], 0.0, 0.0, 0.0];
+        let out = z_loss(&z, 2, 3, None, 1e-3).unwrap();
+        assert_eq!(out.loss, f32::INFINITY, "{row:?}");
+        let zh: Vec<bf16> = z.iter().map(|&v| bf16::from_f32(v)).collect();
+        assert_eq!(z_loss(&zh, 2, 3, None, 1e-3).unwrap().loss, f32::INFINITY);
+        let zh: Vec<f16> = z.iter().map(|&v| f16::from_f32(v)).collect();
+        assert_eq!(z_loss(&zh, 2, 3, None, 1e-3).unwrap().loss, f32::INFINITY);
+        // Padding the +inf row: only the zero row, lse = ln 3.
+        let out = z_loss(&z, 2, 3, Some(&[true, false]), 1.0).unwrap();
+        let l3 = 3f64.ln();
+        assert_close(&[out.loss as f64], &[l3 * l3], 1e-6, 0.0, "padded +inf row");
+        // The gradient of the padded row is 0; the other row's is finite.
+        let mut g = vec![f32::NAN; 6];
+        z_loss_backward_into(&z, 2, 3, Some(&[true, false]), 1.0, 1.0, &mut g).unwrap();
+        assert_eq!(&g[..3], &[0.0; 3]);
+        assert!(g[3..].iter().all(|v| v.is_finite()), "{g:?}");
+    }
+    // Large finite logits are unchanged by the rule (lse² = 1e38 < f32::MAX); NaN still
+    // wins.
+    assert!(z_loss(&[1e19f32, 0.0], 1, 2, None, 1.0)
+        .unwrap()
+        .loss
+        .is_finite());
+    assert!(z_loss(&[f32::NAN, inf], 1, 2, None, 1.0)
+        .unwrap()
+        .loss
+        .is_nan());
+    assert!(z_loss(&[inf, f32::NAN], 1, 2, None, 1.0)
+        .unwrap()
+        .loss
+        .is_nan());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 

@@ -13,13 +13,12 @@ host synchronisation (workspaces come from torch's allocator). Dtypes: logits / 
 states float32, float16 or bfloat16; indices int32; weights float32; masks torch.bool.
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 from torch import Tensor
 
-Buf = Tuple[int, int]
-
 __version__: str
+SCORE_FUNCTIONS: tuple
 DROP_POLICIES: tuple
 LAYOUTS: tuple
 
@@ -72,37 +71,47 @@ def unpermute(y: Tensor, row: Tensor, weights: Tensor, out: Tensor) -> None: ...
 def unpermute_backward(
     grad_out: Tensor, y: Tensor, row: Tensor, weights: Tensor, grad_y: Tensor, grad_weights: Tensor
 ) -> None: ...
+# --- Losses (one function per op for CPU and CUDA tensors; options are keywords) ---------
+# Every tensor is contiguous and on one device; `logits` [T, E] float32 / float16 /
+# bfloat16, `padding_mask` [T] bool or None. Outputs are 0-d / small tensors that the
+# caller allocates on that device; both devices write them (no host read on CUDA).
+
 def aux_loss(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, padding_mask: Optional[Buf], counts: Optional[Buf],
-    total_tokens: Optional[int], topk: int, score_function: str, coeff: float, counts_out: Buf,
-) -> Tuple[float, int]:
-    """Returns (loss, total_tokens)."""
+    logits: Tensor, padding_mask: Optional[Tensor], counts: Optional[Tensor], total_tokens: Optional[Tensor],
+    loss: Tensor, counts_out: Tensor, total_out: Tensor, *, topk: int, score_function: str = "softmax",
+    coeff: float = 1.0,
+) -> None:
+    """Switch/GShard loss. ``counts`` [E] int64 (or None: the top-k counts of these logits) and
+    ``total_tokens`` [] int64 (only with ``counts``); writes ``loss`` [] float32,
+    ``counts_out`` [E] int64 (the counts used), ``total_out`` [] int64 (the T_total used)."""
 def aux_loss_backward(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, padding_mask: Optional[Buf], counts: Buf,
-    total_tokens: int, topk: int, score_function: str, coeff: float, grad_loss: float, grad_logits: Buf,
-) -> None: ...
+    logits: Tensor, padding_mask: Optional[Tensor], counts: Tensor, total_tokens: Tensor, grad_loss: Tensor,
+    grad_logits: Tensor, *, topk: int, score_function: str = "softmax", coeff: float = 1.0,
+) -> None:
+    """``grad_logits`` [T, E] (dtype of logits) for ``grad_loss`` [] float32, with the forward's
+    ``counts_out`` and ``total_out``."""
 def seq_aux_loss(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, seq_len: int, padding_mask: Optional[Buf], topk: int,
-    score_function: str, coeff: float, counts_out: Buf,
-) -> float: ...
+    logits: Tensor, padding_mask: Optional[Tensor], loss: Tensor, counts_out: Tensor, valid_tokens: Tensor, *,
+    seq_len: int, topk: int, score_function: str = "softmax", coeff: float = 1.0,
+) -> None:
+    """Sequence-level loss of [B * seq_len, E] logits: ``loss`` [] float32, ``counts_out`` [B, E]
+    int64, ``valid_tokens`` [B] int64."""
 def seq_aux_loss_backward(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, seq_len: int, padding_mask: Optional[Buf],
-    counts: Buf, topk: int, score_function: str, coeff: float, grad_loss: float, grad_logits: Buf,
-) -> None: ...
+    logits: Tensor, padding_mask: Optional[Tensor], counts: Tensor, valid_tokens: Tensor, grad_loss: Tensor,
+    grad_logits: Tensor, *, seq_len: int, topk: int, score_function: str = "softmax", coeff: float = 1.0,
+) -> None:
+    """``grad_logits`` [T, E] with the forward's ``counts_out`` and ``valid_tokens`` (checked
+    against ``padding_mask`` on CPU)."""
 def z_loss(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, padding_mask: Optional[Buf], coeff: float
-) -> Tuple[float, int]:
-    """Returns (loss, valid_tokens)."""
+    logits: Tensor, padding_mask: Optional[Tensor], loss: Tensor, valid_tokens: Tensor, *, coeff: float = 1.0
+) -> None:
+    """Router z-loss: ``loss`` [] float32, ``valid_tokens`` [] int64."""
 def z_loss_backward(
-    dtype: str, logits: Buf, num_tokens: int, num_experts: int, padding_mask: Optional[Buf], coeff: float,
-    grad_loss: float, grad_logits: Buf,
-) -> None: ...
-# --- Tensor bindings: one function per op for CPU and CUDA tensors -------------------
-# Tensors in (inputs, then the outputs the call fills), options as keyword arguments.
-# Each tensor's dtype, shape, contiguity and device are read through DLPack and checked
-# (``TypeError`` for a dtype, ``ValueError`` for a shape / device mix / overlapping
-# output); CPU tensors run the Rust reference, CUDA tensors the kernels on torch's
-# current stream of their device, without a host synchronisation.
+    logits: Tensor, padding_mask: Optional[Tensor], valid_tokens: Tensor, grad_loss: Tensor, grad_logits: Tensor, *,
+    coeff: float = 1.0,
+) -> None:
+    """``grad_logits`` [T, E] for ``grad_loss`` [] float32, with the forward's ``valid_tokens``
+    (checked against ``padding_mask`` on CPU)."""
 
 def expert_mask_len(num_tokens: int, num_experts: int, *, topk: int, rate: float, seed: int, offset: int) -> int:
     """Elements of ``masked``, validated as ``expert_mask`` (call before allocating)."""

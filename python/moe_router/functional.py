@@ -738,8 +738,10 @@ def aux_loss(
             scores and ``T``).
         counts: optional ``[E]`` int32 / int64 counts covering a larger batch (global-batch
             balancing); the gradient never flows through counts.
-        total_tokens: ``T_total`` those counts cover (int or 0-d integer tensor); default
-            the valid tokens here.
+        total_tokens: ``T_total`` those counts cover (int or 0-d integer tensor; a tensor
+            on the logits' CUDA device is read there, without a host sync); only with
+            ``counts`` (``ValueError`` otherwise: without counts the loss uses the counts
+            and valid tokens here). Default: the valid tokens here.
 
     Returns:
         0-d float32 loss, differentiable w.r.t. ``logits``.
@@ -798,6 +800,7 @@ def global_aux_loss(
     packed = torch.cat([counts, total.reshape(1)])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     # No valid token anywhere: every count is 0 and so is the loss; T_total = 1 avoids 0 / 0.
+    # The summed total stays a device tensor that the kernels read: no host sync on CUDA.
     loss, _, _ = _moe.aux_loss(logits, mask, packed[:-1], packed[-1].clamp(min=1), topk, score_function, coeff)
     return loss
 

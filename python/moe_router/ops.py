@@ -24,10 +24,11 @@ argument first; call that, not these. Conventions of the ops themselves:
   outputs and workspaces allocated by torch on that device and no host synchronisation:
   results the CPU path returns as host-computed 0-d / small tensors (losses, counts, the
   router statistics) stay on the device, with the same shapes and dtypes. Checks that
-  would need to read device values (index ranges, negative counts) are skipped on CUDA:
-  the kernels bounds-check every index instead, and ignore out-of-range ones. The two
-  exceptions, both documented where they apply: a CUDA ``total_tokens`` given to
-  ``aux_loss`` and ``strict=True`` in ``router_stats`` read one value on the host.
+  would need to read device values (index ranges, negative counts, a ``total_tokens``
+  below 1) are skipped on CUDA: the kernels bounds-check every index instead, and ignore
+  out-of-range ones (a device ``total_tokens`` <= 0 gives loss 0). The one exception,
+  documented where it applies: ``strict=True`` in ``router_stats`` reads one value on
+  the host.
   ``dispatch`` on CUDA returns ``counts`` as the kernels wrote it on the device.
   A wheel built without the ``cuda`` feature raises ``RuntimeError`` for CUDA tensors.
 """
@@ -621,18 +622,51 @@ unpermute.register_autograd(_unpermute_bwd, setup_context=_unpermute_setup)
 
 
 # --------------------------------------------------------------------------------------
-# Losses. The scalar loss is a 0-d float32 tensor; backward reads grad_loss as a number
-# on CPU and from device memory on CUDA.
+# Losses. The scalar loss is a 0-d float32 tensor; the natives write it (and token
+# totals) into 0-d tensors on the logits' device, and the backwards read grad_loss and
+# the totals there: on CUDA nothing is read on the host.
 
 
-def _valid_tokens(mask: Optional[Tensor], t: int, dev: torch.device, segments: Tuple[int, int]) -> Tensor:
-    """int64 ``[segments[0]]`` count of non-padding tokens per segment of ``segments[1]``
-    tokens, computed on ``dev`` without a sync (what the CUDA loss forwards write and the
-    backwards read: the custom ops' outputs do not carry it, to keep the CPU schema)."""
-    b, s = segments
+def _valid_tokens(mask: Optional[Tensor], t: int, dev: torch.device, seq_len: Optional[int] = None) -> Tensor:
+    """int64 non-padding tokens, computed with torch on ``dev`` (no host read): a 0-d
+    count over all ``t`` tokens, or ``[t // seq_len]`` counts per sequence. What the
+    z-loss / sequence-level forwards write as ``valid_tokens`` and their backwards read
+    (the custom ops do not return it, to keep their schemas); an empty tensor for a
+    ``seq_len`` that does not divide ``t`` or a mask of another shape (the native call
+    then raises)."""
+    if seq_len is None:
+        if mask is None:
+            return torch.full((), t, dtype=torch.int64, device=dev)
+        return (~mask).sum(dtype=torch.int64)
+    if seq_len <= 0 or t % seq_len != 0 or (mask is not None and mask.shape != (t,)):
+        return torch.zeros((0,), dtype=torch.int64, device=dev)
     if mask is None:
-        return torch.full((b,), s, dtype=torch.int64, device=dev)
-    return (~mask).reshape(b, s).sum(dim=1, dtype=torch.int64)
+        return torch.full((t // seq_len,), seq_len, dtype=torch.int64, device=dev)
+    return (~mask).reshape(t // seq_len, seq_len).sum(dim=1, dtype=torch.int64)
+
+
+def _grad_loss(grad_loss: Tensor) -> Tensor:
+    """The 0-d float32 gradient of a scalar loss, left where it is (no host read)."""
+    return grad_loss.to(torch.float32).reshape(()).contiguous()
+
+
+def _total_tokens(op: str, total_tokens: Tensor, dev: torch.device) -> Tensor:
+    """The caller's ``T_total`` as an int64 tensor on ``dev`` (the native call checks
+    that it is 0-d). A tensor on the logits' device is passed as it is (the CUDA kernels
+    read it there: no host read); a 0-d CPU value with CUDA logits (a host scalar
+    carried as a tensor, e.g. an int given to ``functional.aux_loss``) is checked on the
+    host, as the CPU does (the kernels cannot reject a device value below 1), then filled
+    in on the device (no copy, no sync)."""
+    total = _i64(op, "total_tokens", total_tokens)
+    if total.device != dev and total.device.type == "cpu" and total.dim() == 0:
+        v = int(total)
+        if v < 1:
+            raise ValueError(
+                f"moe_router.{op}: invalid `total_tokens` = {v}: total_tokens must be >= 1 (the number of tokens "
+                "the counts cover)"
+            )
+        return torch.full((), v, dtype=torch.int64, device=dev)
+    return total.to(dev)
 
 
 @torch.library.custom_op("moe_router::aux_loss", mutates_args=())
@@ -645,39 +679,22 @@ def aux_loss(
     score_function: str,
     coeff: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """loss [] f32, counts used [E] i64, total_tokens used [] i64."""
+    """loss [] f32, counts used [E] i64, total_tokens used [] i64. ``total_tokens``
+    (only with ``counts``) may be a CPU scalar with CUDA logits."""
     op = "aux_loss"
-    # `total_tokens` is a host scalar carried as a 0-d tensor: it may be on the CPU with
-    # CUDA logits (a CUDA one is read on the host: one sync).
     dev = _device(op, logits=logits, padding_mask=padding_mask, counts=counts)
-    dt = _float_name(op, "logits", logits)
-    logits = _dense(op, "logits", logits)
+    logits = logits.contiguous()
     mask = _mask(op, "padding_mask", padding_mask)
     c = None if counts is None else _i64(op, "counts", counts)
-    total = None if total_tokens is None else int(total_tokens)
-    if total is not None and total < 0:
-        raise ValueError(f"moe_router.{op}: invalid `total_tokens` = {total}: it must be >= 0")
-    t, e = logits.shape
+    total = None if total_tokens is None else _total_tokens(op, total_tokens, dev)
+    e = logits.shape[1] if logits.dim() == 2 else 0  # other shapes: the native call raises
+    loss = torch.empty((), dtype=torch.float32, device=dev)
     counts_out = torch.empty((e,), dtype=torch.int64, device=dev)
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "aux_loss", dev)
-        loss_t = torch.empty((), dtype=torch.float32, device=dev)
-        used_t = torch.empty((), dtype=torch.int64, device=dev)
-        scores_sum = torch.empty((e,), dtype=torch.float32, device=dev)  # written by the kernels, not returned
-        ws = torch.empty((_native.losses_workspace_len(t, e),), dtype=torch.float64, device=dev)
-        fn(
-            index, stream, dt, _buf(logits), t, e, _obuf(mask), _obuf(c), total, topk, score_function, coeff,
-            _buf(loss_t), _buf(counts_out), _buf(scores_sum), _buf(used_t), _buf(ws),
-        )  # fmt: skip
-        return loss_t, counts_out, used_t
-    loss, used_total = _native_fn(op, "aux_loss")(
-        dt, _buf(logits), t, e, _obuf(mask), _obuf(c), total, topk, score_function, coeff, _buf(counts_out)
+    total_out = torch.empty((), dtype=torch.int64, device=dev)
+    _native.aux_loss(
+        logits, mask, c, total, loss, counts_out, total_out, topk=topk, score_function=score_function, coeff=coeff
     )
-    return (
-        torch.tensor(loss, dtype=torch.float32),
-        counts_out,
-        torch.tensor(used_total, dtype=torch.int64),
-    )
+    return loss, counts_out, total_out
 
 
 @aux_loss.register_fake
@@ -704,26 +721,14 @@ def aux_loss_backward(
     """grad_logits [T, E] (dtype of logits)."""
     op = "aux_loss_backward"
     dev = _device(op, logits=logits, padding_mask=padding_mask, counts=counts, grad_loss=grad_loss)
-    dt = _float_name(op, "logits", logits)
-    logits = _dense(op, "logits", logits)
+    logits = logits.contiguous()
     mask = _mask(op, "padding_mask", padding_mask)
     c = _i64(op, "counts", counts)
-    t, e = logits.shape
-    grad_logits = torch.empty((t, e), dtype=logits.dtype, device=dev)
-    if _on_cuda(dev):
-        # total_tokens and grad_loss are read on the device (no sync).
-        fn, index, stream = _cuda(op, "aux_loss_backward", dev)
-        total = _i64(op, "total_tokens", total_tokens.to(dev))
-        gl = _dense(op, "grad_loss", grad_loss.to(torch.float32))
-        ws = torch.empty((_native.aux_loss_backward_workspace_len(t, e),), dtype=torch.float32, device=dev)
-        fn(
-            index, stream, dt, _buf(logits), t, e, _obuf(mask), _buf(c), _buf(total), topk, score_function, coeff,
-            _buf(gl), _buf(ws), _buf(grad_logits),
-        )  # fmt: skip
-        return grad_logits
-    _native_fn(op, "aux_loss_backward")(
-        dt, _buf(logits), t, e, _obuf(mask), _buf(c), int(total_tokens), topk, score_function, coeff,
-        float(grad_loss), _buf(grad_logits),
+    total = _total_tokens(op, total_tokens, dev)
+    grad_logits = torch.empty_like(logits)
+    _native.aux_loss_backward(
+        logits, mask, c, total, _grad_loss(grad_loss), grad_logits, topk=topk, score_function=score_function,
+        coeff=coeff,
     )  # fmt: skip
     return grad_logits
 
@@ -763,27 +768,17 @@ def seq_aux_loss(
     """loss [] f32, per-sequence counts [T // seq_len, E] i64."""
     op = "seq_aux_loss"
     dev = _device(op, logits=logits, padding_mask=padding_mask)
-    dt = _float_name(op, "logits", logits)
-    logits = _dense(op, "logits", logits)
+    logits = logits.contiguous()
     mask = _mask(op, "padding_mask", padding_mask)
-    t, e = logits.shape
+    t, e = logits.shape if logits.dim() == 2 else (0, 0)  # other shapes: the native call raises
     b = t // seq_len if seq_len > 0 else 0
+    loss = torch.empty((), dtype=torch.float32, device=dev)
     counts_out = torch.empty((b, e), dtype=torch.int64, device=dev)
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "seq_aux_loss", dev)
-        loss_t = torch.empty((), dtype=torch.float32, device=dev)
-        valid = torch.empty((b,), dtype=torch.int64, device=dev)  # recomputed by the backward
-        scores_sum = torch.empty((b, e), dtype=torch.float32, device=dev)  # written by the kernels, not returned
-        ws = torch.empty((_native.losses_workspace_len(t, e, seq_len),), dtype=torch.float64, device=dev)
-        fn(
-            index, stream, dt, _buf(logits), t, e, seq_len, _obuf(mask), topk, score_function, coeff, _buf(loss_t),
-            _buf(counts_out), _buf(scores_sum), _buf(valid), _buf(ws),
-        )  # fmt: skip
-        return loss_t, counts_out
-    loss = _native_fn(op, "seq_aux_loss")(
-        dt, _buf(logits), t, e, seq_len, _obuf(mask), topk, score_function, coeff, _buf(counts_out)
+    valid = torch.empty((b,), dtype=torch.int64, device=dev)  # recomputed by the backward
+    _native.seq_aux_loss(
+        logits, mask, loss, counts_out, valid, seq_len=seq_len, topk=topk, score_function=score_function, coeff=coeff
     )
-    return torch.tensor(loss, dtype=torch.float32), counts_out
+    return loss, counts_out
 
 
 @seq_aux_loss.register_fake
@@ -806,28 +801,14 @@ def seq_aux_loss_backward(
     """grad_logits [T, E] (dtype of logits)."""
     op = "seq_aux_loss_backward"
     dev = _device(op, logits=logits, padding_mask=padding_mask, counts=counts, grad_loss=grad_loss)
-    dt = _float_name(op, "logits", logits)
-    logits = _dense(op, "logits", logits)
+    logits = logits.contiguous()
     mask = _mask(op, "padding_mask", padding_mask)
     c = _i64(op, "counts", counts)
-    t, e = logits.shape
-    grad_logits = torch.empty((t, e), dtype=logits.dtype, device=dev)
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "seq_aux_loss_backward", dev)
-        b = t // seq_len if seq_len > 0 else 0
-        valid = _valid_tokens(mask, t, dev, (b, seq_len) if b > 0 else (0, max(seq_len, 1)))
-        gl = _dense(op, "grad_loss", grad_loss.to(torch.float32))
-        ws = torch.empty(
-            (_native.aux_loss_backward_workspace_len(t, e, seq_len),), dtype=torch.float32, device=dev
-        )
-        fn(
-            index, stream, dt, _buf(logits), t, e, seq_len, _obuf(mask), _buf(c), _buf(valid), topk, score_function,
-            coeff, _buf(gl), _buf(ws), _buf(grad_logits),
-        )  # fmt: skip
-        return grad_logits
-    _native_fn(op, "seq_aux_loss_backward")(
-        dt, _buf(logits), t, e, seq_len, _obuf(mask), _buf(c), topk, score_function, coeff, float(grad_loss),
-        _buf(grad_logits),
+    valid = _valid_tokens(mask, logits.shape[0] if logits.dim() else 0, dev, seq_len)
+    grad_logits = torch.empty_like(logits)
+    _native.seq_aux_loss_backward(
+        logits, mask, c, valid, _grad_loss(grad_loss), grad_logits, seq_len=seq_len, topk=topk,
+        score_function=score_function, coeff=coeff,
     )  # fmt: skip
     return grad_logits
 
@@ -860,19 +841,12 @@ def z_loss(logits: Tensor, padding_mask: Optional[Tensor], coeff: float) -> Tens
     """loss [] f32."""
     op = "z_loss"
     dev = _device(op, logits=logits, padding_mask=padding_mask)
-    dt = _float_name(op, "logits", logits)
-    logits = _dense(op, "logits", logits)
+    logits = logits.contiguous()
     mask = _mask(op, "padding_mask", padding_mask)
-    t, e = logits.shape
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "z_loss", dev)
-        loss_t = torch.empty((), dtype=torch.float32, device=dev)
-        valid = torch.empty((), dtype=torch.int64, device=dev)  # recomputed by the backward
-        ws = torch.empty((_native.losses_workspace_len(t, e),), dtype=torch.float64, device=dev)
-        fn(index, stream, dt, _buf(logits), t, e, _obuf(mask), coeff, _buf(loss_t), _buf(valid), _buf(ws))
-        return loss_t
-    loss, _valid = _native_fn(op, "z_loss")(dt, _buf(logits), t, e, _obuf(mask), coeff)
-    return torch.tensor(loss, dtype=torch.float32)
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    valid = torch.empty((), dtype=torch.int64, device=dev)  # recomputed by the backward
+    _native.z_loss(logits, mask, loss, valid, coeff=coeff)
+    return loss
 
 
 @z_loss.register_fake
@@ -885,18 +859,11 @@ def z_loss_backward(logits: Tensor, padding_mask: Optional[Tensor], coeff: float
     """grad_logits [T, E] (dtype of logits)."""
     op = "z_loss_backward"
     dev = _device(op, logits=logits, padding_mask=padding_mask, grad_loss=grad_loss)
-    dt = _float_name(op, "logits", logits)
-    logits = _dense(op, "logits", logits)
+    logits = logits.contiguous()
     mask = _mask(op, "padding_mask", padding_mask)
-    t, e = logits.shape
-    grad_logits = torch.empty((t, e), dtype=logits.dtype, device=dev)
-    if _on_cuda(dev):
-        fn, index, stream = _cuda(op, "z_loss_backward", dev)
-        valid = _valid_tokens(mask, t, dev, (1, t))
-        gl = _dense(op, "grad_loss", grad_loss.to(torch.float32))
-        fn(index, stream, dt, _buf(logits), t, e, _obuf(mask), _buf(valid), coeff, _buf(gl), _buf(grad_logits))
-        return grad_logits
-    _native_fn(op, "z_loss_backward")(dt, _buf(logits), t, e, _obuf(mask), coeff, float(grad_loss), _buf(grad_logits))
+    valid = _valid_tokens(mask, logits.shape[0] if logits.dim() else 0, dev)
+    grad_logits = torch.empty_like(logits)
+    _native.z_loss_backward(logits, mask, valid, _grad_loss(grad_loss), grad_logits, coeff=coeff)
     return grad_logits
 
 

@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 
 mod bias_update;
 mod capacity;
+mod aux_loss;
 mod common;
 mod device;
 mod dispatch;
@@ -25,6 +26,7 @@ mod permute;
 mod router_stats;
 mod tensor;
 mod topk_gating;
+mod z_loss;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -38,6 +40,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     dropout::register(m)?;
     bias_update::register(m)?;
     router_stats::register(m)?;
+    aux_loss::register(m)?;
+    z_loss::register(m)?;
     m.add_function(wrap_pyfunction!(device::cuda_device_count, m)?)?;
     m.add_function(wrap_pyfunction!(device::_emulate_cuda_on_cpu, m)?)?;
     m.add_function(wrap_pyfunction!(device::_cuda_calls, m)?)?;

@@ -326,10 +326,6 @@ impl<'py> Tensor<'py> {
         &self.shape
     }
 
-    /// Element count.
-    pub(crate) fn numel(&self) -> usize {
-        self.numel
-    }
 
     /// The float dtype of logits / hidden states (`float32`, `float16`, `bfloat16`), or
     /// `TypeError`.
@@ -541,10 +537,6 @@ impl<'py> Args<'py> {
         Ok(t)
     }
 
-    /// An optional output tensor.
-    pub(crate) fn opt_output(&mut self, name: &'static str, obj: Option<&Bound<'py, PyAny>>) -> PyResult<Option<Tensor<'py>>> {
-        obj.filter(|o| !o.is_none()).map(|o| self.output(name, o)).transpose()
-    }
 
     /// Check the tensors together (one device; no output overlapping another tensor)
     /// and say where the call runs.
@@ -678,11 +670,6 @@ impl<'py> Opts<'py> {
     }
 }
 
-/// `a * b` for sizes, or a `ValueError` naming what overflowed.
-pub(crate) fn mul(op: &str, what: &str, a: usize, b: usize) -> PyResult<usize> {
-    a.checked_mul(b)
-        .ok_or_else(|| value_error(op, format_args!("{what} = {a} * {b} overflows")))
-}
 
 /// Run `f` with the GIL released, turning a panic (never expected: every input is
 /// validated first) into a `RuntimeError` instead of letting it unwind into Python.

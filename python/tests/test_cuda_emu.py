@@ -13,8 +13,8 @@ CUDA branch for CPU tensors:
   emu/driver.cpp accepts) instead of `torch.cuda.current_stream(...)`.
 
 Nothing else on that path touches `torch.cuda` (the functional layer and the modules only go
-through the ops; `router_stats(strict=True)` and a CUDA `total_tokens` read their one value
-with `int()`, which works on CPU tensors). Every result of the patched ("CUDA on the
+through the ops; `router_stats(strict=True)` reads its one value with `int()`, which works
+on CPU tensors). Every result of the patched ("CUDA on the
 emulator") run is compared with the unpatched CPU run: indices, masks, counts and slots
 exactly; float values within `test_cuda.py`'s tolerances.
 
@@ -565,6 +565,34 @@ def test_losses_nonfinite_logits():
 
         got, cpu = both(run)
         close_all(got, cpu, ["loss", "grad"], torch.float32, what=name)
+
+
+def test_z_loss_of_a_plus_inf_logit_is_inf_on_both():
+    # logsumexp of a row whose max is +inf is +inf (torch.logsumexp): the kernels and
+    # the CPU reference alike, not NaN.
+    for e in (E, 300):  # the warp and the block kernels
+        z0 = ref.tie_free_logits(24, e, seed=3)
+        z0[7, 4] = float("inf")
+        got, cpu = both(lambda: mr.z_loss(z0, coeff=0.1))
+        assert got.item() == cpu.item() == float("inf"), (got, cpu)
+
+
+def test_aux_loss_total_tokens_on_the_cuda_branch():
+    z = ref.tie_free_logits(30, E, seed=6)
+    counts = torch.arange(E) * 2
+    # Without counts: rejected by the core's checks on the CUDA branch too.
+    before = _calls()
+    with emu(), pytest.raises(ValueError, match=r"total_tokens.*requires `counts`"):
+        torch.ops.moe_router.aux_loss(z, None, None, torch.tensor(7), K, "softmax", 1.0)
+    assert _calls() > before, "the CUDA branch was not taken"
+    # A device total the host cannot check: <= 0 gives loss 0 and total 0 on CUDA (the
+    # CPU rejects it).
+    for bad in (0, -4):
+        with emu():
+            loss, used, total = torch.ops.moe_router.aux_loss(z, None, counts, torch.tensor(bad), K, "softmax", 1.0)
+        assert loss.item() == 0.0 and total.item() == 0 and torch.equal(used, counts)
+        with pytest.raises(ValueError, match="total_tokens"):
+            torch.ops.moe_router.aux_loss(z, None, counts, torch.tensor(bad), K, "softmax", 1.0)
 
 
 # --------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ reference.py (values and gradients), HF Mixtral's formula, padding masks, f16/bf
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -186,3 +187,90 @@ def test_global_aux_loss_over_two_ranks_sums_to_the_whole_batch_loss(tmp_path):
     whole.backward()
     assert_close_f32(res["sum"], whole)
     assert_close_f32(torch.cat([res["grad0"], res1["grad1"]]), z64.grad, rtol=1e-5, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------
+# Regressions
+
+
+@pytest.mark.parametrize("total", [1, 6, torch.tensor(1), torch.tensor(600, dtype=torch.int32)], ids=str)
+def test_total_tokens_without_counts_is_an_error(total):
+    """`total_tokens` is what the caller's `counts` cover. Without counts the loss used this
+    batch's own counts with that total (a loss (T / total)**2 off: 36x for these 6 tokens
+    and total_tokens=1) and returned it; now the core rejects it, naming both."""
+    z = ref.tie_free_logits(6, 8, seed=2)
+    with pytest.raises(ValueError, match=r"total_tokens.*requires `counts`"):
+        mr.aux_loss(z, 2, total_tokens=total)
+    t = torch.tensor(total) if isinstance(total, int) else total
+    with pytest.raises(ValueError, match=r"total_tokens.*requires `counts`"):
+        torch.ops.moe_router.aux_loss(z, None, None, t.long(), 2, "softmax", 1.0)
+    # With counts it is accepted and means what it says.
+    counts = torch.tensor([1, 2, 0, 3, 1, 1, 2, 2])
+    lo = mr.aux_loss(z, 2, counts=counts, total_tokens=total)
+    assert_close_f32(lo, ref.aux_loss(z.double(), 2, counts=counts, total_tokens=int(total)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_z_loss_of_a_plus_inf_logit_is_inf_like_torch_logsumexp(dtype):
+    """logsumexp of a row whose max is +inf is +inf (torch.logsumexp), so the z-loss is
+    +inf, not NaN (the max shift computed inf - inf)."""
+    z = ref.randn((5, 4), seed=1)
+    z[2, 1] = math.inf
+    z[4] = torch.tensor([math.inf, math.inf, -math.inf, 0.0])
+    x = z.to(dtype)
+    want = torch.logsumexp(x.double(), dim=-1).pow(2).mean() * 0.5
+    assert want.item() == math.inf
+    assert mr.z_loss(x, coeff=0.5).item() == math.inf
+    # The +inf rows padded: the finite loss of the others.
+    m = torch.tensor([False, False, True, False, True])
+    lo = mr.z_loss(x, coeff=0.5, padding_mask=m)
+    assert_close_f32(lo, ref.z_loss(x.double(), coeff=0.5, padding_mask=m), rtol=2e-6)
+    # NaN still wins.
+    z[0, 0] = math.nan
+    assert math.isnan(mr.z_loss(z.to(dtype)).item())
+
+
+def test_global_aux_loss_reads_no_tensor_value_on_the_host(monkeypatch):
+    """global_aux_loss's summed T_total is a tensor; the op used to read it with int() (a
+    host sync on CUDA). Now it goes to the native call where it lives (the CUDA kernels
+    read it in device memory). The Python path is the same on every device, so on the CPU:
+    no tensor value may be read in Python during forward and backward."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        z = ref.tie_free_logits(12, 8, seed=4)
+        mask = torch.arange(12) % 5 == 2
+
+        def host_read(*args, **kwargs):
+            raise AssertionError("a tensor value was read on the host")
+
+        x = z.clone().requires_grad_()
+        with monkeypatch.context() as mp:
+            for name in ("__int__", "__index__", "__float__", "__bool__", "item", "tolist"):
+                mp.setattr(torch.Tensor, name, host_read)
+            loss = mr.global_aux_loss(x, 2, coeff=0.2, padding_mask=mask)
+            loss.backward()
+    finally:
+        dist.destroy_process_group()
+    # One rank: the global loss is the local one.
+    lo, lr, go, gr = _grads(
+        lambda y: mr.aux_loss(y, 2, coeff=0.2, padding_mask=mask),
+        lambda y: ref.aux_loss(y, 2, coeff=0.2, padding_mask=mask),
+        z,
+    )
+    assert_close_f32(loss.detach(), lr)
+    assert_close_f32(x.grad, gr, rtol=1e-5, atol=1e-8)
+
+
+def test_host_total_tokens_for_device_logits_is_checked_on_the_host():
+    # An int total_tokens (carried as a CPU tensor) with logits on another device is filled
+    # in there without a copy; the kernels cannot reject a device value below 1, so the
+    # host value is checked first, as the CPU path does. ("meta" stands for CUDA here.)
+    from moe_router import ops
+
+    dev = torch.device("meta")
+    with pytest.raises(ValueError, match="total_tokens"):
+        ops._total_tokens("aux_loss", torch.tensor(0), dev)
+    t = ops._total_tokens("aux_loss", torch.tensor(7, dtype=torch.int32), dev)
+    assert t.device == dev and t.dtype == torch.int64 and t.shape == ()

@@ -138,6 +138,14 @@ def test_storage_offset_views_are_read_at_their_offset():
     assert torch.equal(i.long(), torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :2])
 
 
+def test_core_errors_map_to_value_error():
+    z = torch.randn(4, 8)
+    counts = torch.full((8,), -1, dtype=torch.int64)
+    loss, out, total = torch.empty(()), torch.empty(8, dtype=torch.int64), torch.empty((), dtype=torch.int64)
+    with pytest.raises(ValueError, match="count"):
+        _native.aux_loss(z, None, counts, None, loss, out, total, topk=2)
+
+
 def test_native_module_does_not_import_torch():
     # Load the extension by file, without the package __init__ (which imports torch).
     code = (

@@ -37,8 +37,9 @@ fn nan_max(a: f64, b: f64) -> f64 {
 /// `H = Σ_{p_e ≠ 0} p_e · (ln s − (z_e − m))`: `log p_e` is taken in the log domain
 /// and `ln s` through `ln_1p`, so confident rows (`p_max → 1`) keep their tiny
 /// entropy to f32 relative accuracy; `0 · log 0 = 0`, so `-inf` logits next to
-/// finite ones contribute nothing. A row holding NaN or `+inf`, or only `-inf`,
-/// gives NaN entropy and logsumexp.
+/// finite ones contribute nothing. A row holding NaN, or only `-inf`, gives NaN
+/// entropy and logsumexp; a row whose max is `+inf` (and no NaN) gives NaN entropy and
+/// logsumexp `+inf`, as `torch.logsumexp` (`m + ln s` would be `inf + NaN`).
 #[inline]
 pub fn entropy_lse_row(z: impl Iterator<Item = f32> + Clone, p: &mut [f32]) -> (f32, f32) {
     // Max as in `softmax_row`: NaN wins, so it propagates.
@@ -72,7 +73,8 @@ pub fn entropy_lse_row(z: impl Iterator<Item = f32> + Clone, p: &mut [f32]) -> (
             h += *pe * (ln_s - (ze - m));
         }
     }
-    (h, m + ln_s)
+    let lse = if m == f32::INFINITY { m } else { m + ln_s };
+    (h, lse)
 }
 
 /// Router statistics over validated input (see [`crate::ops::router_stats`] for the

@@ -1,7 +1,7 @@
 //! CPU reference for the router z-loss (ST-MoE), forward sums and gradient.
 //!
 //! `logsumexp` per token in f32 with the max shift of [`softmax_row`] (stable for
-//! `|z| ≫ 80`); the sum of `lse²` over tokens in f64 via [`chunked_reduce`], bitwise
+//! `|z| ≫ 80`; `+inf` for a row whose max is `+inf`, as `torch.logsumexp`); the sum of `lse²` over tokens in f64 via [`chunked_reduce`], bitwise
 //! independent of the number of threads.
 
 use super::{chunked_reduce, softmax_row, CHUNK};
@@ -85,10 +85,18 @@ pub fn z_loss_grad_into<T: RouterFloat>(
 }
 
 /// `logsumexp(z)` in f32, leaving `softmax(z)` in `p`.
+///
+/// `+inf` when the max is `+inf`, as `torch.logsumexp`: the shifted sum is NaN then
+/// (`exp(inf - inf)`), and `m + ln s` would be NaN. (`cuda/losses.cu`'s `lse_of` is the
+/// same rule.) A NaN logit still gives NaN.
 #[inline]
 fn lse_row<T: RouterFloat>(z: &[T], p: &mut [f32]) -> f32 {
     let (m, s) = softmax_row(z.iter().map(|v| v.to_f32()), p);
-    m + s.ln()
+    if m == f32::INFINITY {
+        m
+    } else {
+        m + s.ln()
+    }
 }
 
 #[inline]

@@ -16,15 +16,16 @@
 //! Everything stays on the device: the losses, counts and token totals are written
 //! to device buffers, and the backward reads the forward's `total_tokens` /
 //! `valid_tokens` and `grad_loss` from device memory, so nothing synchronises with
-//! the host. What cannot be checked without reading device memory is not checked:
-//! caller counts `< 0` are used as they are, and a `total_tokens` of 0 (or below)
-//! gives a zero gradient rather than an error. No kernel reads or writes out of
-//! bounds for any values.
+//! the host; the global loss's caller `T_total` may be a device value too
+//! ([`CudaTotalTokens::Device`]). What cannot be checked without reading device memory
+//! is not checked: caller counts `< 0` are used as they are, and a device `T_total` or
+//! a backward `total_tokens` of 0 (or below) gives a zero loss / gradient rather than
+//! an error. No kernel reads or writes out of bounds for any values.
 
 use super::borrow;
 use super::{CudaBackend, CudaStream, CudaView, CudaViewMut};
 use crate::error::{Error, Result};
-use crate::ops::aux_loss::{check_logits, check_seq_len};
+use crate::ops::aux_loss::{check_logits, check_seq_len, check_total, TOTAL_NEEDS_COUNTS};
 use crate::ops::{check_finite, check_len, AuxLossConfig, ScoreFunction};
 use crate::RouterFloat;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -259,6 +260,20 @@ pub struct AuxLossCudaBuffers<'a> {
     pub z_loss: Option<ZLossCudaBuffers<'a>>,
 }
 
+/// `T_total` of the global aux loss on the GPU ([`aux_loss_cuda`]): the number of
+/// tokens the caller's counts cover.
+#[derive(Debug, Clone, Copy)]
+pub enum CudaTotalTokens<'r, 'a> {
+    /// The valid tokens of these logits (what the loss uses without caller counts).
+    Valid,
+    /// A host value, `>= 1`; only with caller counts.
+    Host(usize),
+    /// `[1]` i64 in device memory, read by the kernels (no host synchronisation); only
+    /// with caller counts. A value `<= 0` cannot be rejected without reading it: it
+    /// gives loss 0 and `total_tokens` 0 (so the backward's gradient is 0).
+    Device(&'r CudaView<'a, i64>),
+}
+
 fn kernel_shape(root: &str, num_experts: usize, groups: usize) -> (String, LaunchConfig) {
     let g = groups as u32;
     if num_experts <= WARP_MAX_EXPERTS {
@@ -307,6 +322,7 @@ fn run_forward<T: RouterFloat + DeviceRepr>(
     logits: &CudaView<'_, T>,
     mask: Option<&CudaView<'_, bool>>,
     counts_in: Option<&CudaView<'_, i64>>,
+    total_in: Option<&CudaView<'_, i64>>,
     mut aux: Option<AuxOutRefs<'_, '_>>,
     mut z: Option<&mut ZLossCudaBuffers<'_>>,
     workspace: &mut CudaViewMut<'_, f64>,
@@ -336,6 +352,10 @@ fn run_forward<T: RouterFloat + DeviceRepr>(
             Some(c) => b.arg(c),
             None => b.arg(&null),
         };
+        match total_in {
+            Some(t) => b.arg(t),
+            None => b.arg(&null),
+        };
         b.arg(&mut *workspace);
         match &mut aux {
             Some((_, counts, scores, total)) => {
@@ -346,10 +366,11 @@ fn run_forward<T: RouterFloat + DeviceRepr>(
             }
         }
         // SAFETY: matches `losses_reduce(LossParams, const long long* counts_in,
-        // double* ws, float* scores_sum, long long* counts_out, long long*
-        // total_tokens)`; the aux outputs hold [segments, E] / [segments] elements
-        // and are only touched when want_aux = 1 (then they are non-null); counts_in
-        // is read only when count_topk = 0 (then it holds [segments, E]).
+        // const long long* total_in, double* ws, float* scores_sum, long long*
+        // counts_out, long long* total_tokens)`; the aux outputs hold [segments, E] /
+        // [segments] elements and are only touched when want_aux = 1 (then they are
+        // non-null); counts_in is read only when count_topk = 0 (then it holds
+        // [segments, E]); total_in is null or holds 1 element (read when non-null).
         unsafe { b.launch(one_block(256, plan.segments)) }?;
     }
     let f = backend.function(MODULE, "losses_finalize")?;
@@ -385,7 +406,7 @@ fn aux_forward<T: RouterFloat + DeviceRepr>(
     seq_len: Option<usize>,
     padding_mask: Option<&CudaView<'_, bool>>,
     counts: Option<&CudaView<'_, i64>>,
-    total_tokens: Option<usize>,
+    total_tokens: CudaTotalTokens<'_, '_>,
     cfg: &AuxLossConfig,
     z_loss_coeff: Option<f32>,
     mut out: AuxLossCudaBuffers<'_>,
@@ -414,12 +435,32 @@ fn aux_forward<T: RouterFloat + DeviceRepr>(
             "pass both z_loss_coeff and out.z_loss to fuse the z-loss, or neither",
         ));
     }
-    if total_tokens == Some(0) {
+    let (total_override, total_in) = match total_tokens {
+        CudaTotalTokens::Valid => (None, None),
+        CudaTotalTokens::Host(t) => {
+            check_total(op, counts.is_some(), Some(t))?;
+            (Some(t), None)
+        }
+        CudaTotalTokens::Device(v) => {
+            // The value is on the device: only its presence and length are checked.
+            if counts.is_none() {
+                return Err(Error::invalid(
+                    op,
+                    "total_tokens",
+                    "a device value",
+                    TOTAL_NEEDS_COUNTS,
+                ));
+            }
+            check_len(op, "total_tokens", v.len(), 1, "[1]")?;
+            (None, Some(v))
+        }
+    };
+    if seq_len.is_some() && !matches!(total_tokens, CudaTotalTokens::Valid) {
         return Err(Error::invalid(
             op,
             "total_tokens",
-            0,
-            "total_tokens must be >= 1 (the number of tokens the counts cover)",
+            "given",
+            "the sequence-level loss uses each sequence's valid tokens as its T_total",
         ));
     }
     let plan = Plan::new(num_tokens, seq_len);
@@ -475,7 +516,7 @@ fn aux_forward<T: RouterFloat + DeviceRepr>(
         z_loss_coeff,
         padding_mask.is_some(),
         seq_len.is_some(),
-        total_tokens,
+        total_override,
     )?;
     let AuxLossCudaBuffers {
         loss,
@@ -492,6 +533,7 @@ fn aux_forward<T: RouterFloat + DeviceRepr>(
         logits,
         padding_mask,
         counts,
+        total_in,
         Some((loss, counts_out, scores_sum, total_out)),
         z_loss.as_mut(),
         workspace,
@@ -500,12 +542,14 @@ fn aux_forward<T: RouterFloat + DeviceRepr>(
 
 /// Switch/GShard aux loss (see [`crate::ops::aux_loss`]) of `logits [num_tokens,
 /// num_experts]` on the GPU, optionally with the caller's `counts [num_experts]`
-/// and `total_tokens`, and optionally the z-loss fused into the same pass over the
+/// and the `total_tokens` they cover (a host or a device value, see
+/// [`CudaTotalTokens`]), and optionally the z-loss fused into the same pass over the
 /// logits (`z_loss_coeff` with `out.z_loss`). Launches on `backend.stream()` without
 /// synchronising.
 ///
 /// # Errors
-/// What [`crate::ops::aux_loss`] rejects (config, shapes, `total_tokens == Some(0)`),
+/// What [`crate::ops::aux_loss`] rejects (config, shapes, `total_tokens` without
+/// `counts`, a host `total_tokens` of 0),
 /// plus [`Error::Shape`] for an output or workspace of the wrong length,
 /// [`Error::Unsupported`] for `num_experts > 2048`, [`Error::Compile`] /
 /// [`Error::Driver`]. Negative caller counts are not detected (module docs).
@@ -517,7 +561,7 @@ pub fn aux_loss_cuda<T: RouterFloat + DeviceRepr>(
     num_experts: usize,
     padding_mask: Option<&CudaView<'_, bool>>,
     counts: Option<&CudaView<'_, i64>>,
-    total_tokens: Option<usize>,
+    total_tokens: CudaTotalTokens<'_, '_>,
     cfg: &AuxLossConfig,
     z_loss_coeff: Option<f32>,
     out: AuxLossCudaBuffers<'_>,
@@ -567,7 +611,7 @@ pub fn seq_aux_loss_cuda<T: RouterFloat + DeviceRepr>(
         Some(seq_len),
         padding_mask,
         counts,
-        None,
+        CudaTotalTokens::Valid,
         cfg,
         z_loss_coeff,
         out,
@@ -623,6 +667,7 @@ pub fn z_loss_cuda<T: RouterFloat + DeviceRepr>(
         &plan,
         logits,
         padding_mask,
+        None,
         None,
         None,
         Some(&mut out),
@@ -903,6 +948,10 @@ pub struct LossesRawPtrs {
     pub scores_sum: u64,
     /// `[segments]` i64: aux forward output, aux backward input.
     pub total_tokens: u64,
+    /// Global aux forward: the caller's `T_total` `[1]` i64, read on the device
+    /// ([`CudaTotalTokens::Device`]), or 0 (then the `total_tokens` argument of
+    /// [`losses_raw`], or the valid tokens).
+    pub total_tokens_in: u64,
     /// f64 forward workspace ([`losses_workspace_len`]) or f32 aux backward workspace
     /// ([`aux_loss_backward_workspace_len`]).
     pub workspace: u64,
@@ -919,7 +968,8 @@ pub struct LossesRawPtrs {
 /// Launch a loss pass on raw device pointers and a caller-owned stream (PyTorch's
 /// current stream), without synchronising; the checks and kernels of the safe
 /// functions named in [`LossesPass`]. `seq_len` selects the sequence-level aux loss;
-/// `total_tokens` is the global aux loss's caller `T_total`.
+/// `total_tokens` is the global aux loss's caller `T_total` as a host value
+/// (`ptrs.total_tokens_in` as a device value; at most one of the two).
 ///
 /// # Safety
 /// 1. `stream` is a live CUDA stream of `backend`'s context, kept alive until the
@@ -980,6 +1030,24 @@ pub unsafe fn losses_raw(
                     let counts = (ptrs.counts != 0)
                         .then(|| unsafe { BorrowedSlice::<i64>::new(s, ptrs.counts, ne_s) });
                     let counts_v = counts.as_ref().map(|b| b.view());
+                    let total_in = if ptrs.total_tokens_in == 0 {
+                        None
+                    } else if total_tokens.is_some() {
+                        return Err(Error::invalid(
+                            op,
+                            "total_tokens",
+                            "a host and a device value",
+                            "pass the caller's T_total once: as a host value or a device one",
+                        ));
+                    } else {
+                        Some(unsafe { borrow!(i64, s, ptrs.total_tokens_in, 1, "losses_raw") }?)
+                    };
+                    let total_in_v = total_in.as_ref().map(|b| b.view());
+                    let total = match (&total_in_v, total_tokens) {
+                        (Some(v), _) => CudaTotalTokens::Device(v),
+                        (None, Some(t)) => CudaTotalTokens::Host(t),
+                        (None, None) => CudaTotalTokens::Valid,
+                    };
                     let mut loss = unsafe { borrow!(f32, s, ptrs.loss, 1, "losses_raw") }?;
                     let mut oc = unsafe { borrow!(i64, s, ptrs.out_counts, ne_s, "losses_raw") }?;
                     let mut ss = unsafe { borrow!(f32, s, ptrs.scores_sum, ne_s, "losses_raw") }?;
@@ -1015,19 +1083,21 @@ pub unsafe fn losses_raw(
                             num_experts,
                             mask_v.as_ref(),
                             counts_v.as_ref(),
-                            total_tokens,
+                            total,
                             cfg,
                             z_loss_coeff,
                             out,
                         ),
-                        Some(sl) => seq_aux_loss_cuda::<$t>(
+                        Some(sl) => aux_forward::<$t>(
+                            SEQ_OP,
                             &be,
                             &z.view(),
                             num_tokens,
                             num_experts,
-                            sl,
+                            Some(sl),
                             mask_v.as_ref(),
                             counts_v.as_ref(),
+                            total,
                             cfg,
                             z_loss_coeff,
                             out,

@@ -197,6 +197,32 @@ fn check_counts(
     Ok(())
 }
 
+/// Why `total_tokens` without `counts` is an error (also for a device value on CUDA).
+pub(crate) const TOTAL_NEEDS_COUNTS: &str = "total_tokens requires `counts`: it is the number \
+     of tokens the caller's counts cover; without counts, T_total is the number of valid \
+     tokens of these logits (pass neither, or both)";
+
+/// The caller's `total_tokens` (`T_total`, the tokens the caller's counts cover)
+/// needs those counts, and is `>= 1`. Without counts the loss uses the counts and the
+/// valid tokens of these logits, so a `T_total` of another batch would scale it by
+/// `(valid / T_total)²`: an error, not a silently wrong loss.
+pub(crate) fn check_total(
+    op: &'static str,
+    counts_given: bool,
+    total_tokens: Option<usize>,
+) -> Result<()> {
+    match total_tokens {
+        Some(t) if !counts_given => Err(Error::invalid(op, "total_tokens", t, TOTAL_NEEDS_COUNTS)),
+        Some(0) => Err(Error::invalid(
+            op,
+            "total_tokens",
+            0,
+            "total_tokens must be >= 1 (the number of tokens the counts cover)",
+        )),
+        _ => Ok(()),
+    }
+}
+
 pub(crate) fn check_seq_len(op: &'static str, seq_len: usize, num_tokens: usize) -> Result<()> {
     if seq_len == 0 {
         return Err(Error::invalid(op, "seq_len", 0, "seq_len must be >= 1"));
@@ -246,12 +272,14 @@ fn validate_seq<T>(
 /// - `padding_mask [num_tokens]`: `true` = padding, excluded from counts, scores and `T`.
 /// - `counts [num_experts]`: the caller's counts (global batch); computed from the
 ///   plain top-k of `P` over valid tokens when `None`.
-/// - `total_tokens`: `T_total`, the number of tokens the counts cover; the number of
-///   valid tokens when `None`. With zero valid tokens and no `total_tokens` the loss is 0.
+/// - `total_tokens`: `T_total`, the number of tokens the caller's `counts` cover (only
+///   with `counts`); the number of valid tokens when `None`. With zero valid tokens and
+///   no `total_tokens` the loss is 0.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for `num_experts == 0`, `topk` outside `1..=E`,
-/// non-finite `coeff`, a negative count, `total_tokens == Some(0)`;
+/// non-finite `coeff`, a negative count, `total_tokens` without `counts`,
+/// `total_tokens == Some(0)`;
 /// [`Error::Shape`] for `logits`, `padding_mask` or `counts` of the wrong length.
 ///
 /// # Example
@@ -283,14 +311,7 @@ pub fn aux_loss<T: RouterFloat>(
             format_args!("[num_experts] = [{num_experts}]"),
         )?;
     }
-    if total_tokens == Some(0) {
-        return Err(Error::invalid(
-            OP,
-            "total_tokens",
-            0,
-            "total_tokens must be >= 1 (the number of tokens the counts cover)",
-        ));
-    }
+    check_total(OP, counts.is_some(), total_tokens)?;
     let problem = AuxProblem {
         logits,
         num_tokens,

@@ -149,9 +149,11 @@ pub(crate) fn validate_router_stats(
 /// on load); reductions over tokens are f64 partials over fixed chunks combined in
 /// order, so the result is bitwise independent of the thread count.
 ///
-/// Non-finite logits are counted, not skipped: a row holding NaN or `+inf` (or only
-/// `-inf`) has NaN entropy and logsumexp, which makes `mean_entropy`, `mean_lse` and
-/// `max_lse` NaN; `-inf` entries next to finite ones (masked experts) contribute 0
+/// Non-finite logits are counted, not skipped: a row holding NaN (or only `-inf`) has
+/// NaN entropy and logsumexp, which makes `mean_entropy`, `mean_lse` and `max_lse`
+/// NaN; a row whose max is `+inf` has NaN entropy and logsumexp `+inf` (as
+/// `torch.logsumexp`), which makes `mean_lse` and `max_lse` `+inf` unless another row
+/// is NaN; `-inf` entries next to finite ones (masked experts) contribute 0
 /// to the entropy and leave the row's statistics finite, but are still counted in
 /// `nonfinite_logits`. With `cfg.strict`, any non-finite logit is an error instead.
 ///
