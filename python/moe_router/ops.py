@@ -1,7 +1,7 @@
 """torch.library custom ops of moe_router (namespace ``moe_router::``).
 
-Every op here is an opaque call into the Rust CPU reference (``moe_router._native``)
-registered with :func:`torch.library.custom_op`, a shapes-only fake kernel
+Every op here is one call into ``moe_router._native`` (the Rust core: the CPU reference
+for CPU tensors, the CUDA kernels for CUDA tensors) registered with :func:`torch.library.custom_op`, a shapes-only fake kernel
 (:func:`torch.library.register_fake`, so ``torch.compile(fullgraph=True)`` traces
 through without a graph break) and, where it has a gradient, an autograd formula
 (:func:`torch.library.register_autograd`) whose backward calls this package's own
@@ -20,17 +20,15 @@ argument first; call that, not these. Conventions of the ops themselves:
 - a seed or offset is a ``uint64`` carried in a signed ``int`` (two's complement);
 - every tensor of a call must be on one device (``ValueError`` otherwise; nothing is ever
   copied between devices). CPU tensors run the Rust reference; CUDA tensors run the CUDA
-  kernels (``moe_router._native.cuda_*``) on ``torch.cuda.current_stream(device)`` with
-  outputs and workspaces allocated by torch on that device and no host synchronisation:
-  results the CPU path returns as host-computed 0-d / small tensors (losses, counts, the
-  router statistics) stay on the device, with the same shapes and dtypes. Checks that
+  kernels on ``torch.cuda.current_stream(device)`` with outputs and workspaces allocated
+  by torch on that device and no host synchronisation: results (losses, counts, the
+  router statistics) are written into tensors on the inputs' device by both backends,
+  with the same shapes and dtypes. Checks that
   would need to read device values (index ranges, negative counts, a ``total_tokens``
   below 1) are skipped on CUDA: the kernels bounds-check every index instead, and ignore
   out-of-range ones (a device ``total_tokens`` <= 0 gives loss 0). The one exception,
   documented where it applies: ``strict=True`` in ``router_stats`` reads one value on
   the host.
-  ``dispatch`` on CUDA returns ``counts`` as the kernels wrote it on the device.
-  A wheel built without the ``cuda`` feature raises ``RuntimeError`` for CUDA tensors.
 """
 
 from __future__ import annotations
@@ -44,7 +42,6 @@ from . import _native
 
 __all__ = ["dispatch_max_rows", "NATIVE_OPS", "native_has"]
 
-_FLOAT_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 _U64 = 2**64
 
@@ -57,19 +54,9 @@ def native_has(name: str) -> bool:
     return name in NATIVE_OPS
 
 
-def _native_fn(op: str, name: str):
-    fn = getattr(_native, name, None)
-    if fn is None:
-        raise RuntimeError(
-            f"moe_router.{op}: this build of moe_router._native does not provide `{name}`: the "
-            "Python package and its native module come from different versions; reinstall "
-            "(`pip install ./python` or scripts/setup_python.sh)"
-        )
-    return fn
-
-
 # --------------------------------------------------------------------------------------
-# Buffer helpers. The op implementations run on concrete tensors only (never fake ones).
+# Argument helpers. The op implementations run on concrete tensors only (never fake
+# ones); the native call checks every tensor's dtype, shape and device itself.
 
 
 def _device(op: str, **tensors: Optional[Tensor]) -> torch.device:
@@ -99,41 +86,6 @@ def _on_cuda(dev: torch.device) -> bool:
     return True
 
 
-def _cuda(op: str, name: str, dev: torch.device):
-    """``(native cuda_<name>, device ordinal, current stream handle)`` for a CUDA call."""
-    fn = getattr(_native, f"cuda_{name}", None)
-    if fn is None:
-        _no_cuda_kernel(op, name)
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    return fn, index, torch.cuda.current_stream(index).cuda_stream
-
-
-def _no_cuda_kernel(op: str, name: str) -> None:
-    have = "the wheel was built without the `cuda` feature" if not _native.has_cuda() else (
-        f"the core crate has no `{name}_raw` CUDA entry yet"
-    )
-    raise RuntimeError(
-        f"moe_router.{op}: CUDA kernels are not built in this wheel for `{name}` ({have}); move the tensors to "
-        "CPU (`.cpu()`) and the results back. Tensors are never copied between devices silently."
-    )
-
-
-def _float_name(op: str, name: str, t: Tensor) -> str:
-    try:
-        return _FLOAT_NAMES[t.dtype]
-    except KeyError:
-        raise TypeError(
-            f"moe_router.{op}: `{name}` has dtype {t.dtype}; valid dtypes are float32, float16, bfloat16"
-        ) from None
-
-
-def _dense(op: str, name: str, t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """`t` contiguous (a copy only if it is not), checked to be of `dtype` if given."""
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"moe_router.{op}: `{name}` has dtype {t.dtype}, expected {dtype}")
-    return t.contiguous()
-
-
 def _i32(op: str, name: str, t: Tensor) -> Tensor:
     """An int32 contiguous copy/view of an int32 or int64 index tensor: range-checked on
     CPU; on CUDA (no host read) clamped to the int32 range, which keeps an out-of-range
@@ -161,17 +113,8 @@ def _i64(op: str, name: str, t: Tensor) -> Tensor:
 
 
 def _mask(op: str, name: str, t: Optional[Tensor]) -> Optional[Tensor]:
-    if t is None:
-        return None
-    return _dense(op, name, t, torch.bool)
-
-
-def _buf(t: Tensor) -> Tuple[int, int]:
-    return (t.data_ptr(), t.numel())
-
-
-def _obuf(t: Optional[Tensor]) -> Optional[Tuple[int, int]]:
-    return None if t is None else _buf(t)
+    """A bool mask made contiguous (its dtype is the native call's check)."""
+    return None if t is None else t.contiguous()
 
 
 def _u64(v: int) -> int:

@@ -8,9 +8,10 @@ CUDA branch for CPU tensors:
 
 - `ops._on_cuda(dev)` is True for CPU tensors (so `_i32` also takes its CUDA branch: no host
   range check, a clamp to the int32 range instead);
-- `ops._cuda(op, name, dev)` returns `(_native.cuda_<name>, 0, 0)`: device 0 and stream 0
-  (the legacy default stream; cuda.rs passes it to the driver as a null `CUstream`, which
-  emu/driver.cpp accepts) instead of `torch.cuda.current_stream(...)`.
+- `_native._emulate_cuda_on_cpu(True)` makes every native binding send CPU tensors down its
+  CUDA branch on device 0 and stream 0 (the legacy default stream, a null `CUstream`,
+  which emu/driver.cpp accepts); the binding refuses to turn this on unless device 0 is
+  the emulator.
 
 Nothing else on that path touches `torch.cuda` (the functional layer and the modules only go
 through the ops; `router_stats(strict=True)` reads its one value with `int()`, which works
