@@ -208,26 +208,36 @@ def plot(runs: dict, args, path: str) -> None:
         loads = list(zip(*h["load"]))
         ax = axes[0][col]
         for e, series in enumerate(loads):
-            ax.plot(h["step"], _smooth(series, w), color=cmap(e % 10), label=f"expert {e}")
-        ax.axhline(ideal, color="k", ls="--", lw=1, label="balanced (1/E)")
-        ax.set_title(f"{name}: share of routed assignments")
+            sm = _smooth(series, w)
+            stuck = max(series) == 0.0
+            # an expert that never receives a token is drawn as a thick dotted line on 0
+            ax.plot(h["step"], sm, color=cmap(e % 10), lw=2.5 if stuck else 1.2, ls=":" if stuck else "-",
+                    label=f"expert {e}" + (" (never used)" if stuck else ""), zorder=3 if stuck else 2)  # fmt: skip
+        ax.axhline(ideal, color="k", ls="--", lw=1, label=f"perfectly balanced (1/E = {ideal:.3f})")
+        ax.set_title(f"{name}: share of routed assignments per expert")
         ax.set_xlabel("step")
         ax.set_ylabel("fraction of the T·k assignments")
-        ax.set_ylim(0, max(0.55, max(max(s) for s in loads) * 1.05))
-        if col == 0:
-            ax.legend(fontsize=7, ncol=2)
+        top = max(max(s) for s in loads) if loads else ideal
+        ax.set_ylim(-0.02, max(0.55, top * 1.05))  # below 0 so experts stuck at 0 stay visible
+        ax.legend(fontsize=7, ncol=2, loc="best")
         ax = axes[1][col]
-        ax.plot(h["step"], _smooth(h["dropped_frac"], w), color="tab:red", label="dropped fraction")
-        ax.plot(h["step"], _smooth(h["loss"], w), color="tab:blue", label="train MSE")
-        ax.set_title(f"{name}: drops (capacity factor 1.25) and loss")
-        ax.set_xlabel("step")
+        ax.plot(h["step"], [100 * v for v in _smooth(h["dropped_frac"], w)], color="tab:red", label="dropped (%)")
+        ax.set_ylabel("assignments dropped at capacity 1.25 (%)", color="tab:red")
         ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
+        ax.set_xlabel("step")
+        ax2 = ax.twinx()  # loss on its own axis: a different unit and scale
+        ax2.plot(h["step"], _smooth(h["loss"], w), color="tab:blue", label="train MSE")
+        ax2.set_ylabel("train MSE", color="tab:blue")
+        ax2.set_ylim(bottom=0)
+        ax.set_title(f"{name}: drops and training loss")
+        lines = ax.get_lines() + ax2.get_lines()
+        ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper right")
     ax = axes[0][-1]
     for i, name in enumerate(names):
         ax.plot(runs[name]["step"], _smooth(runs[name]["maxvio"], w), color=cmap(i), label=name)
     ax.set_title("MaxVio = max_e load / mean load - 1")
     ax.set_xlabel("step")
+    ax.set_ylabel("MaxVio (0 = perfectly balanced)")
     ax.set_ylim(bottom=0)
     ax.legend()
     ax = axes[1][-1]
@@ -236,10 +246,12 @@ def plot(runs: dict, args, path: str) -> None:
         ax.plot(runs[name]["step"], _smooth(runs[name]["z"], w), color=cmap(i), ls=":", label=f"{name} z")
     ax.set_title("aux loss and z-loss (baseline: logged, not trained on)")
     ax.set_xlabel("step")
+    ax.set_ylabel("loss value")
     ax.legend(fontsize=8)
     fig.suptitle(
         f"moe_router demo: {args.experts} experts, top-{args.topk}, hidden {args.hidden}, "
-        f"batch {args.batch} tokens, {args.steps} steps"
+        f"batch {args.batch} tokens, {args.steps} steps\n'balanced' = Switch aux loss (coeff 1e-2) and z-loss "
+        "(1e-3) trained on, plus the aux-loss-free expert bias; 'baseline' = the same model with neither"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
