@@ -816,7 +816,8 @@ def seq_aux_loss(
 ) -> Tensor:
     """Sequence-level load-balance loss (DeepSeek-V2/V3): :func:`aux_loss` computed for
     each sequence of the ``[B, S]`` batch from that sequence's own counts and scores,
-    averaged over the ``B`` sequences.
+    averaged over the sequences that have at least one valid (non-padding) token (all
+    ``B`` without a padding mask; 0 if every token is padding).
 
     Args:
         logits: ``[B * S, E]`` float32 / float16 / bfloat16, sequences contiguous.

@@ -247,6 +247,15 @@ def _hash_uniform(shape: Sequence[int], seed: int, offset: int, salt: int, devic
 class TopKRouter(nn.Module):
     """Top-k token-choice MoE router with Megatron-Core's options.
 
+    Example::
+
+        router = TopKRouter(hidden_size=512, num_experts=16, topk=2, capacity_factor=1.25,
+                            aux_loss_coeff=1e-2, z_loss_coeff=1e-3)
+        r = router(hidden_states)               # [batch, seq, 512] -> RouterOutput
+        r.indices, r.weights                    # [T, 2] experts and routing weights
+        r.dispatch.row_to_token                 # the expert-major plan for permute
+        loss = task_loss + r.loss               # aux + z (loss_mode="return")
+
     Args (Megatron-Core flag each maps to, where there is one):
         hidden_size: model width ``H`` (``--hidden-size``).
         num_experts: ``E`` (``--num-experts``).

@@ -1,6 +1,7 @@
-//! The public API: typed configs, validation (the single source of errors for every
-//! backend) and dispatch to a backend. Today the backend is [`crate::cpu`]; the CUDA
-//! backend plugs in behind the same validation.
+//! The public API: typed configs, one validator per op (the single source of errors for
+//! every backend) and the CPU entry points (slice `*_into` forms and ndarray forms) that
+//! run [`crate::cpu`]. The CUDA backend (`crate::cuda`, feature `cuda`) and the Python
+//! bindings call the same validators before any launch.
 
 use crate::error::{Error, Result};
 use ndarray::{ArrayView1, ArrayView2};
