@@ -121,7 +121,41 @@ pub(crate) fn launch(
     let stream = call.stream;
     count_launch(op);
     run(py, op, move || {
+        let _restore = ContextGuard::save(op)?;
         let be = backend(op, ordinal)?;
         f(&be, stream as usize as cudarc::driver::sys::CUstream).map_err(to_py_err)
     })
+}
+
+/// Restores the thread's current CUDA context on drop. The backend binds its device's
+/// primary context to the calling thread; without the guard, an op on `cuda:1` would
+/// leave that context current and PyTorch's next runtime call on this thread would run
+/// on device 1 while `torch.cuda.current_device()` still says 0.
+struct ContextGuard(Option<cudarc::driver::sys::CUcontext>);
+
+impl ContextGuard {
+    fn save(op: &str) -> PyResult<Self> {
+        // Before any backend exists libcuda may not be loaded: then there is nothing to
+        // restore (`get_current` would load it; a missing driver is the backend's error).
+        if !moe_router::cuda::device_available() {
+            return Ok(ContextGuard(None));
+        }
+        cudarc::driver::result::ctx::get_current()
+            .map(ContextGuard)
+            .map_err(|e| PyRuntimeError::new_err(format!("moe_router.{op}: cuCtxGetCurrent failed: {e}")))
+    }
+}
+
+impl Drop for ContextGuard {
+    fn drop(&mut self) {
+        let prev = self.0.unwrap_or(std::ptr::null_mut());
+        // Nothing to undo if the thread had no context and still has none, or had this one.
+        if matches!(cudarc::driver::result::ctx::get_current(), Ok(cur) if cur.unwrap_or(std::ptr::null_mut()) == prev) {
+            return;
+        }
+        // SAFETY: `prev` is the context that was current on this thread when the guard
+        // was made (or null: no context), still alive: contexts PyTorch or this module
+        // made current are primary contexts, retained for the life of the process.
+        let _ = unsafe { cudarc::driver::result::ctx::set_current(prev) };
+    }
 }

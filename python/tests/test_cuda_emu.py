@@ -868,3 +868,20 @@ def test_every_cuda_binding_was_exercised(request):
     called = _native._cuda_calls()
     missing = sorted(EVERY_OP - set(called))
     assert not missing, f"ops whose CUDA branch never ran under the emulator: {missing} (called: {called})"
+
+
+def test_the_callers_cuda_context_is_restored(emulator_device):
+    # The backend binds its device's primary context to the thread; the binding must put
+    # back whatever was current before (here: no context), or PyTorch's next runtime call
+    # on this thread would run on the wrong device.
+    lib = ctypes.CDLL(emulator_device)
+    cur = ctypes.c_void_p()
+
+    def current():
+        assert lib.cuCtxGetCurrent(ctypes.byref(cur)) == 0
+        return cur.value
+
+    before = current()
+    with emu():
+        mr.topk_gating(torch.randn(8, 6), 2)
+    assert current() == before
