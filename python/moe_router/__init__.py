@@ -37,6 +37,7 @@ from .functional import (
     topk_gating_replay,
     unpermute,
     update_expert_bias,
+    warmup,
     z_loss,
 )
 
@@ -77,6 +78,7 @@ __all__ = [
     "topk_gating_replay",
     "unpermute",
     "update_expert_bias",
+    "warmup",
     "z_loss",
     *_MODULE_EXPORTS,
 ]

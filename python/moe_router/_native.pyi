@@ -24,6 +24,8 @@ LAYOUTS: tuple
 
 def cuda_device_count() -> int:
     """CUDA devices the driver reports; 0 without libcuda (never raises)."""
+def cuda_warmup(device: int) -> int:
+    """Create device ``device``'s backend and compile / load every kernel module now; returns the module count."""
 def _emulate_cuda_on_cpu(on: bool) -> None:
     """Tests only: CPU tensors take the CUDA branch; refused unless device 0 is the CPU emulator."""
 def _cuda_calls() -> Dict[str, int]:

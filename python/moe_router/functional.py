@@ -61,6 +61,7 @@ __all__ = [
     "topk_gating_replay",
     "capacity",
     "dispatch_max_rows",
+    "warmup",
     "dispatch",
     "Dispatch",
     "expert_choice",
@@ -1059,3 +1060,28 @@ def router_stats(
         nonfinite_logits=ints[2],
         num_tokens=ints[0],
     )
+
+
+# --------------------------------------------------------------------------------------
+# CUDA warm-up
+
+
+def warmup(device=None) -> int:
+    """Compile (NVRTC, or the on-disk PTX cache) and load every CUDA kernel module for
+    ``device`` now, instead of at the first op that needs it. Call it once before
+    capturing a CUDA graph (loading a module inside a capture would invalidate it) and
+    before timing. ``device``: a CUDA device, index or ``None`` (the current device).
+    Returns the number of kernel modules loaded.
+
+    Raises:
+        ValueError: ``device`` is not a CUDA device.
+        RuntimeError: no usable CUDA device or NVRTC.
+    """
+    op = "warmup"
+    dev = torch.device("cuda") if device is None else torch.device(device) if not isinstance(device, int) else (
+        torch.device("cuda", device)
+    )
+    if dev.type != "cuda":
+        raise ValueError(f"moe_router.{op}: invalid `device` = {device!r}: warmup is for CUDA devices")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return _native.cuda_warmup(index)

@@ -63,6 +63,7 @@ pub(crate) fn cuda_device_count() -> usize {
 #[pyfunction]
 pub(crate) fn _emulate_cuda_on_cpu(py: Python<'_>, on: bool) -> PyResult<()> {
     if on {
+        let _restore = ContextGuard::save("_emulate_cuda_on_cpu")?;
         let be = backend("_emulate_cuda_on_cpu", 0)?;
         let name = py
             .detach(|| be.context().name())
@@ -76,6 +77,25 @@ pub(crate) fn _emulate_cuda_on_cpu(py: Python<'_>, on: bool) -> PyResult<()> {
     }
     EMULATE.store(on, Ordering::Relaxed);
     Ok(())
+}
+
+/// Create device `device`'s backend and compile (NVRTC, or the on-disk PTX cache) and
+/// load every kernel module now, so that no later call does it: call it before
+/// capturing a CUDA graph (module loading inside a capture would invalidate it) or to
+/// keep compilation out of a timed region. Returns the number of modules loaded.
+#[pyfunction]
+pub(crate) fn cuda_warmup(py: Python<'_>, device: usize) -> PyResult<usize> {
+    const OP: &str = "warmup";
+    run(py, OP, move || {
+        let _restore = ContextGuard::save(OP)?;
+        let be = backend(OP, device)?;
+        for m in moe_router::cuda::MODULES {
+            if let Some(entry) = m.entries.first() {
+                be.function(m.name, entry).map_err(to_py_err)?;
+            }
+        }
+        Ok(moe_router::cuda::MODULES.len())
+    })
 }
 
 /// The backend of device `ordinal`, created on first use and then shared by every call

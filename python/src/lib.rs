@@ -43,6 +43,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     aux_loss::register(m)?;
     z_loss::register(m)?;
     m.add_function(wrap_pyfunction!(device::cuda_device_count, m)?)?;
+    m.add_function(wrap_pyfunction!(device::cuda_warmup, m)?)?;
     m.add_function(wrap_pyfunction!(device::_emulate_cuda_on_cpu, m)?)?;
     m.add_function(wrap_pyfunction!(device::_cuda_calls, m)?)?;
     Ok(())

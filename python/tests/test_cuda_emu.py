@@ -885,3 +885,11 @@ def test_the_callers_cuda_context_is_restored(emulator_device):
     with emu():
         mr.topk_gating(torch.randn(8, 6), 2)
     assert current() == before
+
+
+def test_warmup_loads_every_kernel_module(emulator_device):
+    # NVRTC compiles (or the PTX cache provides) every module and the driver loads it:
+    # no later op compiles or loads anything (what a CUDA-graph capture needs).
+    from moe_router import _native as n
+
+    assert n.cuda_warmup(0) == 8  # one module per cuda/*.cu file

@@ -190,3 +190,8 @@ def test_meta_tensors_go_through_the_fake_kernels():
     w, idx = moe_router.topk_gating(z, 2)
     assert w.device.type == "meta" and w.shape == (10, 2) and idx.dtype == torch.int64
     assert moe_router.z_loss(z).shape == ()
+
+
+def test_warmup_is_for_cuda_devices():
+    with pytest.raises(ValueError, match="moe_router.warmup: invalid `device`"):
+        moe_router.warmup("cpu")
