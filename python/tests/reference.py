@@ -8,7 +8,6 @@ these functions compares two independent implementations.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch

@@ -3,7 +3,6 @@ on one), one graph, and the same loss and gradients as eager mode."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch._dynamo
 

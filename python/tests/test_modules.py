@@ -696,3 +696,17 @@ def test_demo_smoke(tmp_path):
     assert rc == 0
     assert (tmp_path / "expert_load.png").stat().st_size > 10_000
     assert (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True, None])
+def test_topk_router_validates_seed_at_construction(seed):
+    with pytest.raises(ValueError, match="seed"):
+        TopKRouter(8, 4, 2, seed=seed)
+
+
+def test_topk_router_takes_every_uint64_seed():
+    import numpy as np
+
+    for seed in (0, 2**63, 2**64 - 1, np.uint64(2**64 - 1)):
+        r = TopKRouter(8, 4, 2, seed=seed, expert_dropout=0.5)
+        assert r.seed == int(seed) and type(r.seed) is int

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from test_dropout import _routing
 
 import moe_router
 from moe_router import _native, ops
@@ -195,3 +196,93 @@ def test_meta_tensors_go_through_the_fake_kernels():
 def test_warmup_is_for_cuda_devices():
     with pytest.raises(ValueError, match="moe_router.warmup: invalid `device`"):
         moe_router.warmup("cpu")
+
+
+# Bad direct calls of the dropout, bias-update and statistics bindings.
+
+
+def _native_calls():
+    from moe_router import _native as n
+
+    t, k, e = 6, 2, 8
+    idx, w = _routing(t, k, e, seed=9, unrouted=False)
+    idx = idx.int()
+    z = torch.randn(t, e)
+
+    def drop(**kw):
+        a = dict(indices=idx, weights=w, out_indices=torch.empty(t, k, dtype=torch.int32),
+                 out_weights=torch.empty(t, k), keep=torch.empty(t, k, dtype=torch.bool),
+                 dropped=torch.empty((), dtype=torch.int64))  # fmt: skip
+        opts = dict(num_experts=e, rate=0.5, seed=1, offset=2, renormalize=True)
+        opts.update({o: kw.pop(o) for o in list(kw) if o not in a})  # `...`: leave the option out
+        a.update(kw)
+        return lambda: n.assignment_dropout(*a.values(), **{o: v for o, v in opts.items() if v is not ...})
+
+    def stats(**kw):
+        a = dict(logits=z, indices=idx, selected_counts=torch.empty(e, dtype=torch.int64),
+                 kept_counts=torch.empty(e, dtype=torch.int64), scalars=torch.empty(4, dtype=torch.int64),
+                 floats=torch.empty(4))  # fmt: skip
+        opts = dict(slots=None, padding_mask=None, strict=False)
+        opts.update({o: kw.pop(o) for o in list(kw) if o not in a})
+        a.update(kw)
+        return lambda: n.router_stats(*a.values(), **opts)
+
+    bias = torch.zeros(e)
+    shared = torch.zeros(e, dtype=torch.int64)  # bias (its first half, as float32) over counts
+    return [
+        ("mask/dtype", lambda: n.expert_mask(torch.empty(t, e, dtype=torch.uint8), topk=k, rate=0.5, seed=0, offset=0),
+         TypeError, "masked"),
+        ("mask/1d", lambda: n.expert_mask(torch.empty(e, dtype=torch.bool), topk=k, rate=0.5, seed=0, offset=0),
+         ValueError, "masked"),
+        ("mask/rate", lambda: n.expert_mask(torch.empty(t, e, dtype=torch.bool), topk=k, rate=1.0, seed=0, offset=0),
+         ValueError, "rate"),
+        ("mask/seed-neg", lambda: n.expert_mask(torch.empty(t, e, dtype=torch.bool), topk=k, rate=0.5, seed=-1,
+                                                offset=0), ValueError, "seed"),
+        ("mask/missing-opt", lambda: n.expert_mask(torch.empty(t, e, dtype=torch.bool), topk=k, rate=0.5, seed=0),
+         TypeError, "offset"),
+        ("mask/unknown-opt", lambda: n.expert_mask(torch.empty(t, e, dtype=torch.bool), topk=k, rate=0.5, seed=0,
+                                                   offset=0, device="cpu"), TypeError, "device"),
+        ("mask/not-a-tensor", lambda: n.expert_mask([[False]], topk=1, rate=0.5, seed=0, offset=0), TypeError,
+         "masked"),
+        ("drop/indices-i64", drop(indices=idx.long()), TypeError, "indices"),
+        ("drop/weights-shape", drop(weights=w[:1]), ValueError, "weights"),
+        ("drop/keep-dtype", drop(keep=torch.empty(t, k, dtype=torch.uint8)), TypeError, "keep"),
+        ("drop/dropped-shape", drop(dropped=torch.empty(1, dtype=torch.int64)), ValueError, "dropped"),
+        ("drop/out-over-input", drop(out_weights=w), ValueError, "overlaps"),
+        ("drop/strided", drop(weights=torch.rand(t, 2 * k)[:, ::2]), ValueError, "contiguous"),
+        ("drop/renormalize-str", drop(renormalize="yes"), TypeError, "renormalize"),
+        ("drop/no-experts-opt", drop(num_experts=...), TypeError, "num_experts"),
+        ("drop-bwd/grad-shape", lambda: n.assignment_dropout_backward(idx, w, torch.ones(t, k, dtype=torch.bool),
+                                                                      w[:, :1], torch.empty(t, k), renormalize=False),
+         ValueError, "grad_out"),
+        ("bias/counts-i32", lambda: n.update_expert_bias(bias, torch.ones(e, dtype=torch.int32), rate=0.1), TypeError,
+         "counts"),
+        ("bias/counts-len", lambda: n.update_expert_bias(bias, torch.ones(e + 1, dtype=torch.int64), rate=0.1),
+         ValueError, "counts"),
+        ("bias/strided", lambda: n.update_expert_bias(torch.zeros(2 * e)[::2], torch.ones(e, dtype=torch.int64),
+                                                      rate=0.1), ValueError, "contiguous"),
+        ("bias/overlaps-counts", lambda: n.update_expert_bias(shared.view(torch.float32)[:e], shared[:e], rate=0.1),
+         ValueError, "overlaps"),
+        ("stats/logits-f64", stats(logits=z.double()), TypeError, "logits"),
+        ("stats/indices-rows", stats(indices=idx[:-1]), ValueError, "indices"),
+        ("stats/slots-shape", stats(slots=idx[:, :1]), ValueError, "slots"),
+        ("stats/mask-dtype", stats(padding_mask=torch.zeros(t, dtype=torch.uint8)), TypeError, "padding_mask"),
+        ("stats/scalars-3", stats(scalars=torch.empty(3, dtype=torch.int64)), ValueError, "scalars"),
+        ("stats/floats-f64", stats(floats=torch.empty(4, dtype=torch.float64)), TypeError, "floats"),
+        ("stats/device-mix", stats(logits=z.to("meta")), ValueError, "logits"),
+        ("stats/slots-list", stats(slots=[[0]]), TypeError, "slots"),
+        ("stats/strict-missing", lambda: n.router_stats(z, idx, *[torch.empty(e, dtype=torch.int64)] * 2,
+                                                        torch.empty(4, dtype=torch.int64), torch.empty(4)),
+         TypeError, "strict"),
+    ]
+
+
+NATIVE_CASES = _native_calls()
+
+
+@pytest.mark.parametrize("thunk,exc,needle", [c[1:] for c in NATIVE_CASES], ids=[c[0] for c in NATIVE_CASES])
+def test_native_binding_rejects_a_bad_call(thunk, exc, needle):
+    with pytest.raises(exc) as info:
+        thunk()
+    assert type(info.value) is exc, f"expected {exc.__name__}, got {type(info.value).__name__}: {info.value}"
+    assert needle in str(info.value) and str(info.value).startswith("moe_router."), str(info.value)

@@ -1,9 +1,9 @@
-"""aux_loss, seq_aux_loss, z_loss, global_aux_loss against the float64 references in
-reference.py (values and gradients), HF Mixtral's formula, padding masks, f16/bf16."""
+"""aux_loss, seq_aux_loss, global_aux_loss against the float64 references in reference.py
+(values and gradients), HF Mixtral's formula, padding masks, f16/bf16, total_tokens rules;
+the checks every loss shares (half precision, zero tokens) run z_loss too."""
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import sys
@@ -86,20 +86,6 @@ def test_seq_aux_loss_value_and_gradient(score_function):
             z,
         )
         assert_close_f32(lo, lr)
-        assert_close_f32(go, gr, rtol=1e-5, atol=1e-8)
-
-
-@pytest.mark.parametrize("scale", [1.0, 1000.0])
-def test_z_loss_value_gradient_and_stability(scale):
-    t, e = 33, 16
-    z = ref.randn((t, e), seed=8, scale=scale)
-    mask = torch.arange(t) % 4 == 0
-    for m in (None, mask):
-        lo, lr, go, gr = _grads(
-            lambda x: mr.z_loss(x, coeff=1e-3, padding_mask=m), lambda x: ref.z_loss(x, coeff=1e-3, padding_mask=m), z
-        )
-        assert torch.isfinite(lo)
-        assert_close_f32(lo, lr, rtol=2e-6)
         assert_close_f32(go, gr, rtol=1e-5, atol=1e-8)
 
 
@@ -208,26 +194,6 @@ def test_total_tokens_without_counts_is_an_error(total):
     counts = torch.tensor([1, 2, 0, 3, 1, 1, 2, 2])
     lo = mr.aux_loss(z, 2, counts=counts, total_tokens=total)
     assert_close_f32(lo, ref.aux_loss(z.double(), 2, counts=counts, total_tokens=int(total)))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_z_loss_of_a_plus_inf_logit_is_inf_like_torch_logsumexp(dtype):
-    """logsumexp of a row whose max is +inf is +inf (torch.logsumexp), so the z-loss is
-    +inf, not NaN (the max shift computed inf - inf)."""
-    z = ref.randn((5, 4), seed=1)
-    z[2, 1] = math.inf
-    z[4] = torch.tensor([math.inf, math.inf, -math.inf, 0.0])
-    x = z.to(dtype)
-    want = torch.logsumexp(x.double(), dim=-1).pow(2).mean() * 0.5
-    assert want.item() == math.inf
-    assert mr.z_loss(x, coeff=0.5).item() == math.inf
-    # The +inf rows padded: the finite loss of the others.
-    m = torch.tensor([False, False, True, False, True])
-    lo = mr.z_loss(x, coeff=0.5, padding_mask=m)
-    assert_close_f32(lo, ref.z_loss(x.double(), coeff=0.5, padding_mask=m), rtol=2e-6)
-    # NaN still wins.
-    z[0, 0] = math.nan
-    assert math.isnan(mr.z_loss(z.to(dtype)).item())
 
 
 def test_global_aux_loss_reads_no_tensor_value_on_the_host(monkeypatch):
