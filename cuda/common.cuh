@@ -212,6 +212,17 @@ __device__ __forceinline__ int warp_sum_int(int v) {
     return v;
 }
 
+// Inclusive prefix sum of one int per lane over the whole warp (exact integers).
+__device__ __forceinline__ int warp_incl_scan(int v) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int n = __shfl_up_sync(FULL_MASK, v, o);
+        if (lane >= o) v += n;
+    }
+    return v;
+}
+
 template <int NT> struct GroupReduce {
     // scratch: at least NT / 32 u64 words of shared memory, used by NT > 32 only.
     __device__ static __forceinline__ u64 max_u64(u64 v, u64* scratch) {
@@ -266,3 +277,108 @@ template <int NT> struct GroupReduce {
         return r;
     }
 };
+
+// ---------------------------------------------------------------------------
+// Grid-stride loops over a flat range: `for (i = grid_start(); i < n; i += grid_stride())`.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ long long grid_start() {
+    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ long long grid_stride() { return (long long)gridDim.x * blockDim.x; }
+
+// out[0..n) = value (the body of the modules' fill kernels).
+__device__ __forceinline__ void grid_fill(int* __restrict__ out, long long n, int value) {
+    for (long long i = grid_start(); i < n; i += grid_stride()) out[i] = value;
+}
+
+// ---------------------------------------------------------------------------
+// Block-wide exclusive scan of one int per thread (NT threads, fixed tree: the
+// result is exact integer arithmetic anyway). `sh` holds NT / 32 ints. Returns the
+// exclusive prefix; `total` gets the block's sum. Contains __syncthreads.
+// ---------------------------------------------------------------------------
+template <int NT>
+__device__ __forceinline__ int block_excl_scan(int v, int* sh, int& total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int incl = warp_incl_scan(v);
+    __syncthreads();
+    if (lane == 31) sh[warp] = incl;
+    __syncthreads();
+    int before = 0, sum = 0;
+#pragma unroll
+    for (int w = 0; w < NT / 32; ++w) {
+        int x = sh[w];
+        if (w < warp) before += x;
+        sum += x;
+    }
+    total = sum;
+    return before + incl - v;
+}
+
+// ---------------------------------------------------------------------------
+// Radix select over the high words of n keys (`key(i)` for i in [0, n)): the high
+// word `thr` of the want-th largest full key (1 <= want < n, full key = (hi, ~i): among
+// equal high words the lower index ranks first), and `want_eq`, how many keys with
+// high word thr are among the want largest (the first want_eq of them in index
+// order). 4 passes of 8 bits, shared-memory integer histograms (order-free atomics).
+// NT threads; `hist` is 256 ints of shared memory, `bc` 2 ints. Used by dispatch
+// (drop keys of an expert's segment, i = position in token order) and expert choice
+// (score keys of an expert's column, i = token).
+// ---------------------------------------------------------------------------
+template <int NT, typename KeyFn>
+__device__ __forceinline__ void radix_select_hi(KeyFn key, int n, int want, int* hist, int* bc,
+                                                u32& thr, int& want_eq) {
+    u32 prefix = 0u, mask = 0u;
+    int rem = want;
+#pragma unroll 1
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int d = threadIdx.x; d < 256; d += NT) hist[d] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < n; i += NT) {
+            const u32 h = key(i);
+            if ((h & mask) == prefix) atomicAdd(hist + ((h >> shift) & 255u), 1);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int cum = 0, sel = 0;
+            for (int d = 255; d >= 0; --d) {
+                const int c = hist[d];
+                if (cum + c >= rem) {
+                    sel = d;
+                    break;
+                }
+                cum += c;
+            }
+            bc[0] = sel;
+            bc[1] = rem - cum;
+        }
+        __syncthreads();
+        prefix |= (u32)bc[0] << shift;
+        mask |= 255u << shift;
+        rem = bc[1];
+        __syncthreads();
+    }
+    thr = prefix;
+    want_eq = rem;
+}
+
+// Number the kept keys in index order after `radix_select_hi`: kept =
+// hi > thr, or hi == thr among the first want_eq such. `emit(i, slot)` is called for
+// every i in [0, n) with the slot (or -1). `sh` holds NT / 32 ints.
+template <int NT, typename KeyFn, typename EmitFn>
+__device__ __forceinline__ void number_kept(KeyFn key, int n, u32 thr, int want_eq, int* sh,
+                                            EmitFn emit) {
+    int carry_eq = 0, carry_kept = 0;
+#pragma unroll 1
+    for (int base = 0; base < n; base += NT) {
+        const int i = base + threadIdx.x;
+        const u32 h = i < n ? key(i) : 0u;
+        const int is_eq = (i < n && h == thr) ? 1 : 0;
+        int tot_eq, tot_kept;
+        const int eq_before = carry_eq + block_excl_scan<NT>(is_eq, sh, tot_eq);
+        const int keep = (i < n && (h > thr || (is_eq && eq_before < want_eq))) ? 1 : 0;
+        const int slot = carry_kept + block_excl_scan<NT>(keep, sh, tot_kept);
+        if (i < n) emit(i, keep ? slot : -1);
+        carry_eq += tot_eq;
+        carry_kept += tot_kept;
+    }
+}

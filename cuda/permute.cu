@@ -70,13 +70,6 @@ __device__ __forceinline__ void store_f32(T* __restrict__ p, const float* v) {
     }
 }
 
-__device__ __forceinline__ long long grid_start() {
-    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ long long grid_stride() {
-    return (long long)gridDim.x * blockDim.x;
-}
-
 // ---------------------------------------------------------------------------
 // permute: out [num_rows, H] = x [num_tokens, H] gathered by row_to_token.
 // ---------------------------------------------------------------------------
@@ -159,7 +152,7 @@ __device__ __forceinline__ void gather_body(const T* __restrict__ src,
 // ---------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(256)
     inverse_rows_init(int* __restrict__ owner, int num_rows) {
-    for (long long r = grid_start(); r < num_rows; r += grid_stride()) owner[r] = NO_OWNER;
+    grid_fill(owner, num_rows, NO_OWNER);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
