@@ -36,10 +36,11 @@
 // exp in double, rounded once to f32.
 __device__ __forceinline__ float exp_f32(float x) { return (float)exp((double)x); }
 
-// softmax statistics of one token (every lane gets the same m and inv).
+// softmax statistics of one token, one warp, the sum in expert order (every lane
+// gets the same m and inv).
 template <typename T>
-__device__ __forceinline__ void softmax_stats(const T* __restrict__ z, int E, int lane, float& m,
-                                              float& inv) {
+__device__ __forceinline__ void softmax_stats_seq(const T* __restrict__ z, int E, int lane,
+                                                  float& m, float& inv) {
     float mx = MOE_NEG_INF;
     for (int e = lane; e < E; e += 32) mx = nan_max(mx, to_f32(z[e]));
     m = warp_nan_max(mx);
@@ -62,7 +63,7 @@ __device__ __forceinline__ void softmax_body(const T* __restrict__ logits, int n
          t += nwarps) {
         const T* z = logits + t * E;
         float m, inv;
-        softmax_stats<T>(z, E, lane, m, inv);
+        softmax_stats_seq<T>(z, E, lane, m, inv);
         for (int e = lane; e < E; e += 32) {
             const float p = exp_f32(to_f32(z[e]) - m) * inv;
             weights[t * E + e] = p;
@@ -170,7 +171,7 @@ __device__ __forceinline__ void bwd_body(const T* __restrict__ logits, int num_t
         const int* r = row + t * E;
         const float* g = grad_weights + t * E;
         float m, inv;
-        softmax_stats<T>(z, E, lane, m, inv);
+        softmax_stats_seq<T>(z, E, lane, m, inv);
         // dot = Σ g·p over the chosen experts, sequentially in expert order.
         float dot = 0.0f;
         for (int base = 0; base < E; base += 32) {

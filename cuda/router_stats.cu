@@ -12,16 +12,14 @@
 // per-expert counts are integer atomics (order-independent). Indices outside
 // [0, E) are skipped, as on the CPU, so nothing is written out of range.
 //
-// Layout: a group of NT threads per token, thread `tid` owning experts
-// `e = i * NT + tid`, `i < SLOTS` (NT = 32 for num_experts <= 256, 4 groups per
-// 128-thread block; NT = 256 for <= 2048).
+// Layout: common.cuh's expert slots, a group of NT threads per token, thread `tid`
+// owning experts `e = i * NT + tid`, `i < SLOTS` (NT = 32 for num_experts <= 256, 4
+// groups per 128-thread block; NT = 256 for <= 2048).
 //
 // @entries: router_stats_pass router_stats_pass_large
 // @untyped: router_stats_finalize
 #include "common.cuh"
 
-#define SLOTS 8
-#define WARP_GROUPS_PER_BLOCK 4
 #define ROW 6  // entropy Σ, lse Σ, lse max, valid, non-finite, dropped
 
 // Must match `StatsParams` in src/cuda/router_stats.rs (#[repr(C)]).
