@@ -314,6 +314,19 @@ extern "C" __global__ void __launch_bounds__(256)
         g[(long long)seg * E + e] = (float)(scale * (double)counts[(long long)seg * E + e]);
 }
 
+// Backward of a padding token (group-uniform): its gradient row `out` is zero.
+// Returns whether t is padding.
+template <int NT, typename T>
+__device__ __forceinline__ bool zero_if_padding(const unsigned char* __restrict__ mask,
+                                                const LossParams& P, long long t, int tid,
+                                                T* __restrict__ out) {
+    if (!(P.has_mask && is_padding(mask, t))) return false;
+#pragma unroll
+    for (int i = 0; i < SLOTS; ++i)
+        if (i * NT + tid < P.num_experts) out[i * NT + tid] = from_f32<T>(0.0f);
+    return true;
+}
+
 // aux_loss_bwd: one token per group. Softmax: dz = P ⊙ (g − <g, P>). Sigmoid:
 // s = σ(z), D = Σ s + 1e-20, dz = ((g − <g, s>/D) / D) ⊙ s(1 − s). Padding: 0.
 template <int NT, typename T>
@@ -324,12 +337,7 @@ __device__ __forceinline__ void aux_bwd_token(const T* __restrict__ logits,
                                               T* __restrict__ grad) {
     const int E = P.num_experts;
     T* out = grad + t * (long long)E;
-    if (P.has_mask && is_padding(mask, t)) {
-#pragma unroll
-        for (int i = 0; i < SLOTS; ++i)
-            if (i * NT + tid < E) out[i * NT + tid] = from_f32<T>(0.0f);
-        return;
-    }
+    if (zero_if_padding<NT, T>(mask, P, t, tid, out)) return;
     const float* gb = g + (t / P.seq_len) * (long long)E;
     float z[SLOTS], ge[SLOTS];
     load_row<NT, T>(logits + t * (long long)E, E, tid, z);
@@ -377,12 +385,7 @@ __device__ __forceinline__ void z_bwd_token(const T* __restrict__ logits,
                                             int tid, u64* scratch, T* __restrict__ grad) {
     const int E = P.num_experts;
     T* out = grad + t * (long long)E;
-    if (P.has_mask && is_padding(mask, t)) {
-#pragma unroll
-        for (int i = 0; i < SLOTS; ++i)
-            if (i * NT + tid < E) out[i * NT + tid] = from_f32<T>(0.0f);
-        return;
-    }
+    if (zero_if_padding<NT, T>(mask, P, t, tid, out)) return;
     float z[SLOTS], m, s, p[SLOTS];
     load_row<NT, T>(logits + t * (long long)E, E, tid, z);
     softmax_stats<NT>(z, E, tid, scratch, m, s);

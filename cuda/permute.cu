@@ -70,6 +70,12 @@ __device__ __forceinline__ void store_f32(T* __restrict__ p, const float* v) {
     }
 }
 
+// An entry's body at the vector width the host chose: 16-byte chunks when `vec` is
+// non-zero, else element by element (`vec` is a parameter of every entry below).
+#define WITH_VEC(BODY, T, ...)                 \
+    if (vec) BODY<T, Vec<T>::N>(__VA_ARGS__); \
+    else BODY<T, 1>(__VA_ARGS__)
+
 // ---------------------------------------------------------------------------
 // permute: out [num_rows, H] = x [num_tokens, H] gathered by row_to_token.
 // ---------------------------------------------------------------------------
@@ -102,8 +108,7 @@ __device__ __forceinline__ void permute_body(const T* __restrict__ x,
     extern "C" __global__ void __launch_bounds__(256)                                      \
         NAME(const T* __restrict__ x, const int* __restrict__ row_to_token,                \
              T* __restrict__ out, int num_tokens, int num_rows, long long hidden, int vec) { \
-        if (vec) permute_body<T, Vec<T>::N>(x, row_to_token, out, num_tokens, num_rows, hidden); \
-        else permute_body<T, 1>(x, row_to_token, out, num_tokens, num_rows, hidden);      \
+        WITH_VEC(permute_body, T, x, row_to_token, out, num_tokens, num_rows, hidden);      \
     }
 
 // ---------------------------------------------------------------------------
@@ -142,8 +147,7 @@ __device__ __forceinline__ void gather_body(const T* __restrict__ src,
         NAME(const T* __restrict__ src, const int* __restrict__ row,                        \
              const float* __restrict__ weights, T* __restrict__ out, int num_tokens, int k,  \
              int num_rows, long long hidden, int vec) {                                     \
-        if (vec) gather_body<T, Vec<T>::N>(src, row, weights, out, num_tokens, k, num_rows, hidden); \
-        else gather_body<T, 1>(src, row, weights, out, num_tokens, k, num_rows, hidden);   \
+        WITH_VEC(gather_body, T, src, row, weights, out, num_tokens, k, num_rows, hidden);  \
     }
 
 // ---------------------------------------------------------------------------
@@ -198,8 +202,7 @@ __device__ __forceinline__ void grad_y_body(const T* __restrict__ grad_out,
         NAME(const T* __restrict__ grad_out, const int* __restrict__ owner,                 \
              const float* __restrict__ weights, T* __restrict__ grad_y, int num_tokens, int k, \
              int num_rows, long long hidden, int vec) {                                     \
-        if (vec) grad_y_body<T, Vec<T>::N>(grad_out, owner, weights, grad_y, num_tokens, k, num_rows, hidden); \
-        else grad_y_body<T, 1>(grad_out, owner, weights, grad_y, num_tokens, k, num_rows, hidden); \
+        WITH_VEC(grad_y_body, T, grad_out, owner, weights, grad_y, num_tokens, k, num_rows, hidden); \
     }
 
 // ---------------------------------------------------------------------------
@@ -272,8 +275,7 @@ __device__ __forceinline__ void grad_w_body(const T* __restrict__ grad_out,
         NAME(const T* __restrict__ grad_out, const T* __restrict__ y,                       \
              const int* __restrict__ row, float* __restrict__ grad_weights, int num_tokens,  \
              int k, int num_rows, long long hidden, int vec) {                              \
-        if (vec) grad_w_body<T, Vec<T>::N>(grad_out, y, row, grad_weights, num_tokens, k, num_rows, hidden); \
-        else grad_w_body<T, 1>(grad_out, y, row, grad_weights, num_tokens, k, num_rows, hidden); \
+        WITH_VEC(grad_w_body, T, grad_out, y, row, grad_weights, num_tokens, k, num_rows, hidden); \
     }
 
 DEFINE_PERMUTE_FWD(float, permute_fwd_f32)
