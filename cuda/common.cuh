@@ -264,12 +264,13 @@ template <int NT> struct GroupReduce {
 // `i < SLOTS` (coalesced loads; the owner of expert e is thread e % NT). NT = 32 (one
 // warp per token, WARP_GROUPS_PER_BLOCK tokens per block) serves up to
 // WARP_MAX_EXPERTS experts; NT = 256 (one block per token, the "_large" entries)
-// serves up to MAX_EXPERTS.
+// serves up to MAX_EXPERTS. The `@host` ones are Rust constants too (build.rs:
+// kernels::abi::common): the launchers' block shapes and expert limits.
 // ---------------------------------------------------------------------------
 #define SLOTS 8
-#define WARP_GROUPS_PER_BLOCK 4
-#define WARP_MAX_EXPERTS 256
-#define MAX_EXPERTS 2048
+#define WARP_GROUPS_PER_BLOCK 4  // @host u32
+#define WARP_MAX_EXPERTS 256     // @host usize
+#define MAX_EXPERTS 2048         // @host usize
 static_assert(SLOTS <= 32, "slot bit masks are u32");
 static_assert(WARP_MAX_EXPERTS == 32 * SLOTS, "a warp's slots cover WARP_MAX_EXPERTS");
 static_assert(MAX_EXPERTS == 256 * SLOTS, "a 256-thread block's slots cover MAX_EXPERTS");

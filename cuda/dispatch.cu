@@ -38,21 +38,26 @@
 // @untyped: dispatch_count dispatch_scan_chunks dispatch_scan_experts dispatch_scatter dispatch_select dispatch_fill dispatch_finish
 #include "common.cuh"
 
-#define POLICY_POSITION 0
-#define POLICY_CHOICE_THEN_POSITION 1
-#define POLICY_PROBS 2
-#define POLICY_BATCH_PRIORITIZED 3
-#define POLICY_RANDOM 4
+// Codes of DispatchParams::policy (DropPolicy) and ::layout (DispatchLayout). The
+// `@host` tag makes each one a Rust constant too (build.rs: kernels::abi::dispatch),
+// which src/cuda/dispatch.rs passes: the numbers are written here only.
+#define POLICY_POSITION 0              // @host i32
+#define POLICY_CHOICE_THEN_POSITION 1  // @host i32
+#define POLICY_PROBS 2                 // @host i32
+#define POLICY_BATCH_PRIORITIZED 3     // @host i32
+#define POLICY_RANDOM 4                // @host i32
 
-#define LAYOUT_PAD 0
-#define LAYOUT_COMPACT 1
-#define LAYOUT_DROPLESS 2
+#define LAYOUT_PAD 0       // @host i32
+#define LAYOUT_COMPACT 1   // @host i32
+#define LAYOUT_DROPLESS 2  // @host i32
 
 #define SCAN_THREADS 1024
 #define SELECT_THREADS 256
 #define COUNT_THREADS 256
 
-// Must match `DispatchParams` in src/cuda/dispatch.rs (#[repr(C)]).
+// Kernel parameters, taken by value: build.rs fails the build unless the #[repr(C)]
+// `DispatchParams` in src/cuda/dispatch.rs has these fields, in this order, with these types.
+// @host-struct: src/cuda/dispatch.rs
 struct DispatchParams {
     u64 seed;          // random policy
     u64 offset;

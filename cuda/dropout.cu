@@ -15,7 +15,9 @@
 // @untyped: expert_mask expert_mask_large assignment_dropout_fwd assignment_dropout_bwd
 #include "common.cuh"
 
-// Must match `DropoutParams` in src/cuda/dropout.rs (#[repr(C)]).
+// Kernel parameters, taken by value: build.rs fails the build unless the #[repr(C)]
+// `DropoutParams` in src/cuda/dropout.rs has these fields, in this order, with these types.
+// @host-struct: src/cuda/dropout.rs
 struct DropoutParams {
     u64 seed;
     u64 offset;
@@ -24,7 +26,7 @@ struct DropoutParams {
     int num_experts;
     int topk;
     int renormalize;
-    int pad_;
+    int pad;  // to a multiple of 8 bytes, as the Rust struct
 };
 
 // The `need`-th largest of the group's nonzero keys (keys are distinct, and at least

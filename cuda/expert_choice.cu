@@ -30,7 +30,8 @@
 // @untyped: expert_choice_select expert_choice_fill expert_choice_scatter expert_choice_zero
 #include "common.cuh"
 
-#define EC_WARPS 8
+// Tokens per block of the softmax and backward entries, one warp each.
+#define EC_WARPS 8  // @host usize
 #define EC_SELECT_THREADS 256
 
 // exp in double, rounded once to f32.

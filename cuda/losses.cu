@@ -27,7 +27,9 @@
 
 #define SIGMOID_NORM_EPS 1e-20f
 
-// Must match `LossParams` in src/cuda/losses.rs (#[repr(C)]).
+// Kernel parameters, taken by value: build.rs fails the build unless the #[repr(C)]
+// `LossParams` in src/cuda/losses.rs has these fields, in this order, with these types.
+// @host-struct: src/cuda/losses.rs
 struct LossParams {
     double total_override;  // > 0: T_total of the global loss (counts cover a larger batch)
     float aux_coeff;

@@ -38,7 +38,10 @@
 #include "common.cuh"
 
 #define NO_OWNER 0x7fffffff
-#define GRAD_W_WARPS 4
+// Block shapes, Rust constants too (build.rs: kernels::abi::permute): threads of the
+// flat grid-stride entries, warps (assignments) per block of unpermute_bwd_grad_w.
+#define PERMUTE_THREADS 256  // @host u32
+#define GRAD_W_WARPS 4       // @host u64
 
 // Elements per 16-byte chunk.
 template <typename T> struct Vec { static const int N = 16 / (int)sizeof(T); };
@@ -105,7 +108,7 @@ __device__ __forceinline__ void permute_body(const T* __restrict__ x,
 }
 
 #define DEFINE_PERMUTE_FWD(T, NAME)                                                        \
-    extern "C" __global__ void __launch_bounds__(256)                                      \
+    extern "C" __global__ void __launch_bounds__(PERMUTE_THREADS)                          \
         NAME(const T* __restrict__ x, const int* __restrict__ row_to_token,                \
              T* __restrict__ out, int num_tokens, int num_rows, long long hidden, int vec) { \
         WITH_VEC(permute_body, T, x, row_to_token, out, num_tokens, num_rows, hidden);      \
@@ -143,7 +146,7 @@ __device__ __forceinline__ void gather_body(const T* __restrict__ src,
 }
 
 #define DEFINE_GATHER_SUM(T, NAME)                                                          \
-    extern "C" __global__ void __launch_bounds__(256)                                       \
+    extern "C" __global__ void __launch_bounds__(PERMUTE_THREADS)                           \
         NAME(const T* __restrict__ src, const int* __restrict__ row,                        \
              const float* __restrict__ weights, T* __restrict__ out, int num_tokens, int k,  \
              int num_rows, long long hidden, int vec) {                                     \
@@ -154,12 +157,12 @@ __device__ __forceinline__ void gather_body(const T* __restrict__ src,
 // Inverse map of `row [num_tokens * k]`: owner[r] = min { a : row[a] == r }, or
 // NO_OWNER. Integer atomicMin: the result does not depend on the atomics' order.
 // ---------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(PERMUTE_THREADS)
     inverse_rows_init(int* __restrict__ owner, int num_rows) {
     grid_fill(owner, num_rows, NO_OWNER);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(PERMUTE_THREADS)
     inverse_rows_scatter(const int* __restrict__ row, int* __restrict__ owner,
                          long long num_assignments, int num_rows) {
     for (long long a = grid_start(); a < num_assignments; a += grid_stride()) {
@@ -198,7 +201,7 @@ __device__ __forceinline__ void grad_y_body(const T* __restrict__ grad_out,
 }
 
 #define DEFINE_GRAD_Y(T, NAME)                                                              \
-    extern "C" __global__ void __launch_bounds__(256)                                       \
+    extern "C" __global__ void __launch_bounds__(PERMUTE_THREADS)                           \
         NAME(const T* __restrict__ grad_out, const int* __restrict__ owner,                 \
              const float* __restrict__ weights, T* __restrict__ grad_y, int num_tokens, int k, \
              int num_rows, long long hidden, int vec) {                                     \

@@ -20,9 +20,12 @@
 // @untyped: router_stats_finalize
 #include "common.cuh"
 
-#define ROW 6  // entropy Σ, lse Σ, lse max, valid, non-finite, dropped
+// Workspace row (f64): entropy Σ, lse Σ, lse max, valid, non-finite, dropped.
+#define ROW 6  // @host usize
 
-// Must match `StatsParams` in src/cuda/router_stats.rs (#[repr(C)]).
+// Kernel parameters, taken by value: build.rs fails the build unless the #[repr(C)]
+// `StatsParams` in src/cuda/router_stats.rs has these fields, in this order, with these types.
+// @host-struct: src/cuda/router_stats.rs
 struct StatsParams {
     int num_tokens;
     int num_experts;
@@ -31,7 +34,7 @@ struct StatsParams {
     int num_rows;
     int has_slots;
     int has_mask;
-    int pad_;
+    int pad;  // to a multiple of 8 bytes, as the Rust struct
 };
 
 __device__ __forceinline__ double nan_max_d(double a, double b) {

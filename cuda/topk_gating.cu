@@ -18,9 +18,11 @@
 // @entries: topk_gating_fwd topk_gating_fwd_large topk_gating_replay topk_gating_replay_large topk_gating_bwd topk_gating_bwd_large
 #include "common.cuh"
 
-#define MAX_TOPK 32
+#define MAX_TOPK 32  // @host usize
 
-// Must match `GatingParams` in src/cuda/topk_gating.rs (#[repr(C)]).
+// Kernel parameters, taken by value: build.rs fails the build unless the #[repr(C)]
+// `GatingParams` in src/cuda/topk_gating.rs has these fields, in this order, with these types.
+// @host-struct: src/cuda/topk_gating.rs
 struct GatingParams {
     u64 noise_seed;
     u64 noise_offset;
