@@ -212,57 +212,243 @@ __device__ __forceinline__ int warp_sum_int(int v) {
     return v;
 }
 
+// Inclusive prefix sum of one int per lane over the whole warp (exact integers).
+__device__ __forceinline__ int warp_incl_scan(int v) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int n = __shfl_up_sync(FULL_MASK, v, o);
+        if (lane >= o) v += n;
+    }
+    return v;
+}
+
 template <int NT> struct GroupReduce {
     // scratch: at least NT / 32 u64 words of shared memory, used by NT > 32 only.
     __device__ static __forceinline__ u64 max_u64(u64 v, u64* scratch) {
-        v = warp_max_u64(v);
-        if (NT == 32) return v;
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        __syncthreads();
-        if (lane == 0) scratch[warp] = v;
-        __syncthreads();
-        u64 r = scratch[0];
-#pragma unroll
-        for (int w = 1; w < NT / 32; ++w) r = scratch[w] > r ? scratch[w] : r;
-        return r;
+        return across_warps(warp_max_u64(v), scratch,
+                            [](u64 r, u64 w) { return w > r ? w : r; });
     }
     __device__ static __forceinline__ float nan_max_f(float v, u64* scratch) {
-        v = warp_nan_max(v);
-        if (NT == 32) return v;
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        float* s = reinterpret_cast<float*>(scratch);
-        __syncthreads();
-        if (lane == 0) s[warp] = v;
-        __syncthreads();
-        float r = s[0];
-#pragma unroll
-        for (int w = 1; w < NT / 32; ++w) r = nan_max(r, s[w]);
-        return r;
+        return across_warps(warp_nan_max(v), scratch,
+                            [](float r, float w) { return nan_max(r, w); });
     }
     __device__ static __forceinline__ float sum_f(float v, u64* scratch) {
-        v = warp_sum(v);
-        if (NT == 32) return v;
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        float* s = reinterpret_cast<float*>(scratch);
-        __syncthreads();
-        if (lane == 0) s[warp] = v;
-        __syncthreads();
-        float r = s[0];
-#pragma unroll
-        for (int w = 1; w < NT / 32; ++w) r += s[w];
-        return r;
+        return across_warps(warp_sum(v), scratch, [](float r, float w) { return r + w; });
     }
     __device__ static __forceinline__ int sum_int(int v, u64* scratch) {
-        v = warp_sum_int(v);
+        return across_warps(warp_sum_int(v), scratch, [](int r, int w) { return r + w; });
+    }
+
+    // The warps' results `v` (the same in every lane of a warp) combined in warp
+    // order, r = op(op(w0, w1), w2)...: one warp returns its own; NT > 32 goes
+    // through `scratch` between two barriers (every thread of the block must call).
+    template <typename V, typename Op>
+    __device__ static __forceinline__ V across_warps(V v, u64* scratch, Op op) {
         if (NT == 32) return v;
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        int* s = reinterpret_cast<int*>(scratch);
+        V* s = reinterpret_cast<V*>(scratch);
         __syncthreads();
         if (lane == 0) s[warp] = v;
         __syncthreads();
-        int r = 0;
+        V r = s[0];
 #pragma unroll
-        for (int w = 0; w < NT / 32; ++w) r += s[w];
+        for (int w = 1; w < NT / 32; ++w) r = op(r, s[w]);
         return r;
     }
 };
+
+// ---------------------------------------------------------------------------
+// Per-token expert slots (topk_gating, losses, dropout, router_stats): a group of NT
+// threads handles one token; thread `tid` owns experts `e = i * NT + tid` for slot
+// `i < SLOTS` (coalesced loads; the owner of expert e is thread e % NT). NT = 32 (one
+// warp per token, WARP_GROUPS_PER_BLOCK tokens per block) serves up to
+// WARP_MAX_EXPERTS experts; NT = 256 (one block per token, the "_large" entries)
+// serves up to MAX_EXPERTS. The `@host` ones are Rust constants too (build.rs:
+// kernels::abi::common): the launchers' block shapes and expert limits.
+// ---------------------------------------------------------------------------
+#define SLOTS 8
+#define WARP_GROUPS_PER_BLOCK 4  // @host u32
+#define WARP_MAX_EXPERTS 256     // @host usize
+#define MAX_EXPERTS 2048         // @host usize
+static_assert(SLOTS <= 32, "slot bit masks are u32");
+static_assert(WARP_MAX_EXPERTS == 32 * SLOTS, "a warp's slots cover WARP_MAX_EXPERTS");
+static_assert(MAX_EXPERTS == 256 * SLOTS, "a 256-thread block's slots cover MAX_EXPERTS");
+
+// A token's logits widened to f32, -inf in the slots past E.
+template <int NT, typename T>
+__device__ __forceinline__ void load_row(const T* row, int E, int tid, float* z) {
+#pragma unroll
+    for (int i = 0; i < SLOTS; ++i) {
+        int e = i * NT + tid;
+        z[i] = e < E ? to_f32(row[e]) : MOE_NEG_INF;
+    }
+}
+
+// Softmax statistics of a token's row (the CPU's softmax_row): the max m (NaN wins)
+// and s = Σ exp(z - m), both fixed trees over the group.
+template <int NT>
+__device__ __forceinline__ void softmax_stats(const float* z, int E, int tid, u64* scratch,
+                                              float& m, float& s) {
+    float lm = MOE_NEG_INF;
+#pragma unroll
+    for (int i = 0; i < SLOTS; ++i)
+        if (i * NT + tid < E) lm = nan_max(lm, z[i]);
+    m = GroupReduce<NT>::nan_max_f(lm, scratch);
+    float ls = 0.0f;
+#pragma unroll
+    for (int i = 0; i < SLOTS; ++i)
+        if (i * NT + tid < E) ls += expf(z[i] - m);
+    s = GroupReduce<NT>::sum_f(ls, scratch);
+}
+
+// One round of "take the largest key among the candidates" (0 = no candidate):
+// returns the winner to every thread of the group and marks it used (bit i of
+// `used`: slot i) in its owner.
+template <int NT>
+__device__ __forceinline__ u64 take_max(const u64* cand, u32& used, int tid, u64* scratch) {
+    u64 best = 0;
+#pragma unroll
+    for (int i = 0; i < SLOTS; ++i)
+        if (!((used >> i) & 1u) && cand[i] > best) best = cand[i];
+    u64 win = GroupReduce<NT>::max_u64(best, scratch);
+    u32 e = key_index(win);
+    if (win != 0 && (int)(e % NT) == tid) used |= 1u << (e / NT);
+    return win;
+}
+
+// Expert masking of token t, its draw (src/cpu/dropout.rs::expert_mask_row): expert
+// e is masked when its uniform u (DOMAIN_EXPERT_MASKING, index t * E + e) is below
+// `rate`. Returns the thread's masked slots as bits; ukey[i] = rank_key(u, e) of a
+// masked slot (largest u first, lower index among equal u: the order in which masked
+// experts are unmasked again), 0 otherwise; `unmasked` = the thread's in-range
+// unmasked experts. The callers then unmask the top (topk - group's unmasked) keys:
+// topk_gating one take_max per key (at most MAX_TOPK rounds), dropout's expert_mask
+// by one threshold search (64 rounds, whatever the number, which can reach E there).
+template <int NT>
+__device__ __forceinline__ u32 expert_mask_draw(u64 seed, u64 offset, float rate, u64 t, int E,
+                                                int tid, u64* ukey, int& unmasked) {
+    const u64 base = t * (u64)E;
+    u32 masked = 0;
+    unmasked = 0;
+#pragma unroll
+    for (int i = 0; i < SLOTS; ++i) {
+        int e = i * NT + tid;
+        ukey[i] = 0;
+        if (e < E) {
+            float u = philox_uniform(seed, offset, DOMAIN_EXPERT_MASKING, base + (u64)e);
+            if (u < rate) {
+                masked |= 1u << i;
+                ukey[i] = rank_key(u, (u32)e);
+            } else {
+                unmasked += 1;
+            }
+        }
+    }
+    return masked;
+}
+
+// ---------------------------------------------------------------------------
+// Grid-stride loops over a flat range: `for (i = grid_start(); i < n; i += grid_stride())`.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ long long grid_start() {
+    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ long long grid_stride() { return (long long)gridDim.x * blockDim.x; }
+
+// out[0..n) = value (the body of the modules' fill kernels).
+__device__ __forceinline__ void grid_fill(int* __restrict__ out, long long n, int value) {
+    for (long long i = grid_start(); i < n; i += grid_stride()) out[i] = value;
+}
+
+// ---------------------------------------------------------------------------
+// Block-wide exclusive scan of one int per thread (NT threads, fixed tree: the
+// result is exact integer arithmetic anyway). `sh` holds NT / 32 ints. Returns the
+// exclusive prefix; `total` gets the block's sum. Contains __syncthreads.
+// ---------------------------------------------------------------------------
+template <int NT>
+__device__ __forceinline__ int block_excl_scan(int v, int* sh, int& total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int incl = warp_incl_scan(v);
+    __syncthreads();
+    if (lane == 31) sh[warp] = incl;
+    __syncthreads();
+    int before = 0, sum = 0;
+#pragma unroll
+    for (int w = 0; w < NT / 32; ++w) {
+        int x = sh[w];
+        if (w < warp) before += x;
+        sum += x;
+    }
+    total = sum;
+    return before + incl - v;
+}
+
+// ---------------------------------------------------------------------------
+// Radix select over the high words of n keys (`key(i)` for i in [0, n)): the high
+// word `thr` of the want-th largest full key (1 <= want < n, full key = (hi, ~i): among
+// equal high words the lower index ranks first), and `want_eq`, how many keys with
+// high word thr are among the want largest (the first want_eq of them in index
+// order). 4 passes of 8 bits, shared-memory integer histograms (order-free atomics).
+// NT threads; `hist` is 256 ints of shared memory, `bc` 2 ints. Used by dispatch
+// (drop keys of an expert's segment, i = position in token order) and expert choice
+// (score keys of an expert's column, i = token).
+// ---------------------------------------------------------------------------
+template <int NT, typename KeyFn>
+__device__ __forceinline__ void radix_select_hi(KeyFn key, int n, int want, int* hist, int* bc,
+                                                u32& thr, int& want_eq) {
+    u32 prefix = 0u, mask = 0u;
+    int rem = want;
+#pragma unroll 1
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int d = threadIdx.x; d < 256; d += NT) hist[d] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < n; i += NT) {
+            const u32 h = key(i);
+            if ((h & mask) == prefix) atomicAdd(hist + ((h >> shift) & 255u), 1);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int cum = 0, sel = 0;
+            for (int d = 255; d >= 0; --d) {
+                const int c = hist[d];
+                if (cum + c >= rem) {
+                    sel = d;
+                    break;
+                }
+                cum += c;
+            }
+            bc[0] = sel;
+            bc[1] = rem - cum;
+        }
+        __syncthreads();
+        prefix |= (u32)bc[0] << shift;
+        mask |= 255u << shift;
+        rem = bc[1];
+        __syncthreads();
+    }
+    thr = prefix;
+    want_eq = rem;
+}
+
+// Number the kept keys in index order after `radix_select_hi`: kept =
+// hi > thr, or hi == thr among the first want_eq such. `emit(i, slot)` is called for
+// every i in [0, n) with the slot (or -1). `sh` holds NT / 32 ints.
+template <int NT, typename KeyFn, typename EmitFn>
+__device__ __forceinline__ void number_kept(KeyFn key, int n, u32 thr, int want_eq, int* sh,
+                                            EmitFn emit) {
+    int carry_eq = 0, carry_kept = 0;
+#pragma unroll 1
+    for (int base = 0; base < n; base += NT) {
+        const int i = base + threadIdx.x;
+        const u32 h = i < n ? key(i) : 0u;
+        const int is_eq = (i < n && h == thr) ? 1 : 0;
+        int tot_eq, tot_kept;
+        const int eq_before = carry_eq + block_excl_scan<NT>(is_eq, sh, tot_eq);
+        const int keep = (i < n && (h > thr || (is_eq && eq_before < want_eq))) ? 1 : 0;
+        const int slot = carry_kept + block_excl_scan<NT>(keep, sh, tot_kept);
+        if (i < n) emit(i, keep ? slot : -1);
+        carry_eq += tot_eq;
+        carry_kept += tot_kept;
+    }
+}

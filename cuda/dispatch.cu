@@ -20,7 +20,8 @@
 //    `~t`, which the segment order already encodes).
 // 5. dispatch_select: one block per expert. At most `capacity` routed: all kept,
 //    slot = position in the segment. Otherwise the `capacity` largest keys are kept:
-//    a 4-pass radix select (8 bits a pass, shared-memory integer histograms) finds
+//    a 4-pass radix select (common.cuh's radix_select_hi: 8 bits a pass,
+//    shared-memory integer histograms) finds
 //    the high word `thr` of the capacity-th largest key and how many keys with that
 //    high word are kept (the first ones in token order: the low word `~t` prefers the
 //    lower token); a block scan in segment (= token) order numbers the kept ones.
@@ -37,21 +38,26 @@
 // @untyped: dispatch_count dispatch_scan_chunks dispatch_scan_experts dispatch_scatter dispatch_select dispatch_fill dispatch_finish
 #include "common.cuh"
 
-#define POLICY_POSITION 0
-#define POLICY_CHOICE_THEN_POSITION 1
-#define POLICY_PROBS 2
-#define POLICY_BATCH_PRIORITIZED 3
-#define POLICY_RANDOM 4
+// Codes of DispatchParams::policy (DropPolicy) and ::layout (DispatchLayout). The
+// `@host` tag makes each one a Rust constant too (build.rs: kernels::abi::dispatch),
+// which src/cuda/dispatch.rs passes: the numbers are written here only.
+#define POLICY_POSITION 0              // @host i32
+#define POLICY_CHOICE_THEN_POSITION 1  // @host i32
+#define POLICY_PROBS 2                 // @host i32
+#define POLICY_BATCH_PRIORITIZED 3     // @host i32
+#define POLICY_RANDOM 4                // @host i32
 
-#define LAYOUT_PAD 0
-#define LAYOUT_COMPACT 1
-#define LAYOUT_DROPLESS 2
+#define LAYOUT_PAD 0       // @host i32
+#define LAYOUT_COMPACT 1   // @host i32
+#define LAYOUT_DROPLESS 2  // @host i32
 
 #define SCAN_THREADS 1024
 #define SELECT_THREADS 256
 #define COUNT_THREADS 256
 
-// Must match `DispatchParams` in src/cuda/dispatch.rs (#[repr(C)]).
+// Kernel parameters, taken by value: build.rs fails the build unless the #[repr(C)]
+// `DispatchParams` in src/cuda/dispatch.rs has these fields, in this order, with these types.
+// @host-struct: src/cuda/dispatch.rs
 struct DispatchParams {
     u64 seed;          // random policy
     u64 offset;
@@ -97,100 +103,6 @@ __device__ __forceinline__ Ws workspace(const DispatchParams& P, int* ws) {
 __device__ __forceinline__ bool routed_to(int e, int E) { return e >= 0 && e < E; }
 
 // ---------------------------------------------------------------------------
-// Block-wide exclusive scan of one int per thread (NT threads, fixed tree: the
-// result is exact integer arithmetic anyway). `sh` holds NT / 32 ints. Returns the
-// exclusive prefix; `total` gets the block's sum. Contains __syncthreads.
-// ---------------------------------------------------------------------------
-template <int NT>
-__device__ __forceinline__ int block_excl_scan(int v, int* sh, int& total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int incl = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        int n = __shfl_up_sync(FULL_MASK, incl, o);
-        if (lane >= o) incl += n;
-    }
-    __syncthreads();
-    if (lane == 31) sh[warp] = incl;
-    __syncthreads();
-    int before = 0, sum = 0;
-#pragma unroll
-    for (int w = 0; w < NT / 32; ++w) {
-        int x = sh[w];
-        if (w < warp) before += x;
-        sum += x;
-    }
-    total = sum;
-    return before + incl - v;
-}
-
-// ---------------------------------------------------------------------------
-// Radix select over the high words of n keys (`key(i)` for i in [0, n)): the high
-// word `thr` of the want-th largest full key (1 <= want < n, full key = (hi, ~i) with
-// the segment order standing in for ~t), and `want_eq`, how many keys with high word
-// thr are among the want largest (the first want_eq of them in index order).
-// NT threads; `hist` is 256 ints of shared memory, `bc` 2 ints.
-// ---------------------------------------------------------------------------
-template <int NT, typename KeyFn>
-__device__ __forceinline__ void radix_select_hi(KeyFn key, int n, int want, int* hist, int* bc,
-                                                u32& thr, int& want_eq) {
-    u32 prefix = 0u, mask = 0u;
-    int rem = want;
-#pragma unroll 1
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int d = threadIdx.x; d < 256; d += NT) hist[d] = 0;
-        __syncthreads();
-        for (int i = threadIdx.x; i < n; i += NT) {
-            const u32 h = key(i);
-            if ((h & mask) == prefix) atomicAdd(hist + ((h >> shift) & 255u), 1);
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            int cum = 0, sel = 0;
-            for (int d = 255; d >= 0; --d) {
-                const int c = hist[d];
-                if (cum + c >= rem) {
-                    sel = d;
-                    break;
-                }
-                cum += c;
-            }
-            bc[0] = sel;
-            bc[1] = rem - cum;
-        }
-        __syncthreads();
-        prefix |= (u32)bc[0] << shift;
-        mask |= 255u << shift;
-        rem = bc[1];
-        __syncthreads();
-    }
-    thr = prefix;
-    want_eq = rem;
-}
-
-// Number the kept keys of a segment in index order after `radix_select_hi`: kept =
-// hi > thr, or hi == thr among the first want_eq such. `emit(i, slot)` is called for
-// every i in [0, n) with the slot (or -1). `sh` holds NT / 32 ints.
-template <int NT, typename KeyFn, typename EmitFn>
-__device__ __forceinline__ void number_kept(KeyFn key, int n, u32 thr, int want_eq, int* sh,
-                                            EmitFn emit) {
-    int carry_eq = 0, carry_kept = 0;
-#pragma unroll 1
-    for (int base = 0; base < n; base += NT) {
-        const int i = base + threadIdx.x;
-        const u32 h = i < n ? key(i) : 0u;
-        const int is_eq = (i < n && h == thr) ? 1 : 0;
-        int tot_eq, tot_kept;
-        const int eq_before = carry_eq + block_excl_scan<NT>(is_eq, sh, tot_eq);
-        const int keep = (i < n && (h > thr || (is_eq && eq_before < want_eq))) ? 1 : 0;
-        const int slot = carry_kept + block_excl_scan<NT>(keep, sh, tot_kept);
-        if (i < n) emit(i, keep ? slot : -1);
-        carry_eq += tot_eq;
-        carry_kept += tot_kept;
-    }
-}
-
-// ---------------------------------------------------------------------------
 // 1. Per-chunk histograms. grid = num_chunks, block = COUNT_THREADS, dynamic shared
 // memory E ints when smem_cursor.
 // ---------------------------------------------------------------------------
@@ -232,12 +144,7 @@ extern "C" __global__ void __launch_bounds__(256)
     for (int c0 = 0; c0 < P.num_chunks; c0 += 32) {
         const int c = c0 + lane;
         const int v = c < P.num_chunks ? w.hist[c * E + e] : 0;
-        int incl = v;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            int n = __shfl_up_sync(FULL_MASK, incl, o);
-            if (lane >= o) incl += n;
-        }
+        const int incl = warp_incl_scan(v);
         if (c < P.num_chunks) w.hist[c * E + e] = carry + incl - v;
         carry += __shfl_sync(FULL_MASK, incl, 31);
     }
@@ -405,9 +312,7 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
 // ---------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(256)
     dispatch_fill(int* __restrict__ out, long long n, int value) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        out[i] = value;
+    grid_fill(out, n, value);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -419,8 +324,7 @@ extern "C" __global__ void __launch_bounds__(256)
     const Ws w = workspace(P, ws);
     const int k = P.topk, E = P.num_experts;
     const long long N = (long long)P.num_tokens * k;
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < P.num_tokens;
-         t += (long long)gridDim.x * blockDim.x) {
+    for (long long t = grid_start(); t < P.num_tokens; t += grid_stride()) {
         const long long base = t * k;
         float sum_all = 0.0f, sum_kept = 0.0f;
         bool any_kept = false;

@@ -5,8 +5,8 @@
 // t * k + j), the same "unmask the largest u, lower index first" rule, and the
 // renormalisation sums accumulated in f32 in choice order (one thread per token).
 //
-// Expert masking: a group of NT threads per token, thread `tid` owning experts
-// `e = i * NT + tid`, `i < SLOTS` (NT = 32 for num_experts <= 256, 4 tokens per
+// Expert masking: common.cuh's expert slots, a group of NT threads per token, thread
+// `tid` owning experts `e = i * NT + tid`, `i < SLOTS` (NT = 32 for num_experts <= 256, 4 tokens per
 // 128-thread block; NT = 256, one block per token, for <= 2048).
 //
 // Indices are never used to address memory here, so out-of-range values (which the
@@ -15,10 +15,9 @@
 // @untyped: expert_mask expert_mask_large assignment_dropout_fwd assignment_dropout_bwd
 #include "common.cuh"
 
-#define SLOTS 8
-#define WARP_GROUPS_PER_BLOCK 4
-
-// Must match `DropoutParams` in src/cuda/dropout.rs (#[repr(C)]).
+// Kernel parameters, taken by value: build.rs fails the build unless the #[repr(C)]
+// `DropoutParams` in src/cuda/dropout.rs has these fields, in this order, with these types.
+// @host-struct: src/cuda/dropout.rs
 struct DropoutParams {
     u64 seed;
     u64 offset;
@@ -27,7 +26,7 @@ struct DropoutParams {
     int num_experts;
     int topk;
     int renormalize;
-    int pad_;
+    int pad;  // to a multiple of 8 bytes, as the Rust struct
 };
 
 // The `need`-th largest of the group's nonzero keys (keys are distinct, and at least
@@ -57,24 +56,9 @@ template <int NT>
 __device__ __forceinline__ void mask_token(const DropoutParams& P, long long t, int tid,
                                            u64* scratch, unsigned char* __restrict__ masked) {
     const int E = P.num_experts;
-    const u64 base = (u64)t * (u64)E;
     u64 ukey[SLOTS];
-    u32 m = 0;
-    int unmasked = 0;
-#pragma unroll
-    for (int i = 0; i < SLOTS; ++i) {
-        int e = i * NT + tid;
-        ukey[i] = 0;
-        if (e < E) {
-            float u = philox_uniform(P.seed, P.offset, DOMAIN_EXPERT_MASKING, base + (u64)e);
-            if (u < P.rate) {
-                m |= 1u << i;
-                ukey[i] = rank_key(u, (u32)e);
-            } else {
-                unmasked += 1;
-            }
-        }
-    }
+    int unmasked;
+    u32 m = expert_mask_draw<NT>(P.seed, P.offset, P.rate, (u64)t, E, tid, ukey, unmasked);
     const int need = P.topk - GroupReduce<NT>::sum_int(unmasked, scratch);
     if (need > 0) {  // group-uniform
         // Unmask the `need` masked candidates with the largest keys (unmasked and

@@ -12,8 +12,8 @@
 //    `weights`, and, when some expert takes fewer than all tokens, transposed
 //    ([E, T], f32 bits) into the `row` output as the CPU does (step 4 overwrites it).
 // 2. expert_choice_select: one block per expert. taken = min(capacity, T). All
-//    tokens taken: rows in token order. Otherwise a 4-pass radix select (8 bits a
-//    pass, shared-memory integer histograms) over score_key(p[t, e]) finds the high
+//    tokens taken: rows in token order. Otherwise a 4-pass radix select (common.cuh's
+//    radix_select_hi, as dispatch) over score_key(p[t, e]) finds the high
 //    word of the taken-th largest rank_key(p, t) and how many tokens with that score
 //    are taken (the lowest indices: the low word of rank_key is ~t); a block scan in
 //    token order stores row_to_token / row_weights. Unused rows (capacity > T) get
@@ -30,16 +30,18 @@
 // @untyped: expert_choice_select expert_choice_fill expert_choice_scatter expert_choice_zero
 #include "common.cuh"
 
-#define EC_WARPS 8
+// Tokens per block of the softmax and backward entries, one warp each.
+#define EC_WARPS 8  // @host usize
 #define EC_SELECT_THREADS 256
 
 // exp in double, rounded once to f32.
 __device__ __forceinline__ float exp_f32(float x) { return (float)exp((double)x); }
 
-// softmax statistics of one token (every lane gets the same m and inv).
+// softmax statistics of one token, one warp, the sum in expert order (every lane
+// gets the same m and inv).
 template <typename T>
-__device__ __forceinline__ void softmax_stats(const T* __restrict__ z, int E, int lane, float& m,
-                                              float& inv) {
+__device__ __forceinline__ void softmax_stats_seq(const T* __restrict__ z, int E, int lane,
+                                                  float& m, float& inv) {
     float mx = MOE_NEG_INF;
     for (int e = lane; e < E; e += 32) mx = nan_max(mx, to_f32(z[e]));
     m = warp_nan_max(mx);
@@ -62,7 +64,7 @@ __device__ __forceinline__ void softmax_body(const T* __restrict__ logits, int n
          t += nwarps) {
         const T* z = logits + t * E;
         float m, inv;
-        softmax_stats<T>(z, E, lane, m, inv);
+        softmax_stats_seq<T>(z, E, lane, m, inv);
         for (int e = lane; e < E; e += 32) {
             const float p = exp_f32(to_f32(z[e]) - m) * inv;
             weights[t * E + e] = p;
@@ -77,30 +79,6 @@ __device__ __forceinline__ void softmax_body(const T* __restrict__ logits, int n
              float* __restrict__ weights, int* __restrict__ pt) {                        \
         softmax_body<T>(logits, num_tokens, num_experts, weights, pt);                   \
     }
-
-// Block-wide exclusive scan of one int per thread (see dispatch.cu).
-template <int NT>
-__device__ __forceinline__ int block_excl_scan(int v, int* sh, int& total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int incl = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        int n = __shfl_up_sync(FULL_MASK, incl, o);
-        if (lane >= o) incl += n;
-    }
-    __syncthreads();
-    if (lane == 31) sh[warp] = incl;
-    __syncthreads();
-    int before = 0, sum = 0;
-#pragma unroll
-    for (int w = 0; w < NT / 32; ++w) {
-        int x = sh[w];
-        if (w < warp) before += x;
-        sum += x;
-    }
-    total = sum;
-    return before + incl - v;
-}
 
 // ---------------------------------------------------------------------------
 // 2. Per expert: its `taken` best tokens in token order. grid = E,
@@ -135,56 +113,15 @@ extern "C" __global__ void __launch_bounds__(EC_SELECT_THREADS)
         }
     } else if (taken > 0) {
         auto key = [&](int t) { return score_key(__int_as_float(col[t])); };
-        // Radix select of the high word (see dispatch.cu's radix_select_hi).
-        u32 prefix = 0u, mask = 0u;
-        int rem = taken;
-#pragma unroll 1
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int d = threadIdx.x; d < 256; d += NT) hist[d] = 0;
-            __syncthreads();
-            for (int t = threadIdx.x; t < n; t += NT) {
-                const u32 h = key(t);
-                if ((h & mask) == prefix) atomicAdd(hist + ((h >> shift) & 255u), 1);
-            }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                int cum = 0, sel = 0;
-                for (int d = 255; d >= 0; --d) {
-                    const int c = hist[d];
-                    if (cum + c >= rem) {
-                        sel = d;
-                        break;
-                    }
-                    cum += c;
-                }
-                bc[0] = sel;
-                bc[1] = rem - cum;
-            }
-            __syncthreads();
-            prefix |= (u32)bc[0] << shift;
-            mask |= 255u << shift;
-            rem = bc[1];
-            __syncthreads();
-        }
-        const u32 thr = prefix;
-        const int want_eq = rem;
-        int carry_eq = 0, carry_kept = 0;
-#pragma unroll 1
-        for (int base = 0; base < n; base += NT) {
-            const int t = base + threadIdx.x;
-            const u32 h = t < n ? key(t) : 0u;
-            const int is_eq = (t < n && h == thr) ? 1 : 0;
-            int tot_eq, tot_kept;
-            const int eq_before = carry_eq + block_excl_scan<EC_SELECT_THREADS>(is_eq, sh, tot_eq);
-            const int keep = (t < n && (h > thr || (is_eq && eq_before < want_eq))) ? 1 : 0;
-            const int s = carry_kept + block_excl_scan<EC_SELECT_THREADS>(keep, sh, tot_kept);
-            if (keep && s < taken) {
+        u32 thr;
+        int want_eq;
+        radix_select_hi<EC_SELECT_THREADS>(key, n, taken, hist, bc, thr, want_eq);
+        number_kept<EC_SELECT_THREADS>(key, n, thr, want_eq, sh, [&](int t, int s) {
+            if (s >= 0 && s < taken) {
                 rt[s] = t;
                 rw[s] = __int_as_float(col[t]);
             }
-            carry_eq += tot_eq;
-            carry_kept += tot_kept;
-        }
+        });
     }
     for (int s = taken + threadIdx.x; s < capacity; s += NT) {
         rt[s] = -1;
@@ -195,14 +132,9 @@ extern "C" __global__ void __launch_bounds__(EC_SELECT_THREADS)
 // ---------------------------------------------------------------------------
 // 3. row [T, E] from row_to_token; unchosen weights zeroed.
 // ---------------------------------------------------------------------------
-__device__ __forceinline__ long long ec_start() {
-    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ long long ec_stride() { return (long long)gridDim.x * blockDim.x; }
-
 extern "C" __global__ void __launch_bounds__(256)
     expert_choice_fill(int* __restrict__ out, long long n, int value) {
-    for (long long i = ec_start(); i < n; i += ec_stride()) out[i] = value;
+    grid_fill(out, n, value);
 }
 
 // One thread per chosen (expert, slot): row[t, e] = e * capacity + s.
@@ -210,7 +142,7 @@ extern "C" __global__ void __launch_bounds__(256)
     expert_choice_scatter(const int* __restrict__ row_to_token, int num_tokens, int num_experts,
                           int capacity, int taken, int* __restrict__ row) {
     const long long n = (long long)num_experts * taken;
-    for (long long i = ec_start(); i < n; i += ec_stride()) {
+    for (long long i = grid_start(); i < n; i += grid_stride()) {
         const long long e = i / taken, s = i - e * taken;
         const long long r = e * capacity + s;
         const int t = row_to_token[r];
@@ -220,7 +152,7 @@ extern "C" __global__ void __launch_bounds__(256)
 
 extern "C" __global__ void __launch_bounds__(256)
     expert_choice_zero(const int* __restrict__ row, float* __restrict__ weights, long long n) {
-    for (long long i = ec_start(); i < n; i += ec_stride())
+    for (long long i = grid_start(); i < n; i += grid_stride())
         if (row[i] < 0) weights[i] = 0.0f;
 }
 
@@ -240,7 +172,7 @@ __device__ __forceinline__ void bwd_body(const T* __restrict__ logits, int num_t
         const int* r = row + t * E;
         const float* g = grad_weights + t * E;
         float m, inv;
-        softmax_stats<T>(z, E, lane, m, inv);
+        softmax_stats_seq<T>(z, E, lane, m, inv);
         // dot = Σ g·p over the chosen experts, sequentially in expert order.
         float dot = 0.0f;
         for (int base = 0; base < E; base += 32) {

@@ -16,21 +16,20 @@
 // loss; `losses_finalize` (one thread) averages the segments in order. Everything
 // is deterministic: the same input gives bitwise the same output.
 //
-// Layout of a pass over tokens: a group of NT threads handles one token at a time;
-// thread `tid` owns experts `e = i * NT + tid`, `i < SLOTS`. NT = 32 (one warp, 4 per
-// 128-thread block) for num_experts <= 256, NT = 256 (one block) for <= 2048.
+// Layout of a pass over tokens: common.cuh's expert slots, a group of NT threads per
+// token, thread `tid` owning experts `e = i * NT + tid`, `i < SLOTS`. NT = 32 (one
+// warp, 4 per 128-thread block) for num_experts <= 256, NT = 256 (one block) for <= 2048.
 //
 // Entry points (build.rs reads these lines):
 // @entries: losses_fwd losses_fwd_large aux_loss_bwd aux_loss_bwd_large z_loss_bwd z_loss_bwd_large
 // @untyped: losses_reduce losses_finalize aux_loss_bwd_prep
 #include "common.cuh"
 
-#define SLOTS 8
-#define WARP_GROUPS_PER_BLOCK 4
-#define MAX_EXPERTS 2048
 #define SIGMOID_NORM_EPS 1e-20f
 
-// Must match `LossParams` in src/cuda/losses.rs (#[repr(C)]).
+// Kernel parameters, taken by value: build.rs fails the build unless the #[repr(C)]
+// `LossParams` in src/cuda/losses.rs has these fields, in this order, with these types.
+// @host-struct: src/cuda/losses.rs
 struct LossParams {
     double total_override;  // > 0: T_total of the global loss (counts cover a larger batch)
     float aux_coeff;
@@ -56,45 +55,6 @@ struct LossParams {
 //   segments [num_segments][3]: segment loss, valid tokens, Σ lse²
 __device__ __forceinline__ long long row_len(const LossParams& P) {
     return 2LL * P.num_experts + 2;
-}
-
-// One round of "take the largest key": returns the winner to every thread of the
-// group and marks it taken in its owner.
-template <int NT>
-__device__ __forceinline__ u64 take_max(const u64* cand, u32& used, int tid, u64* scratch) {
-    u64 best = 0;
-#pragma unroll
-    for (int i = 0; i < SLOTS; ++i)
-        if (!((used >> i) & 1u) && cand[i] > best) best = cand[i];
-    u64 win = GroupReduce<NT>::max_u64(best, scratch);
-    u32 e = key_index(win);
-    if (win != 0 && (int)(e % NT) == tid) used |= 1u << (e / NT);
-    return win;
-}
-
-template <int NT, typename T>
-__device__ __forceinline__ void load_row(const T* row, int E, int tid, float* z) {
-#pragma unroll
-    for (int i = 0; i < SLOTS; ++i) {
-        int e = i * NT + tid;
-        z[i] = e < E ? to_f32(row[e]) : MOE_NEG_INF;
-    }
-}
-
-// Softmax statistics of a row (the CPU's softmax_row): max (NaN wins) and Σ exp(z - m).
-template <int NT>
-__device__ __forceinline__ void softmax_stats(const float* z, int E, int tid, u64* scratch,
-                                              float& m, float& s) {
-    float lm = MOE_NEG_INF;
-#pragma unroll
-    for (int i = 0; i < SLOTS; ++i)
-        if (i * NT + tid < E) lm = nan_max(lm, z[i]);
-    m = GroupReduce<NT>::nan_max_f(lm, scratch);
-    float ls = 0.0f;
-#pragma unroll
-    for (int i = 0; i < SLOTS; ++i)
-        if (i * NT + tid < E) ls += expf(z[i] - m);
-    s = GroupReduce<NT>::sum_f(ls, scratch);
 }
 
 // Aux scores of a row into p (0 for e >= E), given the softmax statistics for the
@@ -356,6 +316,19 @@ extern "C" __global__ void __launch_bounds__(256)
         g[(long long)seg * E + e] = (float)(scale * (double)counts[(long long)seg * E + e]);
 }
 
+// Backward of a padding token (group-uniform): its gradient row `out` is zero.
+// Returns whether t is padding.
+template <int NT, typename T>
+__device__ __forceinline__ bool zero_if_padding(const unsigned char* __restrict__ mask,
+                                                const LossParams& P, long long t, int tid,
+                                                T* __restrict__ out) {
+    if (!(P.has_mask && is_padding(mask, t))) return false;
+#pragma unroll
+    for (int i = 0; i < SLOTS; ++i)
+        if (i * NT + tid < P.num_experts) out[i * NT + tid] = from_f32<T>(0.0f);
+    return true;
+}
+
 // aux_loss_bwd: one token per group. Softmax: dz = P ⊙ (g − <g, P>). Sigmoid:
 // s = σ(z), D = Σ s + 1e-20, dz = ((g − <g, s>/D) / D) ⊙ s(1 − s). Padding: 0.
 template <int NT, typename T>
@@ -366,12 +339,7 @@ __device__ __forceinline__ void aux_bwd_token(const T* __restrict__ logits,
                                               T* __restrict__ grad) {
     const int E = P.num_experts;
     T* out = grad + t * (long long)E;
-    if (P.has_mask && is_padding(mask, t)) {
-#pragma unroll
-        for (int i = 0; i < SLOTS; ++i)
-            if (i * NT + tid < E) out[i * NT + tid] = from_f32<T>(0.0f);
-        return;
-    }
+    if (zero_if_padding<NT, T>(mask, P, t, tid, out)) return;
     const float* gb = g + (t / P.seq_len) * (long long)E;
     float z[SLOTS], ge[SLOTS];
     load_row<NT, T>(logits + t * (long long)E, E, tid, z);
@@ -419,12 +387,7 @@ __device__ __forceinline__ void z_bwd_token(const T* __restrict__ logits,
                                             int tid, u64* scratch, T* __restrict__ grad) {
     const int E = P.num_experts;
     T* out = grad + t * (long long)E;
-    if (P.has_mask && is_padding(mask, t)) {
-#pragma unroll
-        for (int i = 0; i < SLOTS; ++i)
-            if (i * NT + tid < E) out[i * NT + tid] = from_f32<T>(0.0f);
-        return;
-    }
+    if (zero_if_padding<NT, T>(mask, P, t, tid, out)) return;
     float z[SLOTS], m, s, p[SLOTS];
     load_row<NT, T>(logits + t * (long long)E, E, tid, z);
     softmax_stats<NT>(z, E, tid, scratch, m, s);

@@ -38,7 +38,10 @@
 #include "common.cuh"
 
 #define NO_OWNER 0x7fffffff
-#define GRAD_W_WARPS 4
+// Block shapes, Rust constants too (build.rs: kernels::abi::permute): threads of the
+// flat grid-stride entries, warps (assignments) per block of unpermute_bwd_grad_w.
+#define PERMUTE_THREADS 256  // @host u32
+#define GRAD_W_WARPS 4       // @host u64
 
 // Elements per 16-byte chunk.
 template <typename T> struct Vec { static const int N = 16 / (int)sizeof(T); };
@@ -70,12 +73,11 @@ __device__ __forceinline__ void store_f32(T* __restrict__ p, const float* v) {
     }
 }
 
-__device__ __forceinline__ long long grid_start() {
-    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ long long grid_stride() {
-    return (long long)gridDim.x * blockDim.x;
-}
+// An entry's body at the vector width the host chose: 16-byte chunks when `vec` is
+// non-zero, else element by element (`vec` is a parameter of every entry below).
+#define WITH_VEC(BODY, T, ...)                 \
+    if (vec) BODY<T, Vec<T>::N>(__VA_ARGS__); \
+    else BODY<T, 1>(__VA_ARGS__)
 
 // ---------------------------------------------------------------------------
 // permute: out [num_rows, H] = x [num_tokens, H] gathered by row_to_token.
@@ -106,11 +108,10 @@ __device__ __forceinline__ void permute_body(const T* __restrict__ x,
 }
 
 #define DEFINE_PERMUTE_FWD(T, NAME)                                                        \
-    extern "C" __global__ void __launch_bounds__(256)                                      \
+    extern "C" __global__ void __launch_bounds__(PERMUTE_THREADS)                          \
         NAME(const T* __restrict__ x, const int* __restrict__ row_to_token,                \
              T* __restrict__ out, int num_tokens, int num_rows, long long hidden, int vec) { \
-        if (vec) permute_body<T, Vec<T>::N>(x, row_to_token, out, num_tokens, num_rows, hidden); \
-        else permute_body<T, 1>(x, row_to_token, out, num_tokens, num_rows, hidden);      \
+        WITH_VEC(permute_body, T, x, row_to_token, out, num_tokens, num_rows, hidden);      \
     }
 
 // ---------------------------------------------------------------------------
@@ -145,24 +146,23 @@ __device__ __forceinline__ void gather_body(const T* __restrict__ src,
 }
 
 #define DEFINE_GATHER_SUM(T, NAME)                                                          \
-    extern "C" __global__ void __launch_bounds__(256)                                       \
+    extern "C" __global__ void __launch_bounds__(PERMUTE_THREADS)                           \
         NAME(const T* __restrict__ src, const int* __restrict__ row,                        \
              const float* __restrict__ weights, T* __restrict__ out, int num_tokens, int k,  \
              int num_rows, long long hidden, int vec) {                                     \
-        if (vec) gather_body<T, Vec<T>::N>(src, row, weights, out, num_tokens, k, num_rows, hidden); \
-        else gather_body<T, 1>(src, row, weights, out, num_tokens, k, num_rows, hidden);   \
+        WITH_VEC(gather_body, T, src, row, weights, out, num_tokens, k, num_rows, hidden);  \
     }
 
 // ---------------------------------------------------------------------------
 // Inverse map of `row [num_tokens * k]`: owner[r] = min { a : row[a] == r }, or
 // NO_OWNER. Integer atomicMin: the result does not depend on the atomics' order.
 // ---------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(PERMUTE_THREADS)
     inverse_rows_init(int* __restrict__ owner, int num_rows) {
-    for (long long r = grid_start(); r < num_rows; r += grid_stride()) owner[r] = NO_OWNER;
+    grid_fill(owner, num_rows, NO_OWNER);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(PERMUTE_THREADS)
     inverse_rows_scatter(const int* __restrict__ row, int* __restrict__ owner,
                          long long num_assignments, int num_rows) {
     for (long long a = grid_start(); a < num_assignments; a += grid_stride()) {
@@ -201,12 +201,11 @@ __device__ __forceinline__ void grad_y_body(const T* __restrict__ grad_out,
 }
 
 #define DEFINE_GRAD_Y(T, NAME)                                                              \
-    extern "C" __global__ void __launch_bounds__(256)                                       \
+    extern "C" __global__ void __launch_bounds__(PERMUTE_THREADS)                           \
         NAME(const T* __restrict__ grad_out, const int* __restrict__ owner,                 \
              const float* __restrict__ weights, T* __restrict__ grad_y, int num_tokens, int k, \
              int num_rows, long long hidden, int vec) {                                     \
-        if (vec) grad_y_body<T, Vec<T>::N>(grad_out, owner, weights, grad_y, num_tokens, k, num_rows, hidden); \
-        else grad_y_body<T, 1>(grad_out, owner, weights, grad_y, num_tokens, k, num_rows, hidden); \
+        WITH_VEC(grad_y_body, T, grad_out, owner, weights, grad_y, num_tokens, k, num_rows, hidden); \
     }
 
 // ---------------------------------------------------------------------------
@@ -279,8 +278,7 @@ __device__ __forceinline__ void grad_w_body(const T* __restrict__ grad_out,
         NAME(const T* __restrict__ grad_out, const T* __restrict__ y,                       \
              const int* __restrict__ row, float* __restrict__ grad_weights, int num_tokens,  \
              int k, int num_rows, long long hidden, int vec) {                              \
-        if (vec) grad_w_body<T, Vec<T>::N>(grad_out, y, row, grad_weights, num_tokens, k, num_rows, hidden); \
-        else grad_w_body<T, 1>(grad_out, y, row, grad_weights, num_tokens, k, num_rows, hidden); \
+        WITH_VEC(grad_w_body, T, grad_out, y, row, grad_weights, num_tokens, k, num_rows, hidden); \
     }
 
 DEFINE_PERMUTE_FWD(float, permute_fwd_f32)

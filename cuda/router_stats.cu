@@ -12,19 +12,20 @@
 // per-expert counts are integer atomics (order-independent). Indices outside
 // [0, E) are skipped, as on the CPU, so nothing is written out of range.
 //
-// Layout: a group of NT threads per token, thread `tid` owning experts
-// `e = i * NT + tid`, `i < SLOTS` (NT = 32 for num_experts <= 256, 4 groups per
-// 128-thread block; NT = 256 for <= 2048).
+// Layout: common.cuh's expert slots, a group of NT threads per token, thread `tid`
+// owning experts `e = i * NT + tid`, `i < SLOTS` (NT = 32 for num_experts <= 256, 4
+// groups per 128-thread block; NT = 256 for <= 2048).
 //
 // @entries: router_stats_pass router_stats_pass_large
 // @untyped: router_stats_finalize
 #include "common.cuh"
 
-#define SLOTS 8
-#define WARP_GROUPS_PER_BLOCK 4
-#define ROW 6  // entropy Σ, lse Σ, lse max, valid, non-finite, dropped
+// Workspace row (f64): entropy Σ, lse Σ, lse max, valid, non-finite, dropped.
+#define ROW 6  // @host usize
 
-// Must match `StatsParams` in src/cuda/router_stats.rs (#[repr(C)]).
+// Kernel parameters, taken by value: build.rs fails the build unless the #[repr(C)]
+// `StatsParams` in src/cuda/router_stats.rs has these fields, in this order, with these types.
+// @host-struct: src/cuda/router_stats.rs
 struct StatsParams {
     int num_tokens;
     int num_experts;
@@ -33,7 +34,7 @@ struct StatsParams {
     int num_rows;
     int has_slots;
     int has_mask;
-    int pad_;
+    int pad;  // to a multiple of 8 bytes, as the Rust struct
 };
 
 __device__ __forceinline__ double nan_max_d(double a, double b) {

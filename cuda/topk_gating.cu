@@ -6,10 +6,11 @@
 // sum) use a fixed tree, so they may differ from the CPU's sequential sum by rounding
 // only, and are bitwise reproducible run to run.
 //
-// Layout: a group of NT threads handles one token; thread `tid` owns experts
-// `e = i * NT + tid` for slot `i < SLOTS` (coalesced loads, the owner of expert e is
-// thread e % NT). NT = 32 (one warp per token, 4 tokens per 128-thread block) serves
-// num_experts <= 256; NT = 256 (one block per token) serves num_experts <= 2048.
+// Layout: common.cuh's expert slots, a group of NT threads per token, thread `tid`
+// owning experts `e = i * NT + tid` for slot `i < SLOTS` (coalesced loads, the owner
+// of expert e is thread e % NT). NT = 32 (one warp per token, 4 tokens per 128-thread
+// block) serves num_experts <= 256; NT = 256 (one block per token) serves
+// num_experts <= 2048.
 // topk <= 32: the j-th selected expert ends in thread j, and the weights are finished
 // by the first warp with shuffles.
 //
@@ -17,11 +18,11 @@
 // @entries: topk_gating_fwd topk_gating_fwd_large topk_gating_replay topk_gating_replay_large topk_gating_bwd topk_gating_bwd_large
 #include "common.cuh"
 
-#define SLOTS 8
-#define MAX_TOPK 32
-#define WARP_TOKENS_PER_BLOCK 4
+#define MAX_TOPK 32  // @host usize
 
-// Must match `GatingParams` in src/cuda/topk_gating.rs (#[repr(C)]).
+// Kernel parameters, taken by value: build.rs fails the build unless the #[repr(C)]
+// `GatingParams` in src/cuda/topk_gating.rs has these fields, in this order, with these types.
+// @host-struct: src/cuda/topk_gating.rs
 struct GatingParams {
     u64 noise_seed;
     u64 noise_offset;
@@ -60,23 +61,6 @@ __device__ __forceinline__ float warp_seq_sel_max(float v, int k) {
     return m;
 }
 
-// Per-token softmax statistics over all experts: max and 1 / sum(exp(z - max)).
-template <int NT>
-__device__ __forceinline__ void softmax_stats(const float* z, int tid, int E, u64* scratch,
-                                              float& m, float& inv) {
-    float lm = MOE_NEG_INF;
-#pragma unroll
-    for (int i = 0; i < SLOTS; ++i)
-        if (i * NT + tid < E) lm = nan_max(lm, z[i]);
-    m = GroupReduce<NT>::nan_max_f(lm, scratch);
-    float ls = 0.0f;
-#pragma unroll
-    for (int i = 0; i < SLOTS; ++i)
-        if (i * NT + tid < E) ls += expf(z[i] - m);
-    float s = GroupReduce<NT>::sum_f(ls, scratch);
-    inv = 1.0f / s;
-}
-
 // Load a token's logits (f32) into slots and compute the base scores p
 // (softmax, sigmoid, or z itself for post-softmax).
 template <int NT, typename T>
@@ -84,15 +68,13 @@ __device__ __forceinline__ void load_scores(const T* row, const GatingParams& P,
                                             u64* scratch, float* z, float* p, float& m,
                                             float& inv) {
     const int E = P.num_experts;
-#pragma unroll
-    for (int i = 0; i < SLOTS; ++i) {
-        int e = i * NT + tid;
-        z[i] = e < E ? to_f32(row[e]) : MOE_NEG_INF;
-    }
+    load_row<NT, T>(row, E, tid, z);
     m = 0.0f;
     inv = 1.0f;
     if (!P.sigmoid && P.pre_softmax) {
-        softmax_stats<NT>(z, tid, E, scratch, m, inv);
+        float s;
+        softmax_stats<NT>(z, E, tid, scratch, m, s);
+        inv = 1.0f / s;
 #pragma unroll
         for (int i = 0; i < SLOTS; ++i) p[i] = expf(z[i] - m) * inv;
     } else if (P.sigmoid) {
@@ -102,20 +84,6 @@ __device__ __forceinline__ void load_scores(const T* row, const GatingParams& P,
 #pragma unroll
         for (int i = 0; i < SLOTS; ++i) p[i] = z[i];
     }
-}
-
-// One round of "take the largest key among the candidates": returns the winner (the
-// same for every thread of the group) and marks it used in its owner.
-template <int NT>
-__device__ __forceinline__ u64 take_max(const u64* cand, u32& used, int tid, u64* scratch) {
-    u64 best = 0;
-#pragma unroll
-    for (int i = 0; i < SLOTS; ++i)
-        if (!((used >> i) & 1u) && cand[i] > best) best = cand[i];
-    u64 win = GroupReduce<NT>::max_u64(best, scratch);
-    u32 e = key_index(win);
-    if (win != 0 && (int)(e % NT) == tid) used |= 1u << (e / NT);
-    return win;
 }
 
 // Top-k selection of one token; returns in thread j (< k) the j-th selected key.
@@ -129,22 +97,9 @@ __device__ __forceinline__ u64 select_token(int t, const float* p, const float* 
     u32 masked = 0;
     if (P.mask_rate > 0.0f) {
         u64 ukey[SLOTS];
-        int unmasked = 0;
-#pragma unroll
-        for (int i = 0; i < SLOTS; ++i) {
-            int e = i * NT + tid;
-            ukey[i] = 0;
-            if (e < E) {
-                float u = philox_uniform(P.mask_seed, P.mask_offset, DOMAIN_EXPERT_MASKING,
-                                         base + (u64)e);
-                if (u < P.mask_rate) {
-                    masked |= 1u << i;
-                    ukey[i] = rank_key(u, (u32)e);  // largest u first, ties lower index
-                } else {
-                    unmasked += 1;
-                }
-            }
-        }
+        int unmasked;
+        masked = expert_mask_draw<NT>(P.mask_seed, P.mask_offset, P.mask_rate, (u64)t, E, tid,
+                                      ukey, unmasked);
         int total = GroupReduce<NT>::sum_int(unmasked, scratch);
         u32 used = 0;
         for (int r = total; r < k; ++r) {
@@ -330,7 +285,7 @@ template <typename T, bool REPLAY>
 __device__ __forceinline__ void fwd_warp(const T* logits, const float* bias, const int* idx_in,
                                          const GatingParams& P, float* weights, int* indices) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int t = blockIdx.x * WARP_TOKENS_PER_BLOCK + warp;
+    const int t = blockIdx.x * WARP_GROUPS_PER_BLOCK + warp;
     if (t >= P.num_tokens) return;  // warp-uniform
     fwd_token<32, T, REPLAY>(logits, bias, idx_in, P, t, lane, nullptr, weights, indices);
 }
@@ -347,11 +302,11 @@ __device__ __forceinline__ void fwd_block(const T* logits, const float* bias, co
 template <typename T>
 __device__ __forceinline__ void bwd_warp(const T* logits, const int* idx_in, const float* grad_w,
                                          const GatingParams& P, T* grad_logits) {
-    __shared__ int s_idx[WARP_TOKENS_PER_BLOCK][MAX_TOPK];
-    __shared__ float s_val[WARP_TOKENS_PER_BLOCK][MAX_TOPK];
-    __shared__ float s_dot[WARP_TOKENS_PER_BLOCK];
+    __shared__ int s_idx[WARP_GROUPS_PER_BLOCK][MAX_TOPK];
+    __shared__ float s_val[WARP_GROUPS_PER_BLOCK][MAX_TOPK];
+    __shared__ float s_dot[WARP_GROUPS_PER_BLOCK];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int t = blockIdx.x * WARP_TOKENS_PER_BLOCK + warp;
+    const int t = blockIdx.x * WARP_GROUPS_PER_BLOCK + warp;
     if (t >= P.num_tokens) return;
     bwd_token<32, T>(logits, idx_in, grad_w, P, t, lane, nullptr, s_idx[warp], s_val[warp],
                      &s_dot[warp], grad_logits);

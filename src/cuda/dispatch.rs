@@ -22,6 +22,7 @@
 //! untrusted.
 
 use super::borrow;
+use super::kernels::abi::dispatch::*; // POLICY_*, LAYOUT_*: the codes the kernels read
 use super::{CudaBackend, CudaView, CudaViewMut};
 use crate::error::{Error, Result};
 use crate::ops::{check_len, dispatch_max_rows, DispatchConfig, DispatchLayout, DropPolicy};
@@ -41,7 +42,8 @@ const MAX_HIST: usize = 1 << 22;
 /// Grid-stride loops: at most this many blocks per launch.
 const MAX_BLOCKS: usize = 1 << 16;
 
-/// Kernel parameters; must match `struct DispatchParams` in `cuda/dispatch.cu`.
+/// Kernel parameters: `struct DispatchParams` of `cuda/dispatch.cu`, field for field
+/// (build.rs fails the build when the two disagree).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DispatchParams {
@@ -211,16 +213,16 @@ pub fn dispatch_cuda(
         });
     }
     let (capacity, layout, align) = match cfg.layout {
-        DispatchLayout::PadToCapacity => (cfg.capacity.map_or(-1, |c| c as i32), 0, 1),
-        DispatchLayout::Compact => (cfg.capacity.map_or(-1, |c| c as i32), 1, 1),
-        DispatchLayout::Dropless { align } => (-1, 2, align as i32),
+        DispatchLayout::PadToCapacity => (cfg.capacity.map_or(-1, |c| c as i32), LAYOUT_PAD, 1),
+        DispatchLayout::Compact => (cfg.capacity.map_or(-1, |c| c as i32), LAYOUT_COMPACT, 1),
+        DispatchLayout::Dropless { align } => (-1, LAYOUT_DROPLESS, align as i32),
     };
     let (policy, seed, offset) = match cfg.effective_drop_policy() {
-        DropPolicy::Position => (0, 0, 0),
-        DropPolicy::ChoiceThenPosition => (1, 0, 0),
-        DropPolicy::Probs => (2, 0, 0),
-        DropPolicy::BatchPrioritized => (3, 0, 0),
-        DropPolicy::Random { seed, offset } => (4, seed, offset),
+        DropPolicy::Position => (POLICY_POSITION, 0, 0),
+        DropPolicy::ChoiceThenPosition => (POLICY_CHOICE_THEN_POSITION, 0, 0),
+        DropPolicy::Probs => (POLICY_PROBS, 0, 0),
+        DropPolicy::BatchPrioritized => (POLICY_BATCH_PRIORITIZED, 0, 0),
+        DropPolicy::Random { seed, offset } => (POLICY_RANDOM, seed, offset),
     };
     let smem = e <= SMEM_EXPERTS;
     let p = DispatchParams {

@@ -20,11 +20,12 @@ const OP_DROP: &str = "assignment_dropout";
 const OP_DROP_BWD: &str = "assignment_dropout_backward";
 
 /// Largest `num_experts` the expert-masking kernel takes.
-pub const DROPOUT_CUDA_MAX_EXPERTS: usize = 2048;
-const WARP_MAX_EXPERTS: usize = 256;
-const WARP_GROUPS_PER_BLOCK: u32 = 4;
+pub const DROPOUT_CUDA_MAX_EXPERTS: usize = super::kernels::abi::common::MAX_EXPERTS;
+const WARP_MAX_EXPERTS: usize = super::kernels::abi::common::WARP_MAX_EXPERTS;
+const WARP_GROUPS_PER_BLOCK: u32 = super::kernels::abi::common::WARP_GROUPS_PER_BLOCK;
 
-/// Kernel parameters; must match `struct DropoutParams` in `cuda/dropout.cu`.
+/// Kernel parameters: `struct DropoutParams` of `cuda/dropout.cu`, field for field
+/// (build.rs fails the build when the two disagree).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DropoutParams {

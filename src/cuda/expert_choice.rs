@@ -31,7 +31,7 @@ const MODULE: &str = "expert_choice";
 const OP: &str = "expert_choice";
 
 /// Tokens (warps) per block of the softmax and backward kernels.
-const WARPS: usize = 8;
+const WARPS: usize = super::kernels::abi::expert_choice::EC_WARPS;
 /// Grid-stride loops: at most this many blocks per launch.
 const MAX_BLOCKS: usize = 1 << 16;
 

@@ -36,14 +36,15 @@ const SEQ_OP: &str = "seq_aux_loss";
 const Z_OP: &str = "z_loss";
 
 /// Largest `num_experts` the loss kernels take.
-pub const LOSSES_CUDA_MAX_EXPERTS: usize = 2048;
-const WARP_MAX_EXPERTS: usize = 256;
-const WARP_GROUPS_PER_BLOCK: u32 = 4;
+pub const LOSSES_CUDA_MAX_EXPERTS: usize = super::kernels::abi::common::MAX_EXPERTS;
+const WARP_MAX_EXPERTS: usize = super::kernels::abi::common::WARP_MAX_EXPERTS;
+const WARP_GROUPS_PER_BLOCK: u32 = super::kernels::abi::common::WARP_GROUPS_PER_BLOCK;
 /// Workspace rows (chunks of tokens) the forward aims for: enough blocks to fill a
 /// GPU, few enough that the reduction over rows stays cheap.
 const TARGET_ROWS: usize = 2048;
 
-/// Kernel parameters; must match `struct LossParams` in `cuda/losses.cu`.
+/// Kernel parameters: `struct LossParams` of `cuda/losses.cu`, field for field
+/// (build.rs fails the build when the two disagree).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LossParams {

@@ -32,11 +32,11 @@ const OP_PERMUTE_BACKWARD: &str = "permute_backward";
 const OP_UNPERMUTE: &str = "unpermute";
 const OP_UNPERMUTE_BACKWARD: &str = "unpermute_backward";
 
-const THREADS: u32 = 256;
+const THREADS: u32 = super::kernels::abi::permute::PERMUTE_THREADS;
 /// Grid-stride loops: at most this many blocks per launch.
 const MAX_BLOCKS: u64 = 1 << 16;
 /// Warps (assignments in flight) per block of the `grad_weights` kernel.
-const GRAD_W_WARPS: u64 = 4;
+const GRAD_W_WARPS: u64 = super::kernels::abi::permute::GRAD_W_WARPS;
 
 /// `Err(Shape)` unless `got == a * b` (compared without overflow).
 fn check_len2(

@@ -20,13 +20,14 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 const OP: &str = "router_stats";
 const MODULE: &str = "router_stats";
 /// Largest `num_experts` the kernels take.
-pub const ROUTER_STATS_CUDA_MAX_EXPERTS: usize = 2048;
-const WARP_MAX_EXPERTS: usize = 256;
-const WARP_GROUPS_PER_BLOCK: u32 = 4;
+pub const ROUTER_STATS_CUDA_MAX_EXPERTS: usize = super::kernels::abi::common::MAX_EXPERTS;
+const WARP_MAX_EXPERTS: usize = super::kernels::abi::common::WARP_MAX_EXPERTS;
+const WARP_GROUPS_PER_BLOCK: u32 = super::kernels::abi::common::WARP_GROUPS_PER_BLOCK;
 const TARGET_ROWS: usize = 2048;
-const ROW: usize = 6;
+const ROW: usize = super::kernels::abi::router_stats::ROW;
 
-/// Kernel parameters; must match `struct StatsParams` in `cuda/router_stats.cu`.
+/// Kernel parameters: `struct StatsParams` of `cuda/router_stats.cu`, field for field
+/// (build.rs fails the build when the two disagree).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StatsParams {

@@ -24,14 +24,15 @@ const OP: &str = "topk_gating";
 const MODULE: &str = "topk_gating";
 
 /// Largest `num_experts` the kernels take (one 256-thread block, 8 experts a thread).
-pub const CUDA_MAX_EXPERTS: usize = 2048;
+pub const CUDA_MAX_EXPERTS: usize = super::kernels::abi::common::MAX_EXPERTS;
 /// Largest `topk` the kernels take (one warp finishes the weights).
-pub const CUDA_MAX_TOPK: usize = 32;
+pub const CUDA_MAX_TOPK: usize = super::kernels::abi::topk_gating::MAX_TOPK;
 /// Up to this many experts a token is handled by one warp.
-const WARP_MAX_EXPERTS: usize = 256;
-const WARP_TOKENS_PER_BLOCK: u32 = 4;
+const WARP_MAX_EXPERTS: usize = super::kernels::abi::common::WARP_MAX_EXPERTS;
+const WARP_TOKENS_PER_BLOCK: u32 = super::kernels::abi::common::WARP_GROUPS_PER_BLOCK;
 
-/// Kernel parameters; must match `struct GatingParams` in `cuda/topk_gating.cu`.
+/// Kernel parameters: `struct GatingParams` of `cuda/topk_gating.cu`, field for field
+/// (build.rs fails the build when the two disagree).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GatingParams {
