@@ -10,6 +10,7 @@ the median), and throughput computed from the median (elements/s or GB/s).
 checkout); `--relative-to PREFIX` adds a column with each byte throughput as a
 percentage of the first benchmark whose id starts with PREFIX (the memcpy baseline).
 """
+
 import argparse
 import json
 import pathlib

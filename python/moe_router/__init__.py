@@ -14,7 +14,7 @@ layers ``TopKRouter`` and ``MoELayer`` live in :mod:`moe_router.modules`.
 """
 
 from . import _native
-from . import ops
+from . import ops  # noqa: F401  (registers the torch.ops.moe_router custom ops)
 from .functional import (
     DROP_POLICIES,
     LAYOUTS,

@@ -54,7 +54,6 @@ import torch
 from torch import Tensor
 
 from . import _native
-from . import ops as _ops
 
 __all__ = [
     "topk_gating",
@@ -122,9 +121,7 @@ def _tensor(
             f"valid dtypes are {_dtype_names(dtypes)}{hint}"
         )
     if t.layout != torch.strided:
-        raise TypeError(
-            f"moe_router.{op}: `{name}` has layout {t.layout}; pass a dense tensor (`{name}.to_dense()`)"
-        )
+        raise TypeError(f"moe_router.{op}: `{name}` has layout {t.layout}; pass a dense tensor (`{name}.to_dense()`)")
     if t.is_nested:
         raise TypeError(f"moe_router.{op}: `{name}` is a nested tensor; pass a dense {ndim}-D tensor {dims}")
     if t.dim() != ndim:
@@ -310,9 +307,7 @@ def topk_gating(
     if num_groups is not None:
         _int(op, "num_groups", num_groups, 1, e, valid=f"in [1, num_experts] = [1, {e}] and divide num_experts")
         if e % num_groups != 0:
-            raise ValueError(
-                f"moe_router.{op}: invalid `num_groups` = {num_groups}: it must divide num_experts = {e}"
-            )
+            raise ValueError(f"moe_router.{op}: invalid `num_groups` = {num_groups}: it must divide num_experts = {e}")
         _int(op, "group_topk", group_topk, 1, num_groups, valid=f"in [1, num_groups] = [1, {num_groups}]")
         if group_topk > topk:
             raise ValueError(
@@ -411,7 +406,14 @@ def capacity(
     op = "capacity"
     _int(op, "num_tokens", num_tokens, 0)
     _int(op, "num_experts", num_experts, 1)
-    _int(op, "topk", topk, 1, num_experts, valid=f"in [1, num_experts] = [1, {num_experts}]: a token cannot pick an expert twice")
+    _int(
+        op,
+        "topk",
+        topk,
+        1,
+        num_experts,
+        valid=f"in [1, num_experts] = [1, {num_experts}]: a token cannot pick an expert twice",
+    )
     capacity_factor = _float(op, "capacity_factor", capacity_factor, 0.0, lo_open=True, valid="finite and > 0")
     _int(op, "min_capacity", min_capacity, 0)
     _opt_int(op, "capacity_multiple", capacity_multiple, 1)
@@ -516,7 +518,8 @@ def dispatch(
         capacity: assignments an expert keeps (see :func:`capacity`); ``None`` keeps all.
             Required by ``layout="pad_to_capacity"``; not allowed with ``"dropless"``.
         drop_policy: which assignments an over-full expert keeps (a lower key is kept
-            first; needs a ``capacity``; ``None`` means ``"position"`` with one): ``"position"`` key ``t``; ``"choice_then_position"`` key ``(j, t)``;
+            first; needs a ``capacity``; ``None`` means ``"position"`` with one):
+            ``"position"`` key ``t``; ``"choice_then_position"`` key ``(j, t)``;
             ``"probs"`` key ``(-w, t)``; ``"batch_prioritized"`` key ``(-max_j w[t, j], t)``;
             ``"random"`` key ``(u(seed, offset, t), t)``.
         layout: ``"compact"`` (``sum(kept)`` rows, ``row = expert_offsets[e] + slot``),
@@ -1078,8 +1081,12 @@ def warmup(device=None) -> int:
         RuntimeError: no usable CUDA device or NVRTC.
     """
     op = "warmup"
-    dev = torch.device("cuda") if device is None else torch.device(device) if not isinstance(device, int) else (
-        torch.device("cuda", device)
+    dev = (
+        torch.device("cuda")
+        if device is None
+        else torch.device(device)
+        if not isinstance(device, int)
+        else (torch.device("cuda", device))
     )
     if dev.type != "cuda":
         raise ValueError(f"moe_router.{op}: invalid `device` = {device!r}: warmup is for CUDA devices")

@@ -1,7 +1,8 @@
 """torch.library custom ops of moe_router (namespace ``moe_router::``).
 
 Every op here is one call into ``moe_router._native`` (the Rust core: the CPU reference
-for CPU tensors, the CUDA kernels for CUDA tensors) registered with :func:`torch.library.custom_op`, a shapes-only fake kernel
+for CPU tensors, the CUDA kernels for CUDA tensors) registered with
+:func:`torch.library.custom_op`, a shapes-only fake kernel
 (:func:`torch.library.register_fake`, so ``torch.compile(fullgraph=True)`` traces
 through without a graph break) and, where it has a gradient, an autograd formula
 (:func:`torch.library.register_autograd`) whose backward calls this package's own
@@ -126,9 +127,7 @@ def _u64(v: int) -> int:
 # Shapes that the fake kernels and the functional layer share.
 
 
-def dispatch_max_rows(
-    num_tokens, topk: int, num_experts: int, capacity: Optional[int], layout: str, align: int
-):
+def dispatch_max_rows(num_tokens, topk: int, num_experts: int, capacity: Optional[int], layout: str, align: int):
     """Rows of the dispatch buffer (length of ``row_to_token``), a function of sizes and
     options only, so it is known without looking at the routing:
 
@@ -418,7 +417,9 @@ def expert_choice_backward(logits: Tensor, row: Tensor, grad_weights: Tensor) ->
     _device(op, logits=logits, row=row, grad_weights=grad_weights)
     logits = logits.contiguous()
     grad_logits = torch.empty_like(logits)
-    _native.expert_choice_backward(logits, _i32(op, "row", row), grad_weights.to(torch.float32).contiguous(), grad_logits)
+    _native.expert_choice_backward(
+        logits, _i32(op, "row", row), grad_weights.to(torch.float32).contiguous(), grad_logits
+    )
     return grad_logits
 
 

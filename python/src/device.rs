@@ -151,24 +151,27 @@ pub(crate) fn launch(
 /// primary context to the calling thread; without the guard, an op on `cuda:1` would
 /// leave that context current and PyTorch's next runtime call on this thread would run
 /// on device 1 while `torch.cuda.current_device()` still says 0.
-struct ContextGuard(Option<cudarc::driver::sys::CUcontext>);
+/// `None`: no driver (nothing was or can be made current, and cudarc's loader must not
+/// be touched: it panics without libcuda); `Some(prev)`: the context to put back.
+struct ContextGuard(Option<Option<cudarc::driver::sys::CUcontext>>);
 
 impl ContextGuard {
     fn save(op: &str) -> PyResult<Self> {
-        // Before any backend exists libcuda may not be loaded: then there is nothing to
-        // restore (`get_current` would load it; a missing driver is the backend's error).
+        // `device_available` loads libcuda without panicking; without a device the
+        // backend's own error follows and there is nothing to restore.
         if !moe_router::cuda::device_available() {
             return Ok(ContextGuard(None));
         }
         cudarc::driver::result::ctx::get_current()
-            .map(ContextGuard)
+            .map(|c| ContextGuard(Some(c)))
             .map_err(|e| PyRuntimeError::new_err(format!("moe_router.{op}: cuCtxGetCurrent failed: {e}")))
     }
 }
 
 impl Drop for ContextGuard {
     fn drop(&mut self) {
-        let prev = self.0.unwrap_or(std::ptr::null_mut());
+        let Some(prev) = self.0 else { return };
+        let prev = prev.unwrap_or(std::ptr::null_mut());
         // Nothing to undo if the thread had no context and still has none, or had this one.
         if matches!(cudarc::driver::result::ctx::get_current(), Ok(cur) if cur.unwrap_or(std::ptr::null_mut()) == prev) {
             return;

@@ -37,8 +37,12 @@ CASES = [
     ("gating/topk-bool", lambda: mr.topk_gating(Z, True), TypeError, "topk"),
     ("gating/score-fn", lambda: mr.topk_gating(Z, K, score_function="relu"), ValueError, "score_function"),
     ("gating/pre-softmax-type", lambda: mr.topk_gating(Z, K, pre_softmax=1), TypeError, "pre_softmax"),
-    ("gating/pre-softmax-sigmoid", lambda: mr.topk_gating(Z, K, score_function="sigmoid", pre_softmax=True),
-     ValueError, "pre_softmax"),
+    (
+        "gating/pre-softmax-sigmoid",
+        lambda: mr.topk_gating(Z, K, score_function="sigmoid", pre_softmax=True),
+        ValueError,
+        "pre_softmax",
+    ),
     ("gating/normalize-type", lambda: mr.topk_gating(Z, K, normalize="yes"), TypeError, "normalize"),
     ("gating/groups-half", lambda: mr.topk_gating(Z, K, num_groups=2), ValueError, "group_topk"),
     ("gating/groups-divide", lambda: mr.topk_gating(Z, K, num_groups=3, group_topk=1), ValueError, "num_groups"),
@@ -48,10 +52,18 @@ CASES = [
     ("gating/bias-len", lambda: mr.topk_gating(Z, K, expert_bias=torch.zeros(E - 1)), ValueError, "expert_bias"),
     ("gating/bias-dtype", lambda: mr.topk_gating(Z, K, expert_bias=torch.zeros(E).half()), TypeError, "expert_bias"),
     ("gating/bias-2d", lambda: mr.topk_gating(Z, K, expert_bias=torch.zeros(1, E)), ValueError, "expert_bias"),
-    ("gating/bias-device", lambda: mr.topk_gating(Z, K, expert_bias=torch.zeros(E, device=META)), ValueError,
-     "expert_bias"),
-    ("gating/bias-nan", lambda: mr.topk_gating(Z, K, expert_bias=torch.full((E,), math.nan)), ValueError,
-     "expert_bias"),
+    (
+        "gating/bias-device",
+        lambda: mr.topk_gating(Z, K, expert_bias=torch.zeros(E, device=META)),
+        ValueError,
+        "expert_bias",
+    ),
+    (
+        "gating/bias-nan",
+        lambda: mr.topk_gating(Z, K, expert_bias=torch.full((E,), math.nan)),
+        ValueError,
+        "expert_bias",
+    ),
     ("gating/scaling-inf", lambda: mr.topk_gating(Z, K, scaling_factor=math.inf), ValueError, "scaling_factor"),
     ("gating/scaling-nan", lambda: mr.topk_gating(Z, K, scaling_factor=math.nan), ValueError, "scaling_factor"),
     ("gating/noise-neg", lambda: mr.topk_gating(Z, K, noise_std=-1.0), ValueError, "noise_std"),
@@ -68,8 +80,12 @@ CASES = [
     ("replay/indices-neg", lambda: mr.topk_gating_replay(Z, IDX - 1), ValueError, "indices"),
     ("replay/indices-repeat", lambda: mr.topk_gating_replay(Z, IDX[:, :1].repeat(1, 2)), ValueError, "indices"),
     ("replay/indices-int64-overflow", lambda: mr.topk_gating_replay(Z, IDX + 2**32), ValueError, "indices"),
-    ("replay/pre-softmax-sigmoid", lambda: mr.topk_gating_replay(Z, IDX, score_function="sigmoid", pre_softmax=True),
-     ValueError, "pre_softmax"),
+    (
+        "replay/pre-softmax-sigmoid",
+        lambda: mr.topk_gating_replay(Z, IDX, score_function="sigmoid", pre_softmax=True),
+        ValueError,
+        "pre_softmax",
+    ),
     ("replay/indices-device", lambda: mr.topk_gating_replay(Z, IDX.to(META)), ValueError, "indices"),
     # capacity
     ("capacity/factor-0", lambda: mr.capacity(8, 4, 2, 0.0), ValueError, "capacity_factor"),
@@ -92,16 +108,23 @@ CASES = [
     ("dispatch/policy", lambda: mr.dispatch(IDX, W, E, capacity=2, drop_policy="lifo"), ValueError, "drop_policy"),
     ("dispatch/layout", lambda: mr.dispatch(IDX, W, E, layout="sparse"), ValueError, "layout"),
     ("dispatch/pad-no-capacity", lambda: mr.dispatch(IDX, W, E, layout="pad_to_capacity"), ValueError, "capacity"),
-    ("dispatch/dropless-capacity", lambda: mr.dispatch(IDX, W, E, capacity=2, layout="dropless"), ValueError,
-     "capacity"),
+    (
+        "dispatch/dropless-capacity",
+        lambda: mr.dispatch(IDX, W, E, capacity=2, layout="dropless"),
+        ValueError,
+        "capacity",
+    ),
     ("dispatch/align-0", lambda: mr.dispatch(IDX, W, E, layout="dropless", align=0), ValueError, "align"),
     ("dispatch/align-compact", lambda: mr.dispatch(IDX, W, E, capacity=2, align=4), ValueError, "align"),
     ("dispatch/ep-size", lambda: mr.dispatch(IDX, W, E, capacity=2, ep_size=3), ValueError, "ep_size"),
-    ("dispatch/renormalize-type", lambda: mr.dispatch(IDX, W, E, capacity=2, renormalize=None), TypeError,
-     "renormalize"),
+    (
+        "dispatch/renormalize-type",
+        lambda: mr.dispatch(IDX, W, E, capacity=2, renormalize=None),
+        TypeError,
+        "renormalize",
+    ),
     ("dispatch/indices-range", lambda: mr.dispatch(IDX, W, 4, capacity=2), ValueError, "indices"),
-    ("dispatch/indices-repeat", lambda: mr.dispatch(IDX[:, :1].repeat(1, 2), W, E, capacity=2), ValueError,
-     "indices"),
+    ("dispatch/indices-repeat", lambda: mr.dispatch(IDX[:, :1].repeat(1, 2), W, E, capacity=2), ValueError, "indices"),
     # expert_choice
     ("expert_choice/logits-f64", lambda: mr.expert_choice(Z.double(), 2), TypeError, "logits"),
     ("expert_choice/capacity-neg", lambda: mr.expert_choice(Z, -1), ValueError, "capacity"),
@@ -115,33 +138,53 @@ CASES = [
     ("permute/token-range", lambda: mr.permute(X, R2T + T, ROW), ValueError, "row_to_token"),
     ("unpermute/y-int", lambda: mr.unpermute(X.int(), ROW, W), TypeError, "y"),
     ("unpermute/weights-bf16", lambda: mr.unpermute(torch.randn(T * K, 4), ROW, W.bfloat16()), TypeError, "weights"),
-    ("unpermute/weights-shape", lambda: mr.unpermute(torch.randn(T * K, 4), ROW, W[:, :1].contiguous()), ValueError, "weights"),
-    ("unpermute/row-1d", lambda: mr.unpermute(torch.randn(T * K, 4), ROW[:, 0].contiguous(), W[:, 0].contiguous()), ValueError, "row"),
+    (
+        "unpermute/weights-shape",
+        lambda: mr.unpermute(torch.randn(T * K, 4), ROW, W[:, :1].contiguous()),
+        ValueError,
+        "weights",
+    ),
+    (
+        "unpermute/row-1d",
+        lambda: mr.unpermute(torch.randn(T * K, 4), ROW[:, 0].contiguous(), W[:, 0].contiguous()),
+        ValueError,
+        "row",
+    ),
     ("unpermute/row-range", lambda: mr.unpermute(torch.randn(T * K, 4), ROW + 1, W), ValueError, "row"),
     # losses
     ("aux/topk-0", lambda: mr.aux_loss(Z, 0), ValueError, "topk"),
     ("aux/score-fn", lambda: mr.aux_loss(Z, K, score_function="tanh"), ValueError, "score_function"),
     ("aux/coeff-nan", lambda: mr.aux_loss(Z, K, coeff=math.nan), ValueError, "coeff"),
     ("aux/logits-f64", lambda: mr.aux_loss(Z.double(), K), TypeError, "logits"),
-    ("aux/mask-int", lambda: mr.aux_loss(Z, K, padding_mask=torch.zeros(T, dtype=torch.int64)), TypeError,
-     "padding_mask"),
-    ("aux/mask-len", lambda: mr.aux_loss(Z, K, padding_mask=torch.zeros(T + 1, dtype=torch.bool)), ValueError,
-     "padding_mask"),
-    ("aux/mask-device", lambda: mr.aux_loss(Z, K, padding_mask=torch.zeros(T, dtype=torch.bool, device=META)),
-     ValueError, "padding_mask"),
+    (
+        "aux/mask-int",
+        lambda: mr.aux_loss(Z, K, padding_mask=torch.zeros(T, dtype=torch.int64)),
+        TypeError,
+        "padding_mask",
+    ),
+    (
+        "aux/mask-len",
+        lambda: mr.aux_loss(Z, K, padding_mask=torch.zeros(T + 1, dtype=torch.bool)),
+        ValueError,
+        "padding_mask",
+    ),
+    (
+        "aux/mask-device",
+        lambda: mr.aux_loss(Z, K, padding_mask=torch.zeros(T, dtype=torch.bool, device=META)),
+        ValueError,
+        "padding_mask",
+    ),
     ("aux/counts-float", lambda: mr.aux_loss(Z, K, counts=torch.ones(E)), TypeError, "counts"),
     ("aux/counts-len", lambda: mr.aux_loss(Z, K, counts=torch.ones(E - 1, dtype=torch.int64)), ValueError, "counts"),
     ("aux/counts-neg", lambda: mr.aux_loss(Z, K, counts=-torch.ones(E, dtype=torch.int64)), ValueError, "count"),
     ("aux/total-neg", lambda: mr.aux_loss(Z, K, total_tokens=-1), ValueError, "total_tokens"),
     ("aux/total-0", lambda: mr.aux_loss(Z, K, total_tokens=0), ValueError, "total_tokens"),
-    ("aux/total-float-tensor", lambda: mr.aux_loss(Z, K, total_tokens=torch.tensor(3.0)), TypeError,
-     "total_tokens"),
+    ("aux/total-float-tensor", lambda: mr.aux_loss(Z, K, total_tokens=torch.tensor(3.0)), TypeError, "total_tokens"),
     ("seq_aux/seq-len-0", lambda: mr.seq_aux_loss(Z, K, 0), ValueError, "seq_len"),
     ("seq_aux/seq-len-divide", lambda: mr.seq_aux_loss(Z, K, 4), ValueError, "seq_len"),
     ("z/coeff-inf", lambda: mr.z_loss(Z, coeff=math.inf), ValueError, "coeff"),
     ("z/logits-1d", lambda: mr.z_loss(Z[0]), ValueError, "logits"),
-    ("z/mask-2d", lambda: mr.z_loss(Z, padding_mask=torch.zeros(T, 1, dtype=torch.bool)), ValueError,
-     "padding_mask"),
+    ("z/mask-2d", lambda: mr.z_loss(Z, padding_mask=torch.zeros(T, 1, dtype=torch.bool)), ValueError, "padding_mask"),
     # dropout
     ("expert_mask/rate-1", lambda: mr.expert_mask(T, E, K, 1.0), ValueError, "rate"),
     ("expert_mask/rate-neg", lambda: mr.expert_mask(T, E, K, -0.5), ValueError, "rate"),
@@ -151,13 +194,25 @@ CASES = [
     ("dropout/weights-f16", lambda: mr.assignment_dropout(IDX, W.half(), 0.1, num_experts=E), TypeError, "weights"),
     ("dropout/indices-range", lambda: mr.assignment_dropout(IDX, W, 0.1, num_experts=4), ValueError, "indices"),
     # bias
-    ("bias/bias-f16", lambda: mr.update_expert_bias(torch.zeros(E).half(), torch.ones(E, dtype=torch.int64), 0.1),
-     TypeError, "bias"),
-    ("bias/counts-len", lambda: mr.update_expert_bias(torch.zeros(E), torch.ones(E + 1, dtype=torch.int64), 0.1),
-     ValueError, "counts"),
+    (
+        "bias/bias-f16",
+        lambda: mr.update_expert_bias(torch.zeros(E).half(), torch.ones(E, dtype=torch.int64), 0.1),
+        TypeError,
+        "bias",
+    ),
+    (
+        "bias/counts-len",
+        lambda: mr.update_expert_bias(torch.zeros(E), torch.ones(E + 1, dtype=torch.int64), 0.1),
+        ValueError,
+        "counts",
+    ),
     ("bias/counts-float", lambda: mr.update_expert_bias(torch.zeros(E), torch.ones(E), 0.1), TypeError, "counts"),
-    ("bias/rate-nan", lambda: mr.update_expert_bias(torch.zeros(E), torch.ones(E, dtype=torch.int64), math.nan),
-     ValueError, "rate"),
+    (
+        "bias/rate-nan",
+        lambda: mr.update_expert_bias(torch.zeros(E), torch.ones(E, dtype=torch.int64), math.nan),
+        ValueError,
+        "rate",
+    ),
     # stats
     ("stats/indices-rows", lambda: mr.router_stats(Z, IDX[:-1]), ValueError, "indices"),
     ("stats/slot-shape", lambda: mr.router_stats(Z, IDX, slot=IDX[:, :1]), ValueError, "slot"),
@@ -182,7 +237,8 @@ STRIDED = [
     ("dispatch/indices-strided", lambda f: mr.dispatch(f(IDX.t().contiguous().t()), W, E, capacity=2)),
     ("permute/x-strided", lambda f: mr.permute(f(X.t().contiguous().t()), R2T, ROW)),
     ("bias/bias-strided",
-     lambda f: mr.update_expert_bias(f(torch.arange(2 * E, dtype=torch.float32)[::2]), torch.ones(E, dtype=torch.int64), 0.1)),
+     lambda f: mr.update_expert_bias(
+         f(torch.arange(2 * E, dtype=torch.float32)[::2]), torch.ones(E, dtype=torch.int64), 0.1)),
     ("z_loss/logits-transposed", lambda f: mr.z_loss(f(torch.randn(E, T, generator=_g()).t()))),
 ]  # fmt: skip
 
@@ -235,8 +291,14 @@ def test_sparse_and_nested_tensors_are_type_errors(thunk):
 @pytest.mark.parametrize(
     "thunk, needle",
     [
-        (lambda: mr.expert_mask(2**31, 2, 1, 0.5), r"num_tokens \* num_experts = 4294967296 overflows"),  # was a 4 GB zero-fill first
-        (lambda: mr.expert_choice(torch.randn(4, 8), 2**28), r"num_experts \* capacity = 2147483648 overflows"),  # was a 16 GB allocation
+        (
+            lambda: mr.expert_mask(2**31, 2, 1, 0.5),
+            r"num_tokens \* num_experts = 4294967296 overflows",
+        ),  # was a 4 GB zero-fill first
+        (
+            lambda: mr.expert_choice(torch.randn(4, 8), 2**28),
+            r"num_experts \* capacity = 2147483648 overflows",
+        ),  # was a 16 GB allocation
     ],
 )
 def test_sizes_are_checked_before_any_allocation(thunk, needle):

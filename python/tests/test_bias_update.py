@@ -11,8 +11,6 @@ import moe_router as mr
 import reference as ref
 
 
-
-
 def test_update_expert_bias_in_place_matches_formula():
     bias = torch.tensor([0.0, 0.0, 0.0, 0.5, -0.25])
     counts = torch.tensor([1, 2, 3, 2, 2])  # mean 2

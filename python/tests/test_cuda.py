@@ -96,10 +96,16 @@ def test_topk_gating_cuda_matches_cpu(dtype, kw, t):
     w, i = mr.topk_gating(z.cuda(), K, **kw)
     _close(i, cpu_i)
     _close(w, cpu_w, torch.float32)
-    r = mr.topk_gating_replay(z.cuda(), i, **{k: v for k, v in kw.items() if k in ("score_function", "normalize",
-                                                                                    "scaling_factor", "pre_softmax")})
-    r_cpu = mr.topk_gating_replay(z, cpu_i, **{k: v for k, v in kw.items() if k in ("score_function", "normalize",
-                                                                                     "scaling_factor", "pre_softmax")})
+    r = mr.topk_gating_replay(
+        z.cuda(),
+        i,
+        **{k: v for k, v in kw.items() if k in ("score_function", "normalize", "scaling_factor", "pre_softmax")},
+    )
+    r_cpu = mr.topk_gating_replay(
+        z,
+        cpu_i,
+        **{k: v for k, v in kw.items() if k in ("score_function", "normalize", "scaling_factor", "pre_softmax")},
+    )
     _close(r, r_cpu)
 
 

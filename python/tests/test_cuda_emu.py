@@ -90,7 +90,9 @@ def emulator_device():
     # Only reached with MOE_ROUTER_EMU_TESTS=1 (the module is skipped otherwise): from here
     # on every problem is a failure, never a skip.
     if not hasattr(_native, "_emulate_cuda_on_cpu"):
-        pytest.fail("MOE_ROUTER_EMU_TESTS=1 but this moe_router._native is a stale install: rebuild it (`pip install ./python`)")
+        pytest.fail(
+            "MOE_ROUTER_EMU_TESTS=1 but this moe_router._native is a stale install: rebuild it (`pip install ./python`)"
+        )
     n = _native.cuda_device_count()
     if n <= 0:
         pytest.fail(f"MOE_ROUTER_EMU_TESTS=1 but no CUDA device is visible: {HOWTO}")
@@ -296,6 +298,7 @@ def test_dispatch(policy, layout, capacity, align, ep_size, t):
         # every output, the kept weights too, bit for bit
         for a, b, name in zip(got, cpu, DISPATCH_OUT):
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{what}: {name}"
+
         # the functional layer (int64 views, differentiable kept weights) with a gradient
         def fn():
             ww = w.clone().requires_grad_()
@@ -858,7 +861,11 @@ def test_opcheck_on_the_cuda_branch(name):
 # Last: every CUDA binding ran (only meaningful when the whole module ran).
 
 EVERY_OP = set(ops.NATIVE_OPS) - {
-    "capacity", "dispatch_max_rows", "expert_mask_len", "expert_choice_num_rows", "cuda_device_count"
+    "capacity",
+    "dispatch_max_rows",
+    "expert_mask_len",
+    "expert_choice_num_rows",
+    "cuda_device_count",
 }  # size functions: no device work
 
 

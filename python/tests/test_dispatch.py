@@ -118,7 +118,11 @@ def ref_dispatch(idx, w, e, *, capacity=None, policy="position", layout="compact
 
 def routing(t, k, e, *, seed, unrouted=0):
     g = torch.Generator().manual_seed(seed)
-    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.long)
+    idx = (
+        torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+        if t
+        else torch.zeros(0, k, dtype=torch.long)
+    )
     # weights on a coarse grid so that "probs" and "batch_prioritized" keys tie sometimes
     w = (torch.randint(1, 6, (t, k), generator=g).float() / 8.0) if t else torch.zeros(0, k)
     for n in range(unrouted):
@@ -337,7 +341,11 @@ def test_dispatch_max_rows_validates_like_dispatch(args, kw, exc, needle):
 
 @pytest.mark.parametrize(
     "args, kw, needle",
-    [((16, 8, 9, 1.0), {}, "topk"), ((10**6, 1, 1, 1e308), {}, "overflows"), ((10, 2, 1, float("inf")), {}, "capacity_factor")],
+    [
+        ((16, 8, 9, 1.0), {}, "topk"),
+        ((10**6, 1, 1, 1e308), {}, "overflows"),
+        ((10, 2, 1, float("inf")), {}, "capacity_factor"),
+    ],
 )
 def test_capacity_refuses_nonsense(args, kw, needle):
     with pytest.raises(ValueError, match=needle):

@@ -14,8 +14,6 @@ import reference as ref
 from conftest import assert_close_f32
 
 
-
-
 def test_reference_philox_matches_random123_known_answers():
     kat = [
         ([0, 0, 0, 0], (0, 0), [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),

@@ -230,20 +230,50 @@ def _native_calls():
     bias = torch.zeros(e)
     shared = torch.zeros(e, dtype=torch.int64)  # bias (its first half, as float32) over counts
     return [
-        ("mask/dtype", lambda: n.expert_mask(torch.empty(t, e, dtype=torch.uint8), topk=k, rate=0.5, seed=0, offset=0),
-         TypeError, "masked"),
-        ("mask/1d", lambda: n.expert_mask(torch.empty(e, dtype=torch.bool), topk=k, rate=0.5, seed=0, offset=0),
-         ValueError, "masked"),
-        ("mask/rate", lambda: n.expert_mask(torch.empty(t, e, dtype=torch.bool), topk=k, rate=1.0, seed=0, offset=0),
-         ValueError, "rate"),
-        ("mask/seed-neg", lambda: n.expert_mask(torch.empty(t, e, dtype=torch.bool), topk=k, rate=0.5, seed=-1,
-                                                offset=0), ValueError, "seed"),
-        ("mask/missing-opt", lambda: n.expert_mask(torch.empty(t, e, dtype=torch.bool), topk=k, rate=0.5, seed=0),
-         TypeError, "offset"),
-        ("mask/unknown-opt", lambda: n.expert_mask(torch.empty(t, e, dtype=torch.bool), topk=k, rate=0.5, seed=0,
-                                                   offset=0, device="cpu"), TypeError, "device"),
-        ("mask/not-a-tensor", lambda: n.expert_mask([[False]], topk=1, rate=0.5, seed=0, offset=0), TypeError,
-         "masked"),
+        (
+            "mask/dtype",
+            lambda: n.expert_mask(torch.empty(t, e, dtype=torch.uint8), topk=k, rate=0.5, seed=0, offset=0),
+            TypeError,
+            "masked",
+        ),
+        (
+            "mask/1d",
+            lambda: n.expert_mask(torch.empty(e, dtype=torch.bool), topk=k, rate=0.5, seed=0, offset=0),
+            ValueError,
+            "masked",
+        ),
+        (
+            "mask/rate",
+            lambda: n.expert_mask(torch.empty(t, e, dtype=torch.bool), topk=k, rate=1.0, seed=0, offset=0),
+            ValueError,
+            "rate",
+        ),
+        (
+            "mask/seed-neg",
+            lambda: n.expert_mask(torch.empty(t, e, dtype=torch.bool), topk=k, rate=0.5, seed=-1, offset=0),
+            ValueError,
+            "seed",
+        ),
+        (
+            "mask/missing-opt",
+            lambda: n.expert_mask(torch.empty(t, e, dtype=torch.bool), topk=k, rate=0.5, seed=0),
+            TypeError,
+            "offset",
+        ),
+        (
+            "mask/unknown-opt",
+            lambda: n.expert_mask(
+                torch.empty(t, e, dtype=torch.bool), topk=k, rate=0.5, seed=0, offset=0, device="cpu"
+            ),
+            TypeError,
+            "device",
+        ),
+        (
+            "mask/not-a-tensor",
+            lambda: n.expert_mask([[False]], topk=1, rate=0.5, seed=0, offset=0),
+            TypeError,
+            "masked",
+        ),
         ("drop/indices-i64", drop(indices=idx.long()), TypeError, "indices"),
         ("drop/weights-shape", drop(weights=w[:1]), ValueError, "weights"),
         ("drop/keep-dtype", drop(keep=torch.empty(t, k, dtype=torch.uint8)), TypeError, "keep"),
@@ -252,17 +282,38 @@ def _native_calls():
         ("drop/strided", drop(weights=torch.rand(t, 2 * k)[:, ::2]), ValueError, "contiguous"),
         ("drop/renormalize-str", drop(renormalize="yes"), TypeError, "renormalize"),
         ("drop/no-experts-opt", drop(num_experts=...), TypeError, "num_experts"),
-        ("drop-bwd/grad-shape", lambda: n.assignment_dropout_backward(idx, w, torch.ones(t, k, dtype=torch.bool),
-                                                                      w[:, :1], torch.empty(t, k), renormalize=False),
-         ValueError, "grad_out"),
-        ("bias/counts-i32", lambda: n.update_expert_bias(bias, torch.ones(e, dtype=torch.int32), rate=0.1), TypeError,
-         "counts"),
-        ("bias/counts-len", lambda: n.update_expert_bias(bias, torch.ones(e + 1, dtype=torch.int64), rate=0.1),
-         ValueError, "counts"),
-        ("bias/strided", lambda: n.update_expert_bias(torch.zeros(2 * e)[::2], torch.ones(e, dtype=torch.int64),
-                                                      rate=0.1), ValueError, "contiguous"),
-        ("bias/overlaps-counts", lambda: n.update_expert_bias(shared.view(torch.float32)[:e], shared[:e], rate=0.1),
-         ValueError, "overlaps"),
+        (
+            "drop-bwd/grad-shape",
+            lambda: n.assignment_dropout_backward(
+                idx, w, torch.ones(t, k, dtype=torch.bool), w[:, :1], torch.empty(t, k), renormalize=False
+            ),
+            ValueError,
+            "grad_out",
+        ),
+        (
+            "bias/counts-i32",
+            lambda: n.update_expert_bias(bias, torch.ones(e, dtype=torch.int32), rate=0.1),
+            TypeError,
+            "counts",
+        ),
+        (
+            "bias/counts-len",
+            lambda: n.update_expert_bias(bias, torch.ones(e + 1, dtype=torch.int64), rate=0.1),
+            ValueError,
+            "counts",
+        ),
+        (
+            "bias/strided",
+            lambda: n.update_expert_bias(torch.zeros(2 * e)[::2], torch.ones(e, dtype=torch.int64), rate=0.1),
+            ValueError,
+            "contiguous",
+        ),
+        (
+            "bias/overlaps-counts",
+            lambda: n.update_expert_bias(shared.view(torch.float32)[:e], shared[:e], rate=0.1),
+            ValueError,
+            "overlaps",
+        ),
         ("stats/logits-f64", stats(logits=z.double()), TypeError, "logits"),
         ("stats/indices-rows", stats(indices=idx[:-1]), ValueError, "indices"),
         ("stats/slots-shape", stats(slots=idx[:, :1]), ValueError, "slots"),
@@ -271,9 +322,14 @@ def _native_calls():
         ("stats/floats-f64", stats(floats=torch.empty(4, dtype=torch.float64)), TypeError, "floats"),
         ("stats/device-mix", stats(logits=z.to("meta")), ValueError, "logits"),
         ("stats/slots-list", stats(slots=[[0]]), TypeError, "slots"),
-        ("stats/strict-missing", lambda: n.router_stats(z, idx, *[torch.empty(e, dtype=torch.int64)] * 2,
-                                                        torch.empty(4, dtype=torch.int64), torch.empty(4)),
-         TypeError, "strict"),
+        (
+            "stats/strict-missing",
+            lambda: n.router_stats(
+                z, idx, *[torch.empty(e, dtype=torch.int64)] * 2, torch.empty(4, dtype=torch.int64), torch.empty(4)
+            ),
+            TypeError,
+            "strict",
+        ),
     ]
 
 

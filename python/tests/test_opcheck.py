@@ -11,6 +11,7 @@ import moe_router  # noqa: F401  (registers the ops)
 import reference as ref
 from moe_router import ops
 
+
 def _z(t, e, dtype=torch.float32, rg=True, seed=0):
     return ref.tie_free_logits(t, e, seed=seed, dtype=dtype).requires_grad_(rg)
 
@@ -61,7 +62,9 @@ def _samples():
         (_z(t, e), None, None, None, k, "softmax", 0.1),
         (_z(t, e, torch.bfloat16), mask, counts, torch.tensor(40), k, "sigmoid", 1.0),
     ]
-    s["aux_loss_backward"] = [(_z(t, e, rg=False), mask, counts, torch.tensor(40), k, "softmax", 0.1, torch.tensor(1.5))]
+    s["aux_loss_backward"] = [
+        (_z(t, e, rg=False), mask, counts, torch.tensor(40), k, "softmax", 0.1, torch.tensor(1.5))
+    ]
     s["seq_aux_loss"] = [(_z(t, e), None, 4, k, "softmax", 0.1), (_z(t, e, torch.float16), mask, 6, k, "sigmoid", 1.0)]
     s["seq_aux_loss_backward"] = [
         (_z(t, e, rg=False), None, torch.full((3, e), 1, dtype=torch.int64), 4, k, "softmax", 0.1, torch.tensor(2.0))
@@ -69,7 +72,10 @@ def _samples():
     s["z_loss"] = [(_z(t, e), None, 1e-3), (_z(t, e, torch.bfloat16), mask, 1.0)]
     s["z_loss_backward"] = [(_z(t, e, rg=False), mask, 0.5, torch.tensor(3.0))]
     s["expert_mask"] = [(t, e, k, 0.4, 3, 4, torch.device("cpu"))]
-    s["assignment_dropout"] = [(idx, w.clone().requires_grad_(), e, 0.5, 1, 2, True), (idx.long(), w, e, 0.0, 0, 0, False)]
+    s["assignment_dropout"] = [
+        (idx, w.clone().requires_grad_(), e, 0.5, 1, 2, True),
+        (idx.long(), w, e, 0.0, 0, 0, False),
+    ]
     s["assignment_dropout_backward"] = [(idx, w, torch.rand(t, k) > 0.5, True, torch.randn(t, k))]
     s["update_expert_bias"] = [(torch.zeros(e), counts, 0.01)]
     s["router_stats"] = [

@@ -17,7 +17,11 @@ def layout(t, k, e, *, seed, capacity, pad=True):
     expert e gets row e * capacity + (its rank among e's tokens) if that rank < capacity,
     else -1 (dropped). Returns row [t, k] int64, row_to_token [e * capacity] int64."""
     g = torch.Generator().manual_seed(seed)
-    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.long)
+    idx = (
+        torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+        if t
+        else torch.zeros(0, k, dtype=torch.long)
+    )
     row = torch.full((t, k), -1, dtype=torch.long)
     r2t = torch.full((e * capacity,), -1, dtype=torch.long)
     fill = [0] * e

@@ -15,8 +15,6 @@ from conftest import assert_close_f32, requires_cuda
 from test_dropout import _routing
 
 
-
-
 @pytest.mark.parametrize("with_slot", [False, True])
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -16,7 +16,12 @@ from conftest import FLOAT_DTYPES, assert_close_f32
 MODES = [
     ("softmax_post", dict(score_function="softmax"), 16, 2),
     ("softmax_pre", dict(score_function="softmax", pre_softmax=True), 16, 2),
-    ("softmax_pre_norm_scaled", dict(score_function="softmax", pre_softmax=True, normalize=True, scaling_factor=2.5), 32, 4),
+    (
+        "softmax_pre_norm_scaled",
+        dict(score_function="softmax", pre_softmax=True, normalize=True, scaling_factor=2.5),
+        32,
+        4,
+    ),
     ("sigmoid", dict(score_function="sigmoid"), 16, 1),
     ("sigmoid_norm_scaled", dict(score_function="sigmoid", normalize=True, scaling_factor=2.5), 32, 8),
     ("softmax_groups", dict(score_function="softmax", pre_softmax=True, num_groups=4, group_topk=2), 32, 4),
@@ -93,6 +98,7 @@ def test_gradcheck_through_float64_wrapper():
     z = ref.tie_free_logits(t, e, seed=2).double().requires_grad_()
     _, idx = mr.topk_gating(z.detach().float(), k, pre_softmax=True)
     for kw in (dict(pre_softmax=True, normalize=True), dict(), dict(score_function="sigmoid", scaling_factor=2.0)):
+
         def f(x):
             return mr.topk_gating_replay(x.float(), idx, **kw).double()
 

@@ -14,6 +14,7 @@ import reference as ref
 from conftest import assert_close_f32
 from test_aux_loss import _grads
 
+
 @pytest.mark.parametrize("scale", [1.0, 1000.0])
 def test_z_loss_value_gradient_and_stability(scale):
     t, e = 33, 16
@@ -26,6 +27,7 @@ def test_z_loss_value_gradient_and_stability(scale):
         assert torch.isfinite(lo)
         assert_close_f32(lo, lr, rtol=2e-6)
         assert_close_f32(go, gr, rtol=1e-5, atol=1e-8)
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_z_loss_of_a_plus_inf_logit_is_inf_like_torch_logsumexp(dtype):
