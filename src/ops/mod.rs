@@ -50,6 +50,115 @@ pub(crate) fn check_len(
     Ok(())
 }
 
+/// `logits [num_tokens, num_experts]`: `got` must be `num_tokens * num_experts`
+/// elements (a product beyond `usize` matches no buffer). `arg` names the buffer
+/// (`"logits"`, `"grad_logits"`).
+pub(crate) fn check_logits(
+    op: &'static str,
+    arg: &'static str,
+    got: usize,
+    num_tokens: usize,
+    num_experts: usize,
+) -> Result<()> {
+    let shape = format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]");
+    match num_tokens.checked_mul(num_experts) {
+        Some(n) => check_len(op, arg, got, n, shape),
+        None => Err(Error::shape(
+            op,
+            arg,
+            format!("{shape} (more elements than usize can count)"),
+            format!("{got} elements"),
+        )),
+    }
+}
+
+/// An optional `padding_mask [num_tokens]` of `len` elements.
+pub(crate) fn check_mask(op: &'static str, len: Option<usize>, num_tokens: usize) -> Result<()> {
+    match len {
+        Some(len) => check_len(
+            op,
+            "padding_mask",
+            len,
+            num_tokens,
+            format_args!("[num_tokens] = [{num_tokens}]"),
+        ),
+        None => Ok(()),
+    }
+}
+
+/// Router logits `[num_tokens, num_experts]` (row-major) with the tokens' optional
+/// `padding_mask [num_tokens]` (`true` = padding): the input of [`router_stats`] and
+/// of the loss backward passes ([`aux_loss_backward_into`],
+/// [`seq_aux_loss_backward_into`], [`z_loss_backward_into`]).
+///
+/// ```
+/// use moe_router::RouterLogits;
+///
+/// let z = [0.0f32; 2 * 4];
+/// let x = RouterLogits::new(&z, 2, 4).padding_mask(Some(&[false, true]));
+/// assert_eq!((x.num_tokens, x.num_experts), (2, 4));
+/// assert!(x.padding_mask.is_some());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouterLogits<'a, T> {
+    /// `[num_tokens, num_experts]`, row-major.
+    pub logits: &'a [T],
+    /// Tokens (rows).
+    pub num_tokens: usize,
+    /// Experts (columns).
+    pub num_experts: usize,
+    /// `[num_tokens]`: `true` = padding, excluded; `None`: every token is valid.
+    pub padding_mask: Option<&'a [bool]>,
+}
+
+impl<'a, T> RouterLogits<'a, T> {
+    /// `logits [num_tokens, num_experts]` without a padding mask.
+    pub fn new(logits: &'a [T], num_tokens: usize, num_experts: usize) -> Self {
+        RouterLogits {
+            logits,
+            num_tokens,
+            num_experts,
+            padding_mask: None,
+        }
+    }
+
+    /// Set (or, with `None`, clear) the padding mask.
+    pub fn padding_mask(mut self, padding_mask: Option<&'a [bool]>) -> Self {
+        self.padding_mask = padding_mask;
+        self
+    }
+
+    /// The element counts the validators check.
+    pub(crate) fn lens(&self) -> LogitsLens {
+        LogitsLens {
+            num_tokens: self.num_tokens,
+            num_experts: self.num_experts,
+            logits: self.logits.len(),
+            padding_mask: self.padding_mask.map(<[bool]>::len),
+        }
+    }
+}
+
+/// The sizes and element counts of a router-logits input (host slices, device views
+/// or raw device buffers alike): what the validators of the ops that take one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LogitsLens {
+    pub(crate) num_tokens: usize,
+    pub(crate) num_experts: usize,
+    /// Elements of `logits`.
+    pub(crate) logits: usize,
+    /// Elements of the padding mask, if one is given.
+    pub(crate) padding_mask: Option<usize>,
+}
+
+impl LogitsLens {
+    /// `logits` holds `[num_tokens, num_experts]`, the mask (if any) `[num_tokens]`.
+    pub(crate) fn check(&self, op: &'static str) -> Result<()> {
+        check_logits(op, "logits", self.logits, self.num_tokens, self.num_experts)?;
+        check_mask(op, self.padding_mask, self.num_tokens)
+    }
+}
+
 /// `a * b`, or [`Error::Overflow`] if it exceeds `i32::MAX` (row indices are `i32`).
 pub(crate) fn checked_i32_product(
     op: &'static str,

@@ -22,7 +22,7 @@
 
 use crate::cpu;
 use crate::error::{Error, Result};
-use crate::ops::{as_rows, as_vec, check_indices, check_len, DropoutConfig};
+use crate::ops::{as_rows, as_vec, check_indices, check_len, check_logits, DropoutConfig};
 use crate::RouterFloat;
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
@@ -236,24 +236,119 @@ impl TopkGatingConfig {
             m.validate(OP, "expert_masking")?;
         }
         if let Some(b) = expert_bias {
-            check_len(
-                OP,
-                "expert_bias",
-                b.len(),
-                num_experts,
-                format_args!("[num_experts] = [{num_experts}]"),
-            )?;
-            if let Some((e, v)) = b.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(Error::invalid(
-                    OP,
-                    "expert_bias",
-                    format_args!("{v} at expert {e}"),
-                    "the expert bias must be finite",
-                ));
-            }
+            check_bias_len(num_experts, b.len())?;
+            check_bias_values(b)?;
         }
         Ok(())
     }
+}
+
+/// `expert_bias [num_experts]`.
+fn check_bias_len(num_experts: usize, len: usize) -> Result<()> {
+    check_len(
+        OP,
+        "expert_bias",
+        len,
+        num_experts,
+        format_args!("[num_experts] = [{num_experts}]"),
+    )
+}
+
+/// The host-side check of the bias values: finite.
+fn check_bias_values(expert_bias: &[f32]) -> Result<()> {
+    if let Some((e, v)) = expert_bias.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::invalid(
+            OP,
+            "expert_bias",
+            format_args!("{v} at expert {e}"),
+            "the expert bias must be finite",
+        ));
+    }
+    Ok(())
+}
+
+/// `[num_tokens, topk] = [t, k]` of `arg`.
+fn check_tk(arg: &'static str, got: usize, num_tokens: usize, k: usize) -> Result<()> {
+    check_len(
+        OP,
+        arg,
+        got,
+        num_tokens * k,
+        format_args!("[num_tokens, topk] = [{num_tokens}, {k}]"),
+    )
+}
+
+/// Element counts of the buffers of a top-k gating forward (every backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TopkGatingLens {
+    pub(crate) logits: usize,
+    /// The bias, if one is given.
+    pub(crate) expert_bias: Option<usize>,
+    pub(crate) weights: usize,
+    pub(crate) indices: usize,
+}
+
+/// The single validation of the top-k gating forward (every backend): the config,
+/// and `logits [num_tokens, num_experts]`, `expert_bias [num_experts]`,
+/// `weights` and `indices [num_tokens, topk]`. The bias values (finite) are checked
+/// where the host can read them ([`topk_gating_into`]).
+pub(crate) fn validate_topk_gating(
+    cfg: &TopkGatingConfig,
+    num_tokens: usize,
+    num_experts: usize,
+    lens: TopkGatingLens,
+) -> Result<()> {
+    cfg.validate(num_experts, None)?;
+    if let Some(len) = lens.expert_bias {
+        check_bias_len(num_experts, len)?;
+    }
+    check_logits(OP, "logits", lens.logits, num_tokens, num_experts)?;
+    check_tk("weights", lens.weights, num_tokens, cfg.topk)?;
+    check_tk("indices", lens.indices, num_tokens, cfg.topk)
+}
+
+/// The single validation of routing replay (every backend): the config, and
+/// `logits [num_tokens, num_experts]`, `indices` and `weights [num_tokens, topk]`.
+/// The index values are checked where the host can read them
+/// ([`topk_gating_replay_into`]).
+pub(crate) fn validate_topk_gating_replay(
+    cfg: &TopkGatingConfig,
+    num_tokens: usize,
+    num_experts: usize,
+    logits: usize,
+    indices: usize,
+    weights: usize,
+) -> Result<()> {
+    cfg.validate(num_experts, None)?;
+    check_logits(OP, "logits", logits, num_tokens, num_experts)?;
+    check_tk("indices", indices, num_tokens, cfg.topk)?;
+    check_tk("weights", weights, num_tokens, cfg.topk)
+}
+
+/// Element counts of the buffers of a top-k gating backward (every backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TopkGatingBackwardLens {
+    pub(crate) logits: usize,
+    pub(crate) indices: usize,
+    pub(crate) grad_weights: usize,
+    pub(crate) grad_logits: usize,
+}
+
+/// The single validation of the top-k gating backward (every backend): the config,
+/// and `logits`, `grad_logits [num_tokens, num_experts]`, `indices`,
+/// `grad_weights [num_tokens, topk]`. The index values are checked where the host
+/// can read them ([`topk_gating_backward_into`]).
+pub(crate) fn validate_topk_gating_backward(
+    cfg: &TopkGatingConfig,
+    num_tokens: usize,
+    num_experts: usize,
+    lens: TopkGatingBackwardLens,
+) -> Result<()> {
+    cfg.validate(num_experts, None)?;
+    check_logits(OP, "logits", lens.logits, num_tokens, num_experts)?;
+    check_tk("indices", lens.indices, num_tokens, cfg.topk)?;
+    check_tk("grad_weights", lens.grad_weights, num_tokens, cfg.topk)?;
+    check_logits(OP, "grad_logits", lens.grad_logits, num_tokens, num_experts)
 }
 
 /// Outputs of [`topk_gating`].
@@ -282,23 +377,16 @@ pub fn topk_gating_into<T: RouterFloat>(
     weights: &mut [f32],
     indices: &mut [i32],
 ) -> Result<()> {
-    cfg.validate(num_experts, expert_bias)?;
-    let k = cfg.topk;
-    check_logits(logits, num_tokens, num_experts)?;
-    check_len(
-        OP,
-        "weights",
-        weights.len(),
-        num_tokens * k,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {k}]"),
-    )?;
-    check_len(
-        OP,
-        "indices",
-        indices.len(),
-        num_tokens * k,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {k}]"),
-    )?;
+    let lens = TopkGatingLens {
+        logits: logits.len(),
+        expert_bias: expert_bias.map(<[f32]>::len),
+        weights: weights.len(),
+        indices: indices.len(),
+    };
+    validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
+    if let Some(b) = expert_bias {
+        check_bias_values(b)?;
+    }
     cpu::topk_gating::forward(
         logits,
         num_tokens,
@@ -369,16 +457,22 @@ pub fn topk_gating_replay_into<T: RouterFloat>(
     cfg: &TopkGatingConfig,
     weights: &mut [f32],
 ) -> Result<()> {
-    cfg.validate(num_experts, None)?;
-    let k = cfg.topk;
-    check_logits(logits, num_tokens, num_experts)?;
-    check_indices(OP, "indices", indices, num_tokens, k, num_experts, false)?;
-    check_len(
-        OP,
-        "weights",
+    validate_topk_gating_replay(
+        cfg,
+        num_tokens,
+        num_experts,
+        logits.len(),
+        indices.len(),
         weights.len(),
-        num_tokens * k,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {k}]"),
+    )?;
+    check_indices(
+        OP,
+        "indices",
+        indices,
+        num_tokens,
+        cfg.topk,
+        num_experts,
+        false,
     )?;
     cpu::topk_gating::replay(logits, num_tokens, num_experts, indices, cfg, weights);
     Ok(())
@@ -436,23 +530,21 @@ pub fn topk_gating_backward_into<T: RouterFloat>(
     cfg: &TopkGatingConfig,
     grad_logits: &mut [T],
 ) -> Result<()> {
-    cfg.validate(num_experts, None)?;
-    let k = cfg.topk;
-    check_logits(logits, num_tokens, num_experts)?;
-    check_indices(OP, "indices", indices, num_tokens, k, num_experts, false)?;
-    check_len(
+    let lens = TopkGatingBackwardLens {
+        logits: logits.len(),
+        indices: indices.len(),
+        grad_weights: grad_weights.len(),
+        grad_logits: grad_logits.len(),
+    };
+    validate_topk_gating_backward(cfg, num_tokens, num_experts, lens)?;
+    check_indices(
         OP,
-        "grad_weights",
-        grad_weights.len(),
-        num_tokens * k,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {k}]"),
-    )?;
-    check_len(
-        OP,
-        "grad_logits",
-        grad_logits.len(),
-        num_tokens * num_experts,
-        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
+        "indices",
+        indices,
+        num_tokens,
+        cfg.topk,
+        num_experts,
+        false,
     )?;
     cpu::topk_gating::backward(
         logits,
@@ -492,22 +584,4 @@ pub fn topk_gating_backward<T: RouterFloat>(
         g.as_slice_mut().expect("fresh array is contiguous"),
     )?;
     Ok(g)
-}
-
-fn check_logits<T>(logits: &[T], num_tokens: usize, num_experts: usize) -> Result<()> {
-    let n = num_tokens.checked_mul(num_experts).ok_or_else(|| {
-        Error::invalid(
-            OP,
-            "num_tokens",
-            num_tokens,
-            format!("num_tokens * num_experts overflows usize (num_experts = {num_experts})"),
-        )
-    })?;
-    check_len(
-        OP,
-        "logits",
-        logits.len(),
-        n,
-        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
-    )
 }
