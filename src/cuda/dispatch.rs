@@ -1,5 +1,5 @@
 //! Capacity-factor dispatch on the GPU (`cuda/dispatch.cu`), with the validation of
-//! [`crate::ops::dispatch`] ([`dispatch_max_rows`]).
+//! [`crate::ops::dispatch()`] ([`dispatch_max_rows`]).
 //!
 //! Every output equals `src/cpu/dispatch.rs`'s bit for bit: slots, rows,
 //! `row_to_token`, `expert_offsets`, `rows_per_rank`, `tokens_per_expert`, the row
@@ -18,13 +18,13 @@
 //! distinctness of device-resident `indices`. An index outside `[0, num_experts)`
 //! is treated as not routed (as `-1`) and never addresses memory; a token naming an
 //! expert twice still gets at most `capacity` kept per expert and in-range rows.
-//! Validate on the host with [`crate::ops::dispatch`] when the indices are
+//! Validate on the host with [`crate::ops::dispatch()`] when the indices are
 //! untrusted.
 
 use super::borrow;
 use super::{CudaBackend, CudaView, CudaViewMut, DevBuf};
 use crate::error::{Error, Result};
-use crate::ops::dispatch::{validate_dispatch, DispatchLens};
+use crate::ops::dispatch::{dispatch_lens, validate_dispatch};
 use crate::ops::{check_len, dispatch_max_rows, DispatchConfig, DispatchLayout, DropPolicy};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -94,7 +94,7 @@ impl Plan {
 /// with `topk` choices under `cfg` (contents on entry do not matter).
 ///
 /// # Errors
-/// The config errors of [`crate::ops::dispatch`] ([`dispatch_max_rows`]).
+/// The config errors of [`crate::ops::dispatch()`] ([`dispatch_max_rows`]).
 pub fn dispatch_workspace_len(
     num_tokens: usize,
     topk: usize,
@@ -143,7 +143,7 @@ fn grid(items: usize, threads: usize) -> u32 {
 /// them first).
 ///
 /// # Errors
-/// The config errors of [`crate::ops::dispatch`], [`Error::Shape`] for a buffer of
+/// The config errors of [`crate::ops::dispatch()`], [`Error::Shape`] for a buffer of
 /// the wrong length (the `indices` values are not checked: module docs),
 /// [`Error::Compile`] / [`Error::Driver`].
 pub fn dispatch_cuda(
@@ -155,18 +155,12 @@ pub fn dispatch_cuda(
     cfg: &DispatchConfig,
     mut out: DispatchCudaBuffers<'_>,
 ) -> Result<()> {
-    let lens = DispatchLens {
-        indices: indices.len(),
-        weights: weights.len(),
-        slot: out.slot.len(),
-        row: out.row.len(),
-        kept_weights: out.kept_weights.len(),
-        tokens_per_expert: out.tokens_per_expert.len(),
-        row_to_token: out.row_to_token.len(),
-        expert_offsets: out.expert_offsets.len(),
-        rows_per_rank: out.rows_per_rank.len(),
-    };
-    let max_rows = validate_dispatch(num_tokens, topk, cfg, &lens)?;
+    let max_rows = validate_dispatch(
+        num_tokens,
+        topk,
+        cfg,
+        &dispatch_lens!(indices, weights, out),
+    )?;
     let e = cfg.num_experts;
     let n = num_tokens * topk; // fits i32: checked by validate_dispatch
     check_len(OP, "counts", out.counts.len(), 2, "[2]")?;

@@ -13,8 +13,8 @@ use super::{check_unused, CudaBackend, CudaView, CudaViewMut, DevBuf};
 use crate::error::{Error, Result};
 use crate::ops::check_len;
 use crate::ops::dropout::{
-    validate_assignment_dropout, validate_assignment_dropout_backward, validate_expert_mask,
-    AssignmentDropoutBackwardLens, AssignmentDropoutLens,
+    assignment_dropout_backward_lens, assignment_dropout_lens, validate_assignment_dropout,
+    validate_assignment_dropout_backward, validate_expert_mask,
 };
 use crate::ops::DropoutConfig;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -162,13 +162,7 @@ pub fn assignment_dropout_cuda(
     mut out: AssignmentDropoutCudaBuffers<'_>,
 ) -> Result<()> {
     let (num_tokens, topk) = (input.num_tokens, input.topk);
-    let lens = AssignmentDropoutLens {
-        indices: input.indices.len(),
-        weights: input.weights.len(),
-        out_indices: out.indices.len(),
-        out_weights: out.weights.len(),
-        keep: out.keep.len(),
-    };
+    let lens = assignment_dropout_lens!(input, out);
     validate_assignment_dropout(num_tokens, topk, num_experts, cfg, lens)?;
     check_len(OP_DROP, "out.dropped", out.dropped.len(), 1, "[1]")?;
     let stream = backend.stream();
@@ -219,13 +213,7 @@ pub fn assignment_dropout_backward_cuda(
     grad_weights: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let (num_tokens, topk) = (input.num_tokens, input.topk);
-    let lens = AssignmentDropoutBackwardLens {
-        indices: input.indices.len(),
-        weights: input.weights.len(),
-        keep: keep.len(),
-        grad_out: grad_out.len(),
-        grad_weights: grad_weights.len(),
-    };
+    let lens = assignment_dropout_backward_lens!(input, keep, grad_out, grad_weights);
     validate_assignment_dropout_backward(num_tokens, topk, lens)?;
     if num_tokens == 0 {
         return Ok(());

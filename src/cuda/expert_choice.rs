@@ -1,5 +1,5 @@
 //! Expert-choice routing on the GPU (`cuda/expert_choice.cu`), with the validation
-//! of [`crate::ops::expert_choice`].
+//! of [`crate::ops::expert_choice()`].
 //!
 //! The CPU reference's steps (`src/cpu/expert_choice.rs`) with the same
 //! arithmetic: `p = softmax(z_t)` in `f32` in `softmax_row`'s operation order (the
@@ -23,8 +23,8 @@ use super::{check_unused, CudaBackend, CudaView, CudaViewMut, DevBuf};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::ops::expert_choice::{
-    validate_expert_choice, validate_expert_choice_backward, ExpertChoiceBackwardLens,
-    ExpertChoiceLens,
+    expert_choice_backward_lens, expert_choice_lens, validate_expert_choice,
+    validate_expert_choice_backward,
 };
 use crate::RouterFloat;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -77,15 +77,7 @@ pub fn expert_choice_cuda<T: RouterFloat + DeviceRepr>(
     capacity: usize,
     mut out: ExpertChoiceCudaBuffers<'_>,
 ) -> Result<()> {
-    let lens = ExpertChoiceLens {
-        logits: logits.len(),
-        weights: out.weights.len(),
-        row: out.row.len(),
-        row_to_token: out.row_to_token.len(),
-        row_weights: out.row_weights.len(),
-        tokens_per_expert: out.tokens_per_expert.len(),
-        expert_offsets: out.expert_offsets.len(),
-    };
+    let lens = expert_choice_lens!(logits, out);
     let (te, _) = validate_expert_choice(num_tokens, num_experts, capacity, lens)?;
     let taken = capacity.min(num_tokens);
     let (nt, ne, cap) = (num_tokens as i32, num_experts as i32, capacity as i32);
@@ -186,12 +178,7 @@ pub fn expert_choice_backward_cuda<T: RouterFloat + DeviceRepr>(
     grad_weights: &CudaView<'_, f32>,
     grad_logits: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
-    let lens = ExpertChoiceBackwardLens {
-        logits: logits.len(),
-        row: row.len(),
-        grad_weights: grad_weights.len(),
-        grad_logits: grad_logits.len(),
-    };
+    let lens = expert_choice_backward_lens!(logits, row, grad_weights, grad_logits);
     let te = validate_expert_choice_backward(num_tokens, num_experts, lens)?;
     if te == 0 {
         return Ok(());

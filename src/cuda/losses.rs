@@ -1,6 +1,6 @@
 //! Auxiliary load-balance loss (Switch/GShard, sequence-level) and router z-loss on
-//! the GPU (`cuda/losses.cu`), with the validation of [`crate::ops::aux_loss`] and
-//! [`crate::ops::z_loss`].
+//! the GPU (`cuda/losses.cu`), with the validation of [`crate::ops::aux_loss()`] and
+//! [`crate::ops::z_loss()`].
 //!
 //! Forward: one pass over the logits computes the aux scores' per-expert sums, the
 //! plain top-k counts and (optionally, fused) `Σ lse²` for the z-loss, as f64
@@ -513,7 +513,7 @@ fn aux_forward<T: RouterFloat + DeviceRepr>(
     run_forward(backend, &p, &plan, &x, fw, workspace)
 }
 
-/// Switch/GShard aux loss (see [`crate::ops::aux_loss`]) of `x.logits [num_tokens,
+/// Switch/GShard aux loss (see [`crate::ops::aux_loss()`]) of `x.logits [num_tokens,
 /// num_experts]` (with `x.padding_mask`) on the GPU, optionally with the caller's
 /// `counts [num_experts]` and the `total_tokens` they cover (a host or a device
 /// value, see [`CudaTotalTokens`]), and optionally the z-loss fused into the same
@@ -521,7 +521,7 @@ fn aux_forward<T: RouterFloat + DeviceRepr>(
 /// `backend.stream()` without synchronising.
 ///
 /// # Errors
-/// What [`crate::ops::aux_loss`] rejects (config, shapes, `total_tokens` without
+/// What [`crate::ops::aux_loss()`] rejects (config, shapes, `total_tokens` without
 /// `counts`, a host `total_tokens` of 0),
 /// plus [`Error::Shape`] for an output or workspace of the wrong length,
 /// [`Error::Unsupported`] for `num_experts > 2048`, [`Error::Compile`] /
@@ -559,13 +559,13 @@ pub fn seq_aux_loss_cuda<T: RouterFloat + DeviceRepr>(
     aux_forward(backend, x, mode, counts, cfg, z_loss_coeff, out)
 }
 
-/// Router z-loss (see [`crate::ops::z_loss`]) of `x.logits [num_tokens, num_experts]`
+/// Router z-loss (see [`crate::ops::z_loss()`]) of `x.logits [num_tokens, num_experts]`
 /// (with `x.padding_mask`) on the GPU into `out.loss [1]` and `out.valid_tokens [1]`,
 /// with an f64 scratch `workspace [losses_workspace_len(num_tokens, num_experts,
 /// None)]`.
 ///
 /// # Errors
-/// What [`crate::ops::z_loss`] rejects, plus output / workspace lengths,
+/// What [`crate::ops::z_loss()`] rejects, plus output / workspace lengths,
 /// [`Error::Unsupported`] for `num_experts > 2048`, [`Error::Compile`] /
 /// [`Error::Driver`].
 pub fn z_loss_cuda<T: RouterFloat + DeviceRepr>(
@@ -790,11 +790,6 @@ pub enum LossesPass {
 pub struct LossesRawPtrs {
     /// `logits [num_tokens, num_experts]`, element type `dtype`.
     pub logits: DevBuf,
-    /// `padding_mask [num_tokens]` bytes, if given.
-    pub padding_mask: Option<DevBuf>,
-    /// Aux forward: caller counts `[segments, num_experts]` i64, if given; aux
-    /// backward: the forward's counts (required).
-    pub counts: Option<DevBuf>,
     /// Aux forward outputs (see [`AuxLossCudaBuffers`]): `[1]` f32.
     pub loss: DevBuf,
     /// `[segments, num_experts]` i64 (aux forward output).
@@ -803,10 +798,6 @@ pub struct LossesRawPtrs {
     pub scores_sum: DevBuf,
     /// `[segments]` i64: aux forward output, aux backward input.
     pub total_tokens: DevBuf,
-    /// Global aux forward: the caller's `T_total` `[1]` i64, read on the device
-    /// ([`CudaTotalTokens::Device`]), if given (else the pass's `total_tokens`, or
-    /// the valid tokens).
-    pub total_tokens_in: Option<DevBuf>,
     /// f64 forward workspace ([`losses_workspace_len`]) or f32 aux backward workspace
     /// ([`aux_loss_backward_workspace_len`]).
     pub workspace: DevBuf,
@@ -818,6 +809,15 @@ pub struct LossesRawPtrs {
     pub grad_loss: DevBuf,
     /// `[num_tokens, num_experts]`, element type `dtype` (backward output).
     pub grad_logits: DevBuf,
+    /// `padding_mask [num_tokens]` bytes, if given.
+    pub padding_mask: Option<DevBuf>,
+    /// Aux forward: caller counts `[segments, num_experts]` i64, if given; aux
+    /// backward: the forward's counts (required).
+    pub counts: Option<DevBuf>,
+    /// Global aux forward: the caller's `T_total` `[1]` i64, read on the device
+    /// ([`CudaTotalTokens::Device`]), if given (else the pass's `total_tokens`, or
+    /// the valid tokens).
+    pub total_tokens_in: Option<DevBuf>,
 }
 
 /// Refuse the buffers `pass` does not use unless they are empty.

@@ -28,6 +28,13 @@
 //! Ops launch on the backend's stream (or, through the `unsafe` raw entry points,
 //! on a stream the caller owns, such as PyTorch's current stream) and never
 //! synchronise with the host.
+//!
+//! Every entry point validates with the op's validator of [`crate::ops`], the one the
+//! CPU path runs: the safe wrappers on their views' lengths, the raw entries
+//! (`*_raw`) on the element counts of the [`DevBuf`]s they are given, before any
+//! launch (a buffer a pass does not use must be empty). What is left to a raw
+//! entry's caller is that each address holds that many elements in the backend's
+//! context and stays alive until the kernels have run.
 
 pub mod bias_update;
 pub mod dispatch;
@@ -503,6 +510,16 @@ impl DevBuf {
     /// `len` elements at device address `ptr`.
     pub const fn new(ptr: u64, len: usize) -> Self {
         DevBuf { ptr, len }
+    }
+
+    /// The number of elements (`self.len`), as the ops' validators measure buffers.
+    pub const fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer holds no element.
+    pub const fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

@@ -17,7 +17,7 @@
 //! `[0, num_rows)` counts as a dropped assignment. A row that several assignments
 //! point to (invalid input) is summed once per assignment in the forward passes and
 //! owned by the first such assignment (lowest `t * k + j`) in `grad_y`, as on the CPU.
-//! Validate on the host with [`crate::ops::permute`] when the indices are untrusted.
+//! Validate on the host with [`crate::ops::permute()`] when the indices are untrusted.
 
 use super::{check_buf, check_unused, CudaBackend, CudaStream, CudaView, CudaViewMut, DevBuf};
 use crate::dtype::DType;

@@ -68,13 +68,13 @@ pub struct RouterStatsCudaBuffers<'a> {
     pub workspace: CudaViewMut<'a, f64>,
 }
 
-/// Router statistics (see [`crate::ops::router_stats`]) of `x.logits [num_tokens,
+/// Router statistics (see [`crate::ops::router_stats()`]) of `x.logits [num_tokens,
 /// num_experts]` (with `x.padding_mask`) and the routing `indices [num_tokens,
 /// topk]` (and optionally `slots`) on the GPU, launched on `backend.stream()`
 /// without synchronising.
 ///
 /// # Errors
-/// The config and length checks of [`crate::ops::router_stats`] (value checks of
+/// The config and length checks of [`crate::ops::router_stats()`] (value checks of
 /// device-resident indices and slots, and the strict mode, are the caller's: module
 /// docs), [`Error::Unsupported`] for `num_experts > 2048`, [`Error::Shape`] for an
 /// output of the wrong length, [`Error::Compile`] / [`Error::Driver`].
@@ -205,10 +205,6 @@ pub struct RouterStatsRawPtrs {
     pub logits: DevBuf,
     /// `indices [num_tokens, topk]` i32.
     pub indices: DevBuf,
-    /// `slots [num_tokens, topk]` i32, if given.
-    pub slots: Option<DevBuf>,
-    /// `padding_mask [num_tokens]` bytes, if given.
-    pub padding_mask: Option<DevBuf>,
     /// Outputs, as in [`RouterStatsCudaBuffers`]: `[num_experts]` i64.
     pub selected_counts: DevBuf,
     /// `[num_experts]` i64.
@@ -219,6 +215,10 @@ pub struct RouterStatsRawPtrs {
     pub floats: DevBuf,
     /// `[router_stats_workspace_len(num_tokens)]` f64.
     pub workspace: DevBuf,
+    /// `slots [num_tokens, topk]` i32, if given.
+    pub slots: Option<DevBuf>,
+    /// `padding_mask [num_tokens]` bytes, if given.
+    pub padding_mask: Option<DevBuf>,
 }
 
 /// [`router_stats_cuda`] on raw device buffers and a caller-owned stream, without

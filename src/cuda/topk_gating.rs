@@ -1,5 +1,5 @@
 //! Top-k gating on the GPU: forward, routing replay and backward
-//! (`cuda/topk_gating.cu`), with the validation of [`crate::ops::topk_gating`].
+//! (`cuda/topk_gating.cu`), with the validation of [`crate::ops::topk_gating()`].
 //!
 //! One warp per token for `num_experts <= 256` (4 tokens per block), one 256-thread
 //! block per token for `num_experts <= 2048`; `topk <= 32`. Outputs match
@@ -19,8 +19,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::ops::topk_gating::{
-    validate_topk_gating, validate_topk_gating_backward, validate_topk_gating_replay,
-    TopkGatingBackwardLens, TopkGatingLens,
+    topk_gating_backward_lens, topk_gating_lens, topk_gating_replay_lens, validate_topk_gating,
 };
 use crate::ops::{ScoreFunction, TopkGatingConfig};
 use crate::RouterFloat;
@@ -190,12 +189,7 @@ pub fn topk_gating_cuda<T: RouterFloat + DeviceRepr>(
         mut weights,
         mut indices,
     } = out;
-    let lens = TopkGatingLens {
-        logits: logits.len(),
-        expert_bias: expert_bias.map(CudaView::len),
-        weights: weights.len(),
-        indices: indices.len(),
-    };
+    let lens = topk_gating_lens!(logits, expert_bias.map(CudaView::len), weights, indices);
     validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
     let params = GatingParams::new(cfg, num_tokens, num_experts, expert_bias.is_some())?;
     if num_tokens == 0 {
@@ -234,14 +228,8 @@ pub fn topk_gating_replay_cuda<T: RouterFloat + DeviceRepr>(
     cfg: &TopkGatingConfig,
     weights: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    validate_topk_gating_replay(
-        cfg,
-        num_tokens,
-        num_experts,
-        logits.len(),
-        indices.len(),
-        weights.len(),
-    )?;
+    let lens = topk_gating_replay_lens!(logits, indices, weights);
+    validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
     let params = GatingParams::new(cfg, num_tokens, num_experts, false)?;
     if num_tokens == 0 {
         return Ok(());
@@ -273,13 +261,8 @@ pub fn topk_gating_backward_cuda<T: RouterFloat + DeviceRepr>(
     cfg: &TopkGatingConfig,
     grad_logits: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
-    let lens = TopkGatingBackwardLens {
-        logits: logits.len(),
-        indices: indices.len(),
-        grad_weights: grad_weights.len(),
-        grad_logits: grad_logits.len(),
-    };
-    validate_topk_gating_backward(cfg, num_tokens, num_experts, lens)?;
+    let lens = topk_gating_backward_lens!(logits, indices, grad_weights, grad_logits);
+    validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
     let params = GatingParams::new(cfg, num_tokens, num_experts, false)?;
     if num_tokens == 0 {
         return Ok(());
@@ -339,37 +322,25 @@ fn check_raw(
 ) -> Result<()> {
     const RAW: &str = "topk_gating_raw";
     let unused_bias = || check_unused(RAW, "expert_bias", p.expert_bias.unwrap_or_default());
-    match pass {
+    let lens = match pass {
         TopkGatingPass::Forward => {
-            let lens = TopkGatingLens {
-                logits: p.logits.len,
-                expert_bias: opt_len(p.expert_bias),
-                weights: p.weights.len,
-                indices: p.indices.len,
-            };
-            validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
             check_unused(RAW, "grad_weights", p.grad_weights)?;
             check_unused(RAW, "grad_logits", p.grad_logits)?;
+            topk_gating_lens!(p.logits, opt_len(p.expert_bias), p.weights, p.indices)
         }
         TopkGatingPass::Replay => {
-            let (z, i, w) = (p.logits.len, p.indices.len, p.weights.len);
-            validate_topk_gating_replay(cfg, num_tokens, num_experts, z, i, w)?;
             unused_bias()?;
             check_unused(RAW, "grad_weights", p.grad_weights)?;
             check_unused(RAW, "grad_logits", p.grad_logits)?;
+            topk_gating_replay_lens!(p.logits, p.indices, p.weights)
         }
         TopkGatingPass::Backward => {
-            let lens = TopkGatingBackwardLens {
-                logits: p.logits.len,
-                indices: p.indices.len,
-                grad_weights: p.grad_weights.len,
-                grad_logits: p.grad_logits.len,
-            };
-            validate_topk_gating_backward(cfg, num_tokens, num_experts, lens)?;
             unused_bias()?;
             check_unused(RAW, "weights", p.weights)?;
+            topk_gating_backward_lens!(p.logits, p.indices, p.grad_weights, p.grad_logits)
         }
-    }
+    };
+    validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
     let z = dtype.size_in_bytes();
     check_buf(RAW, "logits", p.logits, z)?;
     check_buf(RAW, "indices", p.indices, 4)?;

@@ -36,7 +36,9 @@ use crate::cpu;
 use crate::cpu::aux_loss::AuxProblem;
 use crate::dtype::RouterFloat;
 use crate::error::{Error, Result};
-use crate::ops::{as_rows, check_finite, check_len, check_logits, LogitsLens, RouterLogits};
+use crate::ops::{
+    as_rows, check_finite, check_len, check_logits, logits_grad, LogitsLens, RouterLogits,
+};
 use ndarray::{Array2, ArrayView2};
 
 pub use crate::ops::topk_gating::ScoreFunction;
@@ -317,14 +319,7 @@ pub fn aux_loss<T: RouterFloat>(
         check_count_values(OP, c)?;
     }
     check_total(OP, counts.is_some(), total_tokens)?;
-    let problem = AuxProblem {
-        logits,
-        num_tokens,
-        num_experts,
-        seq_len: num_tokens,
-        padding_mask,
-        score_function: cfg.score_function,
-    };
+    let problem = AuxProblem::new(x, num_tokens, cfg.score_function);
     let stats = cpu::aux_loss::aux_stats(&problem, counts.is_none().then_some(cfg.topk));
     let mut scores_sum = stats.scores_sum;
     scores_sum.resize(num_experts, 0.0); // T = 0: no segment
@@ -380,14 +375,9 @@ pub fn aux_loss_backward_into<T: RouterFloat>(
 ) -> Result<()> {
     validate_aux_loss_backward(x.lens(), None, counts.len(), cfg, grad_logits.len())?;
     check_count_values(OP, counts)?;
-    let RouterLogits {
-        logits,
-        num_tokens,
-        num_experts,
-        padding_mask,
-    } = x;
+    let (num_tokens, num_experts) = (x.num_tokens, x.num_experts);
     if total_tokens == 0 {
-        let any_valid = match padding_mask {
+        let any_valid = match x.padding_mask {
             None => num_tokens > 0,
             Some(m) => m.iter().any(|&pad| !pad),
         };
@@ -400,14 +390,7 @@ pub fn aux_loss_backward_into<T: RouterFloat>(
             ));
         }
     }
-    let problem = AuxProblem {
-        logits,
-        num_tokens,
-        num_experts,
-        seq_len: num_tokens,
-        padding_mask,
-        score_function: cfg.score_function,
-    };
+    let problem = AuxProblem::new(x, num_tokens, cfg.score_function);
     let scale = cpu::aux_loss::switch_scale(num_experts, cfg.topk, total_tokens, cfg.coeff)
         * grad_loss as f64;
     let mut g = vec![0.0f32; num_experts];
@@ -433,13 +416,9 @@ pub fn aux_loss_backward<T: RouterFloat>(
     let z = as_rows(OP, "logits", &logits)?;
     let x = RouterLogits::new(z, t, e).padding_mask(padding_mask);
     validate_aux_loss(x.lens(), None, None, cfg)?;
-    let mut grad = Array2::from_elem((t, e), T::from_f32(0.0));
-    let out = grad.as_slice_mut().ok_or(Error::Layout {
-        op: OP,
-        arg: "grad_logits",
-    })?;
-    aux_loss_backward_into(x, counts, total_tokens, cfg, grad_loss, out)?;
-    Ok(grad)
+    logits_grad(OP, (t, e), |out| {
+        aux_loss_backward_into(x, counts, total_tokens, cfg, grad_loss, out)
+    })
 }
 
 /// Per-sequence `∂L/∂P` rows `[batch, E]` of the sequence-level loss:
@@ -506,14 +485,7 @@ pub fn seq_aux_loss<T: RouterFloat>(
     if let Some(c) = counts {
         check_count_values(SEQ_OP, c)?;
     }
-    let problem = AuxProblem {
-        logits,
-        num_tokens,
-        num_experts,
-        seq_len,
-        padding_mask,
-        score_function: cfg.score_function,
-    };
+    let problem = AuxProblem::new(x, seq_len, cfg.score_function);
     let stats = cpu::aux_loss::aux_stats(&problem, counts.is_none().then_some(cfg.topk));
     let counts = counts.map_or(stats.counts, <[i64]>::to_vec);
     let mut total = 0.0f64;
@@ -566,22 +538,9 @@ pub fn seq_aux_loss_backward_into<T: RouterFloat>(
         grad_logits.len(),
     )?;
     check_count_values(SEQ_OP, counts)?;
-    let RouterLogits {
-        logits,
-        num_tokens,
-        num_experts,
-        padding_mask,
-    } = x;
-    let valid = cpu::aux_loss::valid_per_segment(padding_mask, num_tokens, seq_len);
-    let g = seq_grad_p(counts, &valid, num_experts, cfg, grad_loss);
-    let problem = AuxProblem {
-        logits,
-        num_tokens,
-        num_experts,
-        seq_len,
-        padding_mask,
-        score_function: cfg.score_function,
-    };
+    let valid = cpu::aux_loss::valid_per_segment(x.padding_mask, x.num_tokens, seq_len);
+    let g = seq_grad_p(counts, &valid, x.num_experts, cfg, grad_loss);
+    let problem = AuxProblem::new(x, seq_len, cfg.score_function);
     cpu::aux_loss::aux_grad_into(&problem, &g, grad_logits);
     Ok(())
 }
@@ -604,11 +563,7 @@ pub fn seq_aux_loss_backward<T: RouterFloat>(
     let z = as_rows(SEQ_OP, "logits", &logits)?;
     let x = RouterLogits::new(z, t, e).padding_mask(padding_mask);
     validate_aux_loss(x.lens(), Some(seq_len), None, cfg)?;
-    let mut grad = Array2::from_elem((t, e), T::from_f32(0.0));
-    let out = grad.as_slice_mut().ok_or(Error::Layout {
-        op: SEQ_OP,
-        arg: "grad_logits",
-    })?;
-    seq_aux_loss_backward_into(x, seq_len, counts, cfg, grad_loss, out)?;
-    Ok(grad)
+    logits_grad(SEQ_OP, (t, e), |out| {
+        seq_aux_loss_backward_into(x, seq_len, counts, cfg, grad_loss, out)
+    })
 }

@@ -3,7 +3,9 @@
 
 use crate::cpu::CHUNK;
 use crate::error::{Error, Result};
-use crate::ops::{as_rows, check_indices, check_len, checked_i32_product, MAX_I32_INDEX};
+use crate::ops::{
+    as_rows, check_indices, check_len, checked_i32_product, lens_struct, MAX_I32_INDEX,
+};
 use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
 
@@ -63,7 +65,7 @@ pub enum DispatchLayout {
 pub struct DispatchConfig {
     /// Number of experts `E`, `>= 1`.
     pub num_experts: usize,
-    /// Assignments each expert may keep (see [`crate::capacity`]); `None` keeps all.
+    /// Assignments each expert may keep (see [`crate::capacity()`]); `None` keeps all.
     pub capacity: Option<usize>,
     /// Which assignments are kept when an expert is over capacity; `None` (the
     /// default) is [`DropPolicy::Position`] (see [`DispatchConfig::effective_drop_policy`]).
@@ -275,38 +277,32 @@ pub fn dispatch_into(
     cfg: &DispatchConfig,
     out: DispatchBuffers<'_>,
 ) -> Result<DispatchCounts> {
-    let lens = DispatchLens {
-        indices: indices.len(),
-        weights: weights.len(),
-        slot: out.slot.len(),
-        row: out.row.len(),
-        kept_weights: out.kept_weights.len(),
-        tokens_per_expert: out.tokens_per_expert.len(),
-        row_to_token: out.row_to_token.len(),
-        expert_offsets: out.expert_offsets.len(),
-        rows_per_rank: out.rows_per_rank.len(),
-    };
-    validate_dispatch(num_tokens, topk, cfg, &lens)?;
+    validate_dispatch(
+        num_tokens,
+        topk,
+        cfg,
+        &dispatch_lens!(indices, weights, out),
+    )?;
     check_index_values(indices, num_tokens, topk, cfg.num_experts)?;
     Ok(crate::cpu::dispatch::dispatch(
         indices, weights, num_tokens, topk, cfg, out,
     ))
 }
 
-/// Element counts of the buffers of a dispatch (every backend; the CUDA backend's
-/// `counts` and workspace come on top).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct DispatchLens {
-    pub(crate) indices: usize,
-    pub(crate) weights: usize,
-    pub(crate) slot: usize,
-    pub(crate) row: usize,
-    pub(crate) kept_weights: usize,
-    pub(crate) tokens_per_expert: usize,
-    pub(crate) row_to_token: usize,
-    pub(crate) expert_offsets: usize,
-    pub(crate) rows_per_rank: usize,
+lens_struct!(
+    /// Element counts of the buffers of a dispatch (every backend; the CUDA backend's
+    /// `counts` and workspace come on top).
+    DispatchLens: indices weights slot row kept_weights tokens_per_expert row_to_token expert_offsets rows_per_rank
+);
+
+/// The [`DispatchLens`] of `indices`, `weights` and the outputs in `out` (a struct with
+/// the fields of [`DispatchBuffers`]: host slices or device views).
+macro_rules! dispatch_lens {
+    ($indices:expr, $weights:expr, $out:expr) => {
+        $crate::ops::lens_of!($crate::ops::dispatch::DispatchLens { indices: $indices, weights: $weights }; $out => slot row kept_weights tokens_per_expert row_to_token expert_offsets rows_per_rank)
+    };
 }
+pub(crate) use dispatch_lens;
 
 /// The single validation of [`dispatch`] (every backend): the config, the sizes and
 /// every buffer's length; returns [`dispatch_max_rows`]. The values of `indices` are

@@ -2,7 +2,7 @@
 
 use crate::cpu;
 use crate::error::{Error, Result};
-use crate::ops::{as_rows, check_indices, check_len, checked_i32_product};
+use crate::ops::{as_rows, check_indices, check_len, check_topk, checked_i32_product, lens_struct};
 use ndarray::{Array2, ArrayView2};
 
 /// Rate and random stream of a dropout-like op (expert masking, assignment dropout).
@@ -43,27 +43,6 @@ impl DropoutConfig {
 const OP_MASK: &str = "expert_mask";
 const OP_DROP: &str = "assignment_dropout";
 const OP_DROP_BWD: &str = "assignment_dropout_backward";
-
-/// `num_experts > 0` and `1 <= topk <= num_experts`.
-fn check_topk(op: &'static str, num_experts: usize, topk: usize) -> Result<()> {
-    if num_experts == 0 {
-        return Err(Error::invalid(
-            op,
-            "num_experts",
-            0,
-            "num_experts must be at least 1",
-        ));
-    }
-    if topk == 0 || topk > num_experts {
-        return Err(Error::invalid(
-            op,
-            "topk",
-            topk,
-            format!("topk must be in [1, num_experts] = [1, {num_experts}]"),
-        ));
-    }
-    Ok(())
-}
 
 /// The single validation of [`expert_mask_into`] (every backend): sizes, `topk`,
 /// the rate and the output length.
@@ -229,15 +208,25 @@ pub struct AssignmentDropoutOutput {
     pub dropped: usize,
 }
 
-/// Element counts of the buffers of an assignment-dropout forward (every backend).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct AssignmentDropoutLens {
-    pub(crate) indices: usize,
-    pub(crate) weights: usize,
-    pub(crate) out_indices: usize,
-    pub(crate) out_weights: usize,
-    pub(crate) keep: usize,
+lens_struct!(
+    /// Element counts of the buffers of an assignment-dropout forward (every backend).
+    AssignmentDropoutLens: indices weights out_indices out_weights keep
+);
+
+/// The [`AssignmentDropoutLens`] of `input` (the fields of [`Assignments`]) and `out`
+/// (those of [`AssignmentDropoutBuffers`]), host slices or device views.
+macro_rules! assignment_dropout_lens {
+    ($input:expr, $out:expr) => {
+        $crate::ops::lens_of!($crate::ops::dropout::AssignmentDropoutLens {
+            indices: $input.indices,
+            weights: $input.weights,
+            out_indices: $out.indices,
+            out_weights: $out.weights,
+            keep: $out.keep
+        })
+    };
 }
+pub(crate) use assignment_dropout_lens;
 
 /// The single validation of assignment dropout (every backend): sizes, `topk`, the
 /// rate, and every buffer `[num_tokens, topk]`. The values of `indices` (in range
@@ -292,13 +281,7 @@ pub fn assignment_dropout_into(
     out: AssignmentDropoutBuffers<'_>,
 ) -> Result<usize> {
     let (num_tokens, topk) = (input.num_tokens, input.topk);
-    let lens = AssignmentDropoutLens {
-        indices: input.indices.len(),
-        weights: input.weights.len(),
-        out_indices: out.indices.len(),
-        out_weights: out.weights.len(),
-        keep: out.keep.len(),
-    };
+    let lens = assignment_dropout_lens!(input, out);
     validate_assignment_dropout(num_tokens, topk, num_experts, cfg, lens)?;
     check_indices(
         OP_DROP,
@@ -406,15 +389,25 @@ pub fn assignment_dropout(
     })
 }
 
-/// Element counts of the buffers of an assignment-dropout backward (every backend).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct AssignmentDropoutBackwardLens {
-    pub(crate) indices: usize,
-    pub(crate) weights: usize,
-    pub(crate) keep: usize,
-    pub(crate) grad_out: usize,
-    pub(crate) grad_weights: usize,
+lens_struct!(
+    /// Element counts of the buffers of an assignment-dropout backward (every backend).
+    AssignmentDropoutBackwardLens: indices weights keep grad_out grad_weights
+);
+
+/// The [`AssignmentDropoutBackwardLens`] of `input` (the fields of [`Assignments`]) and
+/// the other buffers of the backward, host slices or device views.
+macro_rules! assignment_dropout_backward_lens {
+    ($input:expr, $keep:expr, $grad_out:expr, $grad_weights:expr) => {
+        $crate::ops::lens_of!($crate::ops::dropout::AssignmentDropoutBackwardLens {
+            indices: $input.indices,
+            weights: $input.weights,
+            keep: $keep,
+            grad_out: $grad_out,
+            grad_weights: $grad_weights
+        })
+    };
 }
+pub(crate) use assignment_dropout_backward_lens;
 
 /// The single validation of the assignment-dropout backward (every backend): `topk`,
 /// the size, and every buffer `[num_tokens, topk]`. The values of `indices` and
@@ -492,13 +485,7 @@ pub fn assignment_dropout_backward_into(
     grad_out: &[f32],
     grad_weights: &mut [f32],
 ) -> Result<()> {
-    let lens = AssignmentDropoutBackwardLens {
-        indices: input.indices.len(),
-        weights: input.weights.len(),
-        keep: keep.len(),
-        grad_out: grad_out.len(),
-        grad_weights: grad_weights.len(),
-    };
+    let lens = assignment_dropout_backward_lens!(input, keep, grad_out, grad_weights);
     validate_assignment_dropout_backward(input.num_tokens, input.topk, lens)?;
     check_backward_values(input.indices, keep, input.topk)?;
     cpu::dropout::assignment_dropout_backward(&input, keep, renormalize, grad_out, grad_weights);

@@ -3,7 +3,7 @@
 
 use crate::dtype::RouterFloat;
 use crate::error::{Error, Result};
-use crate::ops::{as_rows, check_len, checked_i32_product, MAX_I32_INDEX};
+use crate::ops::{as_rows, check_len, checked_i32_product, lens_struct, MAX_I32_INDEX};
 use ndarray::{Array1, Array2, ArrayView2};
 
 const OP: &str = "expert_choice";
@@ -74,17 +74,19 @@ fn validate_sizes(num_tokens: usize, num_experts: usize) -> Result<usize> {
     })
 }
 
-/// Element counts of the buffers of an expert-choice forward (every backend).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ExpertChoiceLens {
-    pub(crate) logits: usize,
-    pub(crate) weights: usize,
-    pub(crate) row: usize,
-    pub(crate) row_to_token: usize,
-    pub(crate) row_weights: usize,
-    pub(crate) tokens_per_expert: usize,
-    pub(crate) expert_offsets: usize,
+lens_struct!(
+    /// Element counts of the buffers of an expert-choice forward (every backend).
+    ExpertChoiceLens: logits weights row row_to_token row_weights tokens_per_expert expert_offsets
+);
+
+/// The [`ExpertChoiceLens`] of `logits` and the outputs in `out` (a struct with the
+/// fields of [`ExpertChoiceBuffers`]: host slices or device views).
+macro_rules! expert_choice_lens {
+    ($logits:expr, $out:expr) => {
+        $crate::ops::lens_of!($crate::ops::expert_choice::ExpertChoiceLens { logits: $logits }; $out => weights row row_to_token row_weights tokens_per_expert expert_offsets)
+    };
 }
+pub(crate) use expert_choice_lens;
 
 /// The single validation of the expert-choice forward (every backend): the sizes and
 /// every buffer's length. Returns `(T * E, E * capacity)`.
@@ -120,14 +122,24 @@ pub(crate) fn validate_expert_choice(
     Ok((te, rows))
 }
 
-/// Element counts of the buffers of an expert-choice backward (every backend).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ExpertChoiceBackwardLens {
-    pub(crate) logits: usize,
-    pub(crate) row: usize,
-    pub(crate) grad_weights: usize,
-    pub(crate) grad_logits: usize,
+lens_struct!(
+    /// Element counts of the buffers of an expert-choice backward (every backend).
+    ExpertChoiceBackwardLens: logits row grad_weights grad_logits
+);
+
+/// The [`ExpertChoiceBackwardLens`] of the backward's buffers (host slices or device
+/// views).
+macro_rules! expert_choice_backward_lens {
+    ($logits:expr, $row:expr, $grad_weights:expr, $grad_logits:expr) => {
+        $crate::ops::lens_of!($crate::ops::expert_choice::ExpertChoiceBackwardLens {
+            logits: $logits,
+            row: $row,
+            grad_weights: $grad_weights,
+            grad_logits: $grad_logits
+        })
+    };
 }
+pub(crate) use expert_choice_backward_lens;
 
 /// The single validation of the expert-choice backward (every backend): the sizes
 /// and every buffer `[num_tokens, num_experts]`; returns `T * E`. The values of
@@ -191,15 +203,7 @@ pub fn expert_choice_into<T: RouterFloat>(
     capacity: usize,
     out: ExpertChoiceBuffers<'_>,
 ) -> Result<()> {
-    let lens = ExpertChoiceLens {
-        logits: logits.len(),
-        weights: out.weights.len(),
-        row: out.row.len(),
-        row_to_token: out.row_to_token.len(),
-        row_weights: out.row_weights.len(),
-        tokens_per_expert: out.tokens_per_expert.len(),
-        expert_offsets: out.expert_offsets.len(),
-    };
+    let lens = expert_choice_lens!(logits, out);
     validate_expert_choice(num_tokens, num_experts, capacity, lens)?;
     crate::cpu::expert_choice::expert_choice(logits, num_tokens, num_experts, capacity, out);
     Ok(())
@@ -287,12 +291,7 @@ pub fn expert_choice_backward_into<T: RouterFloat>(
     grad_weights: &[f32],
     grad_logits: &mut [T],
 ) -> Result<()> {
-    let lens = ExpertChoiceBackwardLens {
-        logits: logits.len(),
-        row: row.len(),
-        grad_weights: grad_weights.len(),
-        grad_logits: grad_logits.len(),
-    };
+    let lens = expert_choice_backward_lens!(logits, row, grad_weights, grad_logits);
     validate_expert_choice_backward(num_tokens, num_experts, lens)?;
     if let Some((i, &r)) = row.iter().enumerate().find(|(_, &r)| r < -1) {
         return Err(Error::invalid(

@@ -646,7 +646,7 @@ pub fn unpermute_backward<T: RouterFloat>(
 }
 
 /// Check that `row_to_token [num_rows]` and `row [num_tokens, k]` describe the same
-/// mapping (as [`crate::dispatch`] produces them): every `row[t, j] >= 0` is a distinct row
+/// mapping (as [`crate::dispatch()`] produces them): every `row[t, j] >= 0` is a distinct row
 /// `r` with `row_to_token[r] == t`, and every row with `row_to_token[r] >= 0` is one of
 /// them. [`permute_into`] reads only `row_to_token` and its backward only `row`, so an
 /// inconsistent pair would give a gradient that is not the forward's.

@@ -5,7 +5,8 @@ use crate::cpu;
 use crate::dtype::RouterFloat;
 use crate::error::{Error, Result};
 use crate::ops::{
-    as_rows, as_vec, check_indices, check_len, checked_i32_product, LogitsLens, RouterLogits,
+    as_rows, as_vec, check_indices, check_len, check_topk, checked_i32_product, LogitsLens,
+    RouterLogits,
 };
 use ndarray::{ArrayView1, ArrayView2};
 
@@ -74,22 +75,7 @@ pub(crate) fn validate_router_stats(
     slots: Option<usize>,
 ) -> Result<()> {
     let (num_tokens, num_experts) = (logits.num_tokens, logits.num_experts);
-    if num_experts == 0 {
-        return Err(Error::invalid(
-            OP,
-            "num_experts",
-            0,
-            "num_experts must be at least 1",
-        ));
-    }
-    if topk == 0 || topk > num_experts {
-        return Err(Error::invalid(
-            OP,
-            "topk",
-            topk,
-            format!("topk must be in [1, num_experts] = [1, {num_experts}]"),
-        ));
-    }
+    check_topk(OP, num_experts, topk)?;
     checked_i32_product(OP, "num_tokens * num_experts", num_tokens, num_experts)?;
     let nk = checked_i32_product(OP, "num_tokens * topk", num_tokens, topk)?;
     let kshape = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");

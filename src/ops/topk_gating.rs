@@ -267,6 +267,17 @@ fn check_bias_values(expert_bias: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// The host-side check of given `indices [num_tokens, topk]` (replay, backward): in
+/// `[0, num_experts)`, distinct within a token.
+fn check_given_indices(
+    indices: &[i32],
+    num_tokens: usize,
+    num_experts: usize,
+    topk: usize,
+) -> Result<()> {
+    check_indices(OP, "indices", indices, num_tokens, topk, num_experts, false)
+}
+
 /// `[num_tokens, topk] = [t, k]` of `arg`.
 fn check_tk(arg: &'static str, got: usize, num_tokens: usize, k: usize) -> Result<()> {
     check_len(
@@ -278,20 +289,76 @@ fn check_tk(arg: &'static str, got: usize, num_tokens: usize, k: usize) -> Resul
     )
 }
 
-/// Element counts of the buffers of a top-k gating forward (every backend).
+/// Element counts of the buffers of a top-k gating pass (every backend).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct TopkGatingLens {
-    pub(crate) logits: usize,
-    /// The bias, if one is given.
-    pub(crate) expert_bias: Option<usize>,
-    pub(crate) weights: usize,
-    pub(crate) indices: usize,
+pub(crate) enum TopkGatingLens {
+    /// `logits`, the bias (if given), `weights` and `indices`.
+    Forward {
+        logits: usize,
+        expert_bias: Option<usize>,
+        weights: usize,
+        indices: usize,
+    },
+    /// `logits`, the given `indices`, `weights`.
+    Replay {
+        logits: usize,
+        indices: usize,
+        weights: usize,
+    },
+    /// `logits`, `indices`, `grad_weights`, `grad_logits`.
+    Backward {
+        logits: usize,
+        indices: usize,
+        grad_weights: usize,
+        grad_logits: usize,
+    },
 }
 
-/// The single validation of the top-k gating forward (every backend): the config,
-/// and `logits [num_tokens, num_experts]`, `expert_bias [num_experts]`,
-/// `weights` and `indices [num_tokens, topk]`. The bias values (finite) are checked
-/// where the host can read them ([`topk_gating_into`]).
+/// The forward's [`TopkGatingLens`]: `expert_bias` is the bias's element count if one
+/// is given; the buffers are host slices, device views or raw device buffers.
+macro_rules! topk_gating_lens {
+    ($logits:expr, $expert_bias:expr, $weights:expr, $indices:expr) => {
+        $crate::ops::topk_gating::TopkGatingLens::Forward {
+            logits: $logits.len(),
+            expert_bias: $expert_bias,
+            weights: $weights.len(),
+            indices: $indices.len(),
+        }
+    };
+}
+pub(crate) use topk_gating_lens;
+
+/// Routing replay's [`TopkGatingLens`].
+macro_rules! topk_gating_replay_lens {
+    ($logits:expr, $indices:expr, $weights:expr) => {
+        $crate::ops::lens_of!($crate::ops::topk_gating::TopkGatingLens::Replay {
+            logits: $logits,
+            indices: $indices,
+            weights: $weights
+        })
+    };
+}
+pub(crate) use topk_gating_replay_lens;
+
+/// The backward's [`TopkGatingLens`].
+macro_rules! topk_gating_backward_lens {
+    ($logits:expr, $indices:expr, $grad_weights:expr, $grad_logits:expr) => {
+        $crate::ops::lens_of!($crate::ops::topk_gating::TopkGatingLens::Backward {
+            logits: $logits,
+            indices: $indices,
+            grad_weights: $grad_weights,
+            grad_logits: $grad_logits
+        })
+    };
+}
+pub(crate) use topk_gating_backward_lens;
+
+/// The single validation of top-k gating, replay and backward (every backend): the
+/// config, and the buffers of the pass: `logits` and `grad_logits`
+/// `[num_tokens, num_experts]`, `expert_bias [num_experts]`, `weights`, `indices` and
+/// `grad_weights [num_tokens, topk]`. The values of the bias (finite) and of given
+/// indices are checked where the host can read them ([`topk_gating_into`],
+/// [`topk_gating_replay_into`], [`topk_gating_backward_into`]).
 pub(crate) fn validate_topk_gating(
     cfg: &TopkGatingConfig,
     num_tokens: usize,
@@ -299,56 +366,43 @@ pub(crate) fn validate_topk_gating(
     lens: TopkGatingLens,
 ) -> Result<()> {
     cfg.validate(num_experts, None)?;
-    if let Some(len) = lens.expert_bias {
-        check_bias_len(num_experts, len)?;
+    let logits = |arg, got| check_logits(OP, arg, got, num_tokens, num_experts);
+    let tk = |arg, got| check_tk(arg, got, num_tokens, cfg.topk);
+    match lens {
+        TopkGatingLens::Forward {
+            logits: z,
+            expert_bias,
+            weights,
+            indices,
+        } => {
+            if let Some(len) = expert_bias {
+                check_bias_len(num_experts, len)?;
+            }
+            logits("logits", z)?;
+            tk("weights", weights)?;
+            tk("indices", indices)
+        }
+        TopkGatingLens::Replay {
+            logits: z,
+            indices,
+            weights,
+        } => {
+            logits("logits", z)?;
+            tk("indices", indices)?;
+            tk("weights", weights)
+        }
+        TopkGatingLens::Backward {
+            logits: z,
+            indices,
+            grad_weights,
+            grad_logits,
+        } => {
+            logits("logits", z)?;
+            tk("indices", indices)?;
+            tk("grad_weights", grad_weights)?;
+            logits("grad_logits", grad_logits)
+        }
     }
-    check_logits(OP, "logits", lens.logits, num_tokens, num_experts)?;
-    check_tk("weights", lens.weights, num_tokens, cfg.topk)?;
-    check_tk("indices", lens.indices, num_tokens, cfg.topk)
-}
-
-/// The single validation of routing replay (every backend): the config, and
-/// `logits [num_tokens, num_experts]`, `indices` and `weights [num_tokens, topk]`.
-/// The index values are checked where the host can read them
-/// ([`topk_gating_replay_into`]).
-pub(crate) fn validate_topk_gating_replay(
-    cfg: &TopkGatingConfig,
-    num_tokens: usize,
-    num_experts: usize,
-    logits: usize,
-    indices: usize,
-    weights: usize,
-) -> Result<()> {
-    cfg.validate(num_experts, None)?;
-    check_logits(OP, "logits", logits, num_tokens, num_experts)?;
-    check_tk("indices", indices, num_tokens, cfg.topk)?;
-    check_tk("weights", weights, num_tokens, cfg.topk)
-}
-
-/// Element counts of the buffers of a top-k gating backward (every backend).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct TopkGatingBackwardLens {
-    pub(crate) logits: usize,
-    pub(crate) indices: usize,
-    pub(crate) grad_weights: usize,
-    pub(crate) grad_logits: usize,
-}
-
-/// The single validation of the top-k gating backward (every backend): the config,
-/// and `logits`, `grad_logits [num_tokens, num_experts]`, `indices`,
-/// `grad_weights [num_tokens, topk]`. The index values are checked where the host
-/// can read them ([`topk_gating_backward_into`]).
-pub(crate) fn validate_topk_gating_backward(
-    cfg: &TopkGatingConfig,
-    num_tokens: usize,
-    num_experts: usize,
-    lens: TopkGatingBackwardLens,
-) -> Result<()> {
-    cfg.validate(num_experts, None)?;
-    check_logits(OP, "logits", lens.logits, num_tokens, num_experts)?;
-    check_tk("indices", lens.indices, num_tokens, cfg.topk)?;
-    check_tk("grad_weights", lens.grad_weights, num_tokens, cfg.topk)?;
-    check_logits(OP, "grad_logits", lens.grad_logits, num_tokens, num_experts)
 }
 
 /// Outputs of [`topk_gating`].
@@ -377,12 +431,7 @@ pub fn topk_gating_into<T: RouterFloat>(
     weights: &mut [f32],
     indices: &mut [i32],
 ) -> Result<()> {
-    let lens = TopkGatingLens {
-        logits: logits.len(),
-        expert_bias: expert_bias.map(<[f32]>::len),
-        weights: weights.len(),
-        indices: indices.len(),
-    };
+    let lens = topk_gating_lens!(logits, expert_bias.map(<[f32]>::len), weights, indices);
     validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
     if let Some(b) = expert_bias {
         check_bias_values(b)?;
@@ -457,23 +506,9 @@ pub fn topk_gating_replay_into<T: RouterFloat>(
     cfg: &TopkGatingConfig,
     weights: &mut [f32],
 ) -> Result<()> {
-    validate_topk_gating_replay(
-        cfg,
-        num_tokens,
-        num_experts,
-        logits.len(),
-        indices.len(),
-        weights.len(),
-    )?;
-    check_indices(
-        OP,
-        "indices",
-        indices,
-        num_tokens,
-        cfg.topk,
-        num_experts,
-        false,
-    )?;
+    let lens = topk_gating_replay_lens!(logits, indices, weights);
+    validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
+    check_given_indices(indices, num_tokens, num_experts, cfg.topk)?;
     cpu::topk_gating::replay(logits, num_tokens, num_experts, indices, cfg, weights);
     Ok(())
 }
@@ -530,22 +565,9 @@ pub fn topk_gating_backward_into<T: RouterFloat>(
     cfg: &TopkGatingConfig,
     grad_logits: &mut [T],
 ) -> Result<()> {
-    let lens = TopkGatingBackwardLens {
-        logits: logits.len(),
-        indices: indices.len(),
-        grad_weights: grad_weights.len(),
-        grad_logits: grad_logits.len(),
-    };
-    validate_topk_gating_backward(cfg, num_tokens, num_experts, lens)?;
-    check_indices(
-        OP,
-        "indices",
-        indices,
-        num_tokens,
-        cfg.topk,
-        num_experts,
-        false,
-    )?;
+    let lens = topk_gating_backward_lens!(logits, indices, grad_weights, grad_logits);
+    validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
+    check_given_indices(indices, num_tokens, num_experts, cfg.topk)?;
     cpu::topk_gating::backward(
         logits,
         num_tokens,

@@ -10,7 +10,7 @@
 use crate::cpu;
 use crate::dtype::RouterFloat;
 use crate::error::{Error, Result};
-use crate::ops::{as_rows, check_finite, check_logits, LogitsLens, RouterLogits};
+use crate::ops::{as_rows, check_finite, check_logits, logits_grad, LogitsLens, RouterLogits};
 use ndarray::{Array2, ArrayView2};
 
 const OP: &str = "z_loss";
@@ -109,14 +109,8 @@ pub fn z_loss_backward_into<T: RouterFloat>(
     grad_logits: &mut [T],
 ) -> Result<()> {
     validate_z_loss_backward(x.lens(), coeff, grad_logits.len())?;
-    let RouterLogits {
-        logits,
-        num_tokens,
-        num_experts,
-        padding_mask,
-    } = x;
-    let valid = match padding_mask {
-        None => num_tokens,
+    let valid = match x.padding_mask {
+        None => x.num_tokens,
         Some(m) => m.iter().filter(|&&pad| !pad).count(),
     };
     let scale = if valid > 0 {
@@ -124,14 +118,8 @@ pub fn z_loss_backward_into<T: RouterFloat>(
     } else {
         0.0
     };
-    cpu::z_loss::z_loss_grad_into(
-        logits,
-        num_tokens,
-        num_experts,
-        padding_mask,
-        scale,
-        grad_logits,
-    );
+    let (z, t, e) = (x.logits, x.num_tokens, x.num_experts);
+    cpu::z_loss::z_loss_grad_into(z, t, e, x.padding_mask, scale, grad_logits);
     Ok(())
 }
 
@@ -150,11 +138,7 @@ pub fn z_loss_backward<T: RouterFloat>(
     let z = as_rows(OP, "logits", &logits)?;
     let x = RouterLogits::new(z, t, e).padding_mask(padding_mask);
     validate_z_loss(x.lens(), coeff)?;
-    let mut grad = Array2::from_elem((t, e), T::from_f32(0.0));
-    let out = grad.as_slice_mut().ok_or(Error::Layout {
-        op: OP,
-        arg: "grad_logits",
-    })?;
-    z_loss_backward_into(x, coeff, grad_loss, out)?;
-    Ok(grad)
+    logits_grad(OP, (t, e), |out| {
+        z_loss_backward_into(x, coeff, grad_loss, out)
+    })
 }
