@@ -53,7 +53,7 @@ pub(crate) fn expert_choice<'py>(
     let r2t = a.output("row_to_token", row_to_token)?;
     r2t.expect_elem(OP, Elem::I32)?;
     let [rows] = r2t.dims::<1>(OP)?;
-    let capacity = if e == 0 { 0 } else { rows / e };
+    let capacity = rows.checked_div(e).unwrap_or(0);
     r2t.expect(OP, Elem::I32, &[e * capacity])?;
     let rw = a.output("row_weights", row_weights)?;
     rw.expect(OP, Elem::F32, &[rows])?;
