@@ -160,10 +160,7 @@ fn losses(c: &mut Criterion) {
     g.bench_function("aux_plus_z_bwd_f32", |b| {
         b.iter(|| {
             aux_loss_backward_into(
-                black_box(&z),
-                T,
-                E,
-                None,
+                RouterLogits::new(black_box(&z), T, E),
                 &a.counts,
                 a.total_tokens,
                 &cfg,
@@ -171,7 +168,8 @@ fn losses(c: &mut Criterion) {
                 &mut gz,
             )
             .unwrap();
-            z_loss_backward_into(black_box(&z), T, E, None, 1e-3, 1.0, &mut gz).unwrap();
+            z_loss_backward_into(RouterLogits::new(black_box(&z), T, E), 1e-3, 1.0, &mut gz)
+                .unwrap();
         })
     });
     g.finish();
@@ -214,7 +212,19 @@ fn permute_bench(c: &mut Criterion) {
             g.throughput(Throughput::Bytes(((rows + T) * H * size) as u64));
             g.bench_function(BenchmarkId::new("unpermute", dt), |b| {
                 b.iter(|| {
-                    unpermute_into(black_box(&buf), rows, H, row, kw, T, K, &mut out).unwrap()
+                    unpermute_into(
+                        PermuteSizes {
+                            num_tokens: T,
+                            num_rows: rows,
+                            hidden: H,
+                            k: K,
+                        },
+                        black_box(&buf),
+                        row,
+                        kw,
+                        &mut out,
+                    )
+                    .unwrap()
                 })
             });
         } else {
@@ -226,7 +236,19 @@ fn permute_bench(c: &mut Criterion) {
             g.throughput(Throughput::Bytes(((rows + T) * H * size) as u64));
             g.bench_function(BenchmarkId::new("unpermute", dt), |b| {
                 b.iter(|| {
-                    unpermute_into(black_box(&buf), rows, H, row, kw, T, K, &mut out).unwrap()
+                    unpermute_into(
+                        PermuteSizes {
+                            num_tokens: T,
+                            num_rows: rows,
+                            hidden: H,
+                            k: K,
+                        },
+                        black_box(&buf),
+                        row,
+                        kw,
+                        &mut out,
+                    )
+                    .unwrap()
                 })
             });
         }

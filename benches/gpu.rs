@@ -34,8 +34,10 @@ use moe_router::cuda::losses::{
     aux_loss_cuda, losses_workspace_len, AuxLossCudaBuffers, CudaTotalTokens, ZLossCudaBuffers,
 };
 use moe_router::cuda::permute::{permute_cuda, unpermute_cuda};
-use moe_router::cuda::topk_gating::{topk_gating_backward_cuda, topk_gating_cuda};
-use moe_router::cuda::{device_available, nvrtc_available, CudaBackend};
+use moe_router::cuda::topk_gating::{
+    topk_gating_backward_cuda, topk_gating_cuda, TopkGatingCudaBuffers,
+};
+use moe_router::cuda::{device_available, nvrtc_available, CudaBackend, RouterLogitsCuda};
 use moe_router::*;
 use std::time::{Duration, Instant};
 
@@ -207,8 +209,10 @@ fn gating_bench<T: RouterFloat + DeviceRepr>(
                     e,
                     None,
                     &fwd_cfg,
-                    &mut w.as_view_mut(),
-                    &mut ix.as_view_mut(),
+                    TopkGatingCudaBuffers {
+                        weights: w.as_view_mut(),
+                        indices: ix.as_view_mut(),
+                    },
                 )
             }
         };
@@ -290,10 +294,7 @@ fn loss_bench<T: RouterFloat + DeviceRepr>(
     let mut op = |i: usize| -> Result<()> {
         aux_loss_cuda(
             be,
-            &zs[i % zs.len()].as_view(),
-            t,
-            e,
-            None,
+            RouterLogitsCuda::new(zs[i % zs.len()].as_view(), t, e),
             None,
             CudaTotalTokens::Valid,
             &cfg,
@@ -326,10 +327,7 @@ fn loss_bench<T: RouterFloat + DeviceRepr>(
     let mut op = |i: usize| -> Result<()> {
         aux_loss_cuda(
             be,
-            &zs[i % zs.len()].as_view(),
-            t,
-            e,
-            None,
+            RouterLogitsCuda::new(zs[i % zs.len()].as_view(), t, e),
             None,
             CudaTotalTokens::Valid,
             &cfg,
@@ -510,8 +508,10 @@ fn permute_bench(b: &mut Bench) -> BenchResult<()> {
         e,
         None,
         &TopkGatingConfig::new(K),
-        &mut w.as_view_mut(),
-        &mut ix.as_view_mut(),
+        TopkGatingCudaBuffers {
+            weights: w.as_view_mut(),
+            indices: ix.as_view_mut(),
+        },
     )
     .map_err(|e| format!("gating for the routing: {e}"))?;
     let cfg = DispatchConfig::new(e).layout(DispatchLayout::Dropless { align: 128 });
@@ -564,13 +564,15 @@ fn permute_bench(b: &mut Bench) -> BenchResult<()> {
             |_: usize| -> Result<()> {
                 unpermute_cuda(
                     be,
+                    PermuteSizes {
+                        num_tokens: t,
+                        num_rows: rows,
+                        hidden: H,
+                        k: K,
+                    },
                     &buf.as_view(),
-                    rows,
-                    H,
                     &d.row.as_view(),
                     &d.kw.as_view(),
-                    t,
-                    K,
                     &mut out.as_view_mut(),
                 )
             }

@@ -76,13 +76,10 @@ fn main() -> Result<()> {
     )?;
     let z = z_loss(&logits, t, e, None, 1e-3)?;
     let stats = router_stats(
-        &logits,
-        t,
-        e,
+        RouterLogits::new(&logits, t, e),
         gate.indices.as_slice().expect("contiguous"),
         k,
         Some(disp.slot.as_slice().expect("contiguous")),
-        None,
         &RouterStatsConfig::new(),
     )?;
 
@@ -132,12 +129,9 @@ fn main() -> Result<()> {
     for step in 0..=200 {
         topk_gating_into(&logits, t, e, Some(&bias), &sig_cfg, &mut w, &mut idx)?;
         let s = router_stats(
-            &logits,
-            t,
-            e,
+            RouterLogits::new(&logits, t, e),
             &idx,
             k,
-            None,
             None,
             &RouterStatsConfig::new(),
         )?;

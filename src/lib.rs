@@ -38,10 +38,10 @@ pub mod philox;
 pub mod select;
 
 pub use dtype::{kernel_name, DType, RouterFloat};
+pub use error::{Error, Result};
 /// The `ndarray` this crate's array API uses, re-exported so that a program needs no
 /// second dependency (and cannot pick a mismatched version): `use moe_router::ndarray`.
 pub use ndarray;
-pub use error::{Error, Result};
 pub use ops::*;
 
 /// The README's Rust examples, compiled and run as doctests.

@@ -9,7 +9,7 @@ use common::{assert_close, finite_diff, with_threads, Rng};
 use half::{bf16, f16};
 use moe_router::{
     aux_loss, aux_loss_backward, aux_loss_backward_into, seq_aux_loss, seq_aux_loss_backward,
-    seq_aux_loss_backward_into, AuxLossConfig, Error, RouterFloat, ScoreFunction,
+    seq_aux_loss_backward_into, AuxLossConfig, Error, RouterFloat, RouterLogits, ScoreFunction,
 };
 use ndarray::Array2;
 use proptest::prelude::*;
@@ -313,10 +313,7 @@ fn hand_gradient() {
     let z = [0.0f32, 0.0];
     let mut g = [0.0f32; 2];
     aux_loss_backward_into(
-        &z,
-        1,
-        2,
-        None,
+        RouterLogits::new(&z, 1, 2),
         &[1, 0],
         1,
         &AuxLossConfig::new(1),
@@ -332,7 +329,7 @@ fn hand_gradient() {
         "softmax dz",
     );
     let cfg = AuxLossConfig::new(1).score_function(ScoreFunction::Sigmoid);
-    aux_loss_backward_into(&z, 1, 2, None, &[1, 0], 1, &cfg, 2.0, &mut g).unwrap();
+    aux_loss_backward_into(RouterLogits::new(&z, 1, 2), &[1, 0], 1, &cfg, 2.0, &mut g).unwrap();
     assert_close(
         &[g[0] as f64, g[1] as f64],
         &[0.5, -0.5],
@@ -361,7 +358,15 @@ fn hand_seq_aux() {
     assert_eq!(out.counts, vec![2, 0, 0, 0]);
     assert!((out.loss - 1.25).abs() < 1e-6, "{}", out.loss);
     let mut g = vec![1.0f32; 8];
-    seq_aux_loss_backward_into(&z, 4, 2, 2, Some(&mask), &out.counts, &cfg, 1.0, &mut g).unwrap();
+    seq_aux_loss_backward_into(
+        RouterLogits::new(&z, 4, 2).padding_mask(Some(&mask)),
+        2,
+        &out.counts,
+        &cfg,
+        1.0,
+        &mut g,
+    )
+    .unwrap();
     assert_eq!(&g[4..], &[0.0; 4]);
 
     // token 1 of sequence 0 padded too: sequence 0 is `hand_padding_mask` (L = 1)
@@ -373,11 +378,8 @@ fn hand_seq_aux() {
     assert_eq!(out.loss, 0.0);
     assert_eq!(out.valid_tokens, vec![0, 0]);
     seq_aux_loss_backward_into(
-        &z,
-        4,
+        RouterLogits::new(&z, 4, 2).padding_mask(Some(&[true; 4])),
         2,
-        2,
-        Some(&[true; 4]),
         &out.counts,
         &cfg,
         1.0,
@@ -655,10 +657,7 @@ fn gradient_global_finite_differences() {
                 let grad_loss = 1.7f32;
                 let mut g = vec![0.0f32; t_n * e_n];
                 aux_loss_backward_into(
-                    &z,
-                    t_n,
-                    e_n,
-                    m,
+                    RouterLogits::new(&z, t_n, e_n).padding_mask(m),
                     &out.counts,
                     out.total_tokens,
                     &cfg,
@@ -714,8 +713,15 @@ fn gradient_seq_finite_differences() {
             let out = seq_aux_loss(&z, t_n, e_n, s_n, m, None, &cfg).unwrap();
             let grad_loss = -0.8f32;
             let mut g = vec![0.0f32; t_n * e_n];
-            seq_aux_loss_backward_into(&z, t_n, e_n, s_n, m, &out.counts, &cfg, grad_loss, &mut g)
-                .unwrap();
+            seq_aux_loss_backward_into(
+                RouterLogits::new(&z, t_n, e_n).padding_mask(m),
+                s_n,
+                &out.counts,
+                &cfg,
+                grad_loss,
+                &mut g,
+            )
+            .unwrap();
             let fd = finite_diff(&z64, 1e-5, |x| {
                 grad_loss as f64 * ref_seq(x, t_n, e_n, s_n, m, &out.counts, &cfg)
             });
@@ -750,10 +756,7 @@ fn check_half<T: RouterFloat>(rtol_grad: f64, seed: u64) {
         assert_close(&[out.loss as f64], &[want], 1e-5, 1e-7, "half loss");
         let mut g = vec![T::from_f32(0.0); t_n * e_n];
         aux_loss_backward_into(
-            &z,
-            t_n,
-            e_n,
-            Some(&mask),
+            RouterLogits::new(&z, t_n, e_n).padding_mask(Some(&mask)),
             &out.counts,
             out.total_tokens,
             &cfg,
@@ -776,11 +779,8 @@ fn check_half<T: RouterFloat>(rtol_grad: f64, seed: u64) {
         let want = ref_seq(&z64, t_n, e_n, s_n, Some(&mask), &seq.counts, &cfg);
         assert_close(&[seq.loss as f64], &[want], 1e-5, 1e-7, "half seq loss");
         seq_aux_loss_backward_into(
-            &z,
-            t_n,
-            e_n,
+            RouterLogits::new(&z, t_n, e_n).padding_mask(Some(&mask)),
             s_n,
-            Some(&mask),
             &seq.counts,
             &cfg,
             1.0,
@@ -826,10 +826,7 @@ fn thread_count_independent_bitwise() {
             let a = aux_loss(&z, t_n, e_n, Some(&mask), None, None, &cfg).unwrap();
             let mut ga = vec![0.0f32; t_n * e_n];
             aux_loss_backward_into(
-                &z,
-                t_n,
-                e_n,
-                Some(&mask),
+                RouterLogits::new(&z, t_n, e_n).padding_mask(Some(&mask)),
                 &a.counts,
                 a.total_tokens,
                 &cfg,
@@ -840,11 +837,8 @@ fn thread_count_independent_bitwise() {
             let s = seq_aux_loss(&z, t_n, e_n, s_n, Some(&mask), None, &cfg).unwrap();
             let mut gs = vec![0.0f32; t_n * e_n];
             seq_aux_loss_backward_into(
-                &z,
-                t_n,
-                e_n,
+                RouterLogits::new(&z, t_n, e_n).padding_mask(Some(&mask)),
                 s_n,
-                Some(&mask),
                 &s.counts,
                 &cfg,
                 1.0,
@@ -884,7 +878,15 @@ fn large_logits_are_stable() {
         assert_eq!(out.scores_sum, vec![0.5, 1.0, 0.5]);
         assert!((out.loss - 1.125).abs() < 1e-6, "{sf:?}: {}", out.loss);
         let mut g = vec![0.0f32; 6];
-        aux_loss_backward_into(&z, 2, 3, None, &out.counts, 2, &cfg, 1.0, &mut g).unwrap();
+        aux_loss_backward_into(
+            RouterLogits::new(&z, 2, 3),
+            &out.counts,
+            2,
+            &cfg,
+            1.0,
+            &mut g,
+        )
+        .unwrap();
         assert!(g.iter().all(|v| v.is_finite()), "{sf:?}: {g:?}");
         if sf == ScoreFunction::Softmax {
             // g = 3/4 · [1, 1, 0]; token 0: <g, P> = 3/4, dz = 0; token 1: <g, P> = 3/8,
@@ -904,13 +906,22 @@ fn empty_and_all_padding() {
         assert_eq!(out.counts, vec![0; 4]);
         assert_eq!(out.scores_sum, vec![0.0; 4]);
         assert_eq!(out.total_tokens, 0);
-        aux_loss_backward_into::<f32>(&[], 0, 4, None, &out.counts, 0, &cfg, 1.0, &mut []).unwrap();
+        aux_loss_backward_into::<f32>(
+            RouterLogits::new(&[], 0, 4),
+            &out.counts,
+            0,
+            &cfg,
+            1.0,
+            &mut [],
+        )
+        .unwrap();
         let out = aux_loss::<f32>(&[], 0, 4, None, Some(&[1, 2, 3, 4]), Some(10), &cfg).unwrap();
         assert_eq!(out.loss, 0.0);
         let seq = seq_aux_loss::<f32>(&[], 0, 4, 3, None, None, &cfg).unwrap();
         assert_eq!(seq.loss, 0.0);
         assert!(seq.counts.is_empty() && seq.valid_tokens.is_empty());
-        seq_aux_loss_backward_into::<f32>(&[], 0, 4, 3, None, &[], &cfg, 1.0, &mut []).unwrap();
+        seq_aux_loss_backward_into::<f32>(RouterLogits::new(&[], 0, 4), 3, &[], &cfg, 1.0, &mut [])
+            .unwrap();
 
         // every token padding: loss 0, gradient 0, total_tokens 0 accepted by backward
         let z = [0.3f32, -1.0, 2.0, 0.5, 1.0, 1.0, -2.0, 0.0];
@@ -918,10 +929,7 @@ fn empty_and_all_padding() {
         assert_eq!((out.loss, out.total_tokens), (0.0, 0));
         let mut g = vec![7.0f32; 8];
         aux_loss_backward_into(
-            &z,
-            2,
-            4,
-            Some(&[true, true]),
+            RouterLogits::new(&z, 2, 4).padding_mask(Some(&[true, true])),
             &out.counts,
             0,
             &cfg,
@@ -942,7 +950,15 @@ fn nan_logits_do_not_break_counts() {
     assert_eq!(out.counts.iter().sum::<i64>(), 4);
     assert!(out.counts.iter().all(|&c| (0..=2).contains(&c)));
     let mut g = vec![0.0f32; 6];
-    aux_loss_backward_into(&z, 2, 3, None, &out.counts, 2, &cfg, 1.0, &mut g).unwrap();
+    aux_loss_backward_into(
+        RouterLogits::new(&z, 2, 3),
+        &out.counts,
+        2,
+        &cfg,
+        1.0,
+        &mut g,
+    )
+    .unwrap();
 }
 
 // ---------------------------------------------------------------- bad input
@@ -1015,27 +1031,49 @@ fn bad_inputs() {
     );
     // backward
     shape(
-        aux_loss_backward_into(&z, 4, 3, None, &[1, 1, 1], 4, &cfg, 1.0, &mut g[..11]).unwrap_err(),
+        aux_loss_backward_into(
+            RouterLogits::new(&z, 4, 3),
+            &[1, 1, 1],
+            4,
+            &cfg,
+            1.0,
+            &mut g[..11],
+        )
+        .unwrap_err(),
         "grad_logits",
     );
     shape(
-        aux_loss_backward_into(&z, 4, 3, None, &[1, 1], 4, &cfg, 1.0, &mut g).unwrap_err(),
+        aux_loss_backward_into(RouterLogits::new(&z, 4, 3), &[1, 1], 4, &cfg, 1.0, &mut g)
+            .unwrap_err(),
         "counts",
     );
     invalid(
-        aux_loss_backward_into(&z, 4, 3, None, &[1, -1, 1], 4, &cfg, 1.0, &mut g).unwrap_err(),
+        aux_loss_backward_into(
+            RouterLogits::new(&z, 4, 3),
+            &[1, -1, 1],
+            4,
+            &cfg,
+            1.0,
+            &mut g,
+        )
+        .unwrap_err(),
         "counts",
     );
     invalid(
-        aux_loss_backward_into(&z, 4, 3, None, &[1, 1, 1], 0, &cfg, 1.0, &mut g).unwrap_err(),
+        aux_loss_backward_into(
+            RouterLogits::new(&z, 4, 3),
+            &[1, 1, 1],
+            0,
+            &cfg,
+            1.0,
+            &mut g,
+        )
+        .unwrap_err(),
         "total_tokens",
     );
     invalid(
         aux_loss_backward_into(
-            &z,
-            4,
-            3,
-            None,
+            RouterLogits::new(&z, 4, 3),
             &[1, 1, 1],
             4,
             &AuxLossConfig::new(0),
@@ -1046,8 +1084,15 @@ fn bad_inputs() {
         "topk",
     );
     shape(
-        aux_loss_backward_into(&z, 4, 3, Some(&[false]), &[1, 1, 1], 4, &cfg, 1.0, &mut g)
-            .unwrap_err(),
+        aux_loss_backward_into(
+            RouterLogits::new(&z, 4, 3).padding_mask(Some(&[false])),
+            &[1, 1, 1],
+            4,
+            &cfg,
+            1.0,
+            &mut g,
+        )
+        .unwrap_err(),
         "padding_mask",
     );
     // sequence level
@@ -1079,15 +1124,25 @@ fn bad_inputs() {
         "logits",
     );
     shape(
-        seq_aux_loss_backward_into(&z, 4, 3, 2, None, &[1; 6], &cfg, 1.0, &mut g[..3]).unwrap_err(),
+        seq_aux_loss_backward_into(
+            RouterLogits::new(&z, 4, 3),
+            2,
+            &[1; 6],
+            &cfg,
+            1.0,
+            &mut g[..3],
+        )
+        .unwrap_err(),
         "grad_logits",
     );
     shape(
-        seq_aux_loss_backward_into(&z, 4, 3, 2, None, &[1; 3], &cfg, 1.0, &mut g).unwrap_err(),
+        seq_aux_loss_backward_into(RouterLogits::new(&z, 4, 3), 2, &[1; 3], &cfg, 1.0, &mut g)
+            .unwrap_err(),
         "counts",
     );
     invalid(
-        seq_aux_loss_backward_into(&z, 4, 3, 3, None, &[1; 6], &cfg, 1.0, &mut g).unwrap_err(),
+        seq_aux_loss_backward_into(RouterLogits::new(&z, 4, 3), 3, &[1; 6], &cfg, 1.0, &mut g)
+            .unwrap_err(),
         "seq_len",
     );
     // non-contiguous view in the ndarray form

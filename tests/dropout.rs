@@ -9,7 +9,7 @@ use common::{assert_close, finite_diff, with_threads, Rng};
 use moe_router::philox::{uniform, Domain};
 use moe_router::{
     assignment_dropout, assignment_dropout_backward, assignment_dropout_backward_into,
-    assignment_dropout_into, expert_mask, expert_mask_into, AssignmentDropoutBuffers,
+    assignment_dropout_into, expert_mask, expert_mask_into, AssignmentDropoutBuffers, Assignments,
     DropoutConfig, Error,
 };
 use ndarray::{Array2, ShapeBuilder};
@@ -117,10 +117,7 @@ fn run_dropout(
     let mut ow = vec![7.0; t * k];
     let mut ok = vec![true; t * k];
     let dropped = assignment_dropout_into(
-        idx,
-        w,
-        t,
-        k,
+        Assignments::new(idx, w, t, k),
         e_n,
         cfg,
         renorm,
@@ -435,7 +432,14 @@ fn dropout_hand_case_one_of_three_dropped() {
     // dL/dw0 = r (1 - c) + c, dL/dw1 = c (dropped, still in S), dL/dw2 = r (3 - c) + c.
     let (r, c) = (1.0 / 0.7, 1.1 / 0.7);
     let mut gw = [0.0f32; 3];
-    assignment_dropout_backward_into(&idx, &w, &ok, 1, 3, true, &[1.0, 2.0, 3.0], &mut gw).unwrap();
+    assignment_dropout_backward_into(
+        Assignments::new(&idx, &w, 1, 3),
+        &ok,
+        true,
+        &[1.0, 2.0, 3.0],
+        &mut gw,
+    )
+    .unwrap();
     assert_close(
         &gw.iter().map(|&x| x as f64).collect::<Vec<_>>(),
         &[r * (1.0 - c) + c, c, r * (3.0 - c) + c],
@@ -444,8 +448,14 @@ fn dropout_hand_case_one_of_three_dropped() {
         "hand backward",
     );
     // Without renormalisation the gradient is just masked.
-    assignment_dropout_backward_into(&idx, &w, &ok, 1, 3, false, &[1.0, 2.0, 3.0], &mut gw)
-        .unwrap();
+    assignment_dropout_backward_into(
+        Assignments::new(&idx, &w, 1, 3),
+        &ok,
+        false,
+        &[1.0, 2.0, 3.0],
+        &mut gw,
+    )
+    .unwrap();
     assert_eq!(gw, [1.0, 0.0, 3.0]);
 }
 
@@ -464,11 +474,8 @@ fn dropout_all_dropped_token_gets_zeros() {
         assert_eq!(dropped, 3, "the unrouted entry is not counted");
         let mut gw = [9.0f32; 4];
         assignment_dropout_backward_into(
-            &idx,
-            &w,
+            Assignments::new(&idx, &w, 2, 2),
             &ok,
-            2,
-            2,
             renorm,
             &[1.0, -2.0, 3.0, 4.0],
             &mut gw,
@@ -585,7 +592,14 @@ fn dropout_backward_matches_finite_differences() {
         let (_, _, keep, dropped) = run_dropout(&idx, &w, t, k, e_n, &cfg, renorm);
         assert!(dropped > 0);
         let mut gw = vec![0.0f32; t * k];
-        assignment_dropout_backward_into(&idx, &w, &keep, t, k, renorm, &g, &mut gw).unwrap();
+        assignment_dropout_backward_into(
+            Assignments::new(&idx, &w, t, k),
+            &keep,
+            renorm,
+            &g,
+            &mut gw,
+        )
+        .unwrap();
         let w64: Vec<f64> = w.iter().map(|&x| x as f64).collect();
         let loss = |x: &[f64]| -> f64 {
             (0..t)
@@ -630,7 +644,8 @@ fn dropout_backward_rate_zero_passes_gradient() {
     let g = rng.normal_vec(t * k, 1.0);
     let (_, _, keep, _) = run_dropout(&idx, &w, t, k, e_n, &DropoutConfig::new(0.0, 0, 0), true);
     let mut gw = vec![0.0f32; t * k];
-    assignment_dropout_backward_into(&idx, &w, &keep, t, k, true, &g, &mut gw).unwrap();
+    assignment_dropout_backward_into(Assignments::new(&idx, &w, t, k), &keep, true, &g, &mut gw)
+        .unwrap();
     for i in 0..t * k {
         assert_eq!(gw[i], if idx[i] >= 0 { g[i] } else { 0.0 });
     }
@@ -657,7 +672,8 @@ fn dropout_backward_array_form_matches() {
         .unwrap();
     let keep: Vec<bool> = out.keep.iter().copied().collect();
     let mut flat = vec![0.0f32; t * k];
-    assignment_dropout_backward_into(&idx, &w, &keep, t, k, true, &g, &mut flat).unwrap();
+    assignment_dropout_backward_into(Assignments::new(&idx, &w, t, k), &keep, true, &g, &mut flat)
+        .unwrap();
     assert_eq!(gw.iter().copied().collect::<Vec<_>>(), flat);
 }
 
@@ -683,7 +699,8 @@ fn dropout_thread_independent() {
     let run = || {
         let (oi, ow, ok, d) = run_dropout(&idx, &w, t, k, e_n, &cfg, true);
         let mut gw = vec![0.0f32; t * k];
-        assignment_dropout_backward_into(&idx, &w, &ok, t, k, true, &g, &mut gw).unwrap();
+        assignment_dropout_backward_into(Assignments::new(&idx, &w, t, k), &ok, true, &g, &mut gw)
+            .unwrap();
         (
             oi,
             ow.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
@@ -710,7 +727,8 @@ fn dropout_empty_batch() {
     )
     .unwrap();
     assert_eq!(out.indices.dim(), (0, 2));
-    assignment_dropout_backward_into(&[], &[], &[], 0, 2, true, &[], &mut []).unwrap();
+    assignment_dropout_backward_into(Assignments::new(&[], &[], 0, 2), &[], true, &[], &mut [])
+        .unwrap();
 }
 
 // ---------------------------------------------------------------- bad inputs
@@ -728,10 +746,7 @@ fn dropout_err(
     let mut ow = vec![0.0; out_lens[1]];
     let mut ok = vec![false; out_lens[2]];
     assignment_dropout_into(
-        idx,
-        w,
-        t,
-        k,
+        Assignments::new(idx, w, t, k),
         e_n,
         &DropoutConfig::new(rate, 0, 0),
         true,
@@ -821,10 +836,7 @@ fn dropout_bad_indices() {
         keep: &mut ok,
     };
     assignment_dropout_into(
-        &[-1, -1],
-        &[0.5, 0.5],
-        1,
-        2,
+        Assignments::new(&[-1, -1], &[0.5, 0.5], 1, 2),
         4,
         &DropoutConfig::new(0.1, 0, 0),
         true,
@@ -884,8 +896,14 @@ fn dropout_backward_bad_inputs() {
     let keep = [true, false, false, true];
     let g = [1.0f32; 4];
     let mut gw = [0.0f32; 4];
-    let err = assignment_dropout_backward_into(&idx, &w, &keep, 2, 2, true, &g, &mut gw[..3])
-        .unwrap_err();
+    let err = assignment_dropout_backward_into(
+        Assignments::new(&idx, &w, 2, 2),
+        &keep,
+        true,
+        &g,
+        &mut gw[..3],
+    )
+    .unwrap_err();
     assert!(
         matches!(
             err,
@@ -896,8 +914,14 @@ fn dropout_backward_bad_inputs() {
         ),
         "{err}"
     );
-    let err = assignment_dropout_backward_into(&idx, &w, &keep, 2, 2, true, &g[..2], &mut gw)
-        .unwrap_err();
+    let err = assignment_dropout_backward_into(
+        Assignments::new(&idx, &w, 2, 2),
+        &keep,
+        true,
+        &g[..2],
+        &mut gw,
+    )
+    .unwrap_err();
     assert!(
         matches!(
             err,
@@ -908,28 +932,49 @@ fn dropout_backward_bad_inputs() {
         ),
         "{err}"
     );
-    let err = assignment_dropout_backward_into(&idx, &w, &keep[..3], 2, 2, true, &g, &mut gw)
-        .unwrap_err();
+    let err = assignment_dropout_backward_into(
+        Assignments::new(&idx, &w, 2, 2),
+        &keep[..3],
+        true,
+        &g,
+        &mut gw,
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::Shape { arg: "keep", .. }), "{err}");
-    let err = assignment_dropout_backward_into(&idx, &w[..1], &keep, 2, 2, true, &g, &mut gw)
-        .unwrap_err();
+    let err = assignment_dropout_backward_into(
+        Assignments::new(&idx, &w[..1], 2, 2),
+        &keep,
+        true,
+        &g,
+        &mut gw,
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::Shape { arg: "weights", .. }), "{err}");
-    let err = assignment_dropout_backward_into(&idx[..2], &w, &keep, 2, 2, true, &g, &mut gw)
-        .unwrap_err();
+    let err = assignment_dropout_backward_into(
+        Assignments::new(&idx[..2], &w, 2, 2),
+        &keep,
+        true,
+        &g,
+        &mut gw,
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::Shape { arg: "indices", .. }), "{err}");
-    let err =
-        assignment_dropout_backward_into(&idx, &w, &keep, 4, 0, true, &g, &mut gw).unwrap_err();
+    let err = assignment_dropout_backward_into(
+        Assignments::new(&idx, &w, 4, 0),
+        &keep,
+        true,
+        &g,
+        &mut gw,
+    )
+    .unwrap_err();
     assert!(
         matches!(err, Error::InvalidArgument { arg: "topk", .. }),
         "{err}"
     );
     // keep = true for an unrouted entry, and an index below -1.
     let err = assignment_dropout_backward_into(
-        &idx,
-        &w,
+        Assignments::new(&idx, &w, 2, 2),
         &[true, false, true, true],
-        2,
-        2,
         true,
         &g,
         &mut gw,
@@ -940,8 +985,14 @@ fn dropout_backward_bad_inputs() {
         "{err}"
     );
     assert!(err.to_string().contains("keep"), "{err}");
-    let err = assignment_dropout_backward_into(&[0, 1, -3, 2], &w, &keep, 2, 2, true, &g, &mut gw)
-        .unwrap_err();
+    let err = assignment_dropout_backward_into(
+        Assignments::new(&[0, 1, -3, 2], &w, 2, 2),
+        &keep,
+        true,
+        &g,
+        &mut gw,
+    )
+    .unwrap_err();
     assert!(
         matches!(err, Error::InvalidArgument { arg: "indices", .. }),
         "{err}"

@@ -34,9 +34,9 @@ mod common;
 use common::Rng;
 use half::{bf16, f16};
 use moe_router::cuda::topk_gating::{
-    topk_gating_backward_cuda, topk_gating_cuda, topk_gating_replay_cuda,
+    topk_gating_backward_cuda, topk_gating_cuda, topk_gating_replay_cuda, TopkGatingCudaBuffers,
 };
-use moe_router::cuda::{device_available, CudaBackend};
+use moe_router::cuda::{device_available, CudaBackend, DevBuf, RouterLogitsCuda};
 use moe_router::{
     dispatch_into, dispatch_max_rows, topk_gating_backward_into, topk_gating_into,
     topk_gating_replay_into, DispatchBuffers, DispatchConfig, DispatchLayout, DropPolicy,
@@ -224,8 +224,10 @@ fn check_case<T: RouterFloat + cudarc::driver::DeviceRepr>(
         e,
         dbv.as_ref(),
         cfg,
-        &mut dw.as_view_mut(),
-        &mut di.as_view_mut(),
+        TopkGatingCudaBuffers {
+            weights: dw.as_view_mut(),
+            indices: di.as_view_mut(),
+        },
     )
     .unwrap();
     let gw = s.clone_dtoh(&dw).unwrap();
@@ -414,8 +416,10 @@ fn topk_gating_is_bitwise_reproducible(be: &CudaBackend) {
                 e,
                 None,
                 &cfg,
-                &mut dw.as_view_mut(),
-                &mut di.as_view_mut(),
+                TopkGatingCudaBuffers {
+                    weights: dw.as_view_mut(),
+                    indices: di.as_view_mut(),
+                },
             )
             .unwrap();
             let w: Vec<u32> = s
@@ -448,8 +452,10 @@ fn topk_gating_cuda_rejects_what_the_cpu_rejects(be: &CudaBackend) {
         8,
         None,
         &TopkGatingConfig::new(9),
-        &mut dw.as_view_mut(),
-        &mut di.as_view_mut(),
+        TopkGatingCudaBuffers {
+            weights: dw.as_view_mut(),
+            indices: di.as_view_mut(),
+        },
     )
     .unwrap_err();
     assert!(err.to_string().contains("topk"), "{err}");
@@ -460,8 +466,10 @@ fn topk_gating_cuda_rejects_what_the_cpu_rejects(be: &CudaBackend) {
         8,
         None,
         &TopkGatingConfig::new(3),
-        &mut dw.as_view_mut(),
-        &mut di.as_view_mut(),
+        TopkGatingCudaBuffers {
+            weights: dw.as_view_mut(),
+            indices: di.as_view_mut(),
+        },
     )
     .unwrap_err();
     assert!(err.to_string().contains("weights"), "{err}");
@@ -472,8 +480,10 @@ fn topk_gating_cuda_rejects_what_the_cpu_rejects(be: &CudaBackend) {
         8,
         None,
         &TopkGatingConfig::new(2),
-        &mut dw.as_view_mut(),
-        &mut di.as_view_mut(),
+        TopkGatingCudaBuffers {
+            weights: dw.as_view_mut(),
+            indices: di.as_view_mut(),
+        },
     )
     .unwrap_err();
     assert!(err.to_string().contains("logits"), "{err}");
@@ -487,8 +497,10 @@ fn topk_gating_cuda_rejects_what_the_cpu_rejects(be: &CudaBackend) {
         4096,
         None,
         &TopkGatingConfig::new(2),
-        &mut w1.as_view_mut(),
-        &mut i1.as_view_mut(),
+        TopkGatingCudaBuffers {
+            weights: w1.as_view_mut(),
+            indices: i1.as_view_mut(),
+        },
     )
     .unwrap_err();
     assert!(err.to_string().contains("num_experts"), "{err}");
@@ -502,12 +514,13 @@ fn topk_gating_cuda_rejects_what_the_cpu_rejects(be: &CudaBackend) {
 use moe_router::cuda::bias_update::update_expert_bias_cuda;
 use moe_router::cuda::dropout::{
     assignment_dropout_backward_cuda, assignment_dropout_cuda, expert_mask_cuda,
-    AssignmentDropoutCudaBuffers,
+    AssignmentDropoutCudaBuffers, AssignmentsCuda,
 };
 use moe_router::cuda::losses::{
     aux_loss_backward_cuda, aux_loss_backward_workspace_len, aux_loss_cuda, losses_workspace_len,
     seq_aux_loss_backward_cuda, seq_aux_loss_cuda, z_loss_backward_cuda, z_loss_cuda,
-    AuxLossCudaBuffers, CudaTotalTokens, ZLossCudaBuffers,
+    AuxLossBackwardCudaBuffers, AuxLossBackwardCudaInputs, AuxLossCudaBuffers, CudaTotalTokens,
+    ZLossCudaBuffers,
 };
 use moe_router::cuda::router_stats::{
     router_stats_cuda, router_stats_workspace_len, RouterStatsCudaBuffers,
@@ -589,7 +602,6 @@ fn check_losses<T: RouterFloat + cudarc::driver::DeviceRepr>(
         .unwrap();
     let mut dzl = s.clone_htod(&[f32::NAN]).unwrap();
     let mut dzv = s.clone_htod(&[-9i64]).unwrap();
-    let dmv = dmask.as_ref().map(|m| m.as_view());
     let dcv = dcounts_in.as_ref().map(|c| c.as_view());
     let out = AuxLossCudaBuffers {
         loss: dloss.as_view_mut(),
@@ -605,10 +617,8 @@ fn check_losses<T: RouterFloat + cudarc::driver::DeviceRepr>(
     match seq_len {
         None => aux_loss_cuda(
             be,
-            &dz.as_view(),
-            t,
-            e,
-            dmv.as_ref(),
+            RouterLogitsCuda::new(dz.as_view(), t, e)
+                .padding_mask(dmask.as_ref().map(|m| m.as_view())),
             dcv.as_ref(),
             CudaTotalTokens::Valid,
             cfg,
@@ -618,11 +628,9 @@ fn check_losses<T: RouterFloat + cudarc::driver::DeviceRepr>(
         .unwrap(),
         Some(sl) => seq_aux_loss_cuda(
             be,
-            &dz.as_view(),
-            t,
-            e,
+            RouterLogitsCuda::new(dz.as_view(), t, e)
+                .padding_mask(dmask.as_ref().map(|m| m.as_view())),
             sl,
-            dmv.as_ref(),
             dcv.as_ref(),
             cfg,
             Some(zc),
@@ -671,10 +679,7 @@ fn check_losses<T: RouterFloat + cudarc::driver::DeviceRepr>(
     let mut cg = vec![T::default(); t * e];
     match seq_len {
         None => moe_router::aux_loss_backward_into(
-            &z,
-            t,
-            e,
-            mask,
+            moe_router::RouterLogits::new(&z, t, e).padding_mask(mask),
             &ccounts,
             ctotal[0] as usize,
             cfg,
@@ -683,7 +688,12 @@ fn check_losses<T: RouterFloat + cudarc::driver::DeviceRepr>(
         )
         .unwrap(),
         Some(sl) => moe_router::seq_aux_loss_backward_into(
-            &z, t, e, sl, mask, &ccounts, cfg, grad_loss, &mut cg,
+            moe_router::RouterLogits::new(&z, t, e).padding_mask(mask),
+            sl,
+            &ccounts,
+            cfg,
+            grad_loss,
+            &mut cg,
         )
         .unwrap(),
     }
@@ -698,31 +708,35 @@ fn check_losses<T: RouterFloat + cudarc::driver::DeviceRepr>(
     match seq_len {
         None => aux_loss_backward_cuda(
             be,
-            &dz.as_view(),
-            t,
-            e,
-            dmv.as_ref(),
-            &dcounts.as_view(),
-            &dtotal.as_view(),
+            RouterLogitsCuda::new(dz.as_view(), t, e)
+                .padding_mask(dmask.as_ref().map(|m| m.as_view())),
+            AuxLossBackwardCudaInputs {
+                counts: dcounts.as_view(),
+                total_tokens: dtotal.as_view(),
+                grad_loss: dgl.as_view(),
+            },
             cfg,
-            &dgl.as_view(),
-            &mut dgws.as_view_mut(),
-            &mut dg.as_view_mut(),
+            AuxLossBackwardCudaBuffers {
+                workspace: dgws.as_view_mut(),
+                grad_logits: dg.as_view_mut(),
+            },
         )
         .unwrap(),
         Some(sl) => seq_aux_loss_backward_cuda(
             be,
-            &dz.as_view(),
-            t,
-            e,
+            RouterLogitsCuda::new(dz.as_view(), t, e)
+                .padding_mask(dmask.as_ref().map(|m| m.as_view())),
             sl,
-            dmv.as_ref(),
-            &dcounts.as_view(),
-            &dtotal.as_view(),
+            AuxLossBackwardCudaInputs {
+                counts: dcounts.as_view(),
+                total_tokens: dtotal.as_view(),
+                grad_loss: dgl.as_view(),
+            },
             cfg,
-            &dgl.as_view(),
-            &mut dgws.as_view_mut(),
-            &mut dg.as_view_mut(),
+            AuxLossBackwardCudaBuffers {
+                workspace: dgws.as_view_mut(),
+                grad_logits: dg.as_view_mut(),
+            },
         )
         .unwrap(),
     }
@@ -737,14 +751,17 @@ fn check_losses<T: RouterFloat + cudarc::driver::DeviceRepr>(
         );
     }
     let mut czg = vec![T::default(); t * e];
-    moe_router::z_loss_backward_into(&z, t, e, mask, zc, grad_loss, &mut czg).unwrap();
+    moe_router::z_loss_backward_into(
+        moe_router::RouterLogits::new(&z, t, e).padding_mask(mask),
+        zc,
+        grad_loss,
+        &mut czg,
+    )
+    .unwrap();
     let mut dg2 = s.clone_htod(&vec![T::from_f32(f32::NAN); t * e]).unwrap();
     z_loss_backward_cuda(
         be,
-        &dz.as_view(),
-        t,
-        e,
-        dmv.as_ref(),
+        RouterLogitsCuda::new(dz.as_view(), t, e).padding_mask(dmask.as_ref().map(|m| m.as_view())),
         &dzv.as_view(),
         zc,
         &dgl.as_view(),
@@ -859,10 +876,7 @@ fn aux_loss_caller_total_host_and_device(be: &CudaBackend) {
             .unwrap();
         aux_loss_cuda(
             be,
-            &dz.as_view(),
-            t,
-            e,
-            Some(&dm.as_view()),
+            RouterLogitsCuda::new(dz.as_view(), t, e).padding_mask(Some(dm.as_view())),
             counts.then(|| dc.as_view()).as_ref(),
             total,
             &cfg,
@@ -953,10 +967,7 @@ fn plus_inf_logits_give_inf_lse(be: &CudaBackend) {
         let mut dv = s.clone_htod(&[-9i64]).unwrap();
         z_loss_cuda(
             be,
-            &dz.as_view(),
-            t,
-            e,
-            None,
+            RouterLogitsCuda::new(dz.as_view(), t, e),
             1e-3,
             &mut dws.as_view_mut(),
             ZLossCudaBuffers {
@@ -974,10 +985,7 @@ fn plus_inf_logits_give_inf_lse(be: &CudaBackend) {
         let mut zl = s.clone_htod(&[f32::NAN]).unwrap();
         aux_loss_cuda(
             be,
-            &dz.as_view(),
-            t,
-            e,
-            None,
+            RouterLogitsCuda::new(dz.as_view(), t, e),
             None,
             CudaTotalTokens::Valid,
             &AuxLossConfig::new(1),
@@ -1003,12 +1011,9 @@ fn plus_inf_logits_give_inf_lse(be: &CudaBackend) {
         // Router statistics.
         let idx: Vec<i32> = (0..t as i32).collect();
         let cs = moe_router::router_stats(
-            &z,
-            t,
-            e,
+            moe_router::RouterLogits::new(&z, t, e),
             &idx,
             1,
-            None,
             None,
             &moe_router::RouterStatsConfig::new(),
         )
@@ -1024,12 +1029,9 @@ fn plus_inf_logits_give_inf_lse(be: &CudaBackend) {
             .unwrap();
         router_stats_cuda(
             be,
-            &dz.as_view(),
-            t,
-            e,
+            RouterLogitsCuda::new(dz.as_view(), t, e),
             &di.as_view(),
             1,
-            None,
             None,
             RouterStatsCudaBuffers {
                 selected_counts: sel.as_view_mut(),
@@ -1066,10 +1068,7 @@ fn losses_are_bitwise_reproducible(be: &CudaBackend) {
         let mut dzv = s.alloc_zeros::<i64>(1).unwrap();
         aux_loss_cuda(
             be,
-            &dz.as_view(),
-            t,
-            e,
-            None,
+            RouterLogitsCuda::new(dz.as_view(), t, e),
             None,
             CudaTotalTokens::Valid,
             &cfg,
@@ -1152,10 +1151,7 @@ fn dropout_matches_cpu(be: &CudaBackend) {
                 let (mut oi, mut ow, mut ok) =
                     (vec![0i32; t * kk], vec![0f32; t * kk], vec![false; t * kk]);
                 let cd = moe_router::assignment_dropout_into(
-                    &idx,
-                    &w,
-                    t,
-                    kk,
+                    moe_router::Assignments::new(&idx, &w, t, kk),
                     e,
                     &cfg,
                     renorm,
@@ -1174,10 +1170,12 @@ fn dropout_matches_cpu(be: &CudaBackend) {
                 let mut gd = s.clone_htod(&[u64::MAX]).unwrap();
                 assignment_dropout_cuda(
                     be,
-                    &di.as_view(),
-                    &dw.as_view(),
-                    t,
-                    kk,
+                    AssignmentsCuda {
+                        indices: di.as_view(),
+                        weights: dw.as_view(),
+                        num_tokens: t,
+                        topk: kk,
+                    },
                     e,
                     &cfg,
                     renorm,
@@ -1209,18 +1207,24 @@ fn dropout_matches_cpu(be: &CudaBackend) {
                 let go = rng.normal_vec(t * kk, 1.0);
                 let mut cgw = vec![0f32; t * kk];
                 moe_router::assignment_dropout_backward_into(
-                    &idx, &w, &ok, t, kk, renorm, &go, &mut cgw,
+                    moe_router::Assignments::new(&idx, &w, t, kk),
+                    &ok,
+                    renorm,
+                    &go,
+                    &mut cgw,
                 )
                 .unwrap();
                 let dgo = s.clone_htod(&go).unwrap();
                 let mut dgw = s.clone_htod(&vec![f32::NAN; t * kk]).unwrap();
                 assignment_dropout_backward_cuda(
                     be,
-                    &di.as_view(),
-                    &dw.as_view(),
+                    AssignmentsCuda {
+                        indices: di.as_view(),
+                        weights: dw.as_view(),
+                        num_tokens: t,
+                        topk: kk,
+                    },
                     &gok.as_view(),
-                    t,
-                    kk,
                     renorm,
                     &dgo.as_view(),
                     &mut dgw.as_view_mut(),
@@ -1263,13 +1267,10 @@ fn router_stats_and_bias_update_match_cpu(be: &CudaBackend) {
             let mask: Vec<bool> = (0..t).map(|_| rng.below(6) == 0).collect();
             let what = format!("T={t} E={e} k={k} {kind:?}");
             let cs = moe_router::router_stats(
-                &z,
-                t,
-                e,
+                moe_router::RouterLogits::new(&z, t, e).padding_mask(Some(&mask)),
                 &idx,
                 k,
                 Some(&slots),
-                Some(&mask),
                 &moe_router::RouterStatsConfig::new(),
             )
             .unwrap();
@@ -1286,13 +1287,10 @@ fn router_stats_and_bias_update_match_cpu(be: &CudaBackend) {
                 .unwrap();
             router_stats_cuda(
                 be,
-                &dz.as_view(),
-                t,
-                e,
+                RouterLogitsCuda::new(dz.as_view(), t, e).padding_mask(Some(dm.as_view())),
                 &di.as_view(),
                 k,
                 Some(&ds.as_view()),
-                Some(&dm.as_view()),
                 RouterStatsCudaBuffers {
                     selected_counts: sel.as_view_mut(),
                     kept_counts: kept.as_view_mut(),
@@ -1489,12 +1487,14 @@ fn check_permute<T: RouterFloat + cudarc::driver::DeviceRepr>(
     let mut dgx = upload(be, &poison::<T>(nt * hidden), off);
     permute_backward_cuda(
         be,
+        PermuteSizes {
+            num_tokens: nt,
+            num_rows: nr,
+            hidden,
+            k,
+        },
         &dy.slice(off..),
-        nr,
-        hidden,
         &drow.as_view(),
-        nt,
-        k,
         &mut dgx.slice_mut(off..),
     )
     .unwrap();
@@ -1510,13 +1510,15 @@ fn check_permute<T: RouterFloat + cudarc::driver::DeviceRepr>(
     let mut dout = upload(be, &poison::<T>(nt * hidden), off);
     unpermute_cuda(
         be,
+        PermuteSizes {
+            num_tokens: nt,
+            num_rows: nr,
+            hidden,
+            k,
+        },
         &dy.slice(off..),
-        nr,
-        hidden,
         &drow.as_view(),
         &dw.as_view(),
-        nt,
-        k,
         &mut dout.slice_mut(off..),
     )
     .unwrap();
@@ -1530,21 +1532,32 @@ fn check_permute<T: RouterFloat + cudarc::driver::DeviceRepr>(
     let mut cgy = vec![T::default(); nr * hidden];
     let mut cgw = vec![0f32; nt * k];
     moe_router::cpu::permute::unpermute_backward(
-        &go, &y, hidden, &c.row, &c.weights, k, &mut cgy, &mut cgw,
+        &go,
+        &y,
+        hidden,
+        &c.row,
+        &c.weights,
+        k,
+        moe_router::UnpermuteBackwardBuffers {
+            grad_y: &mut cgy,
+            grad_weights: &mut cgw,
+        },
     );
     let mut dgy = upload(be, &poison::<T>(nr * hidden), off);
     let mut dgw = upload(be, &vec![f32::NAN; nt * k], 0);
     let mut dws = upload(be, &vec![-5i32; unpermute_backward_workspace_len(nr)], 0);
     unpermute_backward_cuda(
         be,
+        PermuteSizes {
+            num_tokens: nt,
+            num_rows: nr,
+            hidden,
+            k,
+        },
         &dgo.slice(off..),
         &dy.slice(off..),
-        nr,
-        hidden,
         &drow.as_view(),
         &dw.as_view(),
-        nt,
-        k,
         &mut UnpermuteBackwardCudaBuffers {
             grad_y: dgy.slice_mut(off..),
             grad_weights: dgw.as_view_mut(),
@@ -1602,13 +1615,15 @@ fn permute_empty_and_k0(be: &CudaBackend) {
     let mut out = s.clone_htod(&[f32::NAN; 2 * 3]).unwrap();
     unpermute_cuda(
         be,
+        PermuteSizes {
+            num_tokens: 2,
+            num_rows: 4,
+            hidden: 3,
+            k: 0,
+        },
         &y.as_view(),
-        4,
-        3,
         &ei.slice(0..0),
         &e.slice(0..0),
-        2,
-        0,
         &mut out.as_view_mut(),
     )
     .unwrap();
@@ -1645,13 +1660,15 @@ fn permute_is_bitwise_reproducible(be: &CudaBackend) {
         let mut dout = upload(be, &vec![bf16::from_bits(run as u16); nt * hidden], 0);
         unpermute_cuda(
             be,
+            PermuteSizes {
+                num_tokens: nt,
+                num_rows: nr,
+                hidden,
+                k,
+            },
             &dy.as_view(),
-            nr,
-            hidden,
             &drow.as_view(),
             &dw.as_view(),
-            nt,
-            k,
             &mut dout.as_view_mut(),
         )
         .unwrap();
@@ -1660,14 +1677,16 @@ fn permute_is_bitwise_reproducible(be: &CudaBackend) {
         let mut dws = upload(be, &vec![run as i32; nr], 0);
         unpermute_backward_cuda(
             be,
+            PermuteSizes {
+                num_tokens: nt,
+                num_rows: nr,
+                hidden,
+                k,
+            },
             &dgo.as_view(),
             &dy.as_view(),
-            nr,
-            hidden,
             &drow.as_view(),
             &dw.as_view(),
-            nt,
-            k,
             &mut UnpermuteBackwardCudaBuffers {
                 grad_y: dgy.as_view_mut(),
                 grad_weights: dgw.as_view_mut(),
@@ -1730,9 +1749,9 @@ fn permute_raw_entry_matches(be: &CudaBackend) {
             k: 0,
         };
         let ptrs = PermuteRawPtrs {
-            x: xp,
-            row_to_token: rp,
-            buf: bp,
+            x: DevBuf::new(xp, x.len()),
+            row_to_token: DevBuf::new(rp, c.row_to_token.len()),
+            buf: DevBuf::new(bp, c.num_rows * hidden),
             ..Default::default()
         };
         // SAFETY: live buffers of this context with the documented shapes, on the
@@ -1752,10 +1771,11 @@ fn permute_raw_entry_matches(be: &CudaBackend) {
     assert_bits(&s.clone_dtoh(&dbuf).unwrap(), &cpu, "permute_raw f16");
 }
 
-/// The raw entries (what the Python layer calls) refuse a null or misaligned pointer
-/// for a buffer they use, naming it, before any launch; a null optional buffer is
-/// fine. (The CUDA aux-loss binding once passed a null `scores_sum`, which the kernel
-/// writes.)
+/// The raw entries (what the Python layer calls) refuse, naming the buffer and before
+/// any launch: a buffer whose length is not its shape's (the op's validator runs on
+/// the given lengths), a null or misaligned one they use, and a non-empty one the pass
+/// does not use; an absent optional buffer is fine. (The CUDA aux-loss binding once
+/// passed a null `scores_sum`, which the kernel writes.)
 fn raw_entries_reject_null_and_misaligned_pointers(be: &CudaBackend) {
     use cudarc::driver::{DevicePtr, DevicePtrMut};
     use moe_router::cuda::losses::{losses_raw, LossesPass, LossesRawPtrs};
@@ -1775,8 +1795,8 @@ fn raw_entries_reject_null_and_misaligned_pointers(be: &CudaBackend) {
         assert!(err.contains(arg), "error should name `{arg}`: {err}");
     };
     let gating = |ptrs: TopkGatingRawPtrs| {
-        // SAFETY: every non-null pointer is a live buffer of the documented shape; the
-        // call must fail on the null / misaligned one before launching anything.
+        // SAFETY: every non-empty buffer is a live buffer of at least its length; the
+        // call must fail on the bad one before launching anything.
         unsafe {
             topk_gating_raw(
                 be,
@@ -1791,28 +1811,29 @@ fn raw_entries_reject_null_and_misaligned_pointers(be: &CudaBackend) {
         }
     };
     let ok = TopkGatingRawPtrs {
-        logits: zp,
-        indices: ip,
-        weights: wp,
+        logits: DevBuf::new(zp, t * e),
+        indices: DevBuf::new(ip, t * k),
+        weights: DevBuf::new(wp, t * k),
         ..Default::default()
     };
-    gating(ok).unwrap(); // expert_bias = 0: no bias
-    expect(gating(TopkGatingRawPtrs { weights: 0, ..ok }), "weights");
+    gating(ok).unwrap(); // expert_bias = None: no bias
+    let weights = DevBuf::new(0, t * k);
+    expect(gating(TopkGatingRawPtrs { weights, ..ok }), "weights");
+    let weights = DevBuf::new(wp, t * k - 1);
+    expect(gating(TopkGatingRawPtrs { weights, ..ok }), "weights");
+    let logits = DevBuf::new(zp + 2, t * e);
+    expect(gating(TopkGatingRawPtrs { logits, ..ok }), "logits");
+    let expert_bias = Some(DevBuf::new(wp + 1, e));
     expect(
-        gating(TopkGatingRawPtrs {
-            logits: zp + 2,
-            ..ok
-        }),
-        "logits",
-    );
-    expect(
-        gating(TopkGatingRawPtrs {
-            expert_bias: wp + 1,
-            ..ok
-        }),
+        gating(TopkGatingRawPtrs { expert_bias, ..ok }),
         "expert_bias",
     );
-    // permute: a null destination.
+    let grad_logits = DevBuf::new(zp, t * e);
+    expect(
+        gating(TopkGatingRawPtrs { grad_logits, ..ok }),
+        "grad_logits",
+    );
+    // permute: a null destination, then one too short.
     let sizes = PermuteSizes {
         num_tokens: t,
         num_rows: 4,
@@ -1821,56 +1842,59 @@ fn raw_entries_reject_null_and_misaligned_pointers(be: &CudaBackend) {
     };
     let rtt = upload(be, &[0i32; 4], 0);
     let (rp, _g4) = rtt.device_ptr(s);
-    let r = unsafe {
-        // SAFETY: as above.
-        permute_raw(
-            be,
-            s.cu_stream(),
-            PermutePass::Permute,
-            DType::F32,
-            sizes,
-            PermuteRawPtrs {
-                x: zp,
-                row_to_token: rp,
-                buf: 0,
-                ..Default::default()
-            },
-        )
+    let permute = |buf: DevBuf| {
+        // SAFETY: as above (`z` holds more than 4 rows of `e`).
+        unsafe {
+            permute_raw(
+                be,
+                s.cu_stream(),
+                PermutePass::Permute,
+                DType::F32,
+                sizes,
+                PermuteRawPtrs {
+                    x: DevBuf::new(zp, t * e),
+                    row_to_token: DevBuf::new(rp, 4),
+                    buf,
+                    ..Default::default()
+                },
+            )
+        }
     };
-    expect(r, "buf");
+    expect(permute(DevBuf::new(0, 4 * e)), "buf");
+    expect(permute(DevBuf::new(zp, 4 * e - 1)), "out");
     // The aux-loss forward with every buffer but `scores_sum`.
     let mut out = upload(be, &vec![0i64; 64], 0);
-    let mut ws = upload(be, &vec![0f64; 1 << 16], 0);
+    let ws_len = moe_router::cuda::losses::losses_workspace_len(t, e, None);
+    let mut ws = upload(be, &vec![0f64; ws_len], 0);
     let (op, _g5) = out.device_ptr_mut(s);
     let (wsp, _g6) = ws.device_ptr_mut(s);
-    let cfg = AuxLossConfig::new(k);
-    let r = unsafe {
-        // SAFETY: as above; `out` and `ws` are larger than every buffer they stand for.
-        losses_raw(
-            be,
-            s.cu_stream(),
-            LossesPass::AuxForward,
-            DType::F32,
-            t,
-            e,
-            None,
-            None,
-            &cfg,
-            None,
-            LossesRawPtrs {
-                logits: zp,
-                loss: op,
-                out_counts: op + 64,
-                scores_sum: 0,
-                total_tokens: op + 128,
-                workspace: wsp,
-                z_loss: op + 192,
-                valid_tokens: op + 256,
-                ..Default::default()
-            },
-        )
+    let pass = LossesPass::AuxForward {
+        cfg: AuxLossConfig::new(k),
+        seq_len: None,
+        total_tokens: None,
+        z_loss_coeff: None,
     };
-    expect(r, "scores_sum");
+    let ok = LossesRawPtrs {
+        logits: DevBuf::new(zp, t * e),
+        loss: DevBuf::new(op, 1),
+        out_counts: DevBuf::new(op + 64, e),
+        scores_sum: DevBuf::new(op + 128, e),
+        total_tokens: DevBuf::new(op + 192, 1),
+        workspace: DevBuf::new(wsp, ws_len),
+        ..Default::default()
+    };
+    let losses = |ptrs: LossesRawPtrs| {
+        // SAFETY: as above; every buffer of `ok` lies in `out` or `ws`, apart.
+        unsafe { losses_raw(be, s.cu_stream(), pass, DType::F32, t, e, ptrs) }
+    };
+    losses(ok).unwrap();
+    let scores_sum = DevBuf::new(0, e);
+    expect(losses(LossesRawPtrs { scores_sum, ..ok }), "scores_sum");
+    // Not fused: the z-loss buffers must be empty.
+    let z_loss = DevBuf::new(op + 256, 1);
+    expect(losses(LossesRawPtrs { z_loss, ..ok }), "z_loss");
+    let workspace = DevBuf::new(wsp, ws_len - 1);
+    expect(losses(LossesRawPtrs { workspace, ..ok }), "workspace");
 }
 
 // ---------------------------------------------------------------------------
@@ -2344,6 +2368,19 @@ fn dispatch_raw_entry_matches(be: &CudaBackend) {
     let dw = upload(be, &w, 0);
     let mut d = DispatchDev::new(be, t, k, &cfg);
     {
+        let n = [
+            di.len(),
+            dw.len(),
+            d.slot.len(),
+            d.row.len(),
+            d.kw.len(),
+            d.tpe.len(),
+            d.rtt.len(),
+            d.eo.len(),
+            d.rpr.len(),
+            d.counts.len(),
+            d.ws.len(),
+        ];
         let (ip, _g1) = di.device_ptr(s);
         let (wp, _g2) = dw.device_ptr(s);
         let (slot, _g3) = d.slot.device_ptr_mut(s);
@@ -2356,17 +2393,17 @@ fn dispatch_raw_entry_matches(be: &CudaBackend) {
         let (counts, _g10) = d.counts.device_ptr_mut(s);
         let (ws, _g11) = d.ws.device_ptr_mut(s);
         let ptrs = DispatchRawPtrs {
-            indices: ip,
-            weights: wp,
-            slot,
-            row,
-            kept_weights: kw,
-            tokens_per_expert: tpe,
-            row_to_token: rtt,
-            expert_offsets: eo,
-            rows_per_rank: rpr,
-            counts,
-            workspace: ws,
+            indices: DevBuf::new(ip, n[0]),
+            weights: DevBuf::new(wp, n[1]),
+            slot: DevBuf::new(slot, n[2]),
+            row: DevBuf::new(row, n[3]),
+            kept_weights: DevBuf::new(kw, n[4]),
+            tokens_per_expert: DevBuf::new(tpe, n[5]),
+            row_to_token: DevBuf::new(rtt, n[6]),
+            expert_offsets: DevBuf::new(eo, n[7]),
+            rows_per_rank: DevBuf::new(rpr, n[8]),
+            counts: DevBuf::new(counts, n[9]),
+            workspace: DevBuf::new(ws, n[10]),
         };
         // SAFETY: live buffers of this context with the documented shapes, on the
         // backend's own stream.
@@ -2708,7 +2745,10 @@ fn expert_choice_is_bitwise_reproducible(be: &CudaBackend) {
 
 fn expert_choice_raw_entry_matches(be: &CudaBackend) {
     use cudarc::driver::{DevicePtr, DevicePtrMut};
-    use moe_router::cuda::expert_choice::{expert_choice_raw, ExpertChoiceRawPtrs};
+    use moe_router::cuda::expert_choice::{
+        expert_choice_raw, ExpertChoicePass, ExpertChoiceRawPtrs,
+    };
+    use moe_router::DType;
     let mut rng = Rng::new(43);
     let (t, e, cap) = (100, 12, 9);
     let z: Vec<bf16> = make_logits(&mut rng, t * e, Input::Random)
@@ -2736,30 +2776,19 @@ fn expert_choice_raw_entry_matches(be: &CudaBackend) {
         let (tp, _g6) = tpe.device_ptr_mut(s);
         let (ep, _g7) = eo.device_ptr_mut(s);
         let ptrs = ExpertChoiceRawPtrs {
-            logits: zp,
-            weights: wp,
-            row: rp,
-            row_to_token: rttp,
-            row_weights: rwp,
-            tokens_per_expert: tp,
-            expert_offsets: ep,
+            logits: DevBuf::new(zp, t * e),
+            weights: DevBuf::new(wp, t * e),
+            row: DevBuf::new(rp, t * e),
+            row_to_token: DevBuf::new(rttp, e * cap),
+            row_weights: DevBuf::new(rwp, e * cap),
+            tokens_per_expert: DevBuf::new(tp, e),
+            expert_offsets: DevBuf::new(ep, e + 1),
             ..Default::default()
         };
+        let pass = ExpertChoicePass::Forward { capacity: cap };
         // SAFETY: live buffers of this context with the documented shapes, on the
         // backend's own stream.
-        unsafe {
-            expert_choice_raw(
-                be,
-                s.cu_stream(),
-                false,
-                moe_router::DType::BF16,
-                t,
-                e,
-                cap,
-                ptrs,
-            )
-        }
-        .unwrap();
+        unsafe { expert_choice_raw(be, s.cu_stream(), pass, DType::BF16, t, e, ptrs) }.unwrap();
     }
     assert_eq!(s.clone_dtoh(&row).unwrap(), safe.row, "raw row");
     assert_eq!(
@@ -2778,26 +2807,15 @@ fn expert_choice_raw_entry_matches(be: &CudaBackend) {
         let (gp, _g3) = dgw.device_ptr(s);
         let (gz, _g4) = dg.device_ptr_mut(s);
         let ptrs = ExpertChoiceRawPtrs {
-            logits: zp,
-            row: rp,
-            grad_weights: gp,
-            grad_logits: gz,
+            logits: DevBuf::new(zp, t * e),
+            row: DevBuf::new(rp, t * e),
+            grad_weights: DevBuf::new(gp, t * e),
+            grad_logits: DevBuf::new(gz, t * e),
             ..Default::default()
         };
+        let pass = ExpertChoicePass::Backward;
         // SAFETY: as above.
-        unsafe {
-            expert_choice_raw(
-                be,
-                s.cu_stream(),
-                true,
-                moe_router::DType::BF16,
-                t,
-                e,
-                0,
-                ptrs,
-            )
-        }
-        .unwrap();
+        unsafe { expert_choice_raw(be, s.cu_stream(), pass, DType::BF16, t, e, ptrs) }.unwrap();
     }
     let mut cg = vec![bf16::default(); t * e];
     moe_router::expert_choice_backward_into(&z, t, e, &safe.row, &gw, &mut cg).unwrap();

@@ -112,19 +112,19 @@ proptest! {
         let total = (r.below(3) == 0).then(|| small(&mut r, 40));
         let mut gz = vec![0f32; len(&mut r, t * e)];
         if let Ok(a) = aux_loss(&z, t, e, mask.as_deref(), counts.as_deref(), total, &cfg) {
-            let _ = aux_loss_backward_into(&z, t, e, mask.as_deref(), &a.counts, a.total_tokens, &cfg, 1.0, &mut gz);
+            let _ = aux_loss_backward_into(RouterLogits::new(&z, t, e).padding_mask(mask.as_deref()), &a.counts, a.total_tokens, &cfg, 1.0, &mut gz);
         }
-        let _ = aux_loss_backward_into(&z, t, e, mask.as_deref(), counts.as_deref().unwrap_or(&[]), small(&mut r, 5), &cfg, 1.0, &mut gz);
+        let _ = aux_loss_backward_into(RouterLogits::new(&z, t, e).padding_mask(mask.as_deref()), counts.as_deref().unwrap_or(&[]), small(&mut r, 5), &cfg, 1.0, &mut gz);
         let s = small(&mut r, 6);
         if let Ok(a) = seq_aux_loss(&z, t, e, s, mask.as_deref(), None, &cfg) {
-            let _ = seq_aux_loss_backward_into(&z, t, e, s, mask.as_deref(), &a.counts, &cfg, 1.0, &mut gz);
+            let _ = seq_aux_loss_backward_into(RouterLogits::new(&z, t, e).padding_mask(mask.as_deref()), s, &a.counts, &cfg, 1.0, &mut gz);
         }
         let coeff = floats(&mut r, 1)[0];
         let _ = z_loss(&z, t, e, mask.as_deref(), coeff);
-        let _ = z_loss_backward_into(&z, t, e, mask.as_deref(), coeff, 1.0, &mut gz);
+        let _ = z_loss_backward_into(RouterLogits::new(&z, t, e).padding_mask(mask.as_deref()), coeff, 1.0, &mut gz);
         let idx = il(&mut r, t * k, e);
         let slots = (r.below(2) == 0).then(|| il(&mut r, t * k, 5));
-        let _ = router_stats(&z, t, e, &idx, k, slots.as_deref(), mask.as_deref(), &RouterStatsConfig::new().strict(r.below(2) == 0));
+        let _ = router_stats(RouterLogits::new(&z, t, e).padding_mask(mask.as_deref()), &idx, k, slots.as_deref(), &RouterStatsConfig::new().strict(r.below(2) == 0));
         let mut bias = fl(&mut r, e);
         let c: Vec<i64> = (0..len(&mut r, e)).map(|_| r.below(100) as i64 - 3).collect();
         let _ = update_expert_bias(&mut bias, &c, floats(&mut r, 1)[0]);
@@ -142,10 +142,10 @@ proptest! {
         let (mut oi, mut ow, mut keep) = (vec![0i32; len(&mut r, t * k)], vec![0f32; len(&mut r, t * k)], vec![false; len(&mut r, t * k)]);
         let renorm = r.below(2) == 0;
         let out = AssignmentDropoutBuffers { indices: &mut oi, weights: &mut ow, keep: &mut keep };
-        let _ = assignment_dropout_into(&idx, &w, t, k, e, &cfg, renorm, out);
+        let _ = assignment_dropout_into(Assignments::new(&idx, &w, t, k), e, &cfg, renorm, out);
         let g = fl(&mut r, t * k);
         let mut gw = vec![0f32; len(&mut r, t * k)];
-        let _ = assignment_dropout_backward_into(&idx, &w, &keep, t, k, renorm, &g, &mut gw);
+        let _ = assignment_dropout_backward_into(Assignments::new(&idx, &w, t, k), &keep, renorm, &g, &mut gw);
     }
 
     #[test]
@@ -160,13 +160,13 @@ proptest! {
         let w = fl(&mut r, t * k);
         let y = fl(&mut r, rows * h);
         let mut gx = vec![0f32; len(&mut r, t * h)];
-        let _ = permute_backward_into(&y, rows, h, &row, t, k, &mut gx);
+        let _ = permute_backward_into(PermuteSizes { num_tokens: t, num_rows: rows, hidden: h, k }, &y, &row, &mut gx);
         let mut out = vec![0f32; len(&mut r, t * h)];
-        let _ = unpermute_into(&y, rows, h, &row, &w, t, k, &mut out);
+        let _ = unpermute_into(PermuteSizes { num_tokens: t, num_rows: rows, hidden: h, k }, &y, &row, &w, &mut out);
         let go = fl(&mut r, t * h);
         let mut gy = vec![0f32; len(&mut r, rows * h)];
         let mut gwt = vec![0f32; len(&mut r, t * k)];
-        let _ = unpermute_backward_into(&go, &y, rows, h, &row, &w, t, k, &mut gy, &mut gwt);
+        let _ = unpermute_backward_into(PermuteSizes { num_tokens: t, num_rows: rows, hidden: h, k }, &go, &y, &row, &w, UnpermuteBackwardBuffers { grad_y: &mut gy, grad_weights: &mut gwt });
     }
 
     #[test]
@@ -290,12 +290,34 @@ fn public_cpu_functions_never_panic() {
             p::permute_backward(&x, hidden, &rows, k, &mut out);
             p::unpermute(&x, hidden, &rows, &w, k, &mut out);
             let (mut gy, mut gw) = ([0.0f32; 5], [0.0f32; 4]);
-            p::unpermute_backward(&x, &x, hidden, &rows, &w, k, &mut gy, &mut gw);
+            p::unpermute_backward(
+                &x,
+                &x,
+                hidden,
+                &rows,
+                &w,
+                k,
+                moe_router::UnpermuteBackwardBuffers {
+                    grad_y: &mut gy,
+                    grad_weights: &mut gw,
+                },
+            );
             let xh: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
             let mut oh = vec![half::f16::ZERO; 7];
             p::unpermute(&xh, hidden, &rows, &w, k, &mut oh);
             let mut gyh = vec![half::f16::ZERO; 3];
-            p::unpermute_backward(&xh, &xh, hidden, &rows, &w, k, &mut gyh, &mut gw);
+            p::unpermute_backward(
+                &xh,
+                &xh,
+                hidden,
+                &rows,
+                &w,
+                k,
+                moe_router::UnpermuteBackwardBuffers {
+                    grad_y: &mut gyh,
+                    grad_weights: &mut gw,
+                },
+            );
         }
     }
     for v in [f32::NAN, f32::INFINITY, -0.0, 1e-40, 65520.0] {

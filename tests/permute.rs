@@ -8,7 +8,8 @@ use common::{assert_close, finite_diff, with_threads, Rng};
 use half::{bf16, f16};
 use moe_router::{
     permute, permute_backward, permute_backward_into, permute_into, permute_row_to_token,
-    unpermute, unpermute_backward, unpermute_backward_into, unpermute_into, Error, RouterFloat,
+    unpermute, unpermute_backward, unpermute_backward_into, unpermute_into, Error, PermuteSizes,
+    RouterFloat, UnpermuteBackwardBuffers,
 };
 use ndarray::{array, s, Array1, Array2};
 use proptest::prelude::*;
@@ -240,25 +241,29 @@ fn run_all<T: RouterFloat>(l: &Layout, hidden: usize, d: &Data) -> Outputs<T> {
     assert_eq!(bits(&b2), bits(&o.buf), "permute_into");
     let mut gx2 = vec![dirty; nt * hidden];
     permute_backward_into(
+        PermuteSizes {
+            num_tokens: nt,
+            num_rows: nr,
+            hidden,
+            k,
+        },
         g_buf.as_slice().unwrap(),
-        nr,
-        hidden,
         &l.row,
-        nt,
-        k,
         &mut gx2,
     )
     .unwrap();
     assert_eq!(bits(&gx2), bits(&o.grad_x), "permute_backward_into");
     let mut out2 = vec![dirty; nt * hidden];
     unpermute_into(
+        PermuteSizes {
+            num_tokens: nt,
+            num_rows: nr,
+            hidden,
+            k,
+        },
         y.as_slice().unwrap(),
-        nr,
-        hidden,
         &l.row,
         &d.w,
-        nt,
-        k,
         &mut out2,
     )
     .unwrap();
@@ -266,16 +271,20 @@ fn run_all<T: RouterFloat>(l: &Layout, hidden: usize, d: &Data) -> Outputs<T> {
     let mut gy2 = vec![dirty; nr * hidden];
     let mut gw2 = vec![7.0f32; nt * k];
     unpermute_backward_into(
+        PermuteSizes {
+            num_tokens: nt,
+            num_rows: nr,
+            hidden,
+            k,
+        },
         g_out.as_slice().unwrap(),
         y.as_slice().unwrap(),
-        nr,
-        hidden,
         &l.row,
         &d.w,
-        nt,
-        k,
-        &mut gy2,
-        &mut gw2,
+        UnpermuteBackwardBuffers {
+            grad_y: &mut gy2,
+            grad_weights: &mut gw2,
+        },
     )
     .unwrap();
     assert_eq!(
@@ -554,7 +563,18 @@ fn empty_and_degenerate_sizes() {
     assert_eq!(g.grad_weights.dim(), (3, 0));
     // hidden = 0 with a huge num_rows is still bounded by the i32 row index.
     let mut gx: Vec<f32> = vec![];
-    assert!(permute_backward_into::<f32>(&[], 1 << 20, 0, &[5], 1, 1, &mut gx).is_ok());
+    assert!(permute_backward_into::<f32>(
+        PermuteSizes {
+            num_tokens: 1,
+            num_rows: 1 << 20,
+            hidden: 0,
+            k: 1
+        },
+        &[],
+        &[5],
+        &mut gx
+    )
+    .is_ok());
 }
 
 #[test]
@@ -826,28 +846,94 @@ fn bad_permute_backward_inputs() {
     let row = [0, 1, 2, -1]; // [2, 2]
     let mut gx = vec![1.0f32; 4];
     assert_shape(
-        permute_backward_into(&gb[..7], 4, 2, &row, 2, 2, &mut gx).unwrap_err(),
+        permute_backward_into(
+            PermuteSizes {
+                num_tokens: 2,
+                num_rows: 4,
+                hidden: 2,
+                k: 2,
+            },
+            &gb[..7],
+            &row,
+            &mut gx,
+        )
+        .unwrap_err(),
         "grad_buf",
     );
     assert_shape(
-        permute_backward_into(&gb, 4, 2, &row[..3], 2, 2, &mut gx).unwrap_err(),
+        permute_backward_into(
+            PermuteSizes {
+                num_tokens: 2,
+                num_rows: 4,
+                hidden: 2,
+                k: 2,
+            },
+            &gb,
+            &row[..3],
+            &mut gx,
+        )
+        .unwrap_err(),
         "row",
     );
     assert_shape(
-        permute_backward_into(&gb, 4, 2, &row, 2, 2, &mut gx[..2]).unwrap_err(),
+        permute_backward_into(
+            PermuteSizes {
+                num_tokens: 2,
+                num_rows: 4,
+                hidden: 2,
+                k: 2,
+            },
+            &gb,
+            &row,
+            &mut gx[..2],
+        )
+        .unwrap_err(),
         "grad_x",
     );
     assert_invalid(
-        permute_backward_into(&gb, 4, 2, &[0, 4, 1, 2], 2, 2, &mut gx).unwrap_err(),
+        permute_backward_into(
+            PermuteSizes {
+                num_tokens: 2,
+                num_rows: 4,
+                hidden: 2,
+                k: 2,
+            },
+            &gb,
+            &[0, 4, 1, 2],
+            &mut gx,
+        )
+        .unwrap_err(),
         "row",
         "4 at token 0, choice 1",
     );
     assert_invalid(
-        permute_backward_into(&gb, 4, 2, &[0, -3, 1, 2], 2, 2, &mut gx).unwrap_err(),
+        permute_backward_into(
+            PermuteSizes {
+                num_tokens: 2,
+                num_rows: 4,
+                hidden: 2,
+                k: 2,
+            },
+            &gb,
+            &[0, -3, 1, 2],
+            &mut gx,
+        )
+        .unwrap_err(),
         "row",
         "-3",
     );
-    let e = permute_backward_into(&gb, 4, 2, &[0, 2, 1, 2], 2, 2, &mut gx).unwrap_err();
+    let e = permute_backward_into(
+        PermuteSizes {
+            num_tokens: 2,
+            num_rows: 4,
+            hidden: 2,
+            k: 2,
+        },
+        &gb,
+        &[0, 2, 1, 2],
+        &mut gx,
+    )
+    .unwrap_err();
     assert!(
         e.to_string().contains("token 0, choice 1"),
         "names the first user of the row: {e}"
@@ -855,7 +941,18 @@ fn bad_permute_backward_inputs() {
     assert_invalid(e, "row", "2 at token 1, choice 1");
     assert_eq!(gx, vec![1.0; 4], "grad_x untouched on error");
     // num_rows must fit the i32 row index (hidden = 0 makes the buffers empty).
-    let e = permute_backward_into::<f32>(&[], 1 << 31, 0, &[0], 1, 1, &mut []).unwrap_err();
+    let e = permute_backward_into::<f32>(
+        PermuteSizes {
+            num_tokens: 1,
+            num_rows: 1 << 31,
+            hidden: 0,
+            k: 1,
+        },
+        &[],
+        &[0],
+        &mut [],
+    )
+    .unwrap_err();
     assert!(
         matches!(
             e,
@@ -883,28 +980,100 @@ fn bad_unpermute_inputs() {
     let w = [1.0f32; 4];
     let mut out = vec![1.0f32; 4];
     assert_shape(
-        unpermute_into(&y[..6], 4, 2, &row, &w, 2, 2, &mut out).unwrap_err(),
+        unpermute_into(
+            PermuteSizes {
+                num_tokens: 2,
+                num_rows: 4,
+                hidden: 2,
+                k: 2,
+            },
+            &y[..6],
+            &row,
+            &w,
+            &mut out,
+        )
+        .unwrap_err(),
         "y",
     );
     assert_shape(
-        unpermute_into(&y, 4, 2, &row[..2], &w, 2, 2, &mut out).unwrap_err(),
+        unpermute_into(
+            PermuteSizes {
+                num_tokens: 2,
+                num_rows: 4,
+                hidden: 2,
+                k: 2,
+            },
+            &y,
+            &row[..2],
+            &w,
+            &mut out,
+        )
+        .unwrap_err(),
         "row",
     );
     assert_shape(
-        unpermute_into(&y, 4, 2, &row, &w[..3], 2, 2, &mut out).unwrap_err(),
+        unpermute_into(
+            PermuteSizes {
+                num_tokens: 2,
+                num_rows: 4,
+                hidden: 2,
+                k: 2,
+            },
+            &y,
+            &row,
+            &w[..3],
+            &mut out,
+        )
+        .unwrap_err(),
         "weights",
     );
     assert_shape(
-        unpermute_into(&y, 4, 2, &row, &w, 2, 2, &mut out[..1]).unwrap_err(),
+        unpermute_into(
+            PermuteSizes {
+                num_tokens: 2,
+                num_rows: 4,
+                hidden: 2,
+                k: 2,
+            },
+            &y,
+            &row,
+            &w,
+            &mut out[..1],
+        )
+        .unwrap_err(),
         "out",
     );
     assert_invalid(
-        unpermute_into(&y, 4, 2, &[0, 1, 7, -1], &w, 2, 2, &mut out).unwrap_err(),
+        unpermute_into(
+            PermuteSizes {
+                num_tokens: 2,
+                num_rows: 4,
+                hidden: 2,
+                k: 2,
+            },
+            &y,
+            &[0, 1, 7, -1],
+            &w,
+            &mut out,
+        )
+        .unwrap_err(),
         "row",
         "7 at token 1, choice 0",
     );
     assert_invalid(
-        unpermute_into(&y, 4, 2, &[3, 3, 1, -1], &w, 2, 2, &mut out).unwrap_err(),
+        unpermute_into(
+            PermuteSizes {
+                num_tokens: 2,
+                num_rows: 4,
+                hidden: 2,
+                k: 2,
+            },
+            &y,
+            &[3, 3, 1, -1],
+            &w,
+            &mut out,
+        )
+        .unwrap_err(),
         "row",
         "at most one assignment",
     );
@@ -937,16 +1106,20 @@ fn bad_unpermute_backward_inputs() {
     let (mut gy, mut gw) = (vec![1.0f32; 8], vec![1.0f32; 4]);
     let mut call = |go: &[f32], y: &[f32], row: &[i32], w: &[f32], gy_len: usize, gw_len: usize| {
         unpermute_backward_into(
+            PermuteSizes {
+                num_tokens: 2,
+                num_rows: 4,
+                hidden: 2,
+                k: 2,
+            },
             go,
             y,
-            4,
-            2,
             row,
             w,
-            2,
-            2,
-            &mut gy[..gy_len],
-            &mut gw[..gw_len],
+            UnpermuteBackwardBuffers {
+                grad_y: &mut gy[..gy_len],
+                grad_weights: &mut gw[..gw_len],
+            },
         )
         .unwrap_err()
     };
@@ -1017,7 +1190,19 @@ fn bad_unpermute_backward_inputs() {
 fn bad_sizes_overflow_i32() {
     // num_tokens * k beyond i32 (a zero-width hidden and empty buffers get past the
     // length checks only if the overflow check is missing).
-    let e = unpermute_into::<f32>(&[], 0, 0, &[], &[], 1 << 20, 1 << 12, &mut []).unwrap_err();
+    let e = unpermute_into::<f32>(
+        PermuteSizes {
+            num_tokens: 1 << 20,
+            num_rows: 0,
+            hidden: 0,
+            k: 1 << 12,
+        },
+        &[],
+        &[],
+        &[],
+        &mut [],
+    )
+    .unwrap_err();
     assert!(
         matches!(
             e,

@@ -7,7 +7,8 @@ mod common;
 use common::{assert_close, with_threads, Rng};
 use half::{bf16, f16};
 use moe_router::{
-    router_stats, router_stats_view, Error, RouterFloat, RouterStats, RouterStatsConfig,
+    router_stats, router_stats_view, Error, RouterFloat, RouterLogits, RouterStats,
+    RouterStatsConfig,
 };
 use ndarray::{Array1, Array2, ShapeBuilder};
 use proptest::prelude::*;
@@ -188,7 +189,14 @@ fn hand_case_three_experts() {
     let idx = [0, 1, 0, -1, 2, 1];
     let slots = [0, -1, 1, -1, 0, 0];
     let pad = [false, false, true];
-    let s = router_stats(&z, 3, 3, &idx, 2, Some(&slots), Some(&pad), &cfg()).unwrap();
+    let s = router_stats(
+        RouterLogits::new(&z, 3, 3).padding_mask(Some(&pad)),
+        &idx,
+        2,
+        Some(&slots),
+        &cfg(),
+    )
+    .unwrap();
     assert_eq!(s.num_tokens, 2);
     assert_eq!(s.selected_counts, vec![2, 1, 0]);
     assert_eq!(s.kept_counts, Some(vec![2, 0, 0]));
@@ -218,7 +226,14 @@ fn hand_case_three_experts() {
     );
     assert_close(&[s.max_lse as f64], &[ln4], 1e-6, 0.0, "max_lse");
     // Without slots: no kept counts, no drops.
-    let s = router_stats(&z, 3, 3, &idx, 2, None, Some(&pad), &cfg()).unwrap();
+    let s = router_stats(
+        RouterLogits::new(&z, 3, 3).padding_mask(Some(&pad)),
+        &idx,
+        2,
+        None,
+        &cfg(),
+    )
+    .unwrap();
     assert_eq!(s.kept_counts, None);
     assert_eq!(s.dropped, 0);
     assert_eq!(s.selected_counts, vec![2, 1, 0]);
@@ -230,7 +245,7 @@ fn hand_case_balance() {
     // one-hot logits of gap ln 3 give H = -(3/4 ln 3/4 + 1/4 ln 1/4) on every row.
     let l = 3.0f32.ln();
     let z = [l, 0.0, 0.0, l, l, 0.0, 0.0, l];
-    let s = router_stats(&z, 4, 2, &[0, 1, 0, 1], 1, None, None, &cfg()).unwrap();
+    let s = router_stats(RouterLogits::new(&z, 4, 2), &[0, 1, 0, 1], 1, None, &cfg()).unwrap();
     assert_eq!(s.max_violation, 0.0);
     let h = -(0.75f64 * 0.75f64.ln() + 0.25 * 0.25f64.ln());
     assert_close(&[s.mean_entropy as f64], &[h], 1e-6, 0.0, "entropy");
@@ -242,10 +257,17 @@ fn hand_case_balance() {
         "lse",
     );
     // Everything on expert 0 of 2: max / mean - 1 = 4 / 2 - 1 = 1 (= E - 1).
-    let s = router_stats(&z, 4, 2, &[0, 0, 0, 0], 1, None, None, &cfg()).unwrap();
+    let s = router_stats(RouterLogits::new(&z, 4, 2), &[0, 0, 0, 0], 1, None, &cfg()).unwrap();
     assert_eq!(s.max_violation, 1.0);
     // Nothing routed: violation 0.
-    let s = router_stats(&z, 4, 2, &[-1, -1, -1, -1], 1, None, None, &cfg()).unwrap();
+    let s = router_stats(
+        RouterLogits::new(&z, 4, 2),
+        &[-1, -1, -1, -1],
+        1,
+        None,
+        &cfg(),
+    )
+    .unwrap();
     assert_eq!(s.max_violation, 0.0);
     assert_eq!(s.selected_counts, vec![0, 0]);
 }
@@ -254,7 +276,7 @@ fn hand_case_balance() {
 fn large_logits_are_stable() {
     // |z| far beyond exp's range: lse = 1000 + ln 2, H = ln 2.
     let z = [1000.0f32, 1000.0, -1000.0, -1000.0];
-    let s = router_stats(&z, 2, 2, &[0, 1], 1, None, None, &cfg()).unwrap();
+    let s = router_stats(RouterLogits::new(&z, 2, 2), &[0, 1], 1, None, &cfg()).unwrap();
     assert_close(
         &[s.max_lse as f64],
         &[1000.0 + 2f64.ln()],
@@ -266,7 +288,7 @@ fn large_logits_are_stable() {
     assert_close(&[s.mean_entropy as f64], &[2f64.ln()], 1e-6, 0.0, "entropy");
     // A near-one-hot row: entropy tiny but positive, not lost to rounding of p.
     let z = [0.0f32, -30.0];
-    let s = router_stats(&z, 1, 2, &[0], 1, None, None, &cfg()).unwrap();
+    let s = router_stats(RouterLogits::new(&z, 1, 2), &[0], 1, None, &cfg()).unwrap();
     let p = (-30f64).exp() / (1.0 + (-30f64).exp());
     let h = -(p * p.ln() + (1.0 - p) * (1.0 - p).ln());
     assert_close(
@@ -280,7 +302,14 @@ fn large_logits_are_stable() {
 
 #[test]
 fn empty_batch_gives_zeros() {
-    let s = router_stats::<f32>(&[], 0, 4, &[], 2, Some(&[]), Some(&[]), &cfg()).unwrap();
+    let s = router_stats::<f32>(
+        RouterLogits::new(&[], 0, 4).padding_mask(Some(&[])),
+        &[],
+        2,
+        Some(&[]),
+        &cfg(),
+    )
+    .unwrap();
     assert_eq!(
         s,
         RouterStats {
@@ -296,7 +325,14 @@ fn empty_batch_gives_zeros() {
         }
     );
     // All padding: the same.
-    let s = router_stats(&[1.0f32, 2.0], 1, 2, &[1], 1, None, Some(&[true]), &cfg()).unwrap();
+    let s = router_stats(
+        RouterLogits::new(&[1.0f32, 2.0], 1, 2).padding_mask(Some(&[true])),
+        &[1],
+        1,
+        None,
+        &cfg(),
+    )
+    .unwrap();
     assert_eq!(
         (s.num_tokens, s.mean_lse, s.max_lse, s.selected_counts),
         (0, 0.0, 0.0, vec![0, 0])
@@ -308,7 +344,14 @@ fn padding_mask_excludes_tokens() {
     let mut rng = Rng::new(5);
     let (t, e_n, k) = (40, 6, 2);
     let (z, idx, slots, pad) = random_case(&mut rng, t, e_n, k);
-    let s = router_stats(&z, t, e_n, &idx, k, Some(&slots), Some(&pad), &cfg()).unwrap();
+    let s = router_stats(
+        RouterLogits::new(&z, t, e_n).padding_mask(Some(&pad)),
+        &idx,
+        k,
+        Some(&slots),
+        &cfg(),
+    )
+    .unwrap();
     // Same as the stats of the valid tokens alone.
     let keep: Vec<usize> = (0..t).filter(|&i| !pad[i]).collect();
     let z2: Vec<f32> = keep
@@ -323,7 +366,14 @@ fn padding_mask_excludes_tokens() {
         .iter()
         .flat_map(|&i| slots[i * k..(i + 1) * k].to_vec())
         .collect();
-    let only = router_stats(&z2, keep.len(), e_n, &i2, k, Some(&s2), None, &cfg()).unwrap();
+    let only = router_stats(
+        RouterLogits::new(&z2, keep.len(), e_n),
+        &i2,
+        k,
+        Some(&s2),
+        &cfg(),
+    )
+    .unwrap();
     assert_eq!(s, only);
     assert!(s.num_tokens < t);
 }
@@ -333,7 +383,7 @@ fn padding_mask_excludes_tokens() {
 #[test]
 fn nonfinite_logits_counted_and_strict() {
     let z = [f32::NAN, 0.0, f32::INFINITY, 0.0, 1.0, 2.0];
-    let s = router_stats(&z, 3, 2, &[0, 1, 0], 1, None, None, &cfg()).unwrap();
+    let s = router_stats(RouterLogits::new(&z, 3, 2), &[0, 1, 0], 1, None, &cfg()).unwrap();
     assert_eq!(s.nonfinite_logits, 2);
     assert!(
         s.mean_entropy.is_nan() && s.mean_lse.is_nan() && s.max_lse.is_nan(),
@@ -341,7 +391,14 @@ fn nonfinite_logits_counted_and_strict() {
     );
     // Counts do not depend on the logits.
     assert_eq!(s.selected_counts, vec![2, 1]);
-    let err = router_stats(&z, 3, 2, &[0, 1, 0], 1, None, None, &cfg().strict(true)).unwrap_err();
+    let err = router_stats(
+        RouterLogits::new(&z, 3, 2),
+        &[0, 1, 0],
+        1,
+        None,
+        &cfg().strict(true),
+    )
+    .unwrap_err();
     assert_eq!(
         err,
         Error::NonFinite {
@@ -357,13 +414,10 @@ fn nonfinite_logits_counted_and_strict() {
     // Padding hides them from the count and from strict mode.
     let pad = [true, true, false];
     let s = router_stats(
-        &z,
-        3,
-        2,
+        RouterLogits::new(&z, 3, 2).padding_mask(Some(&pad)),
         &[0, 1, 0],
         1,
         None,
-        Some(&pad),
         &cfg().strict(true),
     )
     .unwrap();
@@ -378,22 +432,26 @@ fn plus_inf_logit_gives_inf_lse() {
     let inf = f32::INFINITY;
     for row in [[inf, 0.0], [inf, inf], [f32::NEG_INFINITY, inf]] {
         let z = [row[0], row[1], 1.0, 1.0];
-        let s = router_stats(&z, 2, 2, &[0, 1], 1, None, None, &cfg()).unwrap();
+        let s = router_stats(RouterLogits::new(&z, 2, 2), &[0, 1], 1, None, &cfg()).unwrap();
         assert_eq!(s.mean_lse, f32::INFINITY, "{row:?}: {s:?}");
         assert_eq!(s.max_lse, f32::INFINITY, "{row:?}: {s:?}");
         assert!(s.mean_entropy.is_nan(), "{row:?}: {s:?}");
         // Padding the +inf row leaves the finite row: lse = 1 + ln 2.
-        let s = router_stats(&z, 2, 2, &[0, 1], 1, None, Some(&[true, false]), &cfg()).unwrap();
+        let s = router_stats(
+            RouterLogits::new(&z, 2, 2).padding_mask(Some(&[true, false])),
+            &[0, 1],
+            1,
+            None,
+            &cfg(),
+        )
+        .unwrap();
         assert_close(&[s.mean_lse as f64], &[1.0 + 2f64.ln()], 1e-6, 0.0, "lse");
     }
     // A NaN row still makes both NaN, whatever the other rows hold.
     let s = router_stats(
-        &[inf, 0.0, f32::NAN, 0.0],
-        2,
-        2,
+        RouterLogits::new(&[inf, 0.0, f32::NAN, 0.0], 2, 2),
         &[0, 1],
         1,
-        None,
         None,
         &cfg(),
     )
@@ -406,16 +464,37 @@ fn masked_minus_inf_logits_keep_stats_finite() {
     // A -inf next to finite logits (a masked expert) is counted but contributes
     // 0·log 0 = 0: the row is a uniform over the other two experts.
     let z = [f32::NEG_INFINITY, 1.0, 1.0];
-    let s = router_stats(&z, 1, 3, &[1], 1, None, None, &cfg()).unwrap();
+    let s = router_stats(RouterLogits::new(&z, 1, 3), &[1], 1, None, &cfg()).unwrap();
     assert_eq!(s.nonfinite_logits, 1);
     assert_close(&[s.mean_entropy as f64], &[2f64.ln()], 1e-6, 0.0, "entropy");
     assert_close(&[s.max_lse as f64], &[1.0 + 2f64.ln()], 1e-6, 0.0, "lse");
-    assert!(router_stats(&z, 1, 3, &[1], 1, None, None, &cfg().strict(true)).is_err());
+    assert!(router_stats(
+        RouterLogits::new(&z, 1, 3),
+        &[1],
+        1,
+        None,
+        &cfg().strict(true)
+    )
+    .is_err());
     // A row of only -inf has no distribution: NaN, as documented.
-    let s = router_stats(&[f32::NEG_INFINITY; 2], 1, 2, &[0], 1, None, None, &cfg()).unwrap();
+    let s = router_stats(
+        RouterLogits::new(&[f32::NEG_INFINITY; 2], 1, 2),
+        &[0],
+        1,
+        None,
+        &cfg(),
+    )
+    .unwrap();
     assert_eq!(s.nonfinite_logits, 2);
     assert!(s.mean_lse.is_nan() && s.mean_entropy.is_nan());
-    let s = router_stats(&[f32::NEG_INFINITY], 1, 1, &[0], 1, None, None, &cfg()).unwrap();
+    let s = router_stats(
+        RouterLogits::new(&[f32::NEG_INFINITY], 1, 1),
+        &[0],
+        1,
+        None,
+        &cfg(),
+    )
+    .unwrap();
     assert!(s.mean_lse.is_nan() && s.mean_entropy.is_nan());
 }
 
@@ -435,7 +514,14 @@ fn run_ref_check<T: RouterFloat>(
     let z64: Vec<f64> = zt.iter().map(|v| v.to_f32() as f64).collect();
     let sl = use_slots.then_some(slots.as_slice());
     let pd = use_pad.then_some(pad.as_slice());
-    let got = router_stats(&zt, t, e_n, &idx, k, sl, pd, &cfg()).unwrap();
+    let got = router_stats(
+        RouterLogits::new(&zt, t, e_n).padding_mask(pd),
+        &idx,
+        k,
+        sl,
+        &cfg(),
+    )
+    .unwrap();
     let want = reference(&z64, t, e_n, &idx, k, sl, pd);
     check_against(&got, &want, use_slots, T::DTYPE.as_str());
 }
@@ -460,7 +546,14 @@ fn thread_count_independent_bitwise() {
     let (t, e_n, k) = (3000, 16, 2);
     let (z, idx, slots, pad) = random_case(&mut rng, t, e_n, k);
     let run = || {
-        let s = router_stats(&z, t, e_n, &idx, k, Some(&slots), Some(&pad), &cfg()).unwrap();
+        let s = router_stats(
+            RouterLogits::new(&z, t, e_n).padding_mask(Some(&pad)),
+            &idx,
+            k,
+            Some(&slots),
+            &cfg(),
+        )
+        .unwrap();
         let bits = [s.max_violation, s.mean_entropy, s.mean_lse, s.max_lse].map(f32::to_bits);
         (s, bits)
     };
@@ -474,7 +567,14 @@ fn view_form_matches_slices() {
     let mut rng = Rng::new(10);
     let (t, e_n, k) = (300, 7, 3);
     let (z, idx, slots, pad) = random_case(&mut rng, t, e_n, k);
-    let flat = router_stats(&z, t, e_n, &idx, k, Some(&slots), Some(&pad), &cfg()).unwrap();
+    let flat = router_stats(
+        RouterLogits::new(&z, t, e_n).padding_mask(Some(&pad)),
+        &idx,
+        k,
+        Some(&slots),
+        &cfg(),
+    )
+    .unwrap();
     let za = Array2::from_shape_vec((t, e_n), z).unwrap();
     let ia = Array2::from_shape_vec((t, k), idx).unwrap();
     let sa = Array2::from_shape_vec((t, k), slots).unwrap();
@@ -501,7 +601,14 @@ fn stats_err(
     slots: Option<&[i32]>,
     pad: Option<&[bool]>,
 ) -> Error {
-    router_stats(z, t, e_n, idx, k, slots, pad, &cfg()).unwrap_err()
+    router_stats(
+        RouterLogits::new(z, t, e_n).padding_mask(pad),
+        idx,
+        k,
+        slots,
+        &cfg(),
+    )
+    .unwrap_err()
 }
 
 fn assert_invalid(err: Error, arg: &str) {
@@ -546,7 +653,14 @@ fn bad_indices_and_slots() {
         assert!(err.to_string().contains(needle), "{err}");
     }
     // -1 (unrouted) is fine, twice too.
-    router_stats(&z, 2, 4, &[-1, -1], 1, Some(&[-1, -1]), None, &cfg()).unwrap();
+    router_stats(
+        RouterLogits::new(&z, 2, 4),
+        &[-1, -1],
+        1,
+        Some(&[-1, -1]),
+        &cfg(),
+    )
+    .unwrap();
     let err = stats_err(&z, 2, 4, &[0, 1], 1, Some(&[0, -2]), None);
     assert_invalid(err.clone(), "slots");
     assert!(err.to_string().contains("-2"), "{err}");

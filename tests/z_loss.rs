@@ -5,7 +5,7 @@ mod common;
 
 use common::{assert_close, finite_diff, with_threads, Rng};
 use half::{bf16, f16};
-use moe_router::{z_loss, z_loss_backward, z_loss_backward_into, Error, RouterFloat};
+use moe_router::{z_loss, z_loss_backward, z_loss_backward_into, Error, RouterFloat, RouterLogits};
 use ndarray::Array2;
 use proptest::prelude::*;
 
@@ -66,7 +66,7 @@ fn hand_computed() {
     // gradient: coeff · 2 · lse_t · softmax(z_t) / T_valid; token 0 has
     // softmax = [1, 1, 1, 5] / 8, token 1 uniform [1/4; 4]
     let mut g = vec![0.0f32; 8];
-    z_loss_backward_into(&z, 2, 4, None, 0.1, 1.0, &mut g).unwrap();
+    z_loss_backward_into(RouterLogits::new(&z, 2, 4), 0.1, 1.0, &mut g).unwrap();
     let a = 0.1 * 2.0 * 3.0 * l2 / 2.0;
     let b = 0.1 * 2.0 * 2.0 * l2 / 2.0;
     let want = [
@@ -83,7 +83,13 @@ fn hand_computed() {
     assert_close(&got, &want, 1e-6, 1e-8, "hand grad");
 
     // with token 0 padded: its gradient is 0, token 1's doubles (T_valid = 1), times grad_loss
-    z_loss_backward_into(&z, 2, 4, Some(&[true, false]), 0.1, 3.0, &mut g).unwrap();
+    z_loss_backward_into(
+        RouterLogits::new(&z, 2, 4).padding_mask(Some(&[true, false])),
+        0.1,
+        3.0,
+        &mut g,
+    )
+    .unwrap();
     let want = [
         0.0,
         0.0,
@@ -116,7 +122,7 @@ fn large_logits_are_stable() {
         out.loss
     );
     let mut g = vec![0.0f32; 6];
-    z_loss_backward_into(&z, 2, 3, None, coeff as f32, 1.0, &mut g).unwrap();
+    z_loss_backward_into(RouterLogits::new(&z, 2, 3), coeff as f32, 1.0, &mut g).unwrap();
     let a = coeff * 2.0 * l1 / 2.0;
     let b = coeff * 2.0 * l2 / 2.0;
     let want = [a / 2.0, a / 2.0, 0.0, b / 3.0, b / 3.0, b / 3.0];
@@ -128,7 +134,7 @@ fn large_logits_are_stable() {
     assert!(((out.loss as f64) - coeff * (l1 * l1 + l2 * l2) / 2.0).abs() < 1e-3);
     let zb: Vec<bf16> = z.iter().map(|&v| bf16::from_f32(v)).collect();
     let mut gb = vec![bf16::from_f32(0.0); 6];
-    z_loss_backward_into(&zb, 2, 3, None, coeff as f32, 1.0, &mut gb).unwrap();
+    z_loss_backward_into(RouterLogits::new(&zb, 2, 3), coeff as f32, 1.0, &mut gb).unwrap();
     assert_close(&to64(&gb), &want, 4e-3, 1e-8, "bf16 large-logit grad");
 }
 
@@ -157,7 +163,13 @@ fn plus_inf_logit_gives_inf_loss() {
         assert_close(&[out.loss as f64], &[l3 * l3], 1e-6, 0.0, "padded +inf row");
         // The gradient of the padded row is 0; the other row's is finite.
         let mut g = vec![f32::NAN; 6];
-        z_loss_backward_into(&z, 2, 3, Some(&[true, false]), 1.0, 1.0, &mut g).unwrap();
+        z_loss_backward_into(
+            RouterLogits::new(&z, 2, 3).padding_mask(Some(&[true, false])),
+            1.0,
+            1.0,
+            &mut g,
+        )
+        .unwrap();
         assert_eq!(&g[..3], &[0.0; 3]);
         assert!(g[3..].iter().all(|v| v.is_finite()), "{g:?}");
     }
@@ -212,7 +224,13 @@ fn gradient_finite_differences() {
         let m = masked.then_some(&mask[..]);
         let (coeff, grad_loss) = (0.2f32, -1.3f32);
         let mut g = vec![0.0f32; t_n * e_n];
-        z_loss_backward_into(&z, t_n, e_n, m, coeff, grad_loss, &mut g).unwrap();
+        z_loss_backward_into(
+            RouterLogits::new(&z, t_n, e_n).padding_mask(m),
+            coeff,
+            grad_loss,
+            &mut g,
+        )
+        .unwrap();
         let fd = finite_diff(&z64, 1e-5, |x| {
             grad_loss as f64 * ref_z_loss(x, t_n, e_n, m, coeff as f64)
         });
@@ -245,7 +263,13 @@ fn check_half<T: RouterFloat>(rtol_grad: f64) {
     let want = ref_z_loss(&z64, t_n, e_n, Some(&mask), 0.5);
     assert_close(&[out.loss as f64], &[want], 1e-5, 1e-8, "half z_loss");
     let mut g = vec![T::from_f32(0.0); t_n * e_n];
-    z_loss_backward_into(&z, t_n, e_n, Some(&mask), 0.5, 1.0, &mut g).unwrap();
+    z_loss_backward_into(
+        RouterLogits::new(&z, t_n, e_n).padding_mask(Some(&mask)),
+        0.5,
+        1.0,
+        &mut g,
+    )
+    .unwrap();
     let fd = finite_diff(&z64, 1e-5, |x| ref_z_loss(x, t_n, e_n, Some(&mask), 0.5));
     assert_close(
         &to64(&g),
@@ -275,7 +299,13 @@ fn thread_count_independent_bitwise() {
     let run = || {
         let out = z_loss(&z, t_n, e_n, Some(&mask), 1e-3).unwrap();
         let mut g = vec![0.0f32; t_n * e_n];
-        z_loss_backward_into(&z, t_n, e_n, Some(&mask), 1e-3, 1.0, &mut g).unwrap();
+        z_loss_backward_into(
+            RouterLogits::new(&z, t_n, e_n).padding_mask(Some(&mask)),
+            1e-3,
+            1.0,
+            &mut g,
+        )
+        .unwrap();
         (
             out.loss.to_bits(),
             out.valid_tokens,
@@ -291,12 +321,18 @@ fn thread_count_independent_bitwise() {
 fn empty_and_all_padding() {
     let out = z_loss::<f32>(&[], 0, 5, None, 1.0).unwrap();
     assert_eq!((out.loss, out.valid_tokens), (0.0, 0));
-    z_loss_backward_into::<f32>(&[], 0, 5, None, 1.0, 1.0, &mut []).unwrap();
+    z_loss_backward_into::<f32>(RouterLogits::new(&[], 0, 5), 1.0, 1.0, &mut []).unwrap();
     let z = [1.0f32, 2.0, 3.0, 4.0];
     let out = z_loss(&z, 2, 2, Some(&[true, true]), 1.0).unwrap();
     assert_eq!((out.loss, out.valid_tokens), (0.0, 0));
     let mut g = vec![9.0f32; 4];
-    z_loss_backward_into(&z, 2, 2, Some(&[true, true]), 1.0, 1.0, &mut g).unwrap();
+    z_loss_backward_into(
+        RouterLogits::new(&z, 2, 2).padding_mask(Some(&[true, true])),
+        1.0,
+        1.0,
+        &mut g,
+    )
+    .unwrap();
     assert_eq!(g, vec![0.0; 4]);
 }
 
@@ -336,19 +372,25 @@ fn bad_inputs() {
         "padding_mask",
     );
     shape(
-        z_loss_backward_into(&z, 3, 2, None, 1.0, 1.0, &mut g[..5]).unwrap_err(),
+        z_loss_backward_into(RouterLogits::new(&z, 3, 2), 1.0, 1.0, &mut g[..5]).unwrap_err(),
         "grad_logits",
     );
     shape(
-        z_loss_backward_into(&z, 3, 2, Some(&[false; 4]), 1.0, 1.0, &mut g).unwrap_err(),
+        z_loss_backward_into(
+            RouterLogits::new(&z, 3, 2).padding_mask(Some(&[false; 4])),
+            1.0,
+            1.0,
+            &mut g,
+        )
+        .unwrap_err(),
         "padding_mask",
     );
     invalid(
-        z_loss_backward_into(&z, 3, 2, None, f32::NAN, 1.0, &mut g).unwrap_err(),
+        z_loss_backward_into(RouterLogits::new(&z, 3, 2), f32::NAN, 1.0, &mut g).unwrap_err(),
         "coeff",
     );
     invalid(
-        z_loss_backward_into::<f32>(&[], 3, 0, None, 1.0, 1.0, &mut []).unwrap_err(),
+        z_loss_backward_into::<f32>(RouterLogits::new(&[], 3, 0), 1.0, 1.0, &mut []).unwrap_err(),
         "num_experts",
     );
     let arr = Array2::from_shape_vec((2, 3), z.clone()).unwrap();

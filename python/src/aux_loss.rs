@@ -159,17 +159,13 @@ pub(crate) fn forward_workspace_len(
     ))
 }
 
-/// What one CUDA loss pass needs besides the tensors' addresses.
+/// What one CUDA loss pass needs besides the tensors' buffers.
 pub(crate) struct LossLaunch {
+    /// The pass, with its options.
     pub(crate) pass: LossesPass,
     pub(crate) dtype: DType,
     pub(crate) num_tokens: usize,
     pub(crate) num_experts: usize,
-    pub(crate) seq_len: Option<usize>,
-    /// The aux passes' config (unused by the z passes).
-    pub(crate) cfg: AuxLossConfig,
-    /// The z passes' coefficient.
-    pub(crate) z_coeff: Option<f32>,
     pub(crate) ptrs: LossesRawPtrs,
 }
 
@@ -180,14 +176,14 @@ pub(crate) fn launch_losses(
     call: &Call,
     l: LossLaunch,
 ) -> PyResult<()> {
-    // SAFETY: every address in `l.ptrs` is the data of a tensor the binding checked for
-    // this pass's shapes and dtypes (contiguous, on `call`'s device, outputs overlapping
-    // nothing) or of a scratch tensor allocated for it on that device, kept alive by its
-    // DLPack capsule until the launch is queued; torch's caching allocator does not reuse
-    // that memory before the stream's queued work has run. `call.stream` is torch's
-    // current stream of that device, whose context is the device's primary context, the
-    // one the backend retains. The caller's T_total is only ever a device address
-    // (`total_tokens_in`), never the host argument.
+    // SAFETY: every buffer in `l.ptrs` is the data and element count of a tensor the
+    // binding checked for this pass's dtypes (contiguous, on `call`'s device, outputs
+    // overlapping nothing) or of a scratch tensor allocated for it on that device, kept
+    // alive by its DLPack capsule until the launch is queued; torch's caching allocator
+    // does not reuse that memory before the stream's queued work has run. `call.stream`
+    // is torch's current stream of that device, whose context is the device's primary
+    // context, the one the backend retains. The caller's T_total is only ever a device
+    // buffer (`total_tokens_in`), never the pass's host value.
     crate::device::launch(py, op, call, move |be, stream| unsafe {
         moe_router::cuda::losses::losses_raw(
             be,
@@ -196,10 +192,6 @@ pub(crate) fn launch_losses(
             l.dtype,
             l.num_tokens,
             l.num_experts,
-            l.seq_len,
-            None,
-            &l.cfg,
-            l.z_coeff,
             l.ptrs,
         )
     })
@@ -304,25 +296,27 @@ pub(crate) fn aux_loss<'py>(
     // Σ_t P[t, e]: written by the kernels, not an output of the op.
     let sums = call.scratch(py, OP, "scores_sum", "float32", e)?;
     let ptrs = LossesRawPtrs {
-        logits: z.addr(),
-        padding_mask: mask.as_ref().map_or(0, Tensor::addr),
-        counts: counts.as_ref().map_or(0, Tensor::addr),
-        total_tokens_in: total.as_ref().map_or(0, Tensor::addr),
-        loss: loss.addr(),
-        out_counts: counts_out.addr(),
-        scores_sum: sums.addr(),
-        total_tokens: total_out.addr(),
-        workspace: ws.addr(),
+        logits: z.dev_buf(),
+        padding_mask: mask.as_ref().map(Tensor::dev_buf),
+        counts: counts.as_ref().map(Tensor::dev_buf),
+        total_tokens_in: total.as_ref().map(Tensor::dev_buf),
+        loss: loss.dev_buf(),
+        out_counts: counts_out.dev_buf(),
+        scores_sum: sums.dev_buf(),
+        total_tokens: total_out.dev_buf(),
+        workspace: ws.dev_buf(),
         ..Default::default()
     };
     let l = LossLaunch {
-        pass: LossesPass::AuxForward,
+        pass: LossesPass::AuxForward {
+            cfg,
+            seq_len: None,
+            total_tokens: None,
+            z_loss_coeff: None,
+        },
         dtype: dt,
         num_tokens: t,
         num_experts: e,
-        seq_len: None,
-        cfg,
-        z_coeff: None,
         ptrs,
     };
     launch_losses(py, OP, &call, l)
@@ -381,7 +375,7 @@ pub(crate) fn aux_loss_backward<'py>(
             let (z, g) = (z.slice::<T>(OP, &call)?, g.slice_mut::<T>(OP, &call)?);
             run(py, OP, || {
                 let m = m.as_deref();
-                moe_router::aux_loss_backward_into::<T>(z, t, e, m, c, total, &cfg, grad_loss, g)
+                moe_router::aux_loss_backward_into::<T>(moe_router::RouterLogits::new(z, t, e).padding_mask(m), c, total, &cfg, grad_loss, g)
                     .map_err(to_py_err)
             })
         });
@@ -395,23 +389,20 @@ pub(crate) fn aux_loss_backward<'py>(
         moe_router::cuda::losses::aux_loss_backward_workspace_len(t, e, None),
     )?;
     let ptrs = LossesRawPtrs {
-        logits: z.addr(),
-        padding_mask: mask.as_ref().map_or(0, Tensor::addr),
-        counts: counts.addr(),
-        total_tokens: total.addr(),
-        grad_loss: gl.addr(),
-        workspace: ws.addr(),
-        grad_logits: g.addr(),
+        logits: z.dev_buf(),
+        padding_mask: mask.as_ref().map(Tensor::dev_buf),
+        counts: Some(counts.dev_buf()),
+        total_tokens: total.dev_buf(),
+        grad_loss: gl.dev_buf(),
+        workspace: ws.dev_buf(),
+        grad_logits: g.dev_buf(),
         ..Default::default()
     };
     let l = LossLaunch {
-        pass: LossesPass::AuxBackward,
+        pass: LossesPass::AuxBackward { cfg, seq_len: None },
         dtype: dt,
         num_tokens: t,
         num_experts: e,
-        seq_len: None,
-        cfg,
-        z_coeff: None,
         ptrs,
     };
     launch_losses(py, OP, &call, l)
@@ -486,23 +477,25 @@ pub(crate) fn seq_aux_loss<'py>(
     )?;
     let sums = call.scratch(py, OP, "scores_sum", "float32", b * e)?;
     let ptrs = LossesRawPtrs {
-        logits: z.addr(),
-        padding_mask: mask.as_ref().map_or(0, Tensor::addr),
-        loss: loss.addr(),
-        out_counts: counts_out.addr(),
-        scores_sum: sums.addr(),
-        total_tokens: valid.addr(),
-        workspace: ws.addr(),
+        logits: z.dev_buf(),
+        padding_mask: mask.as_ref().map(Tensor::dev_buf),
+        loss: loss.dev_buf(),
+        out_counts: counts_out.dev_buf(),
+        scores_sum: sums.dev_buf(),
+        total_tokens: valid.dev_buf(),
+        workspace: ws.dev_buf(),
         ..Default::default()
     };
     let l = LossLaunch {
-        pass: LossesPass::AuxForward,
+        pass: LossesPass::AuxForward {
+            cfg,
+            seq_len: Some(seq_len),
+            total_tokens: None,
+            z_loss_coeff: None,
+        },
         dtype: dt,
         num_tokens: t,
         num_experts: e,
-        seq_len: Some(seq_len),
-        cfg,
-        z_coeff: None,
         ptrs,
     };
     launch_losses(py, OP, &call, l)
@@ -556,7 +549,7 @@ pub(crate) fn seq_aux_loss_backward<'py>(
             let (z, g) = (z.slice::<T>(OP, &call)?, g.slice_mut::<T>(OP, &call)?);
             run(py, OP, || {
                 let (m, s) = (m.as_deref(), seq_len);
-                moe_router::seq_aux_loss_backward_into::<T>(z, t, e, s, m, c, &cfg, grad_loss, g)
+                moe_router::seq_aux_loss_backward_into::<T>(moe_router::RouterLogits::new(z, t, e).padding_mask(m), s, c, &cfg, grad_loss, g)
                     .map_err(to_py_err)
             })
         });
@@ -570,23 +563,23 @@ pub(crate) fn seq_aux_loss_backward<'py>(
         moe_router::cuda::losses::aux_loss_backward_workspace_len(t, e, Some(seq_len)),
     )?;
     let ptrs = LossesRawPtrs {
-        logits: z.addr(),
-        padding_mask: mask.as_ref().map_or(0, Tensor::addr),
-        counts: counts.addr(),
-        total_tokens: valid.addr(),
-        grad_loss: gl.addr(),
-        workspace: ws.addr(),
-        grad_logits: g.addr(),
+        logits: z.dev_buf(),
+        padding_mask: mask.as_ref().map(Tensor::dev_buf),
+        counts: Some(counts.dev_buf()),
+        total_tokens: valid.dev_buf(),
+        grad_loss: gl.dev_buf(),
+        workspace: ws.dev_buf(),
+        grad_logits: g.dev_buf(),
         ..Default::default()
     };
     let l = LossLaunch {
-        pass: LossesPass::AuxBackward,
+        pass: LossesPass::AuxBackward {
+            cfg,
+            seq_len: Some(seq_len),
+        },
         dtype: dt,
         num_tokens: t,
         num_experts: e,
-        seq_len: Some(seq_len),
-        cfg,
-        z_coeff: None,
         ptrs,
     };
     launch_losses(py, OP, &call, l)

@@ -40,15 +40,15 @@ pub(crate) fn update_expert_bias<'py>(
             moe_router::update_expert_bias(b, c, rate).map_err(to_py_err)
         });
     }
-    let (b, c) = (bias.addr(), counts.addr());
-    // SAFETY: `b` and `c` are the data of `bias` (float32) and `counts` (int64), both
-    // contiguous with exactly `e` elements on `call`'s device and disjoint (checked
-    // above: `bias` is an output), kept alive by their DLPack capsules until the launch
-    // is queued; torch's caching allocator does not reuse that memory before the
-    // stream's queued work has run. `stream` is torch's current stream of that device,
-    // whose context is the device's primary context, the one the backend retains.
+    let (b, c) = (bias.dev_buf(), counts.dev_buf());
+    // SAFETY: `b` and `c` are the data and element counts of `bias` (float32) and
+    // `counts` (int64), both contiguous on `call`'s device and disjoint (checked above:
+    // `bias` is an output), kept alive by their DLPack capsules until the launch is
+    // queued; torch's caching allocator does not reuse that memory before the stream's
+    // queued work has run. `stream` is torch's current stream of that device, whose
+    // context is the device's primary context, the one the backend retains.
     crate::device::launch(py, OP, &call, move |be, stream| unsafe {
-        moe_router::cuda::bias_update::update_expert_bias_raw(be, stream, b, c, e, rate)
+        moe_router::cuda::bias_update::update_expert_bias_raw(be, stream, b, c, rate)
     })
 }
 

@@ -16,9 +16,7 @@ pub(crate) fn score_function(op: &str, s: &str) -> PyResult<ScoreFunction> {
         "sigmoid" => Ok(ScoreFunction::Sigmoid),
         _ => Err(value_error(
             op,
-            format_args!(
-                "invalid `score_function` = {s:?}: valid values are {SCORE_FUNCTIONS:?}"
-            ),
+            format_args!("invalid `score_function` = {s:?}: valid values are {SCORE_FUNCTIONS:?}"),
         )),
     }
 }

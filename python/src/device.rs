@@ -44,7 +44,10 @@ fn count_launch(op: &'static str) {
 /// `{op: calls}` of the CUDA branch since the process started.
 #[pyfunction]
 pub(crate) fn _cuda_calls() -> std::collections::BTreeMap<&'static str, u64> {
-    LAUNCHES.lock().map(|v| v.iter().copied().collect()).unwrap_or_default()
+    LAUNCHES
+        .lock()
+        .map(|v| v.iter().copied().collect())
+        .unwrap_or_default()
 }
 
 /// Whether CPU tensors go down the CUDA branch (emulator tests).
@@ -113,7 +116,9 @@ pub(crate) fn backend(op: &str, ordinal: usize) -> PyResult<Arc<CudaBackend>> {
     // `CudaBackend::new` checks that libcuda is present and that the device exists
     // (`device_count`, which never panics) before creating the context.
     let b = Arc::new(CudaBackend::new(ordinal).map_err(|e| {
-        PyRuntimeError::new_err(format!("moe_router.{op}: CUDA device {ordinal} is not usable: {e}"))
+        PyRuntimeError::new_err(format!(
+            "moe_router.{op}: CUDA device {ordinal} is not usable: {e}"
+        ))
     })?);
     cache.insert(ordinal, b.clone());
     Ok(b)
@@ -125,7 +130,9 @@ pub(crate) fn current_stream(py: Python<'_>, op: &str, index: usize) -> PyResult
     torch_attr(py, &F, "_C._cuda_getCurrentRawStream")?
         .call1((index,))?
         .extract::<u64>()
-        .map_err(|e| PyRuntimeError::new_err(format!("moe_router.{op}: no current CUDA stream: {e}")))
+        .map_err(|e| {
+            PyRuntimeError::new_err(format!("moe_router.{op}: no current CUDA stream: {e}"))
+        })
 }
 
 /// Run the CUDA branch of `op`: `f(backend, stream)` with the GIL released.
@@ -136,7 +143,10 @@ pub(crate) fn launch(
     f: impl FnOnce(&CudaBackend, cudarc::driver::sys::CUstream) -> moe_router::Result<()> + Send,
 ) -> PyResult<()> {
     let Device::Cuda(ordinal) = call.device else {
-        return Err(crate::error::internal_error(op, "CUDA launch for a CPU call"));
+        return Err(crate::error::internal_error(
+            op,
+            "CUDA launch for a CPU call",
+        ));
     };
     let stream = call.stream;
     count_launch(op);
@@ -164,7 +174,9 @@ impl ContextGuard {
         }
         cudarc::driver::result::ctx::get_current()
             .map(|c| ContextGuard(Some(c)))
-            .map_err(|e| PyRuntimeError::new_err(format!("moe_router.{op}: cuCtxGetCurrent failed: {e}")))
+            .map_err(|e| {
+                PyRuntimeError::new_err(format!("moe_router.{op}: cuCtxGetCurrent failed: {e}"))
+            })
     }
 }
 
@@ -173,7 +185,8 @@ impl Drop for ContextGuard {
         let Some(prev) = self.0 else { return };
         let prev = prev.unwrap_or(std::ptr::null_mut());
         // Nothing to undo if the thread had no context and still has none, or had this one.
-        if matches!(cudarc::driver::result::ctx::get_current(), Ok(cur) if cur.unwrap_or(std::ptr::null_mut()) == prev) {
+        if matches!(cudarc::driver::result::ctx::get_current(), Ok(cur) if cur.unwrap_or(std::ptr::null_mut()) == prev)
+        {
             return;
         }
         // SAFETY: `prev` is the context that was current on this thread when the guard

@@ -10,7 +10,13 @@ use moe_router::cuda::dispatch::{dispatch_raw, dispatch_workspace_len, DispatchR
 use moe_router::{DispatchBuffers, DispatchConfig, DispatchLayout, DropPolicy};
 
 /// Valid `drop_policy` values, in the order the docs list them.
-pub(crate) const DROP_POLICIES: [&str; 5] = ["position", "choice_then_position", "probs", "batch_prioritized", "random"];
+pub(crate) const DROP_POLICIES: [&str; 5] = [
+    "position",
+    "choice_then_position",
+    "probs",
+    "batch_prioritized",
+    "random",
+];
 /// Valid `layout` values.
 pub(crate) const LAYOUTS: [&str; 3] = ["pad_to_capacity", "compact", "dropless"];
 
@@ -47,10 +53,20 @@ fn dispatch_config(op: &'static str, o: &Opts<'_>) -> PyResult<DispatchConfig> {
         "compact" => DispatchLayout::Compact,
         "dropless" => DispatchLayout::Dropless { align },
         l => {
-            return Err(value_error(op, format_args!("invalid `layout` = {l:?}: valid values are {LAYOUTS:?}")))
+            return Err(value_error(
+                op,
+                format_args!("invalid `layout` = {l:?}: valid values are {LAYOUTS:?}"),
+            ))
         }
     };
-    Ok(DispatchConfig { num_experts, capacity, drop_policy, layout, renormalize, ep_size })
+    Ok(DispatchConfig {
+        num_experts,
+        capacity,
+        drop_policy,
+        layout,
+        renormalize,
+        ep_size,
+    })
 }
 
 /// Rows of the dispatch buffer (length of `row_to_token`) for these sizes and options
@@ -122,7 +138,9 @@ pub(crate) fn dispatch<'py>(
         out.push(t);
     }
     let call = a.finish(py)?;
-    let [slot, row, kept, tpe, r2t, offsets, per_rank, counts] = &out[..] else { unreachable!() };
+    let [slot, row, kept, tpe, r2t, offsets, per_rank, counts] = &out[..] else {
+        unreachable!()
+    };
     if call.on_cpu() {
         let (idx, w) = (idx.slice(OP, &call)?, w.slice(OP, &call)?);
         let bufs = DispatchBuffers {
@@ -134,24 +152,28 @@ pub(crate) fn dispatch<'py>(
             expert_offsets: offsets.slice_mut(OP, &call)?,
             rows_per_rank: per_rank.slice_mut(OP, &call)?,
         };
-        let n = run(py, OP, || moe_router::dispatch_into(idx, w, t, k, &cfg, bufs).map_err(to_py_err))?;
-        counts.slice_mut::<i64>(OP, &call)?.copy_from_slice(&[n.num_rows as i64, n.dropped as i64]);
+        let n = run(py, OP, || {
+            moe_router::dispatch_into(idx, w, t, k, &cfg, bufs).map_err(to_py_err)
+        })?;
+        counts
+            .slice_mut::<i64>(OP, &call)?
+            .copy_from_slice(&[n.num_rows as i64, n.dropped as i64]);
         return Ok(());
     }
     let ws_len = dispatch_workspace_len(t, k, &cfg).map_err(to_py_err)?;
     let ws = call.scratch(py, OP, "workspace", "int32", ws_len)?;
     let ptrs = DispatchRawPtrs {
-        indices: idx.addr(),
-        weights: w.addr(),
-        slot: slot.addr(),
-        row: row.addr(),
-        kept_weights: kept.addr(),
-        tokens_per_expert: tpe.addr(),
-        row_to_token: r2t.addr(),
-        expert_offsets: offsets.addr(),
-        rows_per_rank: per_rank.addr(),
-        counts: counts.addr(),
-        workspace: ws.addr(),
+        indices: idx.dev_buf(),
+        weights: w.dev_buf(),
+        slot: slot.dev_buf(),
+        row: row.dev_buf(),
+        kept_weights: kept.dev_buf(),
+        tokens_per_expert: tpe.dev_buf(),
+        row_to_token: r2t.dev_buf(),
+        expert_offsets: offsets.dev_buf(),
+        rows_per_rank: per_rank.dev_buf(),
+        counts: counts.dev_buf(),
+        workspace: ws.dev_buf(),
     };
     crate::device::launch(py, OP, &call, move |be, stream| {
         // SAFETY: every address is the data of a tensor checked above for the shapes

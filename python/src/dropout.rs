@@ -6,6 +6,7 @@ use pyo3::types::PyDict;
 
 use crate::error::to_py_err;
 use crate::tensor::{run, Args, Elem, Opts};
+use moe_router::cuda::dropout::AssignmentDropoutPass;
 use moe_router::{AssignmentDropoutBuffers, DropoutConfig};
 
 /// The `rate`, `seed`, `offset` options of a dropout-like op, checked.
@@ -64,9 +65,9 @@ pub(crate) fn expert_mask<'py>(
             moe_router::expert_mask_into(t, e, topk, &cfg, m).map_err(to_py_err)
         });
     }
-    let m = masked.addr();
-    // SAFETY: `m` is the data of `masked`, a contiguous torch.bool tensor of exactly
-    // `t * e` bytes on `call`'s device (checked above), kept alive by its DLPack capsule
+    let m = masked.dev_buf();
+    // SAFETY: `m` is the data and element count of `masked`, a contiguous torch.bool
+    // tensor (one byte an element) on `call`'s device, kept alive by its DLPack capsule
     // until the launch is queued; torch's caching allocator does not reuse that memory
     // before the stream's queued work has run. `stream` is torch's current stream of
     // that device, whose context is the device's primary context, the one the backend
@@ -126,10 +127,7 @@ pub(crate) fn assignment_dropout<'py>(
         let dr = dr.slice_mut::<i64>(OP, &call)?;
         return run(py, OP, || {
             let n = moe_router::assignment_dropout_into(
-                idx,
-                w,
-                t,
-                k,
+                moe_router::Assignments::new(idx, w, t, k),
                 num_experts,
                 &cfg,
                 renormalize,
@@ -141,33 +139,24 @@ pub(crate) fn assignment_dropout<'py>(
         });
     }
     let ptrs = moe_router::cuda::dropout::AssignmentDropoutRawPtrs {
-        indices: idx.addr(),
-        weights: w.addr(),
-        keep: kp.addr(),
-        out_indices: oi.addr(),
-        out_weights: ow.addr(),
-        dropped: dr.addr(),
+        indices: idx.dev_buf(),
+        weights: w.dev_buf(),
+        keep: kp.dev_buf(),
+        out_indices: oi.dev_buf(),
+        out_weights: ow.dev_buf(),
+        dropped: dr.dev_buf(),
         ..Default::default()
     };
-    // SAFETY: every address is the data of a tensor checked above for this pass's
-    // dtypes and shapes (`[t, k]` each, `dropped` one 8-byte element, which the kernel
-    // writes as a u64 count), contiguous, on `call`'s device, outputs overlapping
+    // SAFETY: every buffer is the data and element count of a tensor checked above for
+    // this pass's dtypes (`dropped` one 8-byte element, which the kernel writes as a
+    // u64 count), contiguous, on `call`'s device, outputs overlapping
     // nothing; each is kept alive by its DLPack capsule until the launch is queued, and
     // torch's caching allocator does not reuse that memory before the stream's queued
     // work has run. `stream` is torch's current stream of that device, whose context is
     // the device's primary context, the one the backend retains.
     crate::device::launch(py, OP, &call, move |be, stream| unsafe {
-        moe_router::cuda::dropout::assignment_dropout_raw(
-            be,
-            stream,
-            false,
-            t,
-            k,
-            num_experts,
-            &cfg,
-            renormalize,
-            ptrs,
-        )
+        let pass = AssignmentDropoutPass::Forward { num_experts, cfg };
+        moe_router::cuda::dropout::assignment_dropout_raw(be, stream, pass, t, k, renormalize, ptrs)
     })
 }
 
@@ -209,33 +198,30 @@ pub(crate) fn assignment_dropout_backward<'py>(
         );
         let (go, gw) = (go.slice::<f32>(OP, &call)?, gw.slice_mut::<f32>(OP, &call)?);
         return run(py, OP, || {
-            moe_router::assignment_dropout_backward_into(idx, w, &kp, t, k, renormalize, go, gw)
-                .map_err(to_py_err)
+            moe_router::assignment_dropout_backward_into(
+                moe_router::Assignments::new(idx, w, t, k),
+                &kp,
+                renormalize,
+                go,
+                gw,
+            )
+            .map_err(to_py_err)
         });
     }
     let ptrs = moe_router::cuda::dropout::AssignmentDropoutRawPtrs {
-        indices: idx.addr(),
-        weights: w.addr(),
-        keep: kp.addr(),
-        grad_out: go.addr(),
-        grad_weights: gw.addr(),
+        indices: idx.dev_buf(),
+        weights: w.dev_buf(),
+        keep: kp.dev_buf(),
+        grad_out: go.dev_buf(),
+        grad_weights: gw.dev_buf(),
         ..Default::default()
     };
-    // SAFETY: as in `assignment_dropout`: every address the backward pass uses is the
-    // data of a `[t, k]` tensor of the checked dtype on `call`'s device, `grad_weights`
-    // overlapping nothing. The backward reads no dropout config or expert count.
+    // SAFETY: as in `assignment_dropout`: every buffer the backward pass uses is the
+    // data and element count of a tensor of the checked dtype on `call`'s device,
+    // `grad_weights` overlapping nothing.
     crate::device::launch(py, OP, &call, move |be, stream| unsafe {
-        moe_router::cuda::dropout::assignment_dropout_raw(
-            be,
-            stream,
-            true,
-            t,
-            k,
-            0,
-            &DropoutConfig::new(0.0, 0, 0),
-            renormalize,
-            ptrs,
-        )
+        let pass = AssignmentDropoutPass::Backward;
+        moe_router::cuda::dropout::assignment_dropout_raw(be, stream, pass, t, k, renormalize, ptrs)
     })
 }
 

@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use crate::common::float_dispatch;
 use crate::error::to_py_err;
 use crate::tensor::{run, Args, Call, Elem};
-use moe_router::cuda::expert_choice::{expert_choice_raw, ExpertChoiceRawPtrs};
+use moe_router::cuda::expert_choice::{expert_choice_raw, ExpertChoicePass, ExpertChoiceRawPtrs};
 use moe_router::{DType, ExpertChoiceBuffers};
 
 /// Rows of the expert-choice buffer, `num_experts * capacity`, validated as
@@ -77,16 +77,24 @@ pub(crate) fn expert_choice<'py>(
         });
     }
     let ptrs = ExpertChoiceRawPtrs {
-        logits: z.addr(),
-        weights: w.addr(),
-        row: row.addr(),
-        row_to_token: r2t.addr(),
-        row_weights: rw.addr(),
-        tokens_per_expert: tpe.addr(),
-        expert_offsets: offsets.addr(),
+        logits: z.dev_buf(),
+        weights: w.dev_buf(),
+        row: row.dev_buf(),
+        row_to_token: r2t.dev_buf(),
+        row_weights: rw.dev_buf(),
+        tokens_per_expert: tpe.dev_buf(),
+        expert_offsets: offsets.dev_buf(),
         ..Default::default()
     };
-    launch(py, OP, &call, false, dt, (t, e, capacity), ptrs)
+    launch(
+        py,
+        OP,
+        &call,
+        ExpertChoicePass::Forward { capacity },
+        dt,
+        (t, e),
+        ptrs,
+    )
 }
 
 /// Backward of expert choice: `grad_weights` `[T, E]` float32 → `grad_logits` `[T, E]`
@@ -102,7 +110,10 @@ pub(crate) fn expert_choice_backward<'py>(
     const OP: &str = "expert_choice_backward";
     let mut a = Args::new(OP);
     let (z, row) = (a.input("logits", logits)?, a.input("row", row)?);
-    let (gw, gz) = (a.input("grad_weights", grad_weights)?, a.output("grad_logits", grad_logits)?);
+    let (gw, gz) = (
+        a.input("grad_weights", grad_weights)?,
+        a.output("grad_logits", grad_logits)?,
+    );
     let dt = z.float(OP)?;
     let [t, e] = z.dims::<2>(OP)?;
     row.expect(OP, Elem::I32, &[t, e])?;
@@ -117,31 +128,31 @@ pub(crate) fn expert_choice_backward<'py>(
         });
     }
     let ptrs = ExpertChoiceRawPtrs {
-        logits: z.addr(),
-        row: row.addr(),
-        grad_weights: gw.addr(),
-        grad_logits: gz.addr(),
+        logits: z.dev_buf(),
+        row: row.dev_buf(),
+        grad_weights: gw.dev_buf(),
+        grad_logits: gz.dev_buf(),
         ..Default::default()
     };
-    launch(py, OP, &call, true, dt, (t, e, 0), ptrs)
+    launch(py, OP, &call, ExpertChoicePass::Backward, dt, (t, e), ptrs)
 }
 
 fn launch(
     py: Python<'_>,
     op: &'static str,
     call: &Call,
-    backward: bool,
+    pass: ExpertChoicePass,
     dt: DType,
-    (t, e, capacity): (usize, usize, usize),
+    (t, e): (usize, usize),
     ptrs: ExpertChoiceRawPtrs,
 ) -> PyResult<()> {
     crate::device::launch(py, op, call, move |be, stream| {
-        // SAFETY: every address is the data of a tensor checked above for these sizes
+        // SAFETY: every buffer is the data and element count of a tensor checked above
         // (contiguous, on `call`'s device, outputs overlapping nothing), kept alive by its
         // DLPack capsule until the launch is queued (torch's caching allocator does not
         // reuse it before the stream's queued work has run); `stream` is torch's current
         // stream of that device, on its primary context, which the backend retains.
-        unsafe { expert_choice_raw(be, stream, backward, dt, t, e, capacity, ptrs) }
+        unsafe { expert_choice_raw(be, stream, pass, dt, t, e, ptrs) }
     })
 }
 

@@ -13,9 +13,9 @@
 
 use pyo3::prelude::*;
 
+mod aux_loss;
 mod bias_update;
 mod capacity;
-mod aux_loss;
 mod common;
 mod device;
 mod dispatch;

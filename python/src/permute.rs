@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 use crate::common::float_dispatch;
 use crate::error::to_py_err;
 use crate::tensor::{run, Args, Elem};
+use moe_router::{PermuteSizes, UnpermuteBackwardBuffers};
 
 /// `out[r] = x[row_to_token[r]]` (zeros where the token index is -1): `x` `[T, H]`,
 /// `row_to_token` `[R]` int32, `out` `[R, H]` (dtype of `x`). With `row` `[T, k]` int32
@@ -22,7 +23,11 @@ pub(crate) fn permute<'py>(
 ) -> PyResult<()> {
     const OP: &str = "permute";
     let mut a = Args::new(OP);
-    let (x, r2t, out) = (a.input("x", x)?, a.input("row_to_token", row_to_token)?, a.output("out", out)?);
+    let (x, r2t, out) = (
+        a.input("x", x)?,
+        a.input("row_to_token", row_to_token)?,
+        a.output("out", out)?,
+    );
     let row = a.opt_input("row", row)?;
     let dt = x.float(OP)?;
     let [t, h] = x.dims::<2>(OP)?;
@@ -38,18 +43,31 @@ pub(crate) fn permute<'py>(
     if call.on_cpu() {
         if let Some(row) = &row {
             let k = row.shape()[1];
-            moe_router::check_permute_maps(r2t.slice(OP, &call)?, row.slice(OP, &call)?, t, k).map_err(to_py_err)?;
+            moe_router::check_permute_maps(r2t.slice(OP, &call)?, row.slice(OP, &call)?, t, k)
+                .map_err(to_py_err)?;
         }
         return float_dispatch!(dt, T => {
             let (x, r2t, out) = (x.slice::<T>(OP, &call)?, r2t.slice(OP, &call)?, out.slice_mut::<T>(OP, &call)?);
             run(py, OP, || moe_router::permute_into::<T>(x, t, h, r2t, out).map_err(to_py_err))
         });
     }
-    cuda::launch_permute(py, OP, &call, dt, cuda::sizes(t, r, h, 0), |p| {
-        p.x = x.addr();
-        p.row_to_token = r2t.addr();
-        p.buf = out.addr();
-    })
+    cuda::launch_permute(
+        py,
+        OP,
+        &call,
+        dt,
+        PermuteSizes {
+            num_tokens: t,
+            num_rows: r,
+            hidden: h,
+            k: 0,
+        },
+        |p| {
+            p.x = x.dev_buf();
+            p.row_to_token = r2t.dev_buf();
+            p.buf = out.dev_buf();
+        },
+    )
 }
 
 /// Backward of permute: `grad_x[t] = Σ_j grad_buf[row[t, j]]` over `row[t, j] >= 0`:
@@ -63,23 +81,33 @@ pub(crate) fn permute_backward<'py>(
 ) -> PyResult<()> {
     const OP: &str = "permute_backward";
     let mut a = Args::new(OP);
-    let (gb, row, gx) = (a.input("grad_buf", grad_buf)?, a.input("row", row)?, a.output("grad_x", grad_x)?);
+    let (gb, row, gx) = (
+        a.input("grad_buf", grad_buf)?,
+        a.input("row", row)?,
+        a.output("grad_x", grad_x)?,
+    );
     let dt = gb.float(OP)?;
     let [r, h] = gb.dims::<2>(OP)?;
     row.expect_elem(OP, Elem::I32)?;
     let [t, k] = row.dims::<2>(OP)?;
     gx.expect(OP, gb.elem(), &[t, h])?;
+    let s = PermuteSizes {
+        num_tokens: t,
+        num_rows: r,
+        hidden: h,
+        k,
+    };
     let call = a.finish(py)?;
     if call.on_cpu() {
         return float_dispatch!(dt, T => {
             let (gb, row, gx) = (gb.slice::<T>(OP, &call)?, row.slice(OP, &call)?, gx.slice_mut::<T>(OP, &call)?);
-            run(py, OP, || moe_router::permute_backward_into::<T>(gb, r, h, row, t, k, gx).map_err(to_py_err))
+            run(py, OP, || moe_router::permute_backward_into::<T>(s, gb, row, gx).map_err(to_py_err))
         });
     }
-    cuda::launch_permute(py, OP, &call, dt, cuda::sizes(t, r, h, k), |p| {
-        p.grad_buf = gb.addr();
-        p.row = row.addr();
-        p.grad_x = gx.addr();
+    cuda::launch_permute(py, OP, &call, dt, s, |p| {
+        p.grad_buf = gb.dev_buf();
+        p.row = row.dev_buf();
+        p.grad_x = gx.dev_buf();
     })
 }
 
@@ -107,19 +135,25 @@ pub(crate) fn unpermute<'py>(
     let [t, k] = row.dims::<2>(OP)?;
     w.expect(OP, Elem::F32, &[t, k])?;
     out.expect(OP, y.elem(), &[t, h])?;
+    let s = PermuteSizes {
+        num_tokens: t,
+        num_rows: r,
+        hidden: h,
+        k,
+    };
     let call = a.finish(py)?;
     if call.on_cpu() {
         return float_dispatch!(dt, T => {
             let (y, row, w, out) =
                 (y.slice::<T>(OP, &call)?, row.slice(OP, &call)?, w.slice(OP, &call)?, out.slice_mut::<T>(OP, &call)?);
-            run(py, OP, || moe_router::unpermute_into::<T>(y, r, h, row, w, t, k, out).map_err(to_py_err))
+            run(py, OP, || moe_router::unpermute_into::<T>(s, y, row, w, out).map_err(to_py_err))
         });
     }
-    cuda::launch_permute(py, OP, &call, dt, cuda::sizes(t, r, h, k), |p| {
-        p.y = y.addr();
-        p.row = row.addr();
-        p.weights = w.addr();
-        p.out = out.addr();
+    cuda::launch_permute(py, OP, &call, dt, s, |p| {
+        p.y = y.dev_buf();
+        p.row = row.dev_buf();
+        p.weights = w.dev_buf();
+        p.out = out.dev_buf();
     })
 }
 
@@ -143,7 +177,10 @@ pub(crate) fn unpermute_backward<'py>(
         a.input("row", row)?,
         a.input("weights", weights)?,
     );
-    let (gy, gw) = (a.output("grad_y", grad_y)?, a.output("grad_weights", grad_weights)?);
+    let (gy, gw) = (
+        a.output("grad_y", grad_y)?,
+        a.output("grad_weights", grad_weights)?,
+    );
     let dt = y.float(OP)?;
     let [r, h] = y.dims::<2>(OP)?;
     row.expect_elem(OP, Elem::I32)?;
@@ -152,6 +189,12 @@ pub(crate) fn unpermute_backward<'py>(
     w.expect(OP, Elem::F32, &[t, k])?;
     gy.expect(OP, y.elem(), &[r, h])?;
     gw.expect(OP, Elem::F32, &[t, k])?;
+    let s = PermuteSizes {
+        num_tokens: t,
+        num_rows: r,
+        hidden: h,
+        k,
+    };
     let call = a.finish(py)?;
     if call.on_cpu() {
         return float_dispatch!(dt, T => {
@@ -159,7 +202,7 @@ pub(crate) fn unpermute_backward<'py>(
                 (go.slice::<T>(OP, &call)?, y.slice::<T>(OP, &call)?, row.slice(OP, &call)?, w.slice(OP, &call)?);
             let (gy, gw) = (gy.slice_mut::<T>(OP, &call)?, gw.slice_mut(OP, &call)?);
             run(py, OP, || {
-                moe_router::unpermute_backward_into::<T>(go, y, r, h, row, w, t, k, gy, gw).map_err(to_py_err)
+                moe_router::unpermute_backward_into::<T>(s, go, y, row, w, UnpermuteBackwardBuffers { grad_y: gy, grad_weights: gw }).map_err(to_py_err)
             })
         });
     }
@@ -170,14 +213,14 @@ pub(crate) fn unpermute_backward<'py>(
         "int32",
         moe_router::cuda::permute::unpermute_backward_workspace_len(r),
     )?;
-    cuda::launch_permute(py, OP, &call, dt, cuda::sizes(t, r, h, k), |p| {
-        p.grad_out = go.addr();
-        p.y = y.addr();
-        p.row = row.addr();
-        p.weights = w.addr();
-        p.grad_y = gy.addr();
-        p.grad_weights = gw.addr();
-        p.workspace = ws.addr();
+    cuda::launch_permute(py, OP, &call, dt, s, |p| {
+        p.grad_out = go.dev_buf();
+        p.y = y.dev_buf();
+        p.row = row.dev_buf();
+        p.weights = w.dev_buf();
+        p.grad_y = gy.dev_buf();
+        p.grad_weights = gw.dev_buf();
+        p.workspace = ws.dev_buf();
     })
 }
 
@@ -186,11 +229,8 @@ mod cuda {
 
     use crate::device::launch;
     use crate::tensor::Call;
-    use moe_router::cuda::permute::{permute_raw, PermutePass, PermuteRawPtrs, PermuteSizes};
-
-    pub(super) fn sizes(num_tokens: usize, num_rows: usize, hidden: usize, k: usize) -> PermuteSizes {
-        PermuteSizes { num_tokens, num_rows, hidden, k }
-    }
+    use moe_router::cuda::permute::{permute_raw, PermutePass, PermuteRawPtrs};
+    use moe_router::PermuteSizes;
 
     /// Launch the pass named by `op` with the addresses `fill` sets.
     pub(super) fn launch_permute(
@@ -209,13 +249,16 @@ mod cuda {
         };
         let mut ptrs = PermuteRawPtrs::default();
         fill(&mut ptrs);
-        // SAFETY: every address is the data of a tensor the binding checked for this
-        // pass's shapes and dtypes (contiguous, on `call`'s device, outputs overlapping
-        // nothing), kept alive by its DLPack capsule until the launch is queued; torch's
-        // caching allocator does not reuse that memory before the stream's queued work
-        // has run. `call.stream` is torch's current stream of that device, whose context
-        // is the device's primary context, the one the backend retains.
-        launch(py, op, call, move |be, stream| unsafe { permute_raw(be, stream, pass, dt, sizes, ptrs) })
+        // SAFETY: every buffer is the data and element count of a tensor the binding
+        // checked for this pass's dtypes (contiguous, on `call`'s device, outputs
+        // overlapping nothing), kept alive by its DLPack capsule until the launch is
+        // queued; torch's caching allocator does not reuse that memory before the
+        // stream's queued work has run. `call.stream` is torch's current stream of that
+        // device, whose context is the device's primary context, the one the backend
+        // retains.
+        launch(py, op, call, move |be, stream| unsafe {
+            permute_raw(be, stream, pass, dt, sizes, ptrs)
+        })
     }
 }
 

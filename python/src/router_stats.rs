@@ -6,7 +6,7 @@ use pyo3::types::PyDict;
 
 use crate::common::float_dispatch;
 use crate::error::{internal_error, to_py_err};
-use crate::tensor::{run, Args, Elem, Opts};
+use crate::tensor::{run, Args, Elem, Opts, Tensor};
 use moe_router::RouterStatsConfig;
 
 const OP: &str = "router_stats";
@@ -89,7 +89,7 @@ pub(crate) fn router_stats<'py>(
         return float_dispatch!(dt, T => {
             let z = z.slice::<T>(OP, &call)?;
             run(py, OP, || {
-                let s = moe_router::router_stats::<T>(z, t, e, idx, k, sl, pm.as_deref(), &cfg).map_err(to_py_err)?;
+                let s = moe_router::router_stats::<T>(moe_router::RouterLogits::new(z, t, e).padding_mask(pm.as_deref()), idx, k, sl, &cfg).map_err(to_py_err)?;
                 if s.selected_counts.len() != e || s.kept_counts.as_ref().is_some_and(|c| c.len() != e) {
                     return Err(internal_error(OP, "the core returned counts of another length"));
                 }
@@ -113,22 +113,21 @@ pub(crate) fn router_stats<'py>(
         moe_router::cuda::router_stats::router_stats_workspace_len(t),
     )?;
     let ptrs = moe_router::cuda::router_stats::RouterStatsRawPtrs {
-        logits: z.addr(),
-        indices: idx.addr(),
-        slots: sl.as_ref().map_or(0, |s| s.addr()),
-        padding_mask: pm.as_ref().map_or(0, |m| m.addr()),
-        selected_counts: sel.addr(),
-        kept_counts: kept.addr(),
-        scalars: sc.addr(),
-        floats: fl.addr(),
-        workspace: ws.addr(),
+        logits: z.dev_buf(),
+        indices: idx.dev_buf(),
+        slots: sl.as_ref().map(Tensor::dev_buf),
+        padding_mask: pm.as_ref().map(Tensor::dev_buf),
+        selected_counts: sel.dev_buf(),
+        kept_counts: kept.dev_buf(),
+        scalars: sc.dev_buf(),
+        floats: fl.dev_buf(),
+        workspace: ws.dev_buf(),
     };
-    // SAFETY: every non-zero address is the data of a tensor checked above for its
-    // dtype and shape (`logits` `[t, e]` of `dt`, `indices` / `slots` `[t, k]` int32,
-    // `padding_mask` `[t]` bool, counts `[e]` int64, `scalars` `[4]` int64, `floats`
-    // `[4]` float32), contiguous, on `call`'s device, outputs overlapping nothing; the
-    // workspace is a fresh float64 tensor of `router_stats_workspace_len(t)` elements
-    // from torch's allocator on that device. Each is kept alive by its DLPack capsule
+    // SAFETY: every buffer given is the data and element count of a tensor checked
+    // above for its dtype (`logits` of `dt`, `indices` / `slots` int32, `padding_mask`
+    // bool, counts and `scalars` int64, `floats` float32), contiguous, on `call`'s
+    // device, outputs overlapping nothing; the workspace is a fresh float64 tensor from
+    // torch's allocator on that device. Each is kept alive by its DLPack capsule
     // until the launch is queued, and torch's caching allocator does not reuse that
     // memory before the stream's queued work has run. `stream` is torch's current
     // stream of that device, whose context is the device's primary context, the one the

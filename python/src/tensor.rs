@@ -209,25 +209,32 @@ impl<'py> Tensor<'py> {
     fn new(op: &str, name: &'static str, obj: &Bound<'py, PyAny>, output: bool) -> PyResult<Self> {
         let py = obj.py();
         if !obj.is_instance(torch_attr(py, &TENSOR_TYPE, "Tensor")?)? {
-            return Err(PyTypeError::new_err(format!("moe_router.{op}: `{name}` must be a torch.Tensor, got {}",
+            return Err(PyTypeError::new_err(format!(
+                "moe_router.{op}: `{name}` must be a torch.Tensor, got {}",
                 obj.get_type().name()?
             )));
         }
-        let capsule = torch_attr(py, &TO_DLPACK, "_C._to_dlpack")?.call1((obj,)).map_err(|e| {
-            value_error(
-                op,
-                format_args!(
+        let capsule = torch_attr(py, &TO_DLPACK, "_C._to_dlpack")?
+            .call1((obj,))
+            .map_err(|e| {
+                value_error(
+                    op,
+                    format_args!(
                     "`{name}` cannot be read as a dense strided tensor ({e}); pass a dense CPU or \
                      CUDA tensor"
                 ),
-            )
-        })?;
+                )
+            })?;
         let capsule = capsule.cast_into::<PyCapsule>().map_err(|_| {
-            internal_error(op, format_args!("torch._C._to_dlpack gave no capsule for `{name}`"))
+            internal_error(
+                op,
+                format_args!("torch._C._to_dlpack gave no capsule for `{name}`"),
+            )
         })?;
         // SAFETY: `capsule` is a live capsule object; `PyCapsule_GetPointer` checks its
         // name and returns null (with an exception set) if it is not "dltensor".
-        let ptr = unsafe { pyo3::ffi::PyCapsule_GetPointer(capsule.as_ptr(), c"dltensor".as_ptr()) };
+        let ptr =
+            unsafe { pyo3::ffi::PyCapsule_GetPointer(capsule.as_ptr(), c"dltensor".as_ptr()) };
         if ptr.is_null() {
             let cause = PyErr::take(py).map(|e| e.to_string()).unwrap_or_default();
             return Err(internal_error(
@@ -243,7 +250,11 @@ impl<'py> Tensor<'py> {
             let m = &*(ptr as *const DlManagedTensor);
             let t = &m.dl_tensor;
             let ndim = usize::try_from(t.ndim).unwrap_or(0);
-            let shape: &[i64] = if ndim == 0 { &[] } else { std::slice::from_raw_parts(t.shape, ndim) };
+            let shape: &[i64] = if ndim == 0 {
+                &[]
+            } else {
+                std::slice::from_raw_parts(t.shape, ndim)
+            };
             let strides: Option<&[i64]> = (!t.strides.is_null() && ndim > 0)
                 .then(|| std::slice::from_raw_parts(t.strides, ndim));
             (
@@ -271,8 +282,16 @@ impl<'py> Tensor<'py> {
         let numel = shape
             .iter()
             .try_fold(1usize, |n, &d| n.checked_mul(d))
-            .filter(|&n| n.checked_mul(elem.size()).is_some_and(|b| b <= isize::MAX as usize))
-            .ok_or_else(|| value_error(op, format_args!("`{name}` has more elements than memory holds")))?;
+            .filter(|&n| {
+                n.checked_mul(elem.size())
+                    .is_some_and(|b| b <= isize::MAX as usize)
+            })
+            .ok_or_else(|| {
+                value_error(
+                    op,
+                    format_args!("`{name}` has more elements than memory holds"),
+                )
+            })?;
         if let (Some(strides), true) = (strides, numel > 1) {
             let mut expect = 1i64;
             for (&d, &s) in shape.iter().zip(&strides).rev() {
@@ -290,7 +309,10 @@ impl<'py> Tensor<'py> {
         }
         if numel > 0 {
             if data == 0 {
-                return Err(internal_error(op, format_args!("`{name}` has elements but a null data pointer")));
+                return Err(internal_error(
+                    op,
+                    format_args!("`{name}` has elements but a null data pointer"),
+                ));
             }
             if data % elem.size() as u64 != 0 {
                 return Err(value_error(
@@ -326,7 +348,6 @@ impl<'py> Tensor<'py> {
         &self.shape
     }
 
-
     /// The float dtype of logits / hidden states (`float32`, `float16`, `bfloat16`), or
     /// `TypeError`.
     pub(crate) fn float(&self, op: &str) -> PyResult<moe_router::DType> {
@@ -341,7 +362,8 @@ impl<'py> Tensor<'py> {
     /// `TypeError` unless the dtype is `elem`.
     pub(crate) fn expect_elem(&self, op: &str, elem: Elem) -> PyResult<()> {
         if self.elem != elem {
-            return Err(PyTypeError::new_err(format!("moe_router.{op}: `{}` has dtype {}, expected {}",
+            return Err(PyTypeError::new_err(format!(
+                "moe_router.{op}: `{}` has dtype {}, expected {}",
                 self.name,
                 self.elem.torch_name(),
                 elem.torch_name()
@@ -371,7 +393,10 @@ impl<'py> Tensor<'py> {
         if self.shape != shape {
             return Err(value_error(
                 op,
-                format_args!("`{}` has shape {:?}, expected {shape:?}", self.name, self.shape),
+                format_args!(
+                    "`{}` has shape {:?}, expected {shape:?}",
+                    self.name, self.shape
+                ),
             ));
         }
         Ok(())
@@ -387,14 +412,30 @@ impl<'py> Tensor<'py> {
         }
     }
 
+    /// The data as a raw-entry buffer (CUDA calls): its address and element count. The
+    /// core's raw entries check the count against the sizes of the call with the op's
+    /// validator, so a tensor of the wrong size is an error there too, never an
+    /// out-of-bounds access.
+    pub(crate) fn dev_buf(&self) -> moe_router::cuda::DevBuf {
+        moe_router::cuda::DevBuf::new(self.addr(), self.numel)
+    }
+
     fn check_view<T: Element>(&self, op: &str, call: &Call) -> PyResult<()> {
         if call.device != Device::Cpu || !call.host_memory {
-            return Err(internal_error(op, format_args!("`{}` viewed on the host for a CUDA call", self.name)));
+            return Err(internal_error(
+                op,
+                format_args!("`{}` viewed on the host for a CUDA call", self.name),
+            ));
         }
         if T::ELEM != self.elem && !(T::ELEM == Elem::Bool && self.elem == Elem::U8) {
             return Err(internal_error(
                 op,
-                format_args!("`{}` ({}) viewed as {:?}", self.name, self.elem.torch_name(), T::ELEM),
+                format_args!(
+                    "`{}` ({}) viewed as {:?}",
+                    self.name,
+                    self.elem.torch_name(),
+                    T::ELEM
+                ),
             ));
         }
         Ok(())
@@ -419,7 +460,10 @@ impl<'py> Tensor<'py> {
     pub(crate) fn slice_mut<T: Element>(&self, op: &str, call: &Call) -> PyResult<&mut [T]> {
         self.check_view::<T>(op, call)?;
         if !self.output {
-            return Err(internal_error(op, format_args!("`{}` is an input, written to", self.name)));
+            return Err(internal_error(
+                op,
+                format_args!("`{}` is an input, written to", self.name),
+            ));
         }
         if self.numel == 0 {
             return Ok(&mut []);
@@ -442,7 +486,9 @@ impl<'py> Tensor<'py> {
                 std::slice::from_raw_parts(bytes.as_ptr() as *const bool, bytes.len())
             }))
         } else {
-            Ok(std::borrow::Cow::Owned(bytes.iter().map(|&b| b != 0).collect()))
+            Ok(std::borrow::Cow::Owned(
+                bytes.iter().map(|&b| b != 0).collect(),
+            ))
         }
     }
 
@@ -511,32 +557,50 @@ impl Call {
 
 impl<'py> Args<'py> {
     pub(crate) fn new(op: &'static str) -> Self {
-        Args { op, _py: PhantomData, seen: Vec::new() }
+        Args {
+            op,
+            _py: PhantomData,
+            seen: Vec::new(),
+        }
     }
 
     fn add(&mut self, t: &Tensor<'py>) {
-        self.seen.push((t.name, t.device, t.data, t.numel * t.elem.size(), t.output));
+        self.seen
+            .push((t.name, t.device, t.data, t.numel * t.elem.size(), t.output));
     }
 
     /// An input tensor.
-    pub(crate) fn input(&mut self, name: &'static str, obj: &Bound<'py, PyAny>) -> PyResult<Tensor<'py>> {
+    pub(crate) fn input(
+        &mut self,
+        name: &'static str,
+        obj: &Bound<'py, PyAny>,
+    ) -> PyResult<Tensor<'py>> {
         let t = Tensor::new(self.op, name, obj, false)?;
         self.add(&t);
         Ok(t)
     }
 
     /// An optional input tensor (`None` passes through).
-    pub(crate) fn opt_input(&mut self, name: &'static str, obj: Option<&Bound<'py, PyAny>>) -> PyResult<Option<Tensor<'py>>> {
-        obj.filter(|o| !o.is_none()).map(|o| self.input(name, o)).transpose()
+    pub(crate) fn opt_input(
+        &mut self,
+        name: &'static str,
+        obj: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Option<Tensor<'py>>> {
+        obj.filter(|o| !o.is_none())
+            .map(|o| self.input(name, o))
+            .transpose()
     }
 
     /// An output tensor: the op writes it (it must overlap no other tensor of the call).
-    pub(crate) fn output(&mut self, name: &'static str, obj: &Bound<'py, PyAny>) -> PyResult<Tensor<'py>> {
+    pub(crate) fn output(
+        &mut self,
+        name: &'static str,
+        obj: &Bound<'py, PyAny>,
+    ) -> PyResult<Tensor<'py>> {
         let t = Tensor::new(self.op, name, obj, true)?;
         self.add(&t);
         Ok(t)
     }
-
 
     /// Check the tensors together (one device; no output overlapping another tensor)
     /// and say where the call runs.
@@ -587,7 +651,12 @@ fn call_for(py: Python<'_>, op: &str, device: Device) -> PyResult<Call> {
             emulated: true,
             stream: 0,
         }),
-        Device::Cpu => Ok(Call { device, host_memory: true, emulated: false, stream: 0 }),
+        Device::Cpu => Ok(Call {
+            device,
+            host_memory: true,
+            emulated: false,
+            stream: 0,
+        }),
         Device::Cuda(i) => Ok(Call {
             device,
             host_memory: false,
@@ -596,7 +665,6 @@ fn call_for(py: Python<'_>, op: &str, device: Device) -> PyResult<Call> {
         }),
     }
 }
-
 
 // --------------------------------------------------------------------------------------
 // Options passed as keyword arguments
@@ -609,7 +677,10 @@ pub(crate) struct Opts<'py> {
 
 impl<'py> Opts<'py> {
     pub(crate) fn new(op: &'static str, dict: Option<&Bound<'py, PyDict>>) -> Self {
-        Opts { op, dict: dict.cloned() }
+        Opts {
+            op,
+            dict: dict.cloned(),
+        }
     }
 
     fn take(&self, name: &str) -> PyResult<Option<Bound<'py, PyAny>>> {
@@ -621,41 +692,78 @@ impl<'py> Opts<'py> {
         Ok(v.filter(|v| !v.is_none()))
     }
 
-    fn convert<T: for<'a> FromPyObject<'a, 'py>>(&self, name: &str, v: Bound<'py, PyAny>, what: &str) -> PyResult<T> {
+    fn convert<T: for<'a> FromPyObject<'a, 'py>>(
+        &self,
+        name: &str,
+        v: Bound<'py, PyAny>,
+        what: &str,
+    ) -> PyResult<T> {
         v.extract::<T>().map_err(|e| {
             let e: PyErr = e.into();
-            let shown = v.repr().map(|r| r.to_string()).unwrap_or_else(|_| "?".into());
+            let shown = v
+                .repr()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|_| "?".into());
             // An int of the right type but outside the target's range is an OverflowError
             // from PyO3: a value error here; anything else (a str, an int for a bool) is a
             // type error.
             if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(v.py()) {
-                value_error(self.op, format_args!("`{name}` = {shown} is out of range: expected {what}"))
+                value_error(
+                    self.op,
+                    format_args!("`{name}` = {shown} is out of range: expected {what}"),
+                )
             } else {
-                PyTypeError::new_err(format!("moe_router.{}: `{name}` must be {what}, got {shown}", self.op))
+                PyTypeError::new_err(format!(
+                    "moe_router.{}: `{name}` must be {what}, got {shown}",
+                    self.op
+                ))
             }
         })
     }
 
     /// A positional argument converted with the options' rules (messages name it).
-    pub(crate) fn arg<T: for<'a> FromPyObject<'a, 'py>>(&self, name: &str, v: &Bound<'py, PyAny>, what: &str) -> PyResult<T> {
+    pub(crate) fn arg<T: for<'a> FromPyObject<'a, 'py>>(
+        &self,
+        name: &str,
+        v: &Bound<'py, PyAny>,
+        what: &str,
+    ) -> PyResult<T> {
         self.convert(name, v.clone(), what)
     }
 
     /// A required option.
-    pub(crate) fn req<T: for<'a> FromPyObject<'a, 'py>>(&self, name: &str, what: &str) -> PyResult<T> {
+    pub(crate) fn req<T: for<'a> FromPyObject<'a, 'py>>(
+        &self,
+        name: &str,
+        what: &str,
+    ) -> PyResult<T> {
         match self.take(name)? {
             Some(v) => self.convert(name, v, what),
-            None => Err(PyTypeError::new_err(format!("moe_router.{}: missing option `{name}` ({what})", self.op))),
+            None => Err(PyTypeError::new_err(format!(
+                "moe_router.{}: missing option `{name}` ({what})",
+                self.op
+            ))),
         }
     }
 
     /// An optional option (`None` or absent → `None`).
-    pub(crate) fn opt<T: for<'a> FromPyObject<'a, 'py>>(&self, name: &str, what: &str) -> PyResult<Option<T>> {
-        self.take(name)?.map(|v| self.convert(name, v, what)).transpose()
+    pub(crate) fn opt<T: for<'a> FromPyObject<'a, 'py>>(
+        &self,
+        name: &str,
+        what: &str,
+    ) -> PyResult<Option<T>> {
+        self.take(name)?
+            .map(|v| self.convert(name, v, what))
+            .transpose()
     }
 
     /// An option with a default.
-    pub(crate) fn or<T: for<'a> FromPyObject<'a, 'py>>(&self, name: &str, what: &str, default: T) -> PyResult<T> {
+    pub(crate) fn or<T: for<'a> FromPyObject<'a, 'py>>(
+        &self,
+        name: &str,
+        what: &str,
+        default: T,
+    ) -> PyResult<T> {
         Ok(self.opt(name, what)?.unwrap_or(default))
     }
 
@@ -663,13 +771,15 @@ impl<'py> Opts<'py> {
     pub(crate) fn done(self) -> PyResult<()> {
         if let Some(d) = &self.dict {
             if let Some((k, _)) = d.iter().next() {
-                return Err(PyTypeError::new_err(format!("moe_router.{}: unexpected option `{k}`", self.op)));
+                return Err(PyTypeError::new_err(format!(
+                    "moe_router.{}: unexpected option `{k}`",
+                    self.op
+                )));
             }
         }
         Ok(())
     }
 }
-
 
 /// Run `f` with the GIL released, turning a panic (never expected: every input is
 /// validated first) into a `RuntimeError` instead of letting it unwind into Python.

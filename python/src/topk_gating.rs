@@ -6,17 +6,29 @@ use pyo3::types::PyDict;
 
 use crate::common::{float_dispatch, score_function};
 use crate::error::{to_py_err, value_error};
-use crate::tensor::{run, Args, Call, Elem, Opts};
+use crate::tensor::{run, Args, Call, Elem, Opts, Tensor};
 use moe_router::cuda::topk_gating::{topk_gating_raw, TopkGatingPass, TopkGatingRawPtrs};
-use moe_router::{DType, DropoutConfig, GroupLimit, SelectionNoise, TopkGatingConfig};
+use moe_router::{DropoutConfig, GroupLimit, SelectionNoise, TopkGatingConfig};
 
 /// The gating config from the keyword options. `noise_std == 0` means no noise and
 /// `expert_mask_rate == 0` no expert masking (both draw from `seed` / `offset`, in
 /// separate generator domains); every other value, valid or not, goes to the core,
 /// whose validation names it. Replay and backward take no groups, noise or masking.
-fn gating_config(op: &'static str, o: &Opts<'_>, topk: usize, forward: bool) -> PyResult<TopkGatingConfig> {
+fn gating_config(
+    op: &'static str,
+    o: &Opts<'_>,
+    topk: usize,
+    forward: bool,
+) -> PyResult<TopkGatingConfig> {
     let mut cfg = TopkGatingConfig::new(topk);
-    cfg.score_function = score_function(op, &o.or::<String>("score_function", "\"softmax\" or \"sigmoid\"", "softmax".into())?)?;
+    cfg.score_function = score_function(
+        op,
+        &o.or::<String>(
+            "score_function",
+            "\"softmax\" or \"sigmoid\"",
+            "softmax".into(),
+        )?,
+    )?;
     cfg.pre_softmax = o.or("pre_softmax", "a bool", false)?;
     cfg.normalize = o.or("normalize", "a bool", false)?;
     cfg.scaling_factor = o.or("scaling_factor", "a float", 1.0)?;
@@ -39,7 +51,11 @@ fn gating_config(op: &'static str, o: &Opts<'_>, topk: usize, forward: bool) -> 
     let offset: u64 = o.or("offset", "an int in [0, 2**64)", 0)?;
     let noise_std: f32 = o.or("noise_std", "a float >= 0", 0.0)?;
     let mask_rate: f32 = o.or("expert_mask_rate", "a float in [0, 1)", 0.0)?;
-    cfg.noise = (noise_std != 0.0).then_some(SelectionNoise { std: noise_std, seed, offset });
+    cfg.noise = (noise_std != 0.0).then_some(SelectionNoise {
+        std: noise_std,
+        seed,
+        offset,
+    });
     cfg.expert_masking = (mask_rate != 0.0).then(|| DropoutConfig::new(mask_rate, seed, offset));
     Ok(cfg)
 }
@@ -75,7 +91,10 @@ pub(crate) fn topk_gating<'py>(
     idx.expect(OP, Elem::I32, &[t, cfg.topk])?;
     let call = a.finish(py)?;
     if call.on_cpu() {
-        let bias = bias.as_ref().map(|b| b.slice::<f32>(OP, &call)).transpose()?;
+        let bias = bias
+            .as_ref()
+            .map(|b| b.slice::<f32>(OP, &call))
+            .transpose()?;
         let (w, idx) = (w.slice_mut(OP, &call)?, idx.slice_mut(OP, &call)?);
         return float_dispatch!(dt, T => {
             let z = z.slice::<T>(OP, &call)?;
@@ -83,14 +102,13 @@ pub(crate) fn topk_gating<'py>(
         });
     }
     let ptrs = TopkGatingRawPtrs {
-        logits: z.addr(),
-        expert_bias: bias.as_ref().map_or(0, |b| b.addr()),
-        indices: idx.addr(),
-        weights: w.addr(),
-        grad_weights: 0,
-        grad_logits: 0,
+        logits: z.dev_buf(),
+        expert_bias: bias.as_ref().map(Tensor::dev_buf),
+        indices: idx.dev_buf(),
+        weights: w.dev_buf(),
+        ..Default::default()
     };
-    launch_gating(py, OP, &call, TopkGatingPass::Forward, dt, (t, e), cfg, ptrs)
+    launch_gating(py, OP, &call, TopkGatingPass::Forward, &z, cfg, ptrs)
 }
 
 /// Routing replay: the weights `[T, k]` float32 of given `indices` `[T, k]` int32,
@@ -107,7 +125,11 @@ pub(crate) fn topk_gating_replay<'py>(
 ) -> PyResult<()> {
     const OP: &str = "topk_gating_replay";
     let mut a = Args::new(OP);
-    let (z, idx, w) = (a.input("logits", logits)?, a.input("indices", indices)?, a.output("weights", weights)?);
+    let (z, idx, w) = (
+        a.input("logits", logits)?,
+        a.input("indices", indices)?,
+        a.output("weights", weights)?,
+    );
     let dt = z.float(OP)?;
     let [t, e] = z.dims::<2>(OP)?;
     idx.expect_elem(OP, Elem::I32)?;
@@ -126,12 +148,12 @@ pub(crate) fn topk_gating_replay<'py>(
         });
     }
     let ptrs = TopkGatingRawPtrs {
-        logits: z.addr(),
-        indices: idx.addr(),
-        weights: w.addr(),
+        logits: z.dev_buf(),
+        indices: idx.dev_buf(),
+        weights: w.dev_buf(),
         ..Default::default()
     };
-    launch_gating(py, OP, &call, TopkGatingPass::Replay, dt, (t, e), cfg, ptrs)
+    launch_gating(py, OP, &call, TopkGatingPass::Replay, &z, cfg, ptrs)
 }
 
 /// Backward of top-k gating and of replay: `grad_weights` `[T, k]` float32 →
@@ -149,7 +171,10 @@ pub(crate) fn topk_gating_backward<'py>(
     const OP: &str = "topk_gating_backward";
     let mut a = Args::new(OP);
     let (z, idx) = (a.input("logits", logits)?, a.input("indices", indices)?);
-    let (gw, gz) = (a.input("grad_weights", grad_weights)?, a.output("grad_logits", grad_logits)?);
+    let (gw, gz) = (
+        a.input("grad_weights", grad_weights)?,
+        a.output("grad_logits", grad_logits)?,
+    );
     let dt = z.float(OP)?;
     let [t, e] = z.dims::<2>(OP)?;
     idx.expect_elem(OP, Elem::I32)?;
@@ -168,33 +193,35 @@ pub(crate) fn topk_gating_backward<'py>(
         });
     }
     let ptrs = TopkGatingRawPtrs {
-        logits: z.addr(),
-        indices: idx.addr(),
-        grad_weights: gw.addr(),
-        grad_logits: gz.addr(),
+        logits: z.dev_buf(),
+        indices: idx.dev_buf(),
+        grad_weights: gw.dev_buf(),
+        grad_logits: gz.dev_buf(),
         ..Default::default()
     };
-    launch_gating(py, OP, &call, TopkGatingPass::Backward, dt, (t, e), cfg, ptrs)
+    launch_gating(py, OP, &call, TopkGatingPass::Backward, &z, cfg, ptrs)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Launch `pass` on the call's stream; the sizes and dtype are those of `logits`.
 fn launch_gating(
     py: Python<'_>,
     op: &'static str,
     call: &Call,
     pass: TopkGatingPass,
-    dt: DType,
-    (t, e): (usize, usize),
+    logits: &Tensor<'_>,
     cfg: TopkGatingConfig,
     ptrs: TopkGatingRawPtrs,
 ) -> PyResult<()> {
+    let dt = logits.float(op)?;
+    let [t, e] = logits.dims::<2>(op)?;
     crate::device::launch(py, op, call, move |be, stream| {
-        // SAFETY: every address is the data of a tensor the binding checked for this
-        // pass's shapes and dtypes (contiguous, on `call`'s device, outputs overlapping
-        // nothing), kept alive by its DLPack capsule until the launch is queued; torch's
-        // caching allocator does not reuse that memory before the stream's queued work
-        // has run. `stream` is torch's current stream of that device, whose context is
-        // the device's primary context, the one the backend retains.
+        // SAFETY: every buffer is the data and element count of a tensor the binding
+        // checked for this pass's dtypes (contiguous, on `call`'s device, outputs
+        // overlapping nothing), kept alive by its DLPack capsule until the launch is
+        // queued; torch's caching allocator does not reuse that memory before the
+        // stream's queued work has run. `stream` is torch's current stream of that
+        // device, whose context is the device's primary context, the one the backend
+        // retains.
         unsafe { topk_gating_raw(be, stream, pass, dt, t, e, &cfg, ptrs) }
     })
 }

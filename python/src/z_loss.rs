@@ -14,7 +14,6 @@ use crate::common::float_dispatch;
 use crate::error::to_py_err;
 use crate::tensor::{run, Args, Elem, Opts, Tensor};
 use moe_router::cuda::losses::{LossesPass, LossesRawPtrs};
-use moe_router::AuxLossConfig;
 
 /// Option `coeff` (default 1).
 fn coeff(o: &Opts<'_>) -> PyResult<f32> {
@@ -75,22 +74,18 @@ pub(crate) fn z_loss<'py>(
         forward_workspace_len(OP, t, e, None)?,
     )?;
     let ptrs = LossesRawPtrs {
-        logits: z.addr(),
-        padding_mask: mask.as_ref().map_or(0, Tensor::addr),
-        z_loss: loss.addr(),
-        valid_tokens: valid.addr(),
-        workspace: ws.addr(),
+        logits: z.dev_buf(),
+        padding_mask: mask.as_ref().map(Tensor::dev_buf),
+        z_loss: loss.dev_buf(),
+        valid_tokens: valid.dev_buf(),
+        workspace: ws.dev_buf(),
         ..Default::default()
     };
     let l = LossLaunch {
-        pass: LossesPass::ZForward,
+        pass: LossesPass::ZForward { coeff },
         dtype: dt,
         num_tokens: t,
         num_experts: e,
-        seq_len: None,
-        // Not read by the z passes.
-        cfg: AuxLossConfig::new(1),
-        z_coeff: Some(coeff),
         ptrs,
     };
     launch_losses(py, OP, &call, l)
@@ -136,27 +131,24 @@ pub(crate) fn z_loss_backward<'py>(
         return float_dispatch!(dt, T => {
             let (z, g) = (z.slice::<T>(OP, &call)?, g.slice_mut::<T>(OP, &call)?);
             run(py, OP, || {
-                moe_router::z_loss_backward_into::<T>(z, t, e, m.as_deref(), coeff, grad_loss, g)
+                moe_router::z_loss_backward_into::<T>(moe_router::RouterLogits::new(z, t, e).padding_mask(m.as_deref()), coeff, grad_loss, g)
                     .map_err(to_py_err)
             })
         });
     }
     let ptrs = LossesRawPtrs {
-        logits: z.addr(),
-        padding_mask: mask.as_ref().map_or(0, Tensor::addr),
-        valid_tokens: valid.addr(),
-        grad_loss: gl.addr(),
-        grad_logits: g.addr(),
+        logits: z.dev_buf(),
+        padding_mask: mask.as_ref().map(Tensor::dev_buf),
+        valid_tokens: valid.dev_buf(),
+        grad_loss: gl.dev_buf(),
+        grad_logits: g.dev_buf(),
         ..Default::default()
     };
     let l = LossLaunch {
-        pass: LossesPass::ZBackward,
+        pass: LossesPass::ZBackward { coeff },
         dtype: dt,
         num_tokens: t,
         num_experts: e,
-        seq_len: None,
-        cfg: AuxLossConfig::new(1),
-        z_coeff: Some(coeff),
         ptrs,
     };
     launch_losses(py, OP, &call, l)

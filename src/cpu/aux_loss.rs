@@ -12,6 +12,7 @@
 use super::{chunked_reduce, sigmoid, softmax_row, CHUNK};
 use crate::dtype::RouterFloat;
 use crate::ops::topk_gating::ScoreFunction;
+use crate::ops::RouterLogits;
 use crate::select::{key_index, rank_key, top_k_desc};
 use rayon::prelude::*;
 
@@ -37,7 +38,20 @@ pub struct AuxProblem<'a, T> {
     pub score_function: ScoreFunction,
 }
 
-impl<T> AuxProblem<'_, T> {
+impl<'a, T> AuxProblem<'a, T> {
+    /// The problem of `x` cut into segments of `seq_len` tokens, scored by
+    /// `score_function`.
+    pub fn new(x: RouterLogits<'a, T>, seq_len: usize, score_function: ScoreFunction) -> Self {
+        AuxProblem {
+            logits: x.logits,
+            num_tokens: x.num_tokens,
+            num_experts: x.num_experts,
+            seq_len,
+            padding_mask: x.padding_mask,
+            score_function,
+        }
+    }
+
     /// Number of segments (`0` when `num_tokens == 0`).
     pub fn num_segments(&self) -> usize {
         if self.num_tokens == 0 || self.seq_len == 0 {

@@ -1,7 +1,7 @@
 //! CPU reference for expert masking and assignment dropout.
 
 use crate::cpu::CHUNK;
-use crate::ops::DropoutConfig;
+use crate::ops::{AssignmentDropoutBuffers, Assignments, DropoutConfig};
 use crate::philox::{uniform, Domain};
 use crate::select::{key_index, rank_key};
 use rayon::prelude::*;
@@ -145,27 +145,27 @@ fn token_sums(idx: &[i32], w: &[f32], keep: &[bool]) -> (f32, f32, bool) {
 /// scaled by `r = S / (S_keep + 1e-20)` (see [`token_sums`]), so its weight sum is
 /// preserved; a token that lost nothing is copied unchanged (so rate 0 is exactly the
 /// identity), and a token that lost everything gets all zeros.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn assignment_dropout(
-    indices: &[i32],
-    weights: &[f32],
-    num_tokens: usize,
-    topk: usize,
+    input: &Assignments<'_>,
     cfg: &DropoutConfig,
     renormalize: bool,
-    out_indices: &mut [i32],
-    out_weights: &mut [f32],
-    out_keep: &mut [bool],
+    out: AssignmentDropoutBuffers<'_>,
 ) -> usize {
+    let Assignments {
+        indices,
+        weights,
+        num_tokens,
+        topk,
+    } = *input;
     if topk == 0 || num_tokens == 0 {
         return 0;
     }
     let n = num_tokens * topk;
     let row = CHUNK * topk;
-    out_indices[..n]
+    out.indices[..n]
         .par_chunks_mut(row)
-        .zip(out_weights[..n].par_chunks_mut(row))
-        .zip(out_keep[..n].par_chunks_mut(row))
+        .zip(out.weights[..n].par_chunks_mut(row))
+        .zip(out.keep[..n].par_chunks_mut(row))
         .enumerate()
         .map(|(c, ((oi, ow), ok))| {
             let mut dropped = 0usize;
@@ -214,17 +214,19 @@ pub(crate) fn assignment_dropout(
 /// `∂L/∂w_m = keep_m · r · (g_m − c) + routed_m · c`
 /// (a dropped assignment still gets `c`: its weight is part of the preserved sum `S`).
 /// Unrouted entries get 0.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn assignment_dropout_backward(
-    indices: &[i32],
-    weights: &[f32],
+    input: &Assignments<'_>,
     keep: &[bool],
-    num_tokens: usize,
-    topk: usize,
     renormalize: bool,
     grad_out: &[f32],
     grad_weights: &mut [f32],
 ) {
+    let Assignments {
+        indices,
+        weights,
+        num_tokens,
+        topk,
+    } = *input;
     if topk == 0 || num_tokens == 0 {
         return;
     }

@@ -23,6 +23,7 @@
 
 use crate::cpu::CHUNK;
 use crate::dtype::{DType, RouterFloat};
+use crate::ops::UnpermuteBackwardBuffers;
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use rayon::prelude::*;
@@ -444,18 +445,33 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     dot_load(a, b, Native)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The inputs of the unpermute backward besides `grad_out`: the expert outputs `y`
+/// and the routing (`row`, `weights`) with its sizes.
+struct Routed<'a, S> {
+    y: &'a [S],
+    hidden: usize,
+    row: &'a [i32],
+    weights: &'a [f32],
+    k: usize,
+}
+
 fn unpermute_backward_impl<S: Copy + Send + Sync, C: Codec<S>>(
     grad_out: &[S],
-    y: &[S],
-    hidden: usize,
-    row: &[i32],
-    weights: &[f32],
-    k: usize,
-    grad_y: &mut [S],
-    grad_weights: &mut [f32],
+    a: Routed<'_, S>,
+    out: UnpermuteBackwardBuffers<'_, S>,
     c: C,
 ) {
+    let Routed {
+        y,
+        hidden,
+        row,
+        weights,
+        k,
+    } = a;
+    let UnpermuteBackwardBuffers {
+        grad_y,
+        grad_weights,
+    } = out;
     let zero = c.store(0.0);
     if hidden == 0 || k == 0 {
         grad_y.fill(zero);
@@ -530,11 +546,10 @@ fn unpermute_backward_impl<S: Copy + Send + Sync, C: Codec<S>>(
 
 /// `grad_y[row[t, j]] = weights[t, j] · grad_out[t]` (zeros for rows no assignment
 /// points to) and `grad_weights[t, j] = <grad_out[t], y[row[t, j]]>` (see [`dot_f32`];
-/// zero where `row < 0`). `grad_out [num_tokens, hidden]`, `y, grad_y [num_rows,
-/// hidden]`, `row, weights, grad_weights [num_tokens, k]`.
+/// zero where `row < 0`). `grad_out [num_tokens, hidden]`, `y, out.grad_y [num_rows,
+/// hidden]`, `row, weights, out.grad_weights [num_tokens, k]`.
 ///
 /// Parallel over tokens: grad_out is read once per token.
-#[allow(clippy::too_many_arguments)]
 pub fn unpermute_backward<T: RouterFloat>(
     grad_out: &[T],
     y: &[T],
@@ -542,39 +557,42 @@ pub fn unpermute_backward<T: RouterFloat>(
     row: &[i32],
     weights: &[f32],
     k: usize,
-    grad_y: &mut [T],
-    grad_weights: &mut [f32],
+    out: UnpermuteBackwardBuffers<'_, T>,
 ) {
+    let UnpermuteBackwardBuffers {
+        grad_y,
+        grad_weights,
+    } = out;
     if let (Some(go), Some(ys), Some(gy)) = (bits16(grad_out), bits16(y), bits16_mut(grad_y)) {
+        let a = Routed {
+            y: ys,
+            hidden,
+            row,
+            weights,
+            k,
+        };
+        let out = UnpermuteBackwardBuffers {
+            grad_y: gy,
+            grad_weights,
+        };
         match T::DTYPE {
-            DType::BF16 => {
-                unpermute_backward_impl(go, ys, hidden, row, weights, k, gy, grad_weights, Bf16Bits)
-            }
-            _ => unpermute_backward_impl(
-                go,
-                ys,
-                hidden,
-                row,
-                weights,
-                k,
-                gy,
-                grad_weights,
-                F16Bits::new(),
-            ),
+            DType::BF16 => unpermute_backward_impl(go, a, out, Bf16Bits),
+            _ => unpermute_backward_impl(go, a, out, F16Bits::new()),
         }
         return;
     }
-    unpermute_backward_impl(
-        grad_out,
+    let a = Routed {
         y,
         hidden,
         row,
         weights,
         k,
+    };
+    let out = UnpermuteBackwardBuffers {
         grad_y,
         grad_weights,
-        Native,
-    );
+    };
+    unpermute_backward_impl(grad_out, a, out, Native);
 }
 
 #[cfg(test)]
@@ -678,7 +696,18 @@ mod tests {
             gather_sum(&y, hidden, &row, None, k, &mut gx, c);
             let mut gy = vec![7u16; nr * hidden];
             let mut gw = vec![7.0f32; nt * k];
-            unpermute_backward_impl(&go, &y, hidden, &row, &w, k, &mut gy, &mut gw, c);
+            let a = Routed {
+                y: &y,
+                hidden,
+                row: &row,
+                weights: &w,
+                k,
+            };
+            let bufs = UnpermuteBackwardBuffers {
+                grad_y: &mut gy,
+                grad_weights: &mut gw,
+            };
+            unpermute_backward_impl(&go, a, bufs, c);
             (
                 out,
                 gx,

@@ -2,7 +2,7 @@
 
 use crate::cpu::chunked_reduce;
 use crate::dtype::RouterFloat;
-use crate::ops::RouterStats;
+use crate::ops::{RouterLogits, RouterStats};
 
 /// Partial sums of one chunk of tokens (combined in chunk order).
 struct Partial {
@@ -81,16 +81,18 @@ pub fn entropy_lse_row(z: impl Iterator<Item = f32> + Clone, p: &mut [f32]) -> (
 /// definitions). Reductions: per-chunk f64 partials of [`crate::cpu::CHUNK`] tokens
 /// combined in chunk order by [`chunked_reduce`], so the result does not depend on
 /// the thread count.
-#[allow(clippy::too_many_arguments)]
 pub fn router_stats<T: RouterFloat>(
-    logits: &[T],
-    num_tokens: usize,
-    num_experts: usize,
+    x: RouterLogits<'_, T>,
     indices: &[i32],
     topk: usize,
     slots: Option<&[i32]>,
-    padding_mask: Option<&[bool]>,
 ) -> RouterStats {
+    let RouterLogits {
+        logits,
+        num_tokens,
+        num_experts,
+        padding_mask,
+    } = x;
     let e_n = num_experts;
     let mut selected = vec![0i64; e_n];
     let mut kept = slots.map(|_| vec![0i64; e_n]);

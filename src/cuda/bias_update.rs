@@ -7,9 +7,9 @@
 //! range.
 
 use super::borrow;
-use super::{CudaBackend, CudaView, CudaViewMut};
+use super::{CudaBackend, CudaView, CudaViewMut, DevBuf};
 use crate::error::{Error, Result};
-use crate::ops::check_len;
+use crate::ops::bias_update::validate_update_expert_bias;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 const OP: &str = "update_expert_bias";
@@ -28,29 +28,7 @@ pub fn update_expert_bias_cuda(
     rate: f32,
 ) -> Result<()> {
     let n = bias.len();
-    if n == 0 {
-        return Err(Error::invalid(
-            OP,
-            "bias",
-            "an empty slice",
-            "bias must have num_experts >= 1 entries",
-        ));
-    }
-    check_len(
-        OP,
-        "counts",
-        counts.len(),
-        n,
-        format_args!("[num_experts] = [{n}] (the length of `bias`)"),
-    )?;
-    if !rate.is_finite() {
-        return Err(Error::invalid(
-            OP,
-            "rate",
-            rate,
-            "the bias update rate must be finite",
-        ));
-    }
+    validate_update_expert_bias(n, counts.len(), rate)?;
     let e = i32::try_from(n).map_err(|_| Error::Overflow {
         op: OP,
         what: "num_experts",
@@ -72,16 +50,16 @@ pub fn update_expert_bias_cuda(
     Ok(())
 }
 
-/// [`update_expert_bias_cuda`] on raw device pointers and a caller-owned stream
+/// [`update_expert_bias_cuda`] on raw device buffers and a caller-owned stream
 /// (PyTorch's current stream), without synchronising: `bias [num_experts]` f32 in
-/// place, `counts [num_experts]` i64.
+/// place, `counts [num_experts]` i64 (`num_experts = bias.len`). The lengths are
+/// checked by the op's validator before anything is launched.
 ///
 /// # Safety
 /// 1. `stream` is a live CUDA stream of `backend`'s context, kept alive until the
 ///    kernel has finished.
-/// 2. `bias` and `counts` are device addresses in that context, valid for
-///    `num_experts` elements of their type, and stay valid until the kernel has
-///    finished on `stream`.
+/// 2. `bias` and `counts` each hold `len` elements of their type at `ptr` in that
+///    context, and stay valid until the kernel has finished on `stream`.
 /// 3. `bias` does not overlap `counts`.
 ///
 /// # Errors
@@ -89,32 +67,16 @@ pub fn update_expert_bias_cuda(
 pub unsafe fn update_expert_bias_raw(
     backend: &CudaBackend,
     stream: cudarc::driver::sys::CUstream,
-    bias: u64,
-    counts: u64,
-    num_experts: usize,
+    bias: DevBuf,
+    counts: DevBuf,
     rate: f32,
 ) -> Result<()> {
+    validate_update_expert_bias(bias.len, counts.len, rate)?;
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     // SAFETY: (2) and (3).
-    let mut b = unsafe {
-        borrow!(
-            f32,
-            be.stream(),
-            bias,
-            num_experts,
-            "update_expert_bias_raw"
-        )
-    }?;
+    let mut b = unsafe { borrow!(f32, be.stream(), bias, "update_expert_bias_raw") }?;
     // SAFETY: (2).
-    let c = unsafe {
-        borrow!(
-            i64,
-            be.stream(),
-            counts,
-            num_experts,
-            "update_expert_bias_raw"
-        )
-    }?;
+    let c = unsafe { borrow!(i64, be.stream(), counts, "update_expert_bias_raw") }?;
     update_expert_bias_cuda(&be, &mut b.view_mut(), &c.view(), rate)
 }

@@ -1,5 +1,5 @@
 //! Capacity-factor dispatch on the GPU (`cuda/dispatch.cu`), with the validation of
-//! [`crate::ops::dispatch`] ([`dispatch_max_rows`]).
+//! [`crate::ops::dispatch()`] ([`dispatch_max_rows`]).
 //!
 //! Every output equals `src/cpu/dispatch.rs`'s bit for bit: slots, rows,
 //! `row_to_token`, `expert_offsets`, `rows_per_rank`, `tokens_per_expert`, the row
@@ -18,13 +18,14 @@
 //! distinctness of device-resident `indices`. An index outside `[0, num_experts)`
 //! is treated as not routed (as `-1`) and never addresses memory; a token naming an
 //! expert twice still gets at most `capacity` kept per expert and in-range rows.
-//! Validate on the host with [`crate::ops::dispatch`] when the indices are
+//! Validate on the host with [`crate::ops::dispatch()`] when the indices are
 //! untrusted.
 
 use super::borrow;
 use super::kernels::abi::dispatch::*; // POLICY_*, LAYOUT_*: the codes the kernels read
-use super::{CudaBackend, CudaView, CudaViewMut};
+use super::{CudaBackend, CudaView, CudaViewMut, DevBuf};
 use crate::error::{Error, Result};
+use crate::ops::dispatch::{dispatch_lens, validate_dispatch};
 use crate::ops::{check_len, dispatch_max_rows, DispatchConfig, DispatchLayout, DropPolicy};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -95,7 +96,7 @@ impl Plan {
 /// with `topk` choices under `cfg` (contents on entry do not matter).
 ///
 /// # Errors
-/// The config errors of [`crate::ops::dispatch`] ([`dispatch_max_rows`]).
+/// The config errors of [`crate::ops::dispatch()`] ([`dispatch_max_rows`]).
 pub fn dispatch_workspace_len(
     num_tokens: usize,
     topk: usize,
@@ -144,7 +145,7 @@ fn grid(items: usize, threads: usize) -> u32 {
 /// them first).
 ///
 /// # Errors
-/// The config errors of [`crate::ops::dispatch`], [`Error::Shape`] for a buffer of
+/// The config errors of [`crate::ops::dispatch()`], [`Error::Shape`] for a buffer of
 /// the wrong length (the `indices` values are not checked: module docs),
 /// [`Error::Compile`] / [`Error::Driver`].
 pub fn dispatch_cuda(
@@ -156,43 +157,14 @@ pub fn dispatch_cuda(
     cfg: &DispatchConfig,
     mut out: DispatchCudaBuffers<'_>,
 ) -> Result<()> {
-    let max_rows = dispatch_max_rows(num_tokens, topk, cfg)?;
+    let max_rows = validate_dispatch(
+        num_tokens,
+        topk,
+        cfg,
+        &dispatch_lens!(indices, weights, out),
+    )?;
     let e = cfg.num_experts;
-    let n = num_tokens * topk; // fits i32: checked by dispatch_max_rows
-    let tk = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
-    check_len(OP, "indices", indices.len(), n, &tk)?;
-    check_len(OP, "weights", weights.len(), n, &tk)?;
-    check_len(OP, "slot", out.slot.len(), n, &tk)?;
-    check_len(OP, "row", out.row.len(), n, &tk)?;
-    check_len(OP, "kept_weights", out.kept_weights.len(), n, &tk)?;
-    check_len(
-        OP,
-        "tokens_per_expert",
-        out.tokens_per_expert.len(),
-        e,
-        format_args!("[num_experts] = [{e}]"),
-    )?;
-    check_len(
-        OP,
-        "row_to_token",
-        out.row_to_token.len(),
-        max_rows,
-        format_args!("[max_rows] = [{max_rows}]"),
-    )?;
-    check_len(
-        OP,
-        "expert_offsets",
-        out.expert_offsets.len(),
-        e + 1,
-        format_args!("[num_experts + 1] = [{}]", e + 1),
-    )?;
-    check_len(
-        OP,
-        "rows_per_rank",
-        out.rows_per_rank.len(),
-        cfg.ep_size,
-        format_args!("[ep_size] = [{}]", cfg.ep_size),
-    )?;
+    let n = num_tokens * topk; // fits i32: checked by validate_dispatch
     check_len(OP, "counts", out.counts.len(), 2, "[2]")?;
     let plan = Plan::new(num_tokens, e);
     let ws_len = plan.workspace_len(e, n);
@@ -364,45 +336,45 @@ fn flat(items: usize, threads: usize) -> LaunchConfig {
     }
 }
 
-/// Device addresses of a [`dispatch_raw`] call; shapes and types as in
+/// Device buffers of a [`dispatch_raw`] call; shapes and types as in
 /// [`DispatchCudaBuffers`] and [`dispatch_cuda`]'s inputs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DispatchRawPtrs {
     /// Input `indices [num_tokens, topk]` i32.
-    pub indices: u64,
+    pub indices: DevBuf,
     /// Input `weights [num_tokens, topk]` f32.
-    pub weights: u64,
+    pub weights: DevBuf,
     /// Output `slot [num_tokens, topk]` i32.
-    pub slot: u64,
+    pub slot: DevBuf,
     /// Output `row [num_tokens, topk]` i32.
-    pub row: u64,
+    pub row: DevBuf,
     /// Output `kept_weights [num_tokens, topk]` f32.
-    pub kept_weights: u64,
+    pub kept_weights: DevBuf,
     /// Output `tokens_per_expert [num_experts]` i32.
-    pub tokens_per_expert: u64,
+    pub tokens_per_expert: DevBuf,
     /// Output `row_to_token [max_rows]` i32 ([`dispatch_max_rows`]).
-    pub row_to_token: u64,
+    pub row_to_token: DevBuf,
     /// Output `expert_offsets [num_experts + 1]` i32.
-    pub expert_offsets: u64,
+    pub expert_offsets: DevBuf,
     /// Output `rows_per_rank [ep_size]` i32.
-    pub rows_per_rank: u64,
+    pub rows_per_rank: DevBuf,
     /// Output `counts [2]` i64: `num_rows`, `dropped`.
-    pub counts: u64,
+    pub counts: DevBuf,
     /// Scratch `[dispatch_workspace_len(..)]` i32.
-    pub workspace: u64,
+    pub workspace: DevBuf,
 }
 
-/// [`dispatch_cuda`] on raw device pointers and a caller-owned stream (PyTorch's
+/// [`dispatch_cuda`] on raw device buffers and a caller-owned stream (PyTorch's
 /// `torch.cuda.current_stream().cuda_stream`), without synchronising: the same
-/// checks and kernels.
+/// checks (the op's validator, on the buffers' lengths) and kernels; nothing is
+/// launched unless every length is right.
 ///
 /// # Safety
 /// 1. `stream` is a live CUDA stream of `backend`'s context, kept alive until the
 ///    kernels have finished.
-/// 2. Every pointer of `ptrs` is a device address in that context, valid for its
-///    documented shape and type ([`DispatchRawPtrs`], sizes from `num_tokens`,
-///    `topk` and `cfg`), and stays valid until the kernels have finished on
-///    `stream`.
+/// 2. Every buffer of `ptrs` holds `len` elements of its documented type
+///    ([`DispatchRawPtrs`]) at `ptr` in that context, and stays valid until the
+///    kernels have finished on `stream`.
 /// 3. Output buffers and the workspace do not overlap each other or the inputs.
 ///
 /// # Errors
@@ -415,27 +387,24 @@ pub unsafe fn dispatch_raw(
     cfg: &DispatchConfig,
     ptrs: DispatchRawPtrs,
 ) -> Result<()> {
-    let max_rows = dispatch_max_rows(num_tokens, topk, cfg)?;
-    let ws_len = dispatch_workspace_len(num_tokens, topk, cfg)?;
-    let (n, e) = (num_tokens * topk, cfg.num_experts);
+    const RAW: &str = "dispatch_raw";
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     let s = be.stream();
-    // SAFETY: for every BorrowedSlice here, (2) and (3); lengths are the documented
-    // shapes for these sizes.
+    // SAFETY: for every BorrowedSlice here, (2) and (3).
     let (idx, w, mut slot, mut row, mut kw, mut tpe, mut rtt, mut eo, mut rpr, mut counts, mut ws) = unsafe {
         (
-            borrow!(i32, s, ptrs.indices, n, "dispatch_raw")?,
-            borrow!(f32, s, ptrs.weights, n, "dispatch_raw")?,
-            borrow!(i32, s, ptrs.slot, n, "dispatch_raw")?,
-            borrow!(i32, s, ptrs.row, n, "dispatch_raw")?,
-            borrow!(f32, s, ptrs.kept_weights, n, "dispatch_raw")?,
-            borrow!(i32, s, ptrs.tokens_per_expert, e, "dispatch_raw")?,
-            borrow!(i32, s, ptrs.row_to_token, max_rows, "dispatch_raw")?,
-            borrow!(i32, s, ptrs.expert_offsets, e + 1, "dispatch_raw")?,
-            borrow!(i32, s, ptrs.rows_per_rank, cfg.ep_size, "dispatch_raw")?,
-            borrow!(i64, s, ptrs.counts, 2, "dispatch_raw")?,
-            borrow!(i32, s, ptrs.workspace, ws_len, "dispatch_raw")?,
+            borrow!(i32, s, ptrs.indices, RAW)?,
+            borrow!(f32, s, ptrs.weights, RAW)?,
+            borrow!(i32, s, ptrs.slot, RAW)?,
+            borrow!(i32, s, ptrs.row, RAW)?,
+            borrow!(f32, s, ptrs.kept_weights, RAW)?,
+            borrow!(i32, s, ptrs.tokens_per_expert, RAW)?,
+            borrow!(i32, s, ptrs.row_to_token, RAW)?,
+            borrow!(i32, s, ptrs.expert_offsets, RAW)?,
+            borrow!(i32, s, ptrs.rows_per_rank, RAW)?,
+            borrow!(i64, s, ptrs.counts, RAW)?,
+            borrow!(i32, s, ptrs.workspace, RAW)?,
         )
     };
     dispatch_cuda(

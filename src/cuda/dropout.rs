@@ -9,15 +9,19 @@
 //! and the consistency of `keep` with `indices` in the backward.
 
 use super::borrow;
-use super::{CudaBackend, CudaView, CudaViewMut};
+use super::{check_unused, CudaBackend, CudaView, CudaViewMut, DevBuf};
 use crate::error::{Error, Result};
-use crate::ops::{check_len, checked_i32_product, DropoutConfig};
+use crate::ops::check_len;
+use crate::ops::dropout::{
+    assignment_dropout_backward_lens, assignment_dropout_lens, validate_assignment_dropout,
+    validate_assignment_dropout_backward, validate_expert_mask,
+};
+use crate::ops::DropoutConfig;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 const MODULE: &str = "dropout";
 const OP_MASK: &str = "expert_mask";
 const OP_DROP: &str = "assignment_dropout";
-const OP_DROP_BWD: &str = "assignment_dropout_backward";
 
 /// Largest `num_experts` the expert-masking kernel takes.
 pub const DROPOUT_CUDA_MAX_EXPERTS: usize = super::kernels::abi::common::MAX_EXPERTS;
@@ -43,26 +47,6 @@ pub struct DropoutParams {
 // trailing 4 bytes of padding `pad` makes explicit).
 unsafe impl DeviceRepr for DropoutParams {}
 
-fn check_topk(op: &'static str, num_experts: usize, topk: usize) -> Result<()> {
-    if num_experts == 0 {
-        return Err(Error::invalid(
-            op,
-            "num_experts",
-            0,
-            "num_experts must be at least 1",
-        ));
-    }
-    if topk == 0 || topk > num_experts {
-        return Err(Error::invalid(
-            op,
-            "topk",
-            topk,
-            format!("topk must be in [1, num_experts] = [1, {num_experts}]"),
-        ));
-    }
-    Ok(())
-}
-
 fn per_token(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((n as u32).div_ceil(256), 1, 1),
@@ -85,7 +69,7 @@ pub fn expert_mask_cuda(
     cfg: &DropoutConfig,
     masked: &mut CudaViewMut<'_, bool>,
 ) -> Result<()> {
-    crate::ops::dropout::validate_expert_mask(num_tokens, num_experts, topk, cfg, masked.len())?;
+    validate_expert_mask(num_tokens, num_experts, topk, cfg, masked.len())?;
     if num_experts > DROPOUT_CUDA_MAX_EXPERTS {
         return Err(Error::Unsupported {
             op: OP_MASK,
@@ -133,6 +117,21 @@ pub fn expert_mask_cuda(
     Ok(())
 }
 
+/// Routed assignments `[num_tokens, topk]` on the device: the input of
+/// [`assignment_dropout_cuda`] and [`assignment_dropout_backward_cuda`]; the GPU form
+/// of [`crate::ops::Assignments`].
+#[derive(Debug)]
+pub struct AssignmentsCuda<'a> {
+    /// `[num_tokens, topk]` expert indices, `-1` where not routed.
+    pub indices: CudaView<'a, i32>,
+    /// `[num_tokens, topk]` routing weights.
+    pub weights: CudaView<'a, f32>,
+    /// Tokens (rows).
+    pub num_tokens: usize,
+    /// Assignments per token (columns).
+    pub topk: usize,
+}
+
 /// Output buffers of [`assignment_dropout_cuda`], each `[num_tokens, topk]` but
 /// `dropped` (`[1]`, zeroed by the call, then the number of routed assignments
 /// dropped).
@@ -148,34 +147,24 @@ pub struct AssignmentDropoutCudaBuffers<'a> {
     pub dropped: CudaViewMut<'a, u64>,
 }
 
-/// Assignment dropout of `indices`/`weights [num_tokens, topk]` on the GPU; the same
-/// result as [`crate::ops::assignment_dropout_into`].
+/// Assignment dropout of `input` on the GPU; the same result as
+/// [`crate::ops::assignment_dropout_into`].
 ///
 /// # Errors
 /// The config and length checks of [`crate::ops::assignment_dropout_into`] (index
-/// range and distinctness are not checked: module docs), [`Error::Compile`] /
-/// [`Error::Driver`].
-#[allow(clippy::too_many_arguments)]
+/// range and distinctness are not checked: module docs), [`Error::Shape`] for
+/// `out.dropped` not `[1]`, [`Error::Compile`] / [`Error::Driver`].
 pub fn assignment_dropout_cuda(
     backend: &CudaBackend,
-    indices: &CudaView<'_, i32>,
-    weights: &CudaView<'_, f32>,
-    num_tokens: usize,
-    topk: usize,
+    input: AssignmentsCuda<'_>,
     num_experts: usize,
     cfg: &DropoutConfig,
     renormalize: bool,
     mut out: AssignmentDropoutCudaBuffers<'_>,
 ) -> Result<()> {
-    check_topk(OP_DROP, num_experts, topk)?;
-    cfg.validate(OP_DROP, "rate")?;
-    let n = checked_i32_product(OP_DROP, "num_tokens * topk", num_tokens, topk)?;
-    let shape = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
-    check_len(OP_DROP, "indices", indices.len(), n, &shape)?;
-    check_len(OP_DROP, "weights", weights.len(), n, &shape)?;
-    check_len(OP_DROP, "out.indices", out.indices.len(), n, &shape)?;
-    check_len(OP_DROP, "out.weights", out.weights.len(), n, &shape)?;
-    check_len(OP_DROP, "out.keep", out.keep.len(), n, &shape)?;
+    let (num_tokens, topk) = (input.num_tokens, input.topk);
+    let lens = assignment_dropout_lens!(input, out);
+    validate_assignment_dropout(num_tokens, topk, num_experts, cfg, lens)?;
     check_len(OP_DROP, "out.dropped", out.dropped.len(), 1, "[1]")?;
     let stream = backend.stream();
     stream.memset_zeros(&mut out.dropped)?;
@@ -195,8 +184,8 @@ pub fn assignment_dropout_cuda(
     let f = backend.function(MODULE, "assignment_dropout_fwd")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&p)
-        .arg(indices)
-        .arg(weights)
+        .arg(&input.indices)
+        .arg(&input.weights)
         .arg(&mut out.indices)
         .arg(&mut out.weights)
         .arg(&mut out.keep)
@@ -209,40 +198,24 @@ pub fn assignment_dropout_cuda(
 }
 
 /// Backward of assignment dropout on the GPU: `grad_weights [num_tokens, topk]`
-/// from `grad_out`, given the forward's input `indices`, `weights` and its `keep`;
-/// the same as [`crate::ops::assignment_dropout_backward_into`].
+/// from `grad_out`, given the forward's input (`input`) and its `keep`; the same as
+/// [`crate::ops::assignment_dropout_backward_into`].
 ///
 /// # Errors
 /// The length checks of [`crate::ops::assignment_dropout_backward_into`] (the
 /// value checks of `indices` / `keep` need the host: module docs),
 /// [`Error::Compile`] / [`Error::Driver`].
-#[allow(clippy::too_many_arguments)]
 pub fn assignment_dropout_backward_cuda(
     backend: &CudaBackend,
-    indices: &CudaView<'_, i32>,
-    weights: &CudaView<'_, f32>,
+    input: AssignmentsCuda<'_>,
     keep: &CudaView<'_, bool>,
-    num_tokens: usize,
-    topk: usize,
     renormalize: bool,
     grad_out: &CudaView<'_, f32>,
     grad_weights: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    if topk == 0 {
-        return Err(Error::invalid(
-            OP_DROP_BWD,
-            "topk",
-            0,
-            "topk must be at least 1",
-        ));
-    }
-    let n = checked_i32_product(OP_DROP_BWD, "num_tokens * topk", num_tokens, topk)?;
-    let shape = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
-    check_len(OP_DROP_BWD, "indices", indices.len(), n, &shape)?;
-    check_len(OP_DROP_BWD, "weights", weights.len(), n, &shape)?;
-    check_len(OP_DROP_BWD, "keep", keep.len(), n, &shape)?;
-    check_len(OP_DROP_BWD, "grad_out", grad_out.len(), n, &shape)?;
-    check_len(OP_DROP_BWD, "grad_weights", grad_weights.len(), n, &shape)?;
+    let (num_tokens, topk) = (input.num_tokens, input.topk);
+    let lens = assignment_dropout_backward_lens!(input, keep, grad_out, grad_weights);
+    validate_assignment_dropout_backward(num_tokens, topk, lens)?;
     if num_tokens == 0 {
         return Ok(());
     }
@@ -255,8 +228,8 @@ pub fn assignment_dropout_backward_cuda(
     let f = backend.function(MODULE, "assignment_dropout_bwd")?;
     let mut b = backend.stream().launch_builder(&f);
     b.arg(&p)
-        .arg(indices)
-        .arg(weights)
+        .arg(&input.indices)
+        .arg(&input.weights)
         .arg(keep)
         .arg(grad_out)
         .arg(grad_weights);
@@ -266,36 +239,55 @@ pub fn assignment_dropout_backward_cuda(
     Ok(())
 }
 
-/// Device addresses of an assignment-dropout call (forward or backward), each
-/// `[num_tokens, topk]` but `dropped` (`[1]` u64).
+/// Device buffers of an assignment-dropout call (forward or backward), each
+/// `[num_tokens, topk]` but `dropped` (`[1]` u64). A buffer the pass does not use is
+/// [`DevBuf::NONE`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AssignmentDropoutRawPtrs {
     /// Input `indices` i32.
-    pub indices: u64,
+    pub indices: DevBuf,
     /// Input `weights` f32.
-    pub weights: u64,
+    pub weights: DevBuf,
     /// Forward output / backward input: `keep` (bytes, 0 or 1).
-    pub keep: u64,
+    pub keep: DevBuf,
     /// Forward output: surviving `indices` i32.
-    pub out_indices: u64,
+    pub out_indices: DevBuf,
     /// Forward output: surviving `weights` f32.
-    pub out_weights: u64,
+    pub out_weights: DevBuf,
     /// Forward output: `dropped [1]` u64.
-    pub dropped: u64,
+    pub dropped: DevBuf,
     /// Backward input: `grad_out` f32.
-    pub grad_out: u64,
+    pub grad_out: DevBuf,
     /// Backward output: `grad_weights` f32.
-    pub grad_weights: u64,
+    pub grad_weights: DevBuf,
+}
+
+/// Which assignment-dropout pass [`assignment_dropout_raw`] runs, with the options
+/// only that pass takes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AssignmentDropoutPass {
+    /// [`assignment_dropout_cuda`]: `indices`, `weights` → `out_indices`,
+    /// `out_weights`, `keep`, `dropped`.
+    Forward {
+        /// Experts (the range of the indices).
+        num_experts: usize,
+        /// Rate and random stream.
+        cfg: DropoutConfig,
+    },
+    /// [`assignment_dropout_backward_cuda`]: `indices`, `weights`, `keep`, `grad_out`
+    /// → `grad_weights`.
+    Backward,
 }
 
 /// [`expert_mask_cuda`] on a raw `masked [num_tokens, num_experts]` (bytes) and a
-/// caller-owned stream, without synchronising.
+/// caller-owned stream, without synchronising. Its length is checked by the op's
+/// validator before anything is launched.
 ///
 /// # Safety
 /// 1. `stream` is a live CUDA stream of `backend`'s context, kept alive until the
 ///    kernel has finished.
-/// 2. `masked` is a device address in that context valid for
-///    `num_tokens * num_experts` bytes until the kernel has finished on `stream`.
+/// 2. `masked` holds `masked.len` bytes at `masked.ptr` in that context, valid until
+///    the kernel has finished on `stream`.
 ///
 /// # Errors
 /// As [`expert_mask_cuda`].
@@ -306,102 +298,106 @@ pub unsafe fn expert_mask_raw(
     num_experts: usize,
     topk: usize,
     cfg: &DropoutConfig,
-    masked: u64,
+    masked: DevBuf,
 ) -> Result<()> {
-    let n = num_tokens.checked_mul(num_experts).ok_or(Error::Overflow {
-        op: OP_MASK,
-        what: "num_tokens * num_experts",
-        value: num_tokens as u128 * num_experts as u128,
-        max: i64::MAX,
-    })?;
+    validate_expert_mask(num_tokens, num_experts, topk, cfg, masked.len)?;
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     // SAFETY: (2).
-    let mut m = unsafe { borrow!(bool, be.stream(), masked, n, "expert_mask_raw") }?;
+    let mut m = unsafe { borrow!(bool, be.stream(), masked, "expert_mask_raw") }?;
     expert_mask_cuda(&be, num_tokens, num_experts, topk, cfg, &mut m.view_mut())
 }
 
-/// [`assignment_dropout_cuda`] (`backward = false`) or
-/// [`assignment_dropout_backward_cuda`] (`backward = true`) on raw device pointers
-/// and a caller-owned stream, without synchronising.
+/// [`assignment_dropout_cuda`] or [`assignment_dropout_backward_cuda`] (see `pass`)
+/// on raw device buffers and a caller-owned stream, without synchronising: the same
+/// checks (the op's validator, on the buffers' lengths) and kernels; nothing is
+/// launched unless every length is right. The buffers the pass does not use must be
+/// empty.
 ///
 /// # Safety
 /// 1. `stream` is a live CUDA stream of `backend`'s context, kept alive until the
 ///    kernels have finished.
-/// 2. Every pointer of `ptrs` the pass uses (see [`AssignmentDropoutRawPtrs`]) is a
-///    device address in that context, valid for its documented shape and type, and
-///    stays valid until the kernels have finished on `stream`.
+/// 2. Every buffer of `ptrs` the pass uses holds `len` elements of its documented
+///    type ([`AssignmentDropoutRawPtrs`]) at `ptr` in that context, and stays valid
+///    until the kernels have finished on `stream`.
 /// 3. Output buffers do not overlap any other buffer of the call.
 ///
 /// # Errors
-/// As the safe functions.
-#[allow(clippy::too_many_arguments)]
+/// As the safe functions; [`Error::InvalidArgument`] for a non-empty buffer the pass
+/// does not use.
 pub unsafe fn assignment_dropout_raw(
     backend: &CudaBackend,
     stream: cudarc::driver::sys::CUstream,
-    backward: bool,
+    pass: AssignmentDropoutPass,
     num_tokens: usize,
     topk: usize,
-    num_experts: usize,
-    cfg: &DropoutConfig,
     renormalize: bool,
     ptrs: AssignmentDropoutRawPtrs,
 ) -> Result<()> {
-    let op = if backward { OP_DROP_BWD } else { OP_DROP };
-    let n = checked_i32_product(op, "num_tokens * topk", num_tokens, topk)?;
+    const RAW: &str = "assignment_dropout_raw";
+    let p = &ptrs;
+    match pass {
+        AssignmentDropoutPass::Forward { .. } => {
+            check_unused(RAW, "grad_out", p.grad_out)?;
+            check_unused(RAW, "grad_weights", p.grad_weights)?;
+        }
+        AssignmentDropoutPass::Backward => {
+            check_unused(RAW, "out_indices", p.out_indices)?;
+            check_unused(RAW, "out_weights", p.out_weights)?;
+            check_unused(RAW, "dropped", p.dropped)?;
+        }
+    }
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     let s = be.stream();
-    // SAFETY: for every BorrowedSlice here, (2) and (3).
+    // SAFETY: (2) and (3) for the three buffers both passes use.
     let (idx, w, mut keep) = unsafe {
         (
-            borrow!(i32, s, ptrs.indices, n, "assignment_dropout_raw")?,
-            borrow!(f32, s, ptrs.weights, n, "assignment_dropout_raw")?,
-            borrow!(bool, s, ptrs.keep, n, "assignment_dropout_raw")?,
+            borrow!(i32, s, ptrs.indices, RAW)?,
+            borrow!(f32, s, ptrs.weights, RAW)?,
+            borrow!(bool, s, ptrs.keep, RAW)?,
         )
     };
-    if backward {
-        // SAFETY: (2) and (3) of this entry's contract, for this buffer.
-        let (go, mut gw) = unsafe {
-            (
-                borrow!(f32, s, ptrs.grad_out, n, "assignment_dropout_raw")?,
-                borrow!(f32, s, ptrs.grad_weights, n, "assignment_dropout_raw")?,
-            )
-        };
-        return assignment_dropout_backward_cuda(
-            &be,
-            &idx.view(),
-            &w.view(),
-            &keep.view(),
-            num_tokens,
-            topk,
-            renormalize,
-            &go.view(),
-            &mut gw.view_mut(),
-        );
-    }
-    // SAFETY: (2) and (3) of this entry's contract, for this buffer.
-    let (mut oi, mut ow, mut dr) = unsafe {
-        (
-            borrow!(i32, s, ptrs.out_indices, n, "assignment_dropout_raw")?,
-            borrow!(f32, s, ptrs.out_weights, n, "assignment_dropout_raw")?,
-            borrow!(u64, s, ptrs.dropped, 1, "assignment_dropout_raw")?,
-        )
-    };
-    assignment_dropout_cuda(
-        &be,
-        &idx.view(),
-        &w.view(),
+    let input = AssignmentsCuda {
+        indices: idx.view(),
+        weights: w.view(),
         num_tokens,
         topk,
-        num_experts,
-        cfg,
-        renormalize,
-        AssignmentDropoutCudaBuffers {
-            indices: oi.view_mut(),
-            weights: ow.view_mut(),
-            keep: keep.view_mut(),
-            dropped: dr.view_mut(),
-        },
-    )
+    };
+    match pass {
+        AssignmentDropoutPass::Forward { num_experts, cfg } => {
+            // SAFETY: (2) and (3) for the forward's outputs.
+            let (mut oi, mut ow, mut dr) = unsafe {
+                (
+                    borrow!(i32, s, ptrs.out_indices, RAW)?,
+                    borrow!(f32, s, ptrs.out_weights, RAW)?,
+                    borrow!(u64, s, ptrs.dropped, RAW)?,
+                )
+            };
+            let out = AssignmentDropoutCudaBuffers {
+                indices: oi.view_mut(),
+                weights: ow.view_mut(),
+                keep: keep.view_mut(),
+                dropped: dr.view_mut(),
+            };
+            assignment_dropout_cuda(&be, input, num_experts, &cfg, renormalize, out)
+        }
+        AssignmentDropoutPass::Backward => {
+            // SAFETY: (2) and (3) for the backward's gradient buffers.
+            let (go, mut gw) = unsafe {
+                (
+                    borrow!(f32, s, ptrs.grad_out, RAW)?,
+                    borrow!(f32, s, ptrs.grad_weights, RAW)?,
+                )
+            };
+            assignment_dropout_backward_cuda(
+                &be,
+                input,
+                &keep.view(),
+                renormalize,
+                &go.view(),
+                &mut gw.view_mut(),
+            )
+        }
+    }
 }

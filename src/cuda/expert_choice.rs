@@ -1,5 +1,5 @@
 //! Expert-choice routing on the GPU (`cuda/expert_choice.cu`), with the validation
-//! of [`crate::ops::expert_choice`].
+//! of [`crate::ops::expert_choice()`].
 //!
 //! The CPU reference's steps (`src/cpu/expert_choice.rs`) with the same
 //! arithmetic: `p = softmax(z_t)` in `f32` in `softmax_row`'s operation order (the
@@ -19,16 +19,17 @@
 //! is `>= 0`. Row entries the kernels read back (`row_to_token`) are bounds-checked.
 
 use super::borrow;
-use super::{CudaBackend, CudaView, CudaViewMut};
+use super::{check_unused, CudaBackend, CudaView, CudaViewMut, DevBuf};
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::ops::expert_choice::validate_sizes;
-use crate::ops::{check_len, checked_i32_product};
+use crate::ops::expert_choice::{
+    expert_choice_backward_lens, expert_choice_lens, validate_expert_choice,
+    validate_expert_choice_backward,
+};
 use crate::RouterFloat;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 const MODULE: &str = "expert_choice";
-const OP: &str = "expert_choice";
 
 /// Tokens (warps) per block of the softmax and backward kernels.
 const WARPS: usize = super::kernels::abi::expert_choice::EC_WARPS;
@@ -76,29 +77,8 @@ pub fn expert_choice_cuda<T: RouterFloat + DeviceRepr>(
     capacity: usize,
     mut out: ExpertChoiceCudaBuffers<'_>,
 ) -> Result<()> {
-    let te = validate_sizes(num_tokens, num_experts)?;
-    let rows = checked_i32_product(OP, "num_experts * capacity", num_experts, capacity)?;
-    let shape = format!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]");
-    check_len(OP, "logits", logits.len(), te, &shape)?;
-    check_len(OP, "weights", out.weights.len(), te, &shape)?;
-    check_len(OP, "row", out.row.len(), te, &shape)?;
-    let rshape = format!("[num_experts * capacity] = [{rows}]");
-    check_len(OP, "row_to_token", out.row_to_token.len(), rows, &rshape)?;
-    check_len(OP, "row_weights", out.row_weights.len(), rows, &rshape)?;
-    check_len(
-        OP,
-        "tokens_per_expert",
-        out.tokens_per_expert.len(),
-        num_experts,
-        format_args!("[num_experts] = [{num_experts}]"),
-    )?;
-    check_len(
-        OP,
-        "expert_offsets",
-        out.expert_offsets.len(),
-        num_experts + 1,
-        format_args!("[num_experts + 1] = [{}]", num_experts + 1),
-    )?;
+    let lens = expert_choice_lens!(logits, out);
+    let (te, _) = validate_expert_choice(num_tokens, num_experts, capacity, lens)?;
     let taken = capacity.min(num_tokens);
     let (nt, ne, cap) = (num_tokens as i32, num_experts as i32, capacity as i32);
     let stream = backend.stream();
@@ -198,12 +178,8 @@ pub fn expert_choice_backward_cuda<T: RouterFloat + DeviceRepr>(
     grad_weights: &CudaView<'_, f32>,
     grad_logits: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
-    let te = validate_sizes(num_tokens, num_experts)?;
-    let shape = format!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]");
-    check_len(OP, "logits", logits.len(), te, &shape)?;
-    check_len(OP, "row", row.len(), te, &shape)?;
-    check_len(OP, "grad_weights", grad_weights.len(), te, &shape)?;
-    check_len(OP, "grad_logits", grad_logits.len(), te, &shape)?;
+    let lens = expert_choice_backward_lens!(logits, row, grad_weights, grad_logits);
+    let te = validate_expert_choice_backward(num_tokens, num_experts, lens)?;
     if te == 0 {
         return Ok(());
     }
@@ -223,137 +199,141 @@ pub fn expert_choice_backward_cuda<T: RouterFloat + DeviceRepr>(
     Ok(())
 }
 
-/// Device addresses of an [`expert_choice_raw`] call; shapes as in
-/// [`ExpertChoiceCudaBuffers`] and the safe functions' inputs.
+/// Device buffers of an [`expert_choice_raw`] call; shapes as in
+/// [`ExpertChoiceCudaBuffers`] and the safe functions' inputs. A buffer the pass does
+/// not use is [`DevBuf::NONE`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExpertChoiceRawPtrs {
     /// Input `logits [num_tokens, num_experts]`, element type `dtype`.
-    pub logits: u64,
+    pub logits: DevBuf,
     /// Forward output `weights [num_tokens, num_experts]` f32.
-    pub weights: u64,
+    pub weights: DevBuf,
     /// Forward output / backward input `row [num_tokens, num_experts]` i32.
-    pub row: u64,
+    pub row: DevBuf,
     /// Forward output `row_to_token [num_experts * capacity]` i32.
-    pub row_to_token: u64,
+    pub row_to_token: DevBuf,
     /// Forward output `row_weights [num_experts * capacity]` f32.
-    pub row_weights: u64,
+    pub row_weights: DevBuf,
     /// Forward output `tokens_per_expert [num_experts]` i32.
-    pub tokens_per_expert: u64,
+    pub tokens_per_expert: DevBuf,
     /// Forward output `expert_offsets [num_experts + 1]` i32.
-    pub expert_offsets: u64,
+    pub expert_offsets: DevBuf,
     /// Backward input `grad_weights [num_tokens, num_experts]` f32.
-    pub grad_weights: u64,
+    pub grad_weights: DevBuf,
     /// Backward output `grad_logits [num_tokens, num_experts]`, element type `dtype`.
-    pub grad_logits: u64,
+    pub grad_logits: DevBuf,
 }
 
-/// [`expert_choice_cuda`] (`backward = false`) or [`expert_choice_backward_cuda`]
-/// (`backward = true`, `capacity` unused) on raw device pointers and a
-/// caller-owned stream (PyTorch's current stream), without synchronising: the same
-/// checks and kernels.
+/// Which expert-choice pass [`expert_choice_raw`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertChoicePass {
+    /// [`expert_choice_cuda`]: `logits` → `weights`, `row`, `row_to_token`,
+    /// `row_weights`, `tokens_per_expert`, `expert_offsets`.
+    Forward {
+        /// Tokens each expert takes.
+        capacity: usize,
+    },
+    /// [`expert_choice_backward_cuda`]: `logits`, `row`, `grad_weights` →
+    /// `grad_logits`.
+    Backward,
+}
+
+/// [`expert_choice_cuda`] or [`expert_choice_backward_cuda`] (see `pass`) on raw
+/// device buffers and a caller-owned stream (PyTorch's current stream), without
+/// synchronising: the same checks (the op's validator, on the buffers' lengths) and
+/// kernels; nothing is launched unless every length is right. The buffers the pass
+/// does not use must be empty.
 ///
 /// # Safety
 /// 1. `stream` is a live CUDA stream of `backend`'s context, kept alive until the
 ///    kernels have finished.
-/// 2. Every pointer of `ptrs` the pass uses is a device address in that context,
-///    valid for its documented shape and type, and stays valid until the kernels
-///    have finished on `stream`.
+/// 2. Every buffer of `ptrs` the pass uses holds `len` elements of its documented
+///    type at `ptr` in that context, and stays valid until the kernels have finished
+///    on `stream`.
 /// 3. Output buffers do not overlap each other or the inputs.
 ///
 /// # Errors
-/// As the safe functions.
-#[allow(clippy::too_many_arguments)]
+/// As the safe functions; [`crate::Error::InvalidArgument`] for a non-empty buffer
+/// the pass does not use.
 pub unsafe fn expert_choice_raw(
     backend: &CudaBackend,
     stream: cudarc::driver::sys::CUstream,
-    backward: bool,
+    pass: ExpertChoicePass,
     dtype: DType,
     num_tokens: usize,
     num_experts: usize,
-    capacity: usize,
     ptrs: ExpertChoiceRawPtrs,
 ) -> Result<()> {
-    let te = validate_sizes(num_tokens, num_experts)?;
-    let rows = if backward {
-        0
-    } else {
-        checked_i32_product(OP, "num_experts * capacity", num_experts, capacity)?
-    };
+    const RAW: &str = "expert_choice_raw";
+    let p = &ptrs;
+    match pass {
+        ExpertChoicePass::Forward { .. } => {
+            check_unused(RAW, "grad_weights", p.grad_weights)?;
+            check_unused(RAW, "grad_logits", p.grad_logits)?;
+        }
+        ExpertChoicePass::Backward => {
+            check_unused(RAW, "weights", p.weights)?;
+            check_unused(RAW, "row_to_token", p.row_to_token)?;
+            check_unused(RAW, "row_weights", p.row_weights)?;
+            check_unused(RAW, "tokens_per_expert", p.tokens_per_expert)?;
+            check_unused(RAW, "expert_offsets", p.expert_offsets)?;
+        }
+    }
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     let s = be.stream();
     macro_rules! run {
         ($t:ty) => {{
-            // SAFETY: for every BorrowedSlice here, (2) and (3); lengths are the
-            // documented shapes for these sizes.
-            let z = unsafe { borrow!($t, s, ptrs.logits, te, "expert_choice_raw") }?;
-            if backward {
-                // SAFETY: (2) and (3) of this entry's contract, for this buffer.
-                let (row, g, mut gz) = unsafe {
-                    (
-                        borrow!(i32, s, ptrs.row, te, "expert_choice_raw")?,
-                        borrow!(f32, s, ptrs.grad_weights, te, "expert_choice_raw")?,
-                        borrow!($t, s, ptrs.grad_logits, te, "expert_choice_raw")?,
-                    )
-                };
-                expert_choice_backward_cuda::<$t>(
-                    &be,
-                    &z.view(),
-                    num_tokens,
-                    num_experts,
-                    &row.view(),
-                    &g.view(),
-                    &mut gz.view_mut(),
-                )
-            } else {
-                // SAFETY: (2) and (3) of this entry's contract, for this buffer.
-                let (mut w, mut row) = unsafe {
-                    (
-                        borrow!(f32, s, ptrs.weights, te, "expert_choice_raw")?,
-                        borrow!(i32, s, ptrs.row, te, "expert_choice_raw")?,
-                    )
-                };
-                let mut rtt =
-                    // SAFETY: (2) and (3) of this entry's contract, for this buffer.
-                    unsafe { borrow!(i32, s, ptrs.row_to_token, rows, "expert_choice_raw") }?;
-                let mut rw =
-                    // SAFETY: (2) and (3) of this entry's contract, for this buffer.
-                    unsafe { borrow!(f32, s, ptrs.row_weights, rows, "expert_choice_raw") }?;
-                // SAFETY: (2) and (3) of this entry's contract, for this buffer.
-                let mut tpe = unsafe {
-                    borrow!(
-                        i32,
-                        s,
-                        ptrs.tokens_per_expert,
+            // SAFETY: (2) and (3) for the input both passes read.
+            let z = unsafe { borrow!($t, s, ptrs.logits, RAW) }?;
+            match pass {
+                ExpertChoicePass::Backward => {
+                    // SAFETY: (2) and (3) for the backward's other buffers.
+                    let (row, g, mut gz) = unsafe {
+                        (
+                            borrow!(i32, s, ptrs.row, RAW)?,
+                            borrow!(f32, s, ptrs.grad_weights, RAW)?,
+                            borrow!($t, s, ptrs.grad_logits, RAW)?,
+                        )
+                    };
+                    expert_choice_backward_cuda::<$t>(
+                        &be,
+                        &z.view(),
+                        num_tokens,
                         num_experts,
-                        "expert_choice_raw"
+                        &row.view(),
+                        &g.view(),
+                        &mut gz.view_mut(),
                     )
-                }?;
-                // SAFETY: (2) and (3) of this entry's contract, for this buffer.
-                let mut eo = unsafe {
-                    borrow!(
-                        i32,
-                        s,
-                        ptrs.expert_offsets,
-                        num_experts + 1,
-                        "expert_choice_raw"
+                }
+                ExpertChoicePass::Forward { capacity } => {
+                    // SAFETY: (2) and (3) for the forward's outputs.
+                    let (mut w, mut row, mut rtt, mut rw, mut tpe, mut eo) = unsafe {
+                        (
+                            borrow!(f32, s, ptrs.weights, RAW)?,
+                            borrow!(i32, s, ptrs.row, RAW)?,
+                            borrow!(i32, s, ptrs.row_to_token, RAW)?,
+                            borrow!(f32, s, ptrs.row_weights, RAW)?,
+                            borrow!(i32, s, ptrs.tokens_per_expert, RAW)?,
+                            borrow!(i32, s, ptrs.expert_offsets, RAW)?,
+                        )
+                    };
+                    expert_choice_cuda::<$t>(
+                        &be,
+                        &z.view(),
+                        num_tokens,
+                        num_experts,
+                        capacity,
+                        ExpertChoiceCudaBuffers {
+                            weights: w.view_mut(),
+                            row: row.view_mut(),
+                            row_to_token: rtt.view_mut(),
+                            row_weights: rw.view_mut(),
+                            tokens_per_expert: tpe.view_mut(),
+                            expert_offsets: eo.view_mut(),
+                        },
                     )
-                }?;
-                expert_choice_cuda::<$t>(
-                    &be,
-                    &z.view(),
-                    num_tokens,
-                    num_experts,
-                    capacity,
-                    ExpertChoiceCudaBuffers {
-                        weights: w.view_mut(),
-                        row: row.view_mut(),
-                        row_to_token: rtt.view_mut(),
-                        row_weights: rw.view_mut(),
-                        tokens_per_expert: tpe.view_mut(),
-                        expert_offsets: eo.view_mut(),
-                    },
-                )
+                }
             }
         }};
     }

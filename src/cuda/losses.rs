@@ -1,6 +1,6 @@
 //! Auxiliary load-balance loss (Switch/GShard, sequence-level) and router z-loss on
-//! the GPU (`cuda/losses.cu`), with the validation of [`crate::ops::aux_loss`] and
-//! [`crate::ops::z_loss`].
+//! the GPU (`cuda/losses.cu`), with the validation of [`crate::ops::aux_loss()`] and
+//! [`crate::ops::z_loss()`].
 //!
 //! Forward: one pass over the logits computes the aux scores' per-expert sums, the
 //! plain top-k counts and (optionally, fused) `Σ lse²` for the z-loss, as f64
@@ -23,16 +23,21 @@
 //! an error. No kernel reads or writes out of bounds for any values.
 
 use super::borrow;
-use super::{CudaBackend, CudaStream, CudaView, CudaViewMut};
+use super::{
+    check_unused, BorrowedSlice, CudaBackend, CudaStream, CudaView, CudaViewMut, DevBuf,
+    RouterLogitsCuda,
+};
 use crate::error::{Error, Result};
-use crate::ops::aux_loss::{check_logits, check_seq_len, check_total, TOTAL_NEEDS_COUNTS};
-use crate::ops::{check_finite, check_len, AuxLossConfig, ScoreFunction};
+use crate::ops::aux_loss::{
+    aux_op, check_segment_rows, check_total, validate_aux_loss, validate_aux_loss_backward,
+    TOTAL_NEEDS_COUNTS,
+};
+use crate::ops::z_loss::{validate_z_loss, validate_z_loss_backward};
+use crate::ops::{check_len, AuxLossConfig, ScoreFunction};
 use crate::RouterFloat;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 const MODULE: &str = "losses";
-const AUX_OP: &str = "aux_loss";
-const SEQ_OP: &str = "seq_aux_loss";
 const Z_OP: &str = "z_loss";
 
 /// Largest `num_experts` the loss kernels take.
@@ -150,86 +155,52 @@ fn check_i32(op: &'static str, what: &'static str, value: usize) -> Result<i32> 
     })
 }
 
-fn check_mask(
-    op: &'static str,
-    mask: Option<&CudaView<'_, bool>>,
-    num_tokens: usize,
-) -> Result<()> {
-    if let Some(m) = mask {
-        check_len(
-            op,
-            "padding_mask",
-            m.len(),
-            num_tokens,
-            format_args!("[num_tokens] = [{num_tokens}]"),
-        )?;
-    }
-    Ok(())
-}
-
-/// The z-loss's own checks (those of `crate::ops::z_loss`), on lengths.
-fn validate_z(
-    op: &'static str,
-    logits_len: usize,
-    num_tokens: usize,
-    num_experts: usize,
-    coeff: f32,
-) -> Result<()> {
-    if num_experts == 0 {
-        return Err(Error::invalid(
-            op,
-            "num_experts",
-            0,
-            "there must be at least 1 expert",
-        ));
-    }
-    check_finite(
-        op,
-        "coeff",
-        coeff as f64,
-        "the loss coefficient must be finite",
-    )?;
-    check_logits(op, "logits", logits_len, num_tokens, num_experts)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn params(
+/// The kernel parameters of these logits cut by `plan` (no loss selected yet), after
+/// the kernels' own limits: `num_experts <= 2048`, `num_tokens * num_experts` within
+/// `i32`.
+fn base_params<T>(
     op: &'static str,
     plan: &Plan,
-    num_tokens: usize,
-    num_experts: usize,
-    aux: Option<&AuxLossConfig>,
-    count_topk: bool,
-    z_coeff: Option<f32>,
-    has_mask: bool,
-    seq_mode: bool,
-    total_override: Option<usize>,
+    x: &RouterLogitsCuda<'_, T>,
 ) -> Result<LossParams> {
-    check_experts(op, num_experts)?;
-    let num_tokens_i = check_i32(op, "num_tokens", num_tokens)?;
+    check_experts(op, x.num_experts)?;
+    let num_tokens = check_i32(op, "num_tokens", x.num_tokens)?;
     check_i32(
         op,
         "num_tokens * num_experts",
-        num_tokens.saturating_mul(num_experts),
+        x.num_tokens.saturating_mul(x.num_experts),
     )?;
     Ok(LossParams {
-        total_override: total_override.map_or(0.0, |t| t as f64),
-        aux_coeff: aux.map_or(0.0, |c| c.coeff),
-        z_coeff: z_coeff.unwrap_or(0.0),
-        num_tokens: num_tokens_i,
-        num_experts: num_experts as i32,
+        num_tokens,
+        num_experts: x.num_experts as i32,
         seq_len: plan.seq_len as i32,
         num_segments: plan.segments as i32,
         chunk: plan.chunk as i32,
         chunks_per_seg: plan.chunks_per_seg as i32,
-        topk: aux.map_or(0, |c| c.topk as i32),
-        count_topk: i32::from(count_topk),
-        sigmoid: i32::from(aux.is_some_and(|c| c.score_function == ScoreFunction::Sigmoid)),
-        want_aux: i32::from(aux.is_some()),
-        want_z: i32::from(z_coeff.is_some()),
-        has_mask: i32::from(has_mask),
-        seq_mode: i32::from(seq_mode),
+        has_mask: i32::from(x.padding_mask.is_some()),
+        ..Default::default()
     })
+}
+
+/// `p` with the aux loss of `cfg` selected (`seq_mode`: the sequence-level loss).
+fn aux_params(p: LossParams, cfg: &AuxLossConfig, seq_mode: bool) -> LossParams {
+    LossParams {
+        aux_coeff: cfg.coeff,
+        topk: cfg.topk as i32,
+        sigmoid: i32::from(cfg.score_function == ScoreFunction::Sigmoid),
+        want_aux: 1,
+        seq_mode: i32::from(seq_mode),
+        ..p
+    }
+}
+
+/// `p` with the z-loss of coefficient `coeff` selected.
+fn z_params(p: LossParams, coeff: f32) -> LossParams {
+    LossParams {
+        z_coeff: coeff,
+        want_z: 1,
+        ..p
+    }
 }
 
 /// Output buffers of the z-loss (its own forward, or fused into the aux loss's).
@@ -239,6 +210,13 @@ pub struct ZLossCudaBuffers<'a> {
     pub loss: CudaViewMut<'a, f32>,
     /// `[1]`: number of valid (non-padding) tokens; the backward's `valid_tokens`.
     pub valid_tokens: CudaViewMut<'a, i64>,
+}
+
+impl ZLossCudaBuffers<'_> {
+    fn check(&self) -> Result<()> {
+        check_len(Z_OP, "loss", self.loss.len(), 1, "[1]")?;
+        check_len(Z_OP, "valid_tokens", self.valid_tokens.len(), 1, "[1]")
+    }
 }
 
 /// Output buffers of the aux-loss forward (`segments = 1` for the global loss,
@@ -273,6 +251,20 @@ pub enum CudaTotalTokens<'r, 'a> {
     /// with caller counts. A value `<= 0` cannot be rejected without reading it: it
     /// gives loss 0 and `total_tokens` 0 (so the backward's gradient is 0).
     Device(&'r CudaView<'a, i64>),
+}
+
+/// The device inputs of the aux-loss backward besides the logits: the forward's
+/// `counts` and `total_tokens` outputs ([`AuxLossCudaBuffers`]) and the gradient of
+/// the loss.
+#[derive(Debug)]
+pub struct AuxLossBackwardCudaInputs<'a> {
+    /// `[segments, num_experts]` i64: the counts the forward used.
+    pub counts: CudaView<'a, i64>,
+    /// `[segments]` i64: the forward's `total_tokens` (global: `[1]`, its `T_total`;
+    /// sequence-level: each sequence's valid tokens).
+    pub total_tokens: CudaView<'a, i64>,
+    /// `[1]` f32: the gradient of the loss.
+    pub grad_loss: CudaView<'a, f32>,
 }
 
 fn kernel_shape(root: &str, num_experts: usize, groups: usize) -> (String, LaunchConfig) {
@@ -314,20 +306,32 @@ type AuxOutRefs<'r, 'a> = (
     &'r mut CudaViewMut<'a, i64>,
 );
 
+/// What one forward pass reads besides the logits, and what it writes besides the
+/// workspace.
+struct Forward<'r, 'c, 'o> {
+    /// The caller's counts (aux loss; `None`: the plain top-k counts).
+    counts_in: Option<&'r CudaView<'c, i64>>,
+    /// The caller's `T_total` on the device (global aux loss).
+    total_in: Option<&'r CudaView<'c, i64>>,
+    aux: Option<AuxOutRefs<'r, 'o>>,
+    z: Option<&'r mut ZLossCudaBuffers<'o>>,
+}
+
 /// The three launches of the forward. Buffers already checked.
-#[allow(clippy::too_many_arguments)]
 fn run_forward<T: RouterFloat + DeviceRepr>(
     backend: &CudaBackend,
     p: &LossParams,
     plan: &Plan,
-    logits: &CudaView<'_, T>,
-    mask: Option<&CudaView<'_, bool>>,
-    counts_in: Option<&CudaView<'_, i64>>,
-    total_in: Option<&CudaView<'_, i64>>,
-    mut aux: Option<AuxOutRefs<'_, '_>>,
-    mut z: Option<&mut ZLossCudaBuffers<'_>>,
+    x: &RouterLogitsCuda<'_, T>,
+    fw: Forward<'_, '_, '_>,
     workspace: &mut CudaViewMut<'_, f64>,
 ) -> Result<()> {
+    let Forward {
+        counts_in,
+        total_in,
+        mut aux,
+        mut z,
+    } = fw;
     let stream: &CudaStream = backend.stream();
     let null: u64 = 0;
     let e = p.num_experts as usize;
@@ -335,8 +339,8 @@ fn run_forward<T: RouterFloat + DeviceRepr>(
         let (root, lc) = kernel_shape("losses_fwd", e, plan.rows());
         let f = backend.function(MODULE, &crate::kernel_name::<T>(&root))?;
         let mut b = stream.launch_builder(&f);
-        b.arg(logits);
-        match mask {
+        b.arg(&x.logits);
+        match &x.padding_mask {
             Some(m) => b.arg(m),
             None => b.arg(&null),
         };
@@ -397,29 +401,37 @@ fn run_forward<T: RouterFloat + DeviceRepr>(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Which aux loss a pass computes: the global one with its `T_total`, or the
+/// sequence-level one of sequences of `seq_len` tokens.
+#[derive(Debug, Clone, Copy)]
+enum AuxMode<'r, 'a> {
+    Global(CudaTotalTokens<'r, 'a>),
+    Seq(usize),
+}
+
+impl AuxMode<'_, '_> {
+    fn seq_len(&self) -> Option<usize> {
+        match self {
+            AuxMode::Global(_) => None,
+            AuxMode::Seq(s) => Some(*s),
+        }
+    }
+}
+
 fn aux_forward<T: RouterFloat + DeviceRepr>(
-    op: &'static str,
     backend: &CudaBackend,
-    logits: &CudaView<'_, T>,
-    num_tokens: usize,
-    num_experts: usize,
-    seq_len: Option<usize>,
-    padding_mask: Option<&CudaView<'_, bool>>,
+    x: RouterLogitsCuda<'_, T>,
+    mode: AuxMode<'_, '_>,
     counts: Option<&CudaView<'_, i64>>,
-    total_tokens: CudaTotalTokens<'_, '_>,
     cfg: &AuxLossConfig,
     z_loss_coeff: Option<f32>,
     mut out: AuxLossCudaBuffers<'_>,
 ) -> Result<()> {
-    cfg.validate(op, num_experts)?;
-    if let Some(s) = seq_len {
-        check_seq_len(op, s, num_tokens)?;
-    }
-    check_logits(op, "logits", logits.len(), num_tokens, num_experts)?;
-    check_mask(op, padding_mask, num_tokens)?;
+    let seq_len = mode.seq_len();
+    let op = aux_op(seq_len);
+    validate_aux_loss(x.lens(), seq_len, counts.map(CudaView::len), cfg)?;
     if let Some(c) = z_loss_coeff {
-        validate_z(Z_OP, logits.len(), num_tokens, num_experts, c)?;
+        validate_z_loss(x.lens(), c)?;
     }
     if z_loss_coeff.is_some() != out.z_loss.is_some() {
         return Err(Error::invalid(
@@ -436,13 +448,13 @@ fn aux_forward<T: RouterFloat + DeviceRepr>(
             "pass both z_loss_coeff and out.z_loss to fuse the z-loss, or neither",
         ));
     }
-    let (total_override, total_in) = match total_tokens {
-        CudaTotalTokens::Valid => (None, None),
-        CudaTotalTokens::Host(t) => {
+    let (total_override, total_in) = match mode {
+        AuxMode::Seq(_) | AuxMode::Global(CudaTotalTokens::Valid) => (None, None),
+        AuxMode::Global(CudaTotalTokens::Host(t)) => {
             check_total(op, counts.is_some(), Some(t))?;
             (Some(t), None)
         }
-        CudaTotalTokens::Device(v) => {
+        AuxMode::Global(CudaTotalTokens::Device(v)) => {
             // The value is on the device: only its presence and length are checked.
             if counts.is_none() {
                 return Err(Error::invalid(
@@ -456,39 +468,12 @@ fn aux_forward<T: RouterFloat + DeviceRepr>(
             (None, Some(v))
         }
     };
-    if seq_len.is_some() && !matches!(total_tokens, CudaTotalTokens::Valid) {
-        return Err(Error::invalid(
-            op,
-            "total_tokens",
-            "given",
-            "the sequence-level loss uses each sequence's valid tokens as its T_total",
-        ));
-    }
-    let plan = Plan::new(num_tokens, seq_len);
+    let plan = Plan::new(x.num_tokens, seq_len);
     let segs = plan.segments;
-    let seg_shape = if seq_len.is_some() {
-        format!("[batch, num_experts] = [{segs}, {num_experts}]")
-    } else {
-        format!("[num_experts] = [{num_experts}]")
-    };
-    if let Some(c) = counts {
-        check_len(op, "counts", c.len(), segs * num_experts, &seg_shape)?;
-    }
+    let (t, e) = (x.num_tokens, x.num_experts);
     check_len(op, "loss", out.loss.len(), 1, "[1]")?;
-    check_len(
-        op,
-        "out.counts",
-        out.counts.len(),
-        segs * num_experts,
-        &seg_shape,
-    )?;
-    check_len(
-        op,
-        "scores_sum",
-        out.scores_sum.len(),
-        segs * num_experts,
-        &seg_shape,
-    )?;
+    check_segment_rows(op, "out.counts", out.counts.len(), seq_len, t, e)?;
+    check_segment_rows(op, "scores_sum", out.scores_sum.len(), seq_len, t, e)?;
     check_len(
         op,
         "total_tokens",
@@ -500,25 +485,18 @@ fn aux_forward<T: RouterFloat + DeviceRepr>(
         op,
         "workspace",
         out.workspace.len(),
-        plan.workspace_len(num_experts),
+        plan.workspace_len(e),
         "losses_workspace_len(num_tokens, num_experts, seq_len)",
     )?;
     if let Some(z) = &out.z_loss {
-        check_len(Z_OP, "loss", z.loss.len(), 1, "[1]")?;
-        check_len(Z_OP, "valid_tokens", z.valid_tokens.len(), 1, "[1]")?;
+        z.check()?;
     }
-    let p = params(
-        op,
-        &plan,
-        num_tokens,
-        num_experts,
-        Some(cfg),
-        counts.is_none(),
-        z_loss_coeff,
-        padding_mask.is_some(),
-        seq_len.is_some(),
-        total_override,
-    )?;
+    let mut p = aux_params(base_params(op, &plan, &x)?, cfg, seq_len.is_some());
+    p.count_topk = i32::from(counts.is_none());
+    p.total_override = total_override.map_or(0.0, |t| t as f64);
+    if let Some(c) = z_loss_coeff {
+        p = z_params(p, c);
+    }
     let AuxLossCudaBuffers {
         loss,
         counts: counts_out,
@@ -527,219 +505,137 @@ fn aux_forward<T: RouterFloat + DeviceRepr>(
         workspace,
         z_loss,
     } = &mut out;
-    run_forward(
-        backend,
-        &p,
-        &plan,
-        logits,
-        padding_mask,
-        counts,
+    let fw = Forward {
+        counts_in: counts,
         total_in,
-        Some((loss, counts_out, scores_sum, total_out)),
-        z_loss.as_mut(),
-        workspace,
-    )
+        aux: Some((loss, counts_out, scores_sum, total_out)),
+        z: z_loss.as_mut(),
+    };
+    run_forward(backend, &p, &plan, &x, fw, workspace)
 }
 
-/// Switch/GShard aux loss (see [`crate::ops::aux_loss`]) of `logits [num_tokens,
-/// num_experts]` on the GPU, optionally with the caller's `counts [num_experts]`
-/// and the `total_tokens` they cover (a host or a device value, see
-/// [`CudaTotalTokens`]), and optionally the z-loss fused into the same pass over the
-/// logits (`z_loss_coeff` with `out.z_loss`). Launches on `backend.stream()` without
-/// synchronising.
+/// Switch/GShard aux loss (see [`crate::ops::aux_loss()`]) of `x.logits [num_tokens,
+/// num_experts]` (with `x.padding_mask`) on the GPU, optionally with the caller's
+/// `counts [num_experts]` and the `total_tokens` they cover (a host or a device
+/// value, see [`CudaTotalTokens`]), and optionally the z-loss fused into the same
+/// pass over the logits (`z_loss_coeff` with `out.z_loss`). Launches on
+/// `backend.stream()` without synchronising.
 ///
 /// # Errors
-/// What [`crate::ops::aux_loss`] rejects (config, shapes, `total_tokens` without
+/// What [`crate::ops::aux_loss()`] rejects (config, shapes, `total_tokens` without
 /// `counts`, a host `total_tokens` of 0),
 /// plus [`Error::Shape`] for an output or workspace of the wrong length,
 /// [`Error::Unsupported`] for `num_experts > 2048`, [`Error::Compile`] /
 /// [`Error::Driver`]. Negative caller counts are not detected (module docs).
-#[allow(clippy::too_many_arguments)]
 pub fn aux_loss_cuda<T: RouterFloat + DeviceRepr>(
     backend: &CudaBackend,
-    logits: &CudaView<'_, T>,
-    num_tokens: usize,
-    num_experts: usize,
-    padding_mask: Option<&CudaView<'_, bool>>,
+    x: RouterLogitsCuda<'_, T>,
     counts: Option<&CudaView<'_, i64>>,
     total_tokens: CudaTotalTokens<'_, '_>,
     cfg: &AuxLossConfig,
     z_loss_coeff: Option<f32>,
     out: AuxLossCudaBuffers<'_>,
 ) -> Result<()> {
-    aux_forward(
-        AUX_OP,
-        backend,
-        logits,
-        num_tokens,
-        num_experts,
-        None,
-        padding_mask,
-        counts,
-        total_tokens,
-        cfg,
-        z_loss_coeff,
-        out,
-    )
+    let mode = AuxMode::Global(total_tokens);
+    aux_forward(backend, x, mode, counts, cfg, z_loss_coeff, out)
 }
 
-/// Sequence-level aux loss (see [`crate::ops::seq_aux_loss`]) of `logits [batch *
+/// Sequence-level aux loss (see [`crate::ops::seq_aux_loss`]) of `x.logits [batch *
 /// seq_len, num_experts]` on the GPU, optionally with the caller's `counts [batch,
 /// num_experts]`, optionally with the z-loss fused. `out.total_tokens` receives the
 /// valid tokens of each sequence.
 ///
 /// # Errors
 /// As [`aux_loss_cuda`], plus `seq_len` not dividing `num_tokens`.
-#[allow(clippy::too_many_arguments)]
 pub fn seq_aux_loss_cuda<T: RouterFloat + DeviceRepr>(
     backend: &CudaBackend,
-    logits: &CudaView<'_, T>,
-    num_tokens: usize,
-    num_experts: usize,
+    x: RouterLogitsCuda<'_, T>,
     seq_len: usize,
-    padding_mask: Option<&CudaView<'_, bool>>,
     counts: Option<&CudaView<'_, i64>>,
     cfg: &AuxLossConfig,
     z_loss_coeff: Option<f32>,
     out: AuxLossCudaBuffers<'_>,
 ) -> Result<()> {
-    aux_forward(
-        SEQ_OP,
-        backend,
-        logits,
-        num_tokens,
-        num_experts,
-        Some(seq_len),
-        padding_mask,
-        counts,
-        CudaTotalTokens::Valid,
-        cfg,
-        z_loss_coeff,
-        out,
-    )
+    let mode = AuxMode::Seq(seq_len);
+    aux_forward(backend, x, mode, counts, cfg, z_loss_coeff, out)
 }
 
-/// Router z-loss (see [`crate::ops::z_loss`]) of `logits [num_tokens, num_experts]`
-/// on the GPU into `out.loss [1]` and `out.valid_tokens [1]`, with an f64 scratch
-/// `workspace [losses_workspace_len(num_tokens, num_experts, None)]`.
+/// Router z-loss (see [`crate::ops::z_loss()`]) of `x.logits [num_tokens, num_experts]`
+/// (with `x.padding_mask`) on the GPU into `out.loss [1]` and `out.valid_tokens [1]`,
+/// with an f64 scratch `workspace [losses_workspace_len(num_tokens, num_experts,
+/// None)]`.
 ///
 /// # Errors
-/// What [`crate::ops::z_loss`] rejects, plus output / workspace lengths,
+/// What [`crate::ops::z_loss()`] rejects, plus output / workspace lengths,
 /// [`Error::Unsupported`] for `num_experts > 2048`, [`Error::Compile`] /
 /// [`Error::Driver`].
-#[allow(clippy::too_many_arguments)]
 pub fn z_loss_cuda<T: RouterFloat + DeviceRepr>(
     backend: &CudaBackend,
-    logits: &CudaView<'_, T>,
-    num_tokens: usize,
-    num_experts: usize,
-    padding_mask: Option<&CudaView<'_, bool>>,
+    x: RouterLogitsCuda<'_, T>,
     coeff: f32,
     workspace: &mut CudaViewMut<'_, f64>,
     mut out: ZLossCudaBuffers<'_>,
 ) -> Result<()> {
-    validate_z(Z_OP, logits.len(), num_tokens, num_experts, coeff)?;
-    check_mask(Z_OP, padding_mask, num_tokens)?;
-    let plan = Plan::new(num_tokens, None);
-    check_len(Z_OP, "loss", out.loss.len(), 1, "[1]")?;
-    check_len(Z_OP, "valid_tokens", out.valid_tokens.len(), 1, "[1]")?;
+    validate_z_loss(x.lens(), coeff)?;
+    let plan = Plan::new(x.num_tokens, None);
+    out.check()?;
     check_len(
         Z_OP,
         "workspace",
         workspace.len(),
-        plan.workspace_len(num_experts),
+        plan.workspace_len(x.num_experts),
         "losses_workspace_len(num_tokens, num_experts, None)",
     )?;
-    let p = params(
-        Z_OP,
-        &plan,
-        num_tokens,
-        num_experts,
-        None,
-        false,
-        Some(coeff),
-        padding_mask.is_some(),
-        false,
-        None,
-    )?;
-    run_forward(
-        backend,
-        &p,
-        &plan,
-        logits,
-        padding_mask,
-        None,
-        None,
-        None,
-        Some(&mut out),
-        workspace,
-    )
+    let p = z_params(base_params(Z_OP, &plan, &x)?, coeff);
+    let fw = Forward {
+        counts_in: None,
+        total_in: None,
+        aux: None,
+        z: Some(&mut out),
+    };
+    run_forward(backend, &p, &plan, &x, fw, workspace)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Output (and scratch) of the aux-loss backward.
+#[derive(Debug)]
+pub struct AuxLossBackwardCudaBuffers<'a, T> {
+    /// `[aux_loss_backward_workspace_len(..)]` f32 scratch.
+    pub workspace: CudaViewMut<'a, f32>,
+    /// `[num_tokens, num_experts]`: every element written; padding tokens 0.
+    pub grad_logits: CudaViewMut<'a, T>,
+}
+
 fn aux_backward<T: RouterFloat + DeviceRepr>(
-    op: &'static str,
     backend: &CudaBackend,
-    logits: &CudaView<'_, T>,
-    num_tokens: usize,
-    num_experts: usize,
+    x: RouterLogitsCuda<'_, T>,
     seq_len: Option<usize>,
-    padding_mask: Option<&CudaView<'_, bool>>,
-    counts: &CudaView<'_, i64>,
-    total_tokens: &CudaView<'_, i64>,
+    inputs: AuxLossBackwardCudaInputs<'_>,
     cfg: &AuxLossConfig,
-    grad_loss: &CudaView<'_, f32>,
-    workspace: &mut CudaViewMut<'_, f32>,
-    grad_logits: &mut CudaViewMut<'_, T>,
+    mut out: AuxLossBackwardCudaBuffers<'_, T>,
 ) -> Result<()> {
-    cfg.validate(op, num_experts)?;
-    if let Some(s) = seq_len {
-        check_seq_len(op, s, num_tokens)?;
-    }
-    check_logits(op, "logits", logits.len(), num_tokens, num_experts)?;
-    check_mask(op, padding_mask, num_tokens)?;
+    let op = aux_op(seq_len);
+    let grad_len = out.grad_logits.len();
+    validate_aux_loss_backward(x.lens(), seq_len, inputs.counts.len(), cfg, grad_len)?;
+    let (num_tokens, num_experts) = (x.num_tokens, x.num_experts);
     let plan = Plan::new(num_tokens, seq_len);
     let segs = plan.segments;
-    let seg_shape = if seq_len.is_some() {
-        format!("[batch, num_experts] = [{segs}, {num_experts}]")
-    } else {
-        format!("[num_experts] = [{num_experts}]")
-    };
-    check_len(op, "counts", counts.len(), segs * num_experts, &seg_shape)?;
     check_len(
         op,
         "total_tokens",
-        total_tokens.len(),
+        inputs.total_tokens.len(),
         segs,
         format_args!("[segments] = [{segs}]"),
     )?;
-    check_len(op, "grad_loss", grad_loss.len(), 1, "[1]")?;
-    check_len(
+    check_len(op, "grad_loss", inputs.grad_loss.len(), 1, "[1]")?;
+    check_segment_rows(
         op,
         "workspace",
-        workspace.len(),
-        segs * num_experts,
-        "aux_loss_backward_workspace_len(num_tokens, num_experts, seq_len)",
-    )?;
-    check_logits(
-        op,
-        "grad_logits",
-        grad_logits.len(),
+        out.workspace.len(),
+        seq_len,
         num_tokens,
         num_experts,
     )?;
-    let p = params(
-        op,
-        &plan,
-        num_tokens,
-        num_experts,
-        Some(cfg),
-        false,
-        None,
-        padding_mask.is_some(),
-        seq_len.is_some(),
-        None,
-    )?;
+    let p = aux_params(base_params(op, &plan, &x)?, cfg, seq_len.is_some());
     if num_tokens == 0 || segs == 0 {
         return Ok(());
     }
@@ -747,10 +643,10 @@ fn aux_backward<T: RouterFloat + DeviceRepr>(
     let f = backend.function(MODULE, "aux_loss_bwd_prep")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&p)
-        .arg(counts)
-        .arg(total_tokens)
-        .arg(grad_loss)
-        .arg(&mut *workspace);
+        .arg(&inputs.counts)
+        .arg(&inputs.total_tokens)
+        .arg(&inputs.grad_loss)
+        .arg(&mut out.workspace);
     // SAFETY: matches `aux_loss_bwd_prep(LossParams, const long long* counts, const
     // long long* total_tokens, const float* grad_loss, float* g)`; counts and g hold
     // [segments, E], total_tokens [segments], grad_loss 1 element (checked above).
@@ -759,12 +655,12 @@ fn aux_backward<T: RouterFloat + DeviceRepr>(
     let f = backend.function(MODULE, &crate::kernel_name::<T>(&root))?;
     let null: u64 = 0;
     let mut b = stream.launch_builder(&f);
-    b.arg(logits);
-    match padding_mask {
+    b.arg(&x.logits);
+    match &x.padding_mask {
         Some(m) => b.arg(m),
         None => b.arg(&null),
     };
-    b.arg(&mut *workspace).arg(&p).arg(grad_logits);
+    b.arg(&mut out.workspace).arg(&p).arg(&mut out.grad_logits);
     // SAFETY: matches `aux_loss_bwd*_{dtype}(const T* logits, const unsigned char*
     // mask, const float* g, LossParams, T* grad)`; logits and grad hold
     // num_tokens * E elements, the mask num_tokens (or null, unread), g [segments, E];
@@ -773,83 +669,41 @@ fn aux_backward<T: RouterFloat + DeviceRepr>(
     Ok(())
 }
 
-/// Backward of the Switch/GShard aux loss on the GPU: `grad_logits [num_tokens,
+/// Backward of the Switch/GShard aux loss on the GPU: `out.grad_logits [num_tokens,
 /// num_experts]` (every element written; padding tokens 0) for the gradient
-/// `grad_loss [1]` of the loss, given the forward's `counts [num_experts]` and
-/// `total_tokens [1]` (device buffers, read by the kernels), with an f32 scratch
-/// `workspace [aux_loss_backward_workspace_len(..)]`.
+/// `inputs.grad_loss [1]` of the loss, given the forward's `inputs.counts
+/// [num_experts]` and `inputs.total_tokens [1]` (device buffers, read by the
+/// kernels), with an f32 scratch `out.workspace [aux_loss_backward_workspace_len(..)]`.
 ///
 /// # Errors
 /// As [`crate::ops::aux_loss_backward_into`] for config and shapes, plus buffer
 /// lengths, [`Error::Unsupported`] for `num_experts > 2048`, [`Error::Compile`] /
 /// [`Error::Driver`]. A `total_tokens` of 0 gives a zero gradient (module docs).
-#[allow(clippy::too_many_arguments)]
 pub fn aux_loss_backward_cuda<T: RouterFloat + DeviceRepr>(
     backend: &CudaBackend,
-    logits: &CudaView<'_, T>,
-    num_tokens: usize,
-    num_experts: usize,
-    padding_mask: Option<&CudaView<'_, bool>>,
-    counts: &CudaView<'_, i64>,
-    total_tokens: &CudaView<'_, i64>,
+    x: RouterLogitsCuda<'_, T>,
+    inputs: AuxLossBackwardCudaInputs<'_>,
     cfg: &AuxLossConfig,
-    grad_loss: &CudaView<'_, f32>,
-    workspace: &mut CudaViewMut<'_, f32>,
-    grad_logits: &mut CudaViewMut<'_, T>,
+    out: AuxLossBackwardCudaBuffers<'_, T>,
 ) -> Result<()> {
-    aux_backward(
-        AUX_OP,
-        backend,
-        logits,
-        num_tokens,
-        num_experts,
-        None,
-        padding_mask,
-        counts,
-        total_tokens,
-        cfg,
-        grad_loss,
-        workspace,
-        grad_logits,
-    )
+    aux_backward(backend, x, None, inputs, cfg, out)
 }
 
 /// Backward of the sequence-level aux loss on the GPU, given the forward's `counts
-/// [batch, num_experts]` and per-sequence `valid_tokens [batch]` (its
-/// `total_tokens` output).
+/// [batch, num_experts]` and per-sequence valid tokens `[batch]` (its
+/// `total_tokens` output) in `inputs`.
 ///
 /// # Errors
 /// As [`aux_loss_backward_cuda`], plus `seq_len` not dividing `num_tokens`.
-#[allow(clippy::too_many_arguments)]
 pub fn seq_aux_loss_backward_cuda<T: RouterFloat + DeviceRepr>(
     backend: &CudaBackend,
-    logits: &CudaView<'_, T>,
-    num_tokens: usize,
-    num_experts: usize,
+    x: RouterLogitsCuda<'_, T>,
     seq_len: usize,
-    padding_mask: Option<&CudaView<'_, bool>>,
-    counts: &CudaView<'_, i64>,
-    valid_tokens: &CudaView<'_, i64>,
+    inputs: AuxLossBackwardCudaInputs<'_>,
     cfg: &AuxLossConfig,
-    grad_loss: &CudaView<'_, f32>,
-    workspace: &mut CudaViewMut<'_, f32>,
-    grad_logits: &mut CudaViewMut<'_, T>,
+    out: AuxLossBackwardCudaBuffers<'_, T>,
 ) -> Result<()> {
-    aux_backward(
-        SEQ_OP,
-        backend,
-        logits,
-        num_tokens,
-        num_experts,
-        Some(seq_len),
-        padding_mask,
-        counts,
-        valid_tokens,
-        cfg,
-        grad_loss,
-        workspace,
-        grad_logits,
-    )
+    aux_backward(backend, x, Some(seq_len), inputs, cfg, out)
 }
 
 /// Backward of the z-loss on the GPU: `grad_logits [num_tokens, num_experts]`
@@ -860,51 +714,28 @@ pub fn seq_aux_loss_backward_cuda<T: RouterFloat + DeviceRepr>(
 /// As [`crate::ops::z_loss_backward_into`] for config and shapes, plus buffer
 /// lengths, [`Error::Unsupported`] for `num_experts > 2048`, [`Error::Compile`] /
 /// [`Error::Driver`].
-#[allow(clippy::too_many_arguments)]
 pub fn z_loss_backward_cuda<T: RouterFloat + DeviceRepr>(
     backend: &CudaBackend,
-    logits: &CudaView<'_, T>,
-    num_tokens: usize,
-    num_experts: usize,
-    padding_mask: Option<&CudaView<'_, bool>>,
+    x: RouterLogitsCuda<'_, T>,
     valid_tokens: &CudaView<'_, i64>,
     coeff: f32,
     grad_loss: &CudaView<'_, f32>,
     grad_logits: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
-    validate_z(Z_OP, logits.len(), num_tokens, num_experts, coeff)?;
-    check_mask(Z_OP, padding_mask, num_tokens)?;
+    validate_z_loss_backward(x.lens(), coeff, grad_logits.len())?;
     check_len(Z_OP, "valid_tokens", valid_tokens.len(), 1, "[1]")?;
     check_len(Z_OP, "grad_loss", grad_loss.len(), 1, "[1]")?;
-    check_logits(
-        Z_OP,
-        "grad_logits",
-        grad_logits.len(),
-        num_tokens,
-        num_experts,
-    )?;
-    let plan = Plan::new(num_tokens, None);
-    let p = params(
-        Z_OP,
-        &plan,
-        num_tokens,
-        num_experts,
-        None,
-        false,
-        Some(coeff),
-        padding_mask.is_some(),
-        false,
-        None,
-    )?;
-    if num_tokens == 0 {
+    let plan = Plan::new(x.num_tokens, None);
+    let p = z_params(base_params(Z_OP, &plan, &x)?, coeff);
+    if x.num_tokens == 0 {
         return Ok(());
     }
-    let (root, lc) = kernel_shape("z_loss_bwd", num_experts, num_tokens);
+    let (root, lc) = kernel_shape("z_loss_bwd", x.num_experts, x.num_tokens);
     let f = backend.function(MODULE, &crate::kernel_name::<T>(&root))?;
     let null: u64 = 0;
     let mut b = backend.stream().launch_builder(&f);
-    b.arg(logits);
-    match padding_mask {
+    b.arg(&x.logits);
+    match &x.padding_mask {
         Some(m) => b.arg(m),
         None => b.arg(&null),
     };
@@ -916,73 +747,144 @@ pub fn z_loss_backward_cuda<T: RouterFloat + DeviceRepr>(
     Ok(())
 }
 
-/// Which loss kernels [`losses_raw`] launches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which loss kernels [`losses_raw`] launches, with the options only that pass
+/// takes.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LossesPass {
     /// [`aux_loss_cuda`] (`seq_len = None`) or [`seq_aux_loss_cuda`], with the z-loss
     /// fused when `z_loss_coeff` is given.
-    AuxForward,
-    /// [`aux_loss_backward_cuda`] or [`seq_aux_loss_backward_cuda`].
-    AuxBackward,
-    /// [`z_loss_cuda`] (coefficient `z_loss_coeff`).
-    ZForward,
-    /// [`z_loss_backward_cuda`] (coefficient `z_loss_coeff`).
-    ZBackward,
+    AuxForward {
+        /// The aux loss's config.
+        cfg: AuxLossConfig,
+        /// `Some`: the sequence-level loss of sequences of `seq_len` tokens.
+        seq_len: Option<usize>,
+        /// The global loss's caller `T_total` as a host value (with caller counts;
+        /// `ptrs.total_tokens_in` as a device value; at most one of the two).
+        total_tokens: Option<usize>,
+        /// The z-loss coefficient, to fuse the z-loss (`ptrs.z_loss`,
+        /// `ptrs.valid_tokens`).
+        z_loss_coeff: Option<f32>,
+    },
+    /// [`aux_loss_backward_cuda`] (`seq_len = None`) or [`seq_aux_loss_backward_cuda`].
+    AuxBackward {
+        /// The aux loss's config.
+        cfg: AuxLossConfig,
+        /// `Some`: the sequence-level loss.
+        seq_len: Option<usize>,
+    },
+    /// [`z_loss_cuda`].
+    ZForward {
+        /// The z-loss coefficient.
+        coeff: f32,
+    },
+    /// [`z_loss_backward_cuda`].
+    ZBackward {
+        /// The z-loss coefficient.
+        coeff: f32,
+    },
 }
 
-/// Device addresses of a [`losses_raw`] call (`0` for an absent optional buffer);
-/// shapes and types as in the safe functions' arguments.
+/// Device buffers of a [`losses_raw`] call ([`DevBuf::NONE`] where the pass does
+/// not use one, `None` for an absent optional input); shapes and types as in the
+/// safe functions' arguments.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LossesRawPtrs {
     /// `logits [num_tokens, num_experts]`, element type `dtype`.
-    pub logits: u64,
-    /// `padding_mask [num_tokens]` bytes, or 0.
-    pub padding_mask: u64,
-    /// Aux forward: caller counts `[segments, num_experts]` i64 or 0; aux backward:
-    /// the forward's counts.
-    pub counts: u64,
-    /// Aux forward outputs (see [`AuxLossCudaBuffers`]).
-    pub loss: u64,
+    pub logits: DevBuf,
+    /// Aux forward outputs (see [`AuxLossCudaBuffers`]): `[1]` f32.
+    pub loss: DevBuf,
     /// `[segments, num_experts]` i64 (aux forward output).
-    pub out_counts: u64,
+    pub out_counts: DevBuf,
     /// `[segments, num_experts]` f32 (aux forward output).
-    pub scores_sum: u64,
+    pub scores_sum: DevBuf,
     /// `[segments]` i64: aux forward output, aux backward input.
-    pub total_tokens: u64,
-    /// Global aux forward: the caller's `T_total` `[1]` i64, read on the device
-    /// ([`CudaTotalTokens::Device`]), or 0 (then the `total_tokens` argument of
-    /// [`losses_raw`], or the valid tokens).
-    pub total_tokens_in: u64,
+    pub total_tokens: DevBuf,
     /// f64 forward workspace ([`losses_workspace_len`]) or f32 aux backward workspace
     /// ([`aux_loss_backward_workspace_len`]).
-    pub workspace: u64,
+    pub workspace: DevBuf,
     /// `[1]` f32: the z-loss (z forward, or fused into the aux forward).
-    pub z_loss: u64,
-    /// `[1]` i64: valid tokens (z forward output, z / sequence-level backward input).
-    pub valid_tokens: u64,
+    pub z_loss: DevBuf,
+    /// `[1]` i64: valid tokens (z forward output, z backward input).
+    pub valid_tokens: DevBuf,
     /// `[1]` f32 (backward input).
-    pub grad_loss: u64,
+    pub grad_loss: DevBuf,
     /// `[num_tokens, num_experts]`, element type `dtype` (backward output).
-    pub grad_logits: u64,
+    pub grad_logits: DevBuf,
+    /// `padding_mask [num_tokens]` bytes, if given.
+    pub padding_mask: Option<DevBuf>,
+    /// Aux forward: caller counts `[segments, num_experts]` i64, if given; aux
+    /// backward: the forward's counts (required).
+    pub counts: Option<DevBuf>,
+    /// Global aux forward: the caller's `T_total` `[1]` i64, read on the device
+    /// ([`CudaTotalTokens::Device`]), if given (else the pass's `total_tokens`, or
+    /// the valid tokens).
+    pub total_tokens_in: Option<DevBuf>,
 }
 
-/// Launch a loss pass on raw device pointers and a caller-owned stream (PyTorch's
-/// current stream), without synchronising; the checks and kernels of the safe
-/// functions named in [`LossesPass`]. `seq_len` selects the sequence-level aux loss;
-/// `total_tokens` is the global aux loss's caller `T_total` as a host value
-/// (`ptrs.total_tokens_in` as a device value; at most one of the two).
+/// Refuse the buffers `pass` does not use unless they are empty.
+fn check_raw_unused(pass: &LossesPass, p: &LossesRawPtrs) -> Result<()> {
+    const RAW: &str = "losses_raw";
+    let opt = |b: Option<DevBuf>| b.unwrap_or_default();
+    let unused: &[(&'static str, DevBuf)] = match pass {
+        LossesPass::AuxForward { z_loss_coeff, .. } => {
+            if z_loss_coeff.is_none() {
+                check_unused(RAW, "z_loss", p.z_loss)?;
+                check_unused(RAW, "valid_tokens", p.valid_tokens)?;
+            }
+            &[("grad_loss", p.grad_loss), ("grad_logits", p.grad_logits)]
+        }
+        LossesPass::AuxBackward { .. } => &[
+            ("total_tokens_in", opt(p.total_tokens_in)),
+            ("loss", p.loss),
+            ("out_counts", p.out_counts),
+            ("scores_sum", p.scores_sum),
+            ("z_loss", p.z_loss),
+            ("valid_tokens", p.valid_tokens),
+        ],
+        LossesPass::ZForward { .. } => &[
+            ("counts", opt(p.counts)),
+            ("total_tokens_in", opt(p.total_tokens_in)),
+            ("loss", p.loss),
+            ("out_counts", p.out_counts),
+            ("scores_sum", p.scores_sum),
+            ("total_tokens", p.total_tokens),
+            ("grad_loss", p.grad_loss),
+            ("grad_logits", p.grad_logits),
+        ],
+        LossesPass::ZBackward { .. } => &[
+            ("counts", opt(p.counts)),
+            ("total_tokens_in", opt(p.total_tokens_in)),
+            ("loss", p.loss),
+            ("out_counts", p.out_counts),
+            ("scores_sum", p.scores_sum),
+            ("total_tokens", p.total_tokens),
+            ("workspace", p.workspace),
+            ("z_loss", p.z_loss),
+        ],
+    };
+    for &(name, buf) in unused {
+        check_unused(RAW, name, buf)?;
+    }
+    Ok(())
+}
+
+/// Launch a loss pass on raw device buffers and a caller-owned stream (PyTorch's
+/// current stream), without synchronising: the checks (the op's validator, on the
+/// buffers' lengths) and kernels of the safe functions named in [`LossesPass`];
+/// nothing is launched unless every length is right, and the buffers the pass does
+/// not use must be empty.
 ///
 /// # Safety
 /// 1. `stream` is a live CUDA stream of `backend`'s context, kept alive until the
 ///    kernels have finished.
-/// 2. Every pointer the pass uses is a device address in that context, valid for
-///    its documented shape and type, and stays valid until the kernels have
-///    finished on `stream`.
+/// 2. Every buffer the pass uses holds `len` elements of its documented type
+///    ([`LossesRawPtrs`]; `dtype` for the logits and their gradient) at `ptr` in
+///    that context, and stays valid until the kernels have finished on `stream`.
 /// 3. Output buffers (and workspaces) do not overlap any other buffer of the call.
 ///
 /// # Errors
-/// As the safe functions.
-#[allow(clippy::too_many_arguments)]
+/// As the safe functions; [`Error::InvalidArgument`] for a non-empty buffer the pass
+/// does not use, or a caller `T_total` given both as a host and a device value.
 pub unsafe fn losses_raw(
     backend: &CudaBackend,
     stream: cudarc::driver::sys::CUstream,
@@ -990,81 +892,74 @@ pub unsafe fn losses_raw(
     dtype: crate::DType,
     num_tokens: usize,
     num_experts: usize,
-    seq_len: Option<usize>,
-    total_tokens: Option<usize>,
-    cfg: &AuxLossConfig,
-    z_loss_coeff: Option<f32>,
     ptrs: LossesRawPtrs,
 ) -> Result<()> {
-    use super::BorrowedSlice;
     use crate::DType;
-    let op = match pass {
-        LossesPass::AuxForward | LossesPass::AuxBackward => AUX_OP,
-        _ => Z_OP,
-    };
-    let nl = num_tokens.checked_mul(num_experts).ok_or(Error::Overflow {
-        op,
-        what: "num_tokens * num_experts",
-        value: num_tokens as u128 * num_experts as u128,
-        max: i64::MAX,
-    })?;
-    let plan = Plan::new(num_tokens, seq_len);
-    let segs = plan.segments;
-    let ne_s = segs.saturating_mul(num_experts);
+    const RAW: &str = "losses_raw";
+    check_raw_unused(&pass, &ptrs)?;
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     let s = be.stream();
-    // SAFETY (every BorrowedSlice below): (2) and (3); lengths are the documented
-    // shapes for these sizes.
-    let mask = (ptrs.padding_mask != 0)
-        .then(|| unsafe { BorrowedSlice::<bool>::new(s, ptrs.padding_mask, num_tokens) });
-    let mask_v = mask.as_ref().map(|b| b.view());
-    let z_coeff = z_loss_coeff.unwrap_or(0.0);
+    // SAFETY: (2) and (3) for the optional inputs every pass may read.
+    let (mask, counts) = unsafe {
+        (
+            BorrowedSlice::<bool>::optional(s, ptrs.padding_mask, RAW, "padding_mask")?,
+            BorrowedSlice::<i64>::optional(s, ptrs.counts, RAW, "counts")?,
+        )
+    };
     macro_rules! run {
         ($t:ty) => {{
-            let z = unsafe { borrow!($t, s, ptrs.logits, nl, "losses_raw") }?;
+            // SAFETY: (2) and (3) for the logits.
+            let z = unsafe { borrow!($t, s, ptrs.logits, RAW) }?;
+            let x = RouterLogitsCuda::new(z.view(), num_tokens, num_experts)
+                .padding_mask(mask.as_ref().map(|m| m.view()));
             match pass {
-                LossesPass::AuxForward => {
-                    // The z-loss buffers are used (and may not be null) only when the
-                    // z-loss is fused into this pass.
-                    let fused = usize::from(z_loss_coeff.is_some());
-                    let counts = (ptrs.counts != 0)
-                        .then(|| unsafe { BorrowedSlice::<i64>::new(s, ptrs.counts, ne_s) });
-                    let counts_v = counts.as_ref().map(|b| b.view());
-                    let total_in = if ptrs.total_tokens_in == 0 {
-                        None
-                    } else if total_tokens.is_some() {
-                        return Err(Error::invalid(
-                            op,
-                            "total_tokens",
-                            "a host and a device value",
-                            "pass the caller's T_total once: as a host value or a device one",
-                        ));
-                    } else {
-                        Some(unsafe { borrow!(i64, s, ptrs.total_tokens_in, 1, "losses_raw") }?)
+                LossesPass::AuxForward {
+                    cfg,
+                    seq_len,
+                    total_tokens,
+                    z_loss_coeff,
+                } => {
+                    // SAFETY: (2) and (3) for the aux forward's buffers (the z-loss's
+                    // are empty unless it is fused).
+                    let (total_in, mut loss, mut oc, mut ss, mut tt, mut ws, mut zl, mut vt) = unsafe {
+                        (
+                            BorrowedSlice::<i64>::optional(s, ptrs.total_tokens_in, RAW, "total_tokens_in")?,
+                            borrow!(f32, s, ptrs.loss, RAW)?,
+                            borrow!(i64, s, ptrs.out_counts, RAW)?,
+                            borrow!(f32, s, ptrs.scores_sum, RAW)?,
+                            borrow!(i64, s, ptrs.total_tokens, RAW)?,
+                            borrow!(f64, s, ptrs.workspace, RAW)?,
+                            borrow!(f32, s, ptrs.z_loss, RAW)?,
+                            borrow!(i64, s, ptrs.valid_tokens, RAW)?,
+                        )
                     };
                     let total_in_v = total_in.as_ref().map(|b| b.view());
                     let total = match (&total_in_v, total_tokens) {
-                        (Some(v), _) => CudaTotalTokens::Device(v),
+                        (Some(_), Some(_)) => {
+                            return Err(Error::invalid(
+                                aux_op(seq_len),
+                                "total_tokens",
+                                "a host and a device value",
+                                "pass the caller's T_total once: as a host value or a device one",
+                            ))
+                        }
+                        (Some(v), None) => CudaTotalTokens::Device(v),
                         (None, Some(t)) => CudaTotalTokens::Host(t),
                         (None, None) => CudaTotalTokens::Valid,
                     };
-                    let mut loss = unsafe { borrow!(f32, s, ptrs.loss, 1, "losses_raw") }?;
-                    let mut oc = unsafe { borrow!(i64, s, ptrs.out_counts, ne_s, "losses_raw") }?;
-                    let mut ss = unsafe { borrow!(f32, s, ptrs.scores_sum, ne_s, "losses_raw") }?;
-                    let mut tt = unsafe { borrow!(i64, s, ptrs.total_tokens, segs, "losses_raw") }?;
-                    let mut ws = unsafe {
-                        borrow!(
-                            f64,
-                            s,
-                            ptrs.workspace,
-                            plan.workspace_len(num_experts),
-                            "losses_raw"
-                        )
-                    }?;
-                    let mut zl = unsafe { borrow!(f32, s, ptrs.z_loss, fused, "losses_raw") }?;
-                    let mut vt =
-                        unsafe { borrow!(i64, s, ptrs.valid_tokens, fused, "losses_raw") }?;
+                    let mode = match seq_len {
+                        None => AuxMode::Global(total),
+                        Some(_) if !matches!(total, CudaTotalTokens::Valid) => {
+                            return Err(Error::invalid(
+                                aux_op(seq_len),
+                                "total_tokens",
+                                "given",
+                                "the sequence-level loss uses each sequence's valid tokens as its T_total",
+                            ))
+                        }
+                        Some(sl) => AuxMode::Seq(sl),
+                    };
                     let out = AuxLossCudaBuffers {
                         loss: loss.view_mut(),
                         counts: oc.view_mut(),
@@ -1076,127 +971,61 @@ pub unsafe fn losses_raw(
                             valid_tokens: vt.view_mut(),
                         }),
                     };
-                    match seq_len {
-                        None => aux_loss_cuda::<$t>(
-                            &be,
-                            &z.view(),
-                            num_tokens,
-                            num_experts,
-                            mask_v.as_ref(),
-                            counts_v.as_ref(),
-                            total,
-                            cfg,
-                            z_loss_coeff,
-                            out,
-                        ),
-                        Some(sl) => aux_forward::<$t>(
-                            SEQ_OP,
-                            &be,
-                            &z.view(),
-                            num_tokens,
-                            num_experts,
-                            Some(sl),
-                            mask_v.as_ref(),
-                            counts_v.as_ref(),
-                            total,
-                            cfg,
-                            z_loss_coeff,
-                            out,
-                        ),
-                    }
+                    let counts_v = counts.as_ref().map(|b| b.view());
+                    aux_forward::<$t>(&be, x, mode, counts_v.as_ref(), &cfg, z_loss_coeff, out)
                 }
-                LossesPass::AuxBackward => {
-                    let counts = unsafe { borrow!(i64, s, ptrs.counts, ne_s, "losses_raw") }?;
-                    let gl = unsafe { borrow!(f32, s, ptrs.grad_loss, 1, "losses_raw") }?;
-                    let mut ws = unsafe {
-                        borrow!(
-                            f32,
-                            s,
-                            ptrs.workspace,
-                            aux_loss_backward_workspace_len(num_tokens, num_experts, seq_len),
-                            "losses_raw"
+                LossesPass::AuxBackward { cfg, seq_len } => {
+                    // SAFETY: (2) and (3) for the aux backward's buffers.
+                    let (tt, gl, mut ws, mut g) = unsafe {
+                        (
+                            borrow!(i64, s, ptrs.total_tokens, RAW)?,
+                            borrow!(f32, s, ptrs.grad_loss, RAW)?,
+                            borrow!(f32, s, ptrs.workspace, RAW)?,
+                            borrow!($t, s, ptrs.grad_logits, RAW)?,
                         )
-                    }?;
-                    let mut g = unsafe { borrow!($t, s, ptrs.grad_logits, nl, "losses_raw") }?;
-                    match seq_len {
-                        None => {
-                            let tt =
-                                unsafe { borrow!(i64, s, ptrs.total_tokens, 1, "losses_raw") }?;
-                            aux_loss_backward_cuda::<$t>(
-                                &be,
-                                &z.view(),
-                                num_tokens,
-                                num_experts,
-                                mask_v.as_ref(),
-                                &counts.view(),
-                                &tt.view(),
-                                cfg,
-                                &gl.view(),
-                                &mut ws.view_mut(),
-                                &mut g.view_mut(),
-                            )
-                        }
-                        Some(sl) => {
-                            let vt =
-                                unsafe { borrow!(i64, s, ptrs.total_tokens, segs, "losses_raw") }?;
-                            seq_aux_loss_backward_cuda::<$t>(
-                                &be,
-                                &z.view(),
-                                num_tokens,
-                                num_experts,
-                                sl,
-                                mask_v.as_ref(),
-                                &counts.view(),
-                                &vt.view(),
-                                cfg,
-                                &gl.view(),
-                                &mut ws.view_mut(),
-                                &mut g.view_mut(),
-                            )
-                        }
-                    }
-                }
-                LossesPass::ZForward => {
-                    let mut ws = unsafe {
-                        borrow!(
-                            f64,
-                            s,
-                            ptrs.workspace,
-                            losses_workspace_len(num_tokens, num_experts, None),
-                            "losses_raw"
-                        )
-                    }?;
-                    let mut zl = unsafe { borrow!(f32, s, ptrs.z_loss, 1, "losses_raw") }?;
-                    let mut vt = unsafe { borrow!(i64, s, ptrs.valid_tokens, 1, "losses_raw") }?;
-                    z_loss_cuda::<$t>(
-                        &be,
-                        &z.view(),
-                        num_tokens,
-                        num_experts,
-                        mask_v.as_ref(),
-                        z_coeff,
-                        &mut ws.view_mut(),
-                        ZLossCudaBuffers {
-                            loss: zl.view_mut(),
-                            valid_tokens: vt.view_mut(),
+                    };
+                    let inputs = AuxLossBackwardCudaInputs {
+                        // Required here: absent counts are an empty buffer, which the
+                        // validator refuses.
+                        counts: match &counts {
+                            Some(c) => c.view(),
+                            None => tt.view().slice(0..0),
                         },
-                    )
+                        total_tokens: tt.view(),
+                        grad_loss: gl.view(),
+                    };
+                    let out = AuxLossBackwardCudaBuffers {
+                        workspace: ws.view_mut(),
+                        grad_logits: g.view_mut(),
+                    };
+                    aux_backward::<$t>(&be, x, seq_len, inputs, &cfg, out)
                 }
-                LossesPass::ZBackward => {
-                    let vt = unsafe { borrow!(i64, s, ptrs.valid_tokens, 1, "losses_raw") }?;
-                    let gl = unsafe { borrow!(f32, s, ptrs.grad_loss, 1, "losses_raw") }?;
-                    let mut g = unsafe { borrow!($t, s, ptrs.grad_logits, nl, "losses_raw") }?;
-                    z_loss_backward_cuda::<$t>(
-                        &be,
-                        &z.view(),
-                        num_tokens,
-                        num_experts,
-                        mask_v.as_ref(),
-                        &vt.view(),
-                        z_coeff,
-                        &gl.view(),
-                        &mut g.view_mut(),
-                    )
+                LossesPass::ZForward { coeff } => {
+                    // SAFETY: (2) and (3) for the z forward's buffers.
+                    let (mut ws, mut zl, mut vt) = unsafe {
+                        (
+                            borrow!(f64, s, ptrs.workspace, RAW)?,
+                            borrow!(f32, s, ptrs.z_loss, RAW)?,
+                            borrow!(i64, s, ptrs.valid_tokens, RAW)?,
+                        )
+                    };
+                    let out = ZLossCudaBuffers {
+                        loss: zl.view_mut(),
+                        valid_tokens: vt.view_mut(),
+                    };
+                    z_loss_cuda::<$t>(&be, x, coeff, &mut ws.view_mut(), out)
+                }
+                LossesPass::ZBackward { coeff } => {
+                    // SAFETY: (2) and (3) for the z backward's buffers.
+                    let (vt, gl, mut g) = unsafe {
+                        (
+                            borrow!(i64, s, ptrs.valid_tokens, RAW)?,
+                            borrow!(f32, s, ptrs.grad_loss, RAW)?,
+                            borrow!($t, s, ptrs.grad_logits, RAW)?,
+                        )
+                    };
+                    let (vt, gl) = (vt.view(), gl.view());
+                    z_loss_backward_cuda::<$t>(&be, x, &vt, coeff, &gl, &mut g.view_mut())
                 }
             }
         }};

@@ -28,6 +28,13 @@
 //! Ops launch on the backend's stream (or, through the `unsafe` raw entry points,
 //! on a stream the caller owns, such as PyTorch's current stream) and never
 //! synchronise with the host.
+//!
+//! Every entry point validates with the op's validator of [`crate::ops`], the one the
+//! CPU path runs: the safe wrappers on their views' lengths, the raw entries
+//! (`*_raw`) on the element counts of the [`DevBuf`]s they are given, before any
+//! launch (a buffer a pass does not use must be empty). What is left to a raw
+//! entry's caller is that each address holds that many elements in the backend's
+//! context and stays alive until the kernels have run.
 
 pub mod bias_update;
 pub mod dispatch;
@@ -479,15 +486,132 @@ pub fn check_device_ptr(
     Ok(())
 }
 
-/// `BorrowedSlice::<T>::checked(stream, ptrs.field, len, op, "field")`, naming the
-/// pointer after its field (or variable) in errors. It expands to an `unsafe` call:
-/// write it inside `unsafe { }` under the raw entry's SAFETY argument.
+/// A caller-owned device buffer handed to a raw entry point (`*_raw`): its device
+/// address and its element count, as a PyTorch tensor's `data_ptr()` and `numel()`.
+///
+/// The raw entries check every length against the sizes of the call with the op's
+/// validator (the one the CPU path runs), so a buffer that is too short is an
+/// [`Error::Shape`] naming it, not an out-of-bounds kernel access. What the caller
+/// still guarantees (each entry's `# Safety`) is that `ptr` holds `len` elements of
+/// the documented type in the backend's context and stays alive until the kernels
+/// have finished. A buffer a pass does not use must be empty ([`DevBuf::NONE`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DevBuf {
+    /// Device address of the first element (not read when `len == 0`).
+    pub ptr: u64,
+    /// Number of elements (of the type the entry point documents for the buffer).
+    pub len: usize,
+}
+
+impl DevBuf {
+    /// No buffer: what a pass does not use, or an absent optional input.
+    pub const NONE: DevBuf = DevBuf { ptr: 0, len: 0 };
+
+    /// `len` elements at device address `ptr`.
+    pub const fn new(ptr: u64, len: usize) -> Self {
+        DevBuf { ptr, len }
+    }
+
+    /// The number of elements (`self.len`), as the ops' validators measure buffers.
+    pub const fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer holds no element.
+    pub const fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Router logits `[num_tokens, num_experts]` on the device with the tokens' optional
+/// `padding_mask [num_tokens]` (bytes, `true` = padding): the GPU form of
+/// [`crate::ops::RouterLogits`], the input of [`router_stats::router_stats_cuda`] and
+/// of the loss kernels ([`losses`]).
+#[derive(Debug)]
+pub struct RouterLogitsCuda<'a, T> {
+    /// `[num_tokens, num_experts]`, row-major.
+    pub logits: CudaView<'a, T>,
+    /// Tokens (rows).
+    pub num_tokens: usize,
+    /// Experts (columns).
+    pub num_experts: usize,
+    /// `[num_tokens]`: `true` = padding, excluded; `None`: every token is valid.
+    pub padding_mask: Option<CudaView<'a, bool>>,
+}
+
+impl<'a, T> RouterLogitsCuda<'a, T> {
+    /// `logits [num_tokens, num_experts]` without a padding mask.
+    pub fn new(logits: CudaView<'a, T>, num_tokens: usize, num_experts: usize) -> Self {
+        RouterLogitsCuda {
+            logits,
+            num_tokens,
+            num_experts,
+            padding_mask: None,
+        }
+    }
+
+    /// Set (or, with `None`, clear) the padding mask.
+    pub fn padding_mask(mut self, padding_mask: Option<CudaView<'a, bool>>) -> Self {
+        self.padding_mask = padding_mask;
+        self
+    }
+
+    /// The element counts the validators check.
+    pub(crate) fn lens(&self) -> crate::ops::LogitsLens {
+        crate::ops::LogitsLens {
+            num_tokens: self.num_tokens,
+            num_experts: self.num_experts,
+            logits: self.logits.len(),
+            padding_mask: self.padding_mask.as_ref().map(CudaView::len),
+        }
+    }
+}
+
+/// `Err` unless `buf` is empty: a raw entry refuses a buffer its pass does not use
+/// (a caller that fills one expects it to be read or written).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `op` and `arg`.
+pub(crate) fn check_unused(op: &'static str, arg: &'static str, buf: DevBuf) -> Result<()> {
+    if buf.len != 0 {
+        return Err(Error::invalid(
+            op,
+            arg,
+            format_args!("a buffer of {} elements", buf.len),
+            format!("this pass does not use `{arg}`: pass DevBuf::NONE"),
+        ));
+    }
+    Ok(())
+}
+
+/// [`check_device_ptr`] of a raw buffer of elements of `elem_size` bytes (for the
+/// raw entries that launch on addresses without borrowing them).
+///
+/// # Errors
+/// As [`check_device_ptr`].
+pub(crate) fn check_buf(
+    op: &'static str,
+    arg: &'static str,
+    buf: DevBuf,
+    elem_size: usize,
+) -> Result<()> {
+    check_device_ptr(op, arg, buf.ptr, buf.len, elem_size)
+}
+
+/// The element count of an optional raw buffer (`None`: absent).
+pub(crate) fn opt_len(buf: Option<DevBuf>) -> Option<usize> {
+    buf.map(|b| b.len)
+}
+
+/// `BorrowedSlice::<T>::checked(stream, ptrs.field, op, "field")`, naming the buffer
+/// after its field (or variable) in errors. It expands to an `unsafe` call: write it
+/// inside `unsafe { }` under the raw entry's SAFETY argument.
 macro_rules! borrow {
-    ($t:ty, $s:expr, $ptrs:ident . $field:ident, $len:expr, $op:expr) => {
-        $crate::cuda::BorrowedSlice::<$t>::checked($s, $ptrs.$field, $len, $op, stringify!($field))
+    ($t:ty, $s:expr, $ptrs:ident . $field:ident, $op:expr) => {
+        $crate::cuda::BorrowedSlice::<$t>::checked($s, $ptrs.$field, $op, stringify!($field))
     };
-    ($t:ty, $s:expr, $p:ident, $len:expr, $op:expr) => {
-        $crate::cuda::BorrowedSlice::<$t>::checked($s, $p, $len, $op, stringify!($p))
+    ($t:ty, $s:expr, $p:ident, $op:expr) => {
+        $crate::cuda::BorrowedSlice::<$t>::checked($s, $p, $op, stringify!($p))
     };
 }
 pub(crate) use borrow;
@@ -523,26 +647,44 @@ impl<T> BorrowedSlice<T> {
         }
     }
 
-    /// [`BorrowedSlice::new`] after the checks a caller-supplied pointer can get on the
-    /// host: a buffer of `len > 0` elements must not be at address 0 and must be
-    /// aligned for `T`. `op` and `arg` name the raw entry point and the pointer in the
-    /// error.
+    /// [`BorrowedSlice::new`] of `buf.len` elements at `buf.ptr`, after the checks a
+    /// caller-supplied address can get on the host: a buffer of `len > 0` elements
+    /// must not be at address 0 and must be aligned for `T`. `op` and `arg` name the
+    /// raw entry point and the buffer in the error.
     ///
     /// # Safety
-    /// As [`BorrowedSlice::new`] (the checks catch two violations of it, not all).
+    /// As [`BorrowedSlice::new`] for `buf.ptr` and `buf.len` (the checks catch two
+    /// violations of it, not all).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a null or misaligned non-empty buffer.
     pub unsafe fn checked(
         stream: &Arc<CudaStream>,
-        ptr: u64,
-        len: usize,
+        buf: DevBuf,
         op: &'static str,
         arg: &'static str,
     ) -> Result<Self> {
-        check_device_ptr(op, arg, ptr, len, std::mem::align_of::<T>())?;
+        check_device_ptr(op, arg, buf.ptr, buf.len, std::mem::align_of::<T>())?;
         // SAFETY: guaranteed by the caller.
-        Ok(unsafe { Self::new(stream, ptr, len) })
+        Ok(unsafe { Self::new(stream, buf.ptr, buf.len) })
+    }
+
+    /// [`BorrowedSlice::checked`] of an optional input (`None`: absent).
+    ///
+    /// # Safety
+    /// As [`BorrowedSlice::checked`] when `buf` is `Some`.
+    ///
+    /// # Errors
+    /// As [`BorrowedSlice::checked`].
+    pub unsafe fn optional(
+        stream: &Arc<CudaStream>,
+        buf: Option<DevBuf>,
+        op: &'static str,
+        arg: &'static str,
+    ) -> Result<Option<Self>> {
+        // SAFETY: guaranteed by the caller for a present buffer.
+        buf.map(|b| unsafe { Self::checked(stream, b, op, arg) })
+            .transpose()
     }
 
     /// The whole buffer, read-only.

@@ -17,14 +17,19 @@
 //! `[0, num_rows)` counts as a dropped assignment. A row that several assignments
 //! point to (invalid input) is summed once per assignment in the forward passes and
 //! owned by the first such assignment (lowest `t * k + j`) in `grad_y`, as on the CPU.
-//! Validate on the host with [`crate::ops::permute`] when the indices are untrusted.
+//! Validate on the host with [`crate::ops::permute()`] when the indices are untrusted.
 
-use super::{CudaBackend, CudaStream, CudaView, CudaViewMut};
+use super::{check_buf, check_unused, CudaBackend, CudaStream, CudaView, CudaViewMut, DevBuf};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::checked_i32_product;
+use crate::ops::permute::{
+    validate_permute, validate_permute_backward, validate_unpermute, validate_unpermute_backward,
+};
 use crate::RouterFloat;
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+
+pub use crate::ops::PermuteSizes;
 
 const MODULE: &str = "permute";
 const OP_PERMUTE: &str = "permute";
@@ -38,42 +43,7 @@ const MAX_BLOCKS: u64 = 1 << 16;
 /// Warps (assignments in flight) per block of the `grad_weights` kernel.
 const GRAD_W_WARPS: u64 = super::kernels::abi::permute::GRAD_W_WARPS;
 
-/// `Err(Shape)` unless `got == a * b` (compared without overflow).
-fn check_len2(
-    op: &'static str,
-    arg: &'static str,
-    got: usize,
-    a: usize,
-    b: usize,
-    dims: &str,
-) -> Result<()> {
-    let expected = (a as u128) * (b as u128);
-    if got as u128 != expected {
-        return Err(Error::shape(
-            op,
-            arg,
-            format!("[{dims}] = [{a}, {b}] ({expected} elements)"),
-            format!("{got} elements"),
-        ));
-    }
-    Ok(())
-}
-
-/// Sizes of a permute-family launch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PermuteSizes {
-    /// Tokens (rows of `x`, `grad_x`, `out`, `grad_out`).
-    pub num_tokens: usize,
-    /// Rows of the expert-major buffer (`buf`, `y`, `grad_y`, `row_to_token`).
-    pub num_rows: usize,
-    /// Hidden size (columns).
-    pub hidden: usize,
-    /// Assignments per token (columns of `row`, `weights`, `grad_weights`); unused by
-    /// the permute forward.
-    pub k: usize,
-}
-
-/// The sizes as kernel arguments, checked against the `i32` row index.
+/// The sizes as kernel arguments.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
     num_tokens: i32,
@@ -83,36 +53,34 @@ struct Dims {
     assignments: u64,
 }
 
-impl PermuteSizes {
-    fn dims(&self, op: &'static str, uses_k: bool) -> Result<Dims> {
-        checked_i32_product(op, "num_rows", self.num_rows, 1)?;
-        checked_i32_product(op, "num_tokens", self.num_tokens, 1)?;
-        let k = if uses_k { self.k } else { 0 };
-        checked_i32_product(op, "num_tokens * k", self.num_tokens, k)?;
-        let hidden = i64::try_from(self.hidden).map_err(|_| Error::Overflow {
+/// The kernels' own limits on sizes the op's validator accepted: `num_tokens` is an
+/// `int` kernel argument, element offsets (`row * hidden`) are 64-bit.
+fn dims(op: &'static str, s: &PermuteSizes, uses_k: bool) -> Result<Dims> {
+    checked_i32_product(op, "num_tokens", s.num_tokens, 1)?;
+    let hidden = i64::try_from(s.hidden).map_err(|_| Error::Overflow {
+        op,
+        what: "hidden",
+        value: s.hidden as u128,
+        max: i64::MAX,
+    })?;
+    let big = s.num_rows.max(s.num_tokens) as u128 * s.hidden as u128;
+    if big > i64::MAX as u128 {
+        return Err(Error::Overflow {
             op,
-            what: "hidden",
-            value: self.hidden as u128,
+            what: "max(num_rows, num_tokens) * hidden",
+            value: big,
             max: i64::MAX,
-        })?;
-        // Element offsets (row * hidden) are 64-bit in the kernels.
-        let big = self.num_rows.max(self.num_tokens) as u128 * self.hidden as u128;
-        if big > i64::MAX as u128 {
-            return Err(Error::Overflow {
-                op,
-                what: "max(num_rows, num_tokens) * hidden",
-                value: big,
-                max: i64::MAX,
-            });
-        }
-        Ok(Dims {
-            num_tokens: self.num_tokens as i32,
-            num_rows: self.num_rows as i32,
-            k: k.min(i32::MAX as usize) as i32,
-            hidden,
-            assignments: (self.num_tokens * k) as u64,
-        })
+        });
     }
+    // num_rows and num_tokens * k fit i32: checked by the op's validator.
+    let k = if uses_k { s.k } else { 0 };
+    Ok(Dims {
+        num_tokens: s.num_tokens as i32,
+        num_rows: s.num_rows as i32,
+        k: k.min(i32::MAX as usize) as i32,
+        hidden,
+        assignments: (s.num_tokens * k) as u64,
+    })
 }
 
 /// Whether rows of `hidden` elements of `dtype` at these device addresses move in
@@ -143,37 +111,37 @@ fn flat_grid(items: u64, threads: u32) -> LaunchConfig {
     }
 }
 
-/// Device addresses of the buffers a permute-family launch touches (`0` where the
-/// pass does not use it).
+/// Device buffers a permute-family launch touches ([`DevBuf::NONE`] where the pass
+/// does not use it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PermuteRawPtrs {
     /// Permute: `x [num_tokens, hidden]` (input).
-    pub x: u64,
+    pub x: DevBuf,
     /// Permute: `row_to_token [num_rows]` i32 (input).
-    pub row_to_token: u64,
+    pub row_to_token: DevBuf,
     /// Permute: `out [num_rows, hidden]` (output).
-    pub buf: u64,
+    pub buf: DevBuf,
     /// Permute backward: `grad_buf [num_rows, hidden]` (input).
-    pub grad_buf: u64,
+    pub grad_buf: DevBuf,
     /// Permute backward: `grad_x [num_tokens, hidden]` (output).
-    pub grad_x: u64,
+    pub grad_x: DevBuf,
     /// The backward passes and unpermute: `row [num_tokens, k]` i32 (input).
-    pub row: u64,
+    pub row: DevBuf,
     /// Unpermute and its backward: `weights [num_tokens, k]` f32 (input).
-    pub weights: u64,
+    pub weights: DevBuf,
     /// Unpermute and its backward: `y [num_rows, hidden]` (input).
-    pub y: u64,
+    pub y: DevBuf,
     /// Unpermute: `out [num_tokens, hidden]` (output).
-    pub out: u64,
+    pub out: DevBuf,
     /// Unpermute backward: `grad_out [num_tokens, hidden]` (input).
-    pub grad_out: u64,
+    pub grad_out: DevBuf,
     /// Unpermute backward: `grad_y [num_rows, hidden]` (output).
-    pub grad_y: u64,
+    pub grad_y: DevBuf,
     /// Unpermute backward: `grad_weights [num_tokens, k]` f32 (output).
-    pub grad_weights: u64,
+    pub grad_weights: DevBuf,
     /// Unpermute backward: workspace of
     /// [`unpermute_backward_workspace_len`]`(num_rows)` i32 (scratch).
-    pub workspace: u64,
+    pub workspace: DevBuf,
 }
 
 /// Which kernels [`permute_raw`] launches.
@@ -195,24 +163,124 @@ pub fn unpermute_backward_workspace_len(num_rows: usize) -> usize {
     num_rows
 }
 
-/// Launch `pass` on `stream` with validated `dims` (the shared core of the safe and
-/// the raw entry points).
+fn op_name(pass: PermutePass) -> &'static str {
+    match pass {
+        PermutePass::Permute => OP_PERMUTE,
+        PermutePass::PermuteBackward => OP_PERMUTE_BACKWARD,
+        PermutePass::Unpermute => OP_UNPERMUTE,
+        PermutePass::UnpermuteBackward => OP_UNPERMUTE_BACKWARD,
+    }
+}
+
+/// Every host check of a permute-family launch, shared by the safe and the raw entry
+/// points: the op's validator on the buffers' lengths, the buffers the pass does not
+/// use empty, the kernels' size limits, and the addresses (non-null, aligned) of the
+/// buffers it uses.
+fn check(pass: PermutePass, dtype: DType, s: &PermuteSizes, p: &PermuteRawPtrs) -> Result<Dims> {
+    let op = op_name(pass);
+    let used: &[(&'static str, DevBuf, usize)] = match pass {
+        PermutePass::Permute => {
+            validate_permute(s, p.x.len, p.row_to_token.len, p.buf.len)?;
+            &[
+                ("x", p.x, 0),
+                ("row_to_token", p.row_to_token, 4),
+                ("buf", p.buf, 0),
+            ]
+        }
+        PermutePass::PermuteBackward => {
+            validate_permute_backward(s, p.grad_buf.len, p.row.len, p.grad_x.len)?;
+            &[
+                ("grad_buf", p.grad_buf, 0),
+                ("row", p.row, 4),
+                ("grad_x", p.grad_x, 0),
+            ]
+        }
+        PermutePass::Unpermute => {
+            validate_unpermute(s, p.y.len, p.row.len, p.weights.len, p.out.len)?;
+            &[
+                ("y", p.y, 0),
+                ("row", p.row, 4),
+                ("weights", p.weights, 4),
+                ("out", p.out, 0),
+            ]
+        }
+        PermutePass::UnpermuteBackward => {
+            let (go, gy, gw) = (p.grad_out.len, p.grad_y.len, p.grad_weights.len);
+            validate_unpermute_backward(s, go, p.y.len, p.row.len, p.weights.len, gy, gw)?;
+            let ws = unpermute_backward_workspace_len(s.num_rows);
+            if p.workspace.len != ws {
+                return Err(Error::shape(
+                    op,
+                    "workspace",
+                    format!("[unpermute_backward_workspace_len(num_rows)] = [{ws}]"),
+                    format!("{} elements", p.workspace.len),
+                ));
+            }
+            &[
+                ("grad_out", p.grad_out, 0),
+                ("y", p.y, 0),
+                ("row", p.row, 4),
+                ("weights", p.weights, 4),
+                ("grad_y", p.grad_y, 0),
+                ("grad_weights", p.grad_weights, 4),
+                ("workspace", p.workspace, 4),
+            ]
+        }
+    };
+    let all: [(&'static str, DevBuf); 13] = [
+        ("x", p.x),
+        ("row_to_token", p.row_to_token),
+        ("buf", p.buf),
+        ("grad_buf", p.grad_buf),
+        ("grad_x", p.grad_x),
+        ("row", p.row),
+        ("weights", p.weights),
+        ("y", p.y),
+        ("out", p.out),
+        ("grad_out", p.grad_out),
+        ("grad_y", p.grad_y),
+        ("grad_weights", p.grad_weights),
+        ("workspace", p.workspace),
+    ];
+    for (name, buf) in all {
+        if !used.iter().any(|u| u.0 == name) {
+            check_unused(op, name, buf)?;
+        }
+    }
+    let d = dims(op, s, pass != PermutePass::Permute)?;
+    for &(name, buf, size) in used {
+        // Size 0: the hidden-state element type.
+        let size = if size == 0 {
+            dtype.size_in_bytes()
+        } else {
+            size
+        };
+        check_buf(op, name, buf, size)?;
+    }
+    Ok(d)
+}
+
+/// Launch `pass` on `stream` after [`check`] (the shared core of the safe and the raw
+/// entry points).
 ///
 /// # Safety
-/// Every address `pass` uses is valid on `stream`'s context for the sizes in `d`.
+/// Every buffer `pass` uses holds its `len` elements at its address on `stream`'s
+/// context, until the kernels have finished; outputs overlap no other buffer.
 unsafe fn launch(
     backend: &CudaBackend,
     stream: &CudaStream,
     pass: PermutePass,
     dtype: DType,
-    d: Dims,
-    p: &PermuteRawPtrs,
+    sizes: &PermuteSizes,
+    ptrs: &PermuteRawPtrs,
 ) -> Result<()> {
+    let d = check(pass, dtype, sizes, ptrs)?;
+    let p = ptrs;
     let h = d.hidden as u64;
     let name = |root: &str| format!("{root}_{}", dtype.as_str());
     match pass {
         PermutePass::Permute => {
-            let vec = permute_vector_path(dtype, d.hidden as usize, &[p.x, p.buf]);
+            let vec = permute_vector_path(dtype, d.hidden as usize, &[p.x.ptr, p.buf.ptr]);
             let items = d.num_rows as u64 * (h / per_item(dtype, vec));
             if items == 0 {
                 return Ok(());
@@ -220,9 +288,9 @@ unsafe fn launch(
             let f = backend.function(MODULE, &name("permute_fwd"))?;
             let v = i32::from(vec);
             let mut b = stream.launch_builder(&f);
-            b.arg(&p.x)
-                .arg(&p.row_to_token)
-                .arg(&p.buf)
+            b.arg(&p.x.ptr)
+                .arg(&p.row_to_token.ptr)
+                .arg(&p.buf.ptr)
                 .arg(&d.num_tokens)
                 .arg(&d.num_rows)
                 .arg(&d.hidden)
@@ -234,9 +302,9 @@ unsafe fn launch(
         }
         PermutePass::PermuteBackward | PermutePass::Unpermute => {
             let (src, out, weights) = if pass == PermutePass::Unpermute {
-                (p.y, p.out, p.weights)
+                (p.y.ptr, p.out.ptr, p.weights.ptr)
             } else {
-                (p.grad_buf, p.grad_x, 0u64)
+                (p.grad_buf.ptr, p.grad_x.ptr, 0u64) // null weights: all ones
             };
             let vec = permute_vector_path(dtype, d.hidden as usize, &[src, out]);
             let items = d.num_tokens as u64 * (h / per_item(dtype, vec));
@@ -247,7 +315,7 @@ unsafe fn launch(
             let v = i32::from(vec);
             let mut b = stream.launch_builder(&f);
             b.arg(&src)
-                .arg(&p.row)
+                .arg(&p.row.ptr)
                 .arg(&weights)
                 .arg(&out)
                 .arg(&d.num_tokens)
@@ -265,7 +333,7 @@ unsafe fn launch(
                 let rows = d.num_rows as u64;
                 let init = backend.function(MODULE, "inverse_rows_init")?;
                 let mut b = stream.launch_builder(&init);
-                b.arg(&p.workspace).arg(&d.num_rows);
+                b.arg(&p.workspace.ptr).arg(&d.num_rows);
                 // SAFETY: `inverse_rows_init(int* owner, int num_rows)`; the workspace
                 // holds num_rows i32.
                 unsafe { b.launch(flat_grid(rows, THREADS)) }?;
@@ -273,22 +341,26 @@ unsafe fn launch(
                     let scatter = backend.function(MODULE, "inverse_rows_scatter")?;
                     let na = d.assignments as i64;
                     let mut b = stream.launch_builder(&scatter);
-                    b.arg(&p.row).arg(&p.workspace).arg(&na).arg(&d.num_rows);
+                    b.arg(&p.row.ptr)
+                        .arg(&p.workspace.ptr)
+                        .arg(&na)
+                        .arg(&d.num_rows);
                     // SAFETY: `inverse_rows_scatter(const int* row, int* owner, long
                     // long num_assignments, int num_rows)`; row holds num_assignments
                     // i32, entries are bounds-checked in the kernel.
                     unsafe { b.launch(flat_grid(d.assignments, THREADS)) }?;
                 }
-                let vec = permute_vector_path(dtype, d.hidden as usize, &[p.grad_out, p.grad_y]);
+                let vec =
+                    permute_vector_path(dtype, d.hidden as usize, &[p.grad_out.ptr, p.grad_y.ptr]);
                 let items = rows * (h / per_item(dtype, vec));
                 if items > 0 {
                     let f = backend.function(MODULE, &name("unpermute_bwd_grad_y"))?;
                     let v = i32::from(vec);
                     let mut b = stream.launch_builder(&f);
-                    b.arg(&p.grad_out)
-                        .arg(&p.workspace)
-                        .arg(&p.weights)
-                        .arg(&p.grad_y)
+                    b.arg(&p.grad_out.ptr)
+                        .arg(&p.workspace.ptr)
+                        .arg(&p.weights.ptr)
+                        .arg(&p.grad_y.ptr)
                         .arg(&d.num_tokens)
                         .arg(&d.k)
                         .arg(&d.num_rows)
@@ -301,14 +373,14 @@ unsafe fn launch(
                 }
             }
             if d.assignments > 0 {
-                let vec = permute_vector_path(dtype, d.hidden as usize, &[p.grad_out, p.y]);
+                let vec = permute_vector_path(dtype, d.hidden as usize, &[p.grad_out.ptr, p.y.ptr]);
                 let f = backend.function(MODULE, &name("unpermute_bwd_grad_w"))?;
                 let v = i32::from(vec);
                 let mut b = stream.launch_builder(&f);
-                b.arg(&p.grad_out)
-                    .arg(&p.y)
-                    .arg(&p.row)
-                    .arg(&p.grad_weights)
+                b.arg(&p.grad_out.ptr)
+                    .arg(&p.y.ptr)
+                    .arg(&p.row.ptr)
+                    .arg(&p.grad_weights.ptr)
                     .arg(&d.num_tokens)
                     .arg(&d.k)
                     .arg(&d.num_rows)
@@ -350,30 +422,26 @@ pub fn permute_cuda<T: RouterFloat + DeviceRepr>(
     row_to_token: &CudaView<'_, i32>,
     buf: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
-    let op = OP_PERMUTE;
-    let num_rows = row_to_token.len();
     let s = PermuteSizes {
         num_tokens,
-        num_rows,
+        num_rows: row_to_token.len(),
         hidden,
         k: 0,
     };
-    let d = s.dims(op, false)?;
-    check_len2(op, "x", x.len(), num_tokens, hidden, "num_tokens, hidden")?;
-    check_len2(op, "out", buf.len(), num_rows, hidden, "num_rows, hidden")?;
     let stream = backend.stream();
     let (xp, _gx) = x.device_ptr(stream);
     let (rp, _gr) = row_to_token.device_ptr(stream);
+    let buf_len = buf.len();
     let (bp, _gb) = buf.device_ptr_mut(stream);
     let p = PermuteRawPtrs {
-        x: xp,
-        row_to_token: rp,
-        buf: bp,
+        x: DevBuf::new(xp, x.len()),
+        row_to_token: DevBuf::new(rp, row_to_token.len()),
+        buf: DevBuf::new(bp, buf_len),
         ..Default::default()
     };
-    // SAFETY: every buffer is a live device allocation of `backend`'s context whose
-    // length was checked above for these sizes.
-    unsafe { launch(backend, stream, PermutePass::Permute, T::DTYPE, d, &p) }
+    // SAFETY: every buffer is a live device allocation of `backend`'s context, of the
+    // length given, kept alive (and ordered on `stream`) by the borrows above.
+    unsafe { launch(backend, stream, PermutePass::Permute, T::DTYPE, &s, &p) }
 }
 
 /// `grad_x[t] = Σ_j grad_buf[row[t, j]]` over the kept `j` on the GPU, launched
@@ -384,63 +452,28 @@ pub fn permute_cuda<T: RouterFloat + DeviceRepr>(
 /// (`grad_buf [num_rows, hidden]`, `row [num_tokens, k]`, `grad_x [num_tokens,
 /// hidden]`); [`Error::Overflow`] if `num_rows` or `num_tokens * k` exceeds
 /// `i32::MAX`; [`Error::Compile`] / [`Error::Driver`].
-#[allow(clippy::too_many_arguments)]
 pub fn permute_backward_cuda<T: RouterFloat + DeviceRepr>(
     backend: &CudaBackend,
+    sizes: PermuteSizes,
     grad_buf: &CudaView<'_, T>,
-    num_rows: usize,
-    hidden: usize,
     row: &CudaView<'_, i32>,
-    num_tokens: usize,
-    k: usize,
     grad_x: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
-    let op = OP_PERMUTE_BACKWARD;
-    let d = PermuteSizes {
-        num_tokens,
-        num_rows,
-        hidden,
-        k,
-    }
-    .dims(op, true)?;
-    check_len2(op, "row", row.len(), num_tokens, k, "num_tokens, k")?;
-    check_len2(
-        op,
-        "grad_buf",
-        grad_buf.len(),
-        num_rows,
-        hidden,
-        "num_rows, hidden",
-    )?;
-    check_len2(
-        op,
-        "grad_x",
-        grad_x.len(),
-        num_tokens,
-        hidden,
-        "num_tokens, hidden",
-    )?;
     let stream = backend.stream();
     let (gb, _g1) = grad_buf.device_ptr(stream);
     let (rp, _g2) = row.device_ptr(stream);
+    let gx_len = grad_x.len();
     let (gx, _g3) = grad_x.device_ptr_mut(stream);
     let p = PermuteRawPtrs {
-        grad_buf: gb,
-        row: rp,
-        grad_x: gx,
+        grad_buf: DevBuf::new(gb, grad_buf.len()),
+        row: DevBuf::new(rp, row.len()),
+        grad_x: DevBuf::new(gx, gx_len),
         ..Default::default()
     };
-    // SAFETY: live device buffers of this context, lengths checked above.
-    unsafe {
-        launch(
-            backend,
-            stream,
-            PermutePass::PermuteBackward,
-            T::DTYPE,
-            d,
-            &p,
-        )
-    }
+    let pass = PermutePass::PermuteBackward;
+    // SAFETY: live device buffers of this context of the lengths given, kept alive by
+    // the borrows above.
+    unsafe { launch(backend, stream, pass, T::DTYPE, &sizes, &p) }
 }
 
 /// `out[t] = Σ_j weights[t, j] · y[row[t, j]]` over the kept `j` on the GPU (`f32`
@@ -451,54 +484,34 @@ pub fn permute_backward_cuda<T: RouterFloat + DeviceRepr>(
 /// As [`permute_backward_cuda`] for `y [num_rows, hidden]`, `row`,
 /// `out [num_tokens, hidden]`, plus [`Error::Shape`] if `weights` is not
 /// `[num_tokens, k]`.
-#[allow(clippy::too_many_arguments)]
 pub fn unpermute_cuda<T: RouterFloat + DeviceRepr>(
     backend: &CudaBackend,
+    sizes: PermuteSizes,
     y: &CudaView<'_, T>,
-    num_rows: usize,
-    hidden: usize,
     row: &CudaView<'_, i32>,
     weights: &CudaView<'_, f32>,
-    num_tokens: usize,
-    k: usize,
     out: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
-    let op = OP_UNPERMUTE;
-    let d = PermuteSizes {
-        num_tokens,
-        num_rows,
-        hidden,
-        k,
-    }
-    .dims(op, true)?;
-    check_len2(op, "row", row.len(), num_tokens, k, "num_tokens, k")?;
-    check_len2(op, "y", y.len(), num_rows, hidden, "num_rows, hidden")?;
-    check_len2(op, "weights", weights.len(), num_tokens, k, "num_tokens, k")?;
-    check_len2(
-        op,
-        "out",
-        out.len(),
-        num_tokens,
-        hidden,
-        "num_tokens, hidden",
-    )?;
     let stream = backend.stream();
     let (yp, _g1) = y.device_ptr(stream);
     let (rp, _g2) = row.device_ptr(stream);
     let (wp, _g3) = weights.device_ptr(stream);
-    let (op_, _g4) = out.device_ptr_mut(stream);
+    let out_len = out.len();
+    let (op, _g4) = out.device_ptr_mut(stream);
     let p = PermuteRawPtrs {
-        y: yp,
-        row: rp,
-        weights: wp,
-        out: op_,
+        y: DevBuf::new(yp, y.len()),
+        row: DevBuf::new(rp, row.len()),
+        weights: DevBuf::new(wp, weights.len()),
+        out: DevBuf::new(op, out_len),
         ..Default::default()
     };
-    // SAFETY: live device buffers of this context, lengths checked above.
-    unsafe { launch(backend, stream, PermutePass::Unpermute, T::DTYPE, d, &p) }
+    let pass = PermutePass::Unpermute;
+    // SAFETY: live device buffers of this context of the lengths given, kept alive by
+    // the borrows above.
+    unsafe { launch(backend, stream, pass, T::DTYPE, &sizes, &p) }
 }
 
-/// Inputs and outputs of [`unpermute_backward_cuda`].
+/// Outputs (and scratch) of [`unpermute_backward_cuda`].
 #[derive(Debug)]
 pub struct UnpermuteBackwardCudaBuffers<'a, T> {
     /// `grad_y [num_rows, hidden]`: every row written (zeros where no assignment
@@ -521,110 +534,63 @@ pub struct UnpermuteBackwardCudaBuffers<'a, T> {
 /// As [`unpermute_cuda`], plus [`Error::Shape`] for `grad_out [num_tokens, hidden]`,
 /// `grad_y [num_rows, hidden]`, `grad_weights [num_tokens, k]` or a workspace of
 /// the wrong length.
-#[allow(clippy::too_many_arguments)]
 pub fn unpermute_backward_cuda<T: RouterFloat + DeviceRepr>(
     backend: &CudaBackend,
+    sizes: PermuteSizes,
     grad_out: &CudaView<'_, T>,
     y: &CudaView<'_, T>,
-    num_rows: usize,
-    hidden: usize,
     row: &CudaView<'_, i32>,
     weights: &CudaView<'_, f32>,
-    num_tokens: usize,
-    k: usize,
     bufs: &mut UnpermuteBackwardCudaBuffers<'_, T>,
 ) -> Result<()> {
-    let op = OP_UNPERMUTE_BACKWARD;
-    let d = PermuteSizes {
-        num_tokens,
-        num_rows,
-        hidden,
-        k,
-    }
-    .dims(op, true)?;
-    check_len2(op, "row", row.len(), num_tokens, k, "num_tokens, k")?;
-    check_len2(
-        op,
-        "grad_out",
-        grad_out.len(),
-        num_tokens,
-        hidden,
-        "num_tokens, hidden",
-    )?;
-    check_len2(op, "y", y.len(), num_rows, hidden, "num_rows, hidden")?;
-    check_len2(op, "weights", weights.len(), num_tokens, k, "num_tokens, k")?;
-    check_len2(
-        op,
-        "grad_y",
-        bufs.grad_y.len(),
-        num_rows,
-        hidden,
-        "num_rows, hidden",
-    )?;
-    check_len2(
-        op,
-        "grad_weights",
-        bufs.grad_weights.len(),
-        num_tokens,
-        k,
-        "num_tokens, k",
-    )?;
-    check_len2(
-        op,
-        "workspace",
-        bufs.workspace.len(),
-        unpermute_backward_workspace_len(num_rows),
-        1,
-        "unpermute_backward_workspace_len(num_rows), 1",
-    )?;
     let stream = backend.stream();
     let (go, _g1) = grad_out.device_ptr(stream);
     let (yp, _g2) = y.device_ptr(stream);
     let (rp, _g3) = row.device_ptr(stream);
     let (wp, _g4) = weights.device_ptr(stream);
+    let lens = (
+        bufs.grad_y.len(),
+        bufs.grad_weights.len(),
+        bufs.workspace.len(),
+    );
     let (gy, _g5) = bufs.grad_y.device_ptr_mut(stream);
     let (gw, _g6) = bufs.grad_weights.device_ptr_mut(stream);
     let (ws, _g7) = bufs.workspace.device_ptr_mut(stream);
     let p = PermuteRawPtrs {
-        grad_out: go,
-        y: yp,
-        row: rp,
-        weights: wp,
-        grad_y: gy,
-        grad_weights: gw,
-        workspace: ws,
+        grad_out: DevBuf::new(go, grad_out.len()),
+        y: DevBuf::new(yp, y.len()),
+        row: DevBuf::new(rp, row.len()),
+        weights: DevBuf::new(wp, weights.len()),
+        grad_y: DevBuf::new(gy, lens.0),
+        grad_weights: DevBuf::new(gw, lens.1),
+        workspace: DevBuf::new(ws, lens.2),
         ..Default::default()
     };
-    // SAFETY: live device buffers of this context, lengths checked above.
-    unsafe {
-        launch(
-            backend,
-            stream,
-            PermutePass::UnpermuteBackward,
-            T::DTYPE,
-            d,
-            &p,
-        )
-    }
+    let pass = PermutePass::UnpermuteBackward;
+    // SAFETY: live device buffers of this context of the lengths given, kept alive by
+    // the borrows above.
+    unsafe { launch(backend, stream, pass, T::DTYPE, &sizes, &p) }
 }
 
-/// Launch a permute-family pass on raw device pointers and a caller-owned stream
-/// (PyTorch's `torch.cuda.current_stream().cuda_stream`), without synchronising.
-/// Sizes are checked against the `i32` row index; index entries are bounds-checked
-/// in the kernels (see the module docs).
+/// Launch a permute-family pass on raw device buffers and a caller-owned stream
+/// (PyTorch's `torch.cuda.current_stream().cuda_stream`), without synchronising:
+/// the checks of the safe functions (the op's validator on the buffers' lengths; the
+/// buffers the pass does not use must be empty) before anything is launched. Index
+/// entries are bounds-checked in the kernels (see the module docs).
 ///
 /// # Safety
 /// 1. `stream` is a live CUDA stream of `backend`'s context (the primary context of
 ///    its device, the one PyTorch uses), kept alive during the call.
-/// 2. Every pointer the `pass` uses (see [`PermutePass`] and [`PermuteRawPtrs`]) is a
-///    device address in that context, valid for the documented shape (`dtype` for
-///    hidden-state buffers, `i32` for indices and the workspace, `f32` for weights),
+/// 2. Every buffer the `pass` uses (see [`PermutePass`] and [`PermuteRawPtrs`]) holds
+///    `len` elements of its documented type (`dtype` for hidden-state buffers, `i32`
+///    for indices and the workspace, `f32` for weights) at `ptr` in that context,
 ///    contiguous and row-major, and stays valid until the kernels have finished on
 ///    `stream`.
 /// 3. Output buffers (and the workspace) do not overlap any other buffer of the call.
 ///
 /// # Errors
-/// [`Error::Overflow`] for sizes beyond the `i32` row index; [`Error::Compile`],
+/// As the safe functions; [`Error::InvalidArgument`] for a non-empty buffer the pass
+/// does not use, or a null / misaligned one it uses; [`Error::Compile`],
 /// [`Error::Driver`].
 pub unsafe fn permute_raw(
     backend: &CudaBackend,
@@ -634,51 +600,9 @@ pub unsafe fn permute_raw(
     sizes: PermuteSizes,
     ptrs: PermuteRawPtrs,
 ) -> Result<()> {
-    let op = match pass {
-        PermutePass::Permute => OP_PERMUTE,
-        PermutePass::PermuteBackward => OP_PERMUTE_BACKWARD,
-        PermutePass::Unpermute => OP_UNPERMUTE,
-        PermutePass::UnpermuteBackward => OP_UNPERMUTE_BACKWARD,
-    };
-    let d = sizes.dims(op, pass != PermutePass::Permute)?;
-    {
-        use super::check_device_ptr as check;
-        let z = dtype.size_in_bytes();
-        let (t, r) = (d.num_tokens as usize, d.num_rows as usize);
-        let (th, rh) = (t * d.hidden as usize, r * d.hidden as usize);
-        let a = d.assignments as usize;
-        let p = &ptrs;
-        match pass {
-            PermutePass::Permute => {
-                check(op, "x", p.x, th, z)?;
-                check(op, "row_to_token", p.row_to_token, r, 4)?;
-                check(op, "buf", p.buf, rh, z)?;
-            }
-            PermutePass::PermuteBackward => {
-                check(op, "grad_buf", p.grad_buf, rh, z)?;
-                check(op, "row", p.row, a, 4)?;
-                check(op, "grad_x", p.grad_x, th, z)?;
-            }
-            PermutePass::Unpermute => {
-                check(op, "y", p.y, rh, z)?;
-                check(op, "row", p.row, a, 4)?;
-                if p.weights != 0 {
-                    check(op, "weights", p.weights, a, 4)?; // optional: null means all ones
-                }
-                check(op, "out", p.out, th, z)?;
-            }
-            PermutePass::UnpermuteBackward => {
-                check(op, "grad_out", p.grad_out, th, z)?;
-                check(op, "y", p.y, rh, z)?;
-                check(op, "row", p.row, a, 4)?;
-                check(op, "grad_y", p.grad_y, rh, z)?;
-                check(op, "grad_weights", p.grad_weights, a, 4)?;
-                check(op, "workspace", p.workspace, r, 4)?;
-            }
-        }
-    }
     // SAFETY: the caller guarantees (1); the wrapper does not own the stream.
     let s = unsafe { backend.context().wrap_borrowed_stream(stream) };
-    // SAFETY: the caller guarantees (2) and (3) for every pointer the pass uses.
-    unsafe { launch(backend, &s, pass, dtype, d, &ptrs) }
+    // SAFETY: the caller guarantees (2) and (3) for every buffer the pass uses;
+    // `launch` checks every length before it launches anything.
+    unsafe { launch(backend, &s, pass, dtype, &sizes, &ptrs) }
 }

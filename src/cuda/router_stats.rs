@@ -11,9 +11,10 @@
 //! CPU, so nothing is written out of range).
 
 use super::borrow;
-use super::{CudaBackend, CudaView, CudaViewMut};
+use super::{BorrowedSlice, CudaBackend, CudaView, CudaViewMut, DevBuf, RouterLogitsCuda};
 use crate::error::{Error, Result};
-use crate::ops::{check_len, checked_i32_product};
+use crate::ops::check_len;
+use crate::ops::router_stats::validate_router_stats;
 use crate::RouterFloat;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -68,67 +69,27 @@ pub struct RouterStatsCudaBuffers<'a> {
     pub workspace: CudaViewMut<'a, f64>,
 }
 
-/// Router statistics (see [`crate::ops::router_stats`]) of `logits [num_tokens,
-/// num_experts]` and the routing `indices [num_tokens, topk]` (and optionally
-/// `slots`, `padding_mask`) on the GPU, launched on `backend.stream()` without
-/// synchronising.
+/// Router statistics (see [`crate::ops::router_stats()`]) of `x.logits [num_tokens,
+/// num_experts]` (with `x.padding_mask`) and the routing `indices [num_tokens,
+/// topk]` (and optionally `slots`) on the GPU, launched on `backend.stream()`
+/// without synchronising.
 ///
 /// # Errors
-/// The config and length checks of [`crate::ops::router_stats`] (value checks of
+/// The config and length checks of [`crate::ops::router_stats()`] (value checks of
 /// device-resident indices and slots, and the strict mode, are the caller's: module
-/// docs), [`Error::Unsupported`] for `num_experts > 2048`, [`Error::Compile`] /
-/// [`Error::Driver`].
-#[allow(clippy::too_many_arguments)]
+/// docs), [`Error::Unsupported`] for `num_experts > 2048`, [`Error::Shape`] for an
+/// output of the wrong length, [`Error::Compile`] / [`Error::Driver`].
 pub fn router_stats_cuda<T: RouterFloat + DeviceRepr>(
     backend: &CudaBackend,
-    logits: &CudaView<'_, T>,
-    num_tokens: usize,
-    num_experts: usize,
+    x: RouterLogitsCuda<'_, T>,
     indices: &CudaView<'_, i32>,
     topk: usize,
     slots: Option<&CudaView<'_, i32>>,
-    padding_mask: Option<&CudaView<'_, bool>>,
     mut out: RouterStatsCudaBuffers<'_>,
 ) -> Result<()> {
-    if num_experts == 0 {
-        return Err(Error::invalid(
-            OP,
-            "num_experts",
-            0,
-            "num_experts must be at least 1",
-        ));
-    }
-    if topk == 0 || topk > num_experts {
-        return Err(Error::invalid(
-            OP,
-            "topk",
-            topk,
-            format!("topk must be in [1, num_experts] = [1, {num_experts}]"),
-        ));
-    }
-    let n = checked_i32_product(OP, "num_tokens * num_experts", num_tokens, num_experts)?;
-    let nk = checked_i32_product(OP, "num_tokens * topk", num_tokens, topk)?;
-    check_len(
-        OP,
-        "logits",
-        logits.len(),
-        n,
-        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
-    )?;
-    let kshape = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
-    check_len(OP, "indices", indices.len(), nk, &kshape)?;
-    if let Some(s) = slots {
-        check_len(OP, "slots", s.len(), nk, &kshape)?;
-    }
-    if let Some(m) = padding_mask {
-        check_len(
-            OP,
-            "padding_mask",
-            m.len(),
-            num_tokens,
-            format_args!("[num_tokens] = [{num_tokens}]"),
-        )?;
-    }
+    validate_router_stats(x.lens(), indices.len(), topk, slots.map(CudaView::len))?;
+    let (num_tokens, num_experts) = (x.num_tokens, x.num_experts);
+    let padding_mask = x.padding_mask.as_ref();
     if num_experts > ROUTER_STATS_CUDA_MAX_EXPERTS {
         return Err(Error::Unsupported {
             op: OP,
@@ -197,7 +158,7 @@ pub fn router_stats_cuda<T: RouterFloat + DeviceRepr>(
         };
         let f = backend.function(MODULE, &crate::kernel_name::<T>(root))?;
         let mut b = stream.launch_builder(&f);
-        b.arg(logits).arg(indices);
+        b.arg(&x.logits).arg(indices);
         match slots {
             Some(s) => b.arg(s),
             None => b.arg(&null),
@@ -237,44 +198,44 @@ pub fn router_stats_cuda<T: RouterFloat + DeviceRepr>(
     Ok(())
 }
 
-/// Device addresses of a [`router_stats_cuda`] call (`0` for an absent optional
+/// Device buffers of a [`router_stats_cuda`] call (`None` for an absent optional
 /// input).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RouterStatsRawPtrs {
     /// `logits [num_tokens, num_experts]`, element type `dtype`.
-    pub logits: u64,
+    pub logits: DevBuf,
     /// `indices [num_tokens, topk]` i32.
-    pub indices: u64,
-    /// `slots [num_tokens, topk]` i32, or 0.
-    pub slots: u64,
-    /// `padding_mask [num_tokens]` bytes, or 0.
-    pub padding_mask: u64,
-    /// Outputs, as in [`RouterStatsCudaBuffers`].
-    pub selected_counts: u64,
+    pub indices: DevBuf,
+    /// Outputs, as in [`RouterStatsCudaBuffers`]: `[num_experts]` i64.
+    pub selected_counts: DevBuf,
     /// `[num_experts]` i64.
-    pub kept_counts: u64,
+    pub kept_counts: DevBuf,
     /// `[4]` i64.
-    pub scalars: u64,
+    pub scalars: DevBuf,
     /// `[4]` f32.
-    pub floats: u64,
+    pub floats: DevBuf,
     /// `[router_stats_workspace_len(num_tokens)]` f64.
-    pub workspace: u64,
+    pub workspace: DevBuf,
+    /// `slots [num_tokens, topk]` i32, if given.
+    pub slots: Option<DevBuf>,
+    /// `padding_mask [num_tokens]` bytes, if given.
+    pub padding_mask: Option<DevBuf>,
 }
 
-/// [`router_stats_cuda`] on raw device pointers and a caller-owned stream, without
-/// synchronising.
+/// [`router_stats_cuda`] on raw device buffers and a caller-owned stream, without
+/// synchronising: the same checks (the op's validator, on the buffers' lengths) and
+/// kernels; nothing is launched unless every length is right.
 ///
 /// # Safety
 /// 1. `stream` is a live CUDA stream of `backend`'s context, kept alive until the
 ///    kernels have finished.
-/// 2. Every non-zero pointer of `ptrs` is a device address in that context, valid
-///    for its documented shape and type (`dtype` for the logits), and stays valid
-///    until the kernels have finished on `stream`.
+/// 2. Every buffer of `ptrs` (the optional ones when given) holds `len` elements of
+///    its documented type (`dtype` for the logits) at `ptr` in that context, and
+///    stays valid until the kernels have finished on `stream`.
 /// 3. Output buffers do not overlap any other buffer of the call.
 ///
 /// # Errors
 /// As [`router_stats_cuda`].
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn router_stats_raw(
     backend: &CudaBackend,
     stream: cudarc::driver::sys::CUstream,
@@ -284,55 +245,30 @@ pub unsafe fn router_stats_raw(
     topk: usize,
     ptrs: RouterStatsRawPtrs,
 ) -> Result<()> {
-    use super::BorrowedSlice;
     use crate::DType;
-    let nl = num_tokens.checked_mul(num_experts).ok_or(Error::Overflow {
-        op: OP,
-        what: "num_tokens * num_experts",
-        value: num_tokens as u128 * num_experts as u128,
-        max: i64::MAX,
-    })?;
-    let na = crate::ops::checked_i32_product(OP, "num_tokens * topk", num_tokens, topk)?;
+    const RAW: &str = "router_stats_raw";
     // SAFETY: (1).
     let be = unsafe { backend.on_borrowed_stream(stream) };
     let s = be.stream();
     // SAFETY: for every BorrowedSlice here, (2) and (3).
-    let idx = unsafe { borrow!(i32, s, ptrs.indices, na, "router_stats_raw") }?;
-    // SAFETY: (2) and (3) of this entry's contract, for this buffer.
-    let slots = (ptrs.slots != 0).then(|| unsafe { BorrowedSlice::<i32>::new(s, ptrs.slots, na) });
-    let mask = (ptrs.padding_mask != 0)
-        // SAFETY: (2) and (3) of this entry's contract, for this buffer.
-        .then(|| unsafe { BorrowedSlice::<bool>::new(s, ptrs.padding_mask, num_tokens) });
-    // SAFETY: (2) and (3) of this entry's contract, for this buffer.
-    let mut sel = unsafe {
-        borrow!(
-            i64,
-            s,
-            ptrs.selected_counts,
-            num_experts,
-            "router_stats_raw"
-        )
-    }?;
-    // SAFETY: (2) and (3) of this entry's contract, for this buffer.
-    let (mut kept, mut sc, mut fl) = unsafe {
+    let (idx, slots, mask) = unsafe {
         (
-            borrow!(i64, s, ptrs.kept_counts, num_experts, "router_stats_raw")?,
-            borrow!(i64, s, ptrs.scalars, 4, "router_stats_raw")?,
-            borrow!(f32, s, ptrs.floats, 4, "router_stats_raw")?,
+            borrow!(i32, s, ptrs.indices, RAW)?,
+            BorrowedSlice::<i32>::optional(s, ptrs.slots, RAW, "slots")?,
+            BorrowedSlice::<bool>::optional(s, ptrs.padding_mask, RAW, "padding_mask")?,
         )
     };
-    // SAFETY: (2) and (3) of this entry's contract, for this buffer.
-    let mut ws = unsafe {
-        borrow!(
-            f64,
-            s,
-            ptrs.workspace,
-            router_stats_workspace_len(num_tokens),
-            "router_stats_raw"
+    // SAFETY: (2) and (3) for the outputs.
+    let (mut sel, mut kept, mut sc, mut fl, mut ws) = unsafe {
+        (
+            borrow!(i64, s, ptrs.selected_counts, RAW)?,
+            borrow!(i64, s, ptrs.kept_counts, RAW)?,
+            borrow!(i64, s, ptrs.scalars, RAW)?,
+            borrow!(f32, s, ptrs.floats, RAW)?,
+            borrow!(f64, s, ptrs.workspace, RAW)?,
         )
-    }?;
+    };
     let slots_v = slots.as_ref().map(|b| b.view());
-    let mask_v = mask.as_ref().map(|b| b.view());
     let out = RouterStatsCudaBuffers {
         selected_counts: sel.view_mut(),
         kept_counts: kept.view_mut(),
@@ -342,19 +278,11 @@ pub unsafe fn router_stats_raw(
     };
     macro_rules! run {
         ($t:ty) => {{
-            // SAFETY: the raw entry's contract covers this buffer (see its # Safety).
-            let z = unsafe { borrow!($t, s, ptrs.logits, nl, "router_stats_raw") }?;
-            router_stats_cuda::<$t>(
-                &be,
-                &z.view(),
-                num_tokens,
-                num_experts,
-                &idx.view(),
-                topk,
-                slots_v.as_ref(),
-                mask_v.as_ref(),
-                out,
-            )
+            // SAFETY: (2) and (3) for the logits.
+            let z = unsafe { borrow!($t, s, ptrs.logits, RAW) }?;
+            let x = RouterLogitsCuda::new(z.view(), num_tokens, num_experts)
+                .padding_mask(mask.as_ref().map(|m| m.view()));
+            router_stats_cuda::<$t>(&be, x, &idx.view(), topk, slots_v.as_ref(), out)
         }};
     }
     match dtype {

@@ -1,5 +1,5 @@
 //! Top-k gating on the GPU: forward, routing replay and backward
-//! (`cuda/topk_gating.cu`), with the validation of [`crate::ops::topk_gating`].
+//! (`cuda/topk_gating.cu`), with the validation of [`crate::ops::topk_gating()`].
 //!
 //! One warp per token for `num_experts <= 256` (4 tokens per block), one 256-thread
 //! block per token for `num_experts <= 2048`; `topk <= 32`. Outputs match
@@ -14,9 +14,14 @@
 //! replay index gives a NaN weight and no gradient. Validate on the host with
 //! [`crate::ops::topk_gating_replay_into`] when the indices are untrusted.
 
-use super::{CudaBackend, CudaStream, CudaView, CudaViewMut};
+use super::{
+    check_buf, check_unused, opt_len, CudaBackend, CudaStream, CudaView, CudaViewMut, DevBuf,
+};
 use crate::error::{Error, Result};
-use crate::ops::{check_len, ScoreFunction, TopkGatingConfig};
+use crate::ops::topk_gating::{
+    topk_gating_backward_lens, topk_gating_lens, topk_gating_replay_lens, validate_topk_gating,
+};
+use crate::ops::{ScoreFunction, TopkGatingConfig};
 use crate::RouterFloat;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -155,45 +160,23 @@ fn kernel<T: RouterFloat>(
     Ok((f, cfg))
 }
 
-fn check_outputs(
-    num_tokens: usize,
-    k: usize,
-    weights: usize,
-    indices: Option<usize>,
-) -> Result<()> {
-    let shape = format!("[num_tokens, topk] = [{num_tokens}, {k}]");
-    check_len(OP, "weights", weights, num_tokens * k, &shape)?;
-    if let Some(n) = indices {
-        check_len(OP, "indices", n, num_tokens * k, &shape)?;
-    }
-    Ok(())
-}
-
-fn check_logits(len: usize, num_tokens: usize, num_experts: usize) -> Result<()> {
-    let n = num_tokens.checked_mul(num_experts).ok_or(Error::Overflow {
-        op: OP,
-        what: "num_tokens * num_experts",
-        value: num_tokens as u128 * num_experts as u128,
-        max: i64::MAX,
-    })?;
-    check_len(
-        OP,
-        "logits",
-        len,
-        n,
-        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
-    )
+/// Outputs of [`topk_gating_cuda`], both `[num_tokens, topk]`.
+#[derive(Debug)]
+pub struct TopkGatingCudaBuffers<'a> {
+    /// Routing weights (f32).
+    pub weights: CudaViewMut<'a, f32>,
+    /// Expert indices (i32), by descending selection score.
+    pub indices: CudaViewMut<'a, i32>,
 }
 
 /// Top-k gating of `logits [num_tokens, num_experts]` on the GPU into
-/// `weights [num_tokens, topk]` (f32) and `indices [num_tokens, topk]` (i32),
-/// launched on `backend.stream()` without synchronising.
+/// `out.weights [num_tokens, topk]` (f32) and `out.indices [num_tokens, topk]`
+/// (i32), launched on `backend.stream()` without synchronising.
 ///
 /// # Errors
 /// As [`crate::ops::topk_gating_into`] (shapes, config), plus [`Error::Unsupported`]
 /// for `num_experts > 2048` or `topk > 32`, [`Error::Compile`] / [`Error::Driver`].
 /// A non-finite bias is not detected (see the module docs).
-#[allow(clippy::too_many_arguments)]
 pub fn topk_gating_cuda<T: RouterFloat + DeviceRepr>(
     backend: &CudaBackend,
     logits: &CudaView<'_, T>,
@@ -201,21 +184,15 @@ pub fn topk_gating_cuda<T: RouterFloat + DeviceRepr>(
     num_experts: usize,
     expert_bias: Option<&CudaView<'_, f32>>,
     cfg: &TopkGatingConfig,
-    weights: &mut CudaViewMut<'_, f32>,
-    indices: &mut CudaViewMut<'_, i32>,
+    out: TopkGatingCudaBuffers<'_>,
 ) -> Result<()> {
+    let TopkGatingCudaBuffers {
+        mut weights,
+        mut indices,
+    } = out;
+    let lens = topk_gating_lens!(logits, expert_bias.map(CudaView::len), weights, indices);
+    validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
     let params = GatingParams::new(cfg, num_tokens, num_experts, expert_bias.is_some())?;
-    check_logits(logits.len(), num_tokens, num_experts)?;
-    if let Some(b) = expert_bias {
-        check_len(
-            OP,
-            "expert_bias",
-            b.len(),
-            num_experts,
-            format_args!("[num_experts] = [{num_experts}]"),
-        )?;
-    }
-    check_outputs(num_tokens, cfg.topk, weights.len(), Some(indices.len()))?;
     if num_tokens == 0 {
         return Ok(());
     }
@@ -229,7 +206,7 @@ pub fn topk_gating_cuda<T: RouterFloat + DeviceRepr>(
         Some(v) => b.arg(v),
         None => b.arg(&null),
     };
-    b.arg(&params).arg(weights).arg(indices);
+    b.arg(&params).arg(&mut weights).arg(&mut indices);
     // SAFETY: the argument list matches `topk_gating_fwd*_{dtype}(const T* logits,
     // const float* bias, GatingParams, float* weights, int* indices)`; every buffer
     // was checked above to hold the elements the kernel touches for these sizes.
@@ -252,9 +229,9 @@ pub fn topk_gating_replay_cuda<T: RouterFloat + DeviceRepr>(
     cfg: &TopkGatingConfig,
     weights: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    let lens = topk_gating_replay_lens!(logits, indices, weights);
+    validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
     let params = GatingParams::new(cfg, num_tokens, num_experts, false)?;
-    check_logits(logits.len(), num_tokens, num_experts)?;
-    check_outputs(num_tokens, cfg.topk, weights.len(), Some(indices.len()))?;
     if num_tokens == 0 {
         return Ok(());
     }
@@ -285,25 +262,9 @@ pub fn topk_gating_backward_cuda<T: RouterFloat + DeviceRepr>(
     cfg: &TopkGatingConfig,
     grad_logits: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
+    let lens = topk_gating_backward_lens!(logits, indices, grad_weights, grad_logits);
+    validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
     let params = GatingParams::new(cfg, num_tokens, num_experts, false)?;
-    check_logits(logits.len(), num_tokens, num_experts)?;
-    let k = cfg.topk;
-    let shape = format!("[num_tokens, topk] = [{num_tokens}, {k}]");
-    check_len(OP, "indices", indices.len(), num_tokens * k, &shape)?;
-    check_len(
-        OP,
-        "grad_weights",
-        grad_weights.len(),
-        num_tokens * k,
-        &shape,
-    )?;
-    check_len(
-        OP,
-        "grad_logits",
-        grad_logits.len(),
-        num_tokens * num_experts,
-        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
-    )?;
     if num_tokens == 0 {
         return Ok(());
     }
@@ -321,21 +282,22 @@ pub fn topk_gating_backward_cuda<T: RouterFloat + DeviceRepr>(
 }
 
 /// Raw device buffers of a top-k gating call, for the Python layer (PyTorch tensors'
-/// `data_ptr()`; `0` for an absent optional buffer).
+/// `data_ptr()` and `numel()`); a buffer the pass does not use is
+/// [`DevBuf::NONE`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TopkGatingRawPtrs {
     /// `logits [num_tokens, num_experts]`, element type `dtype`.
-    pub logits: u64,
-    /// `expert_bias [num_experts]` f32, or 0 (forward only).
-    pub expert_bias: u64,
+    pub logits: DevBuf,
+    /// `expert_bias [num_experts]` f32, if given (forward only).
+    pub expert_bias: Option<DevBuf>,
     /// `indices [num_tokens, topk]` i32: output of the forward, input otherwise.
-    pub indices: u64,
+    pub indices: DevBuf,
     /// `weights [num_tokens, topk]` f32: output of forward and replay.
-    pub weights: u64,
+    pub weights: DevBuf,
     /// `grad_weights [num_tokens, topk]` f32 (backward).
-    pub grad_weights: u64,
+    pub grad_weights: DevBuf,
     /// `grad_logits [num_tokens, num_experts]`, element type `dtype` (backward).
-    pub grad_logits: u64,
+    pub grad_logits: DevBuf,
 }
 
 /// Which top-k gating kernel [`topk_gating_raw`] launches.
@@ -349,21 +311,63 @@ pub enum TopkGatingPass {
     Backward,
 }
 
-/// Launch a top-k gating kernel on raw device pointers and a caller-owned stream
+/// The op's validation of `pass` on the raw buffers' lengths (the buffers the pass
+/// does not use must be empty), then the host checks of the addresses.
+fn check_raw(
+    pass: TopkGatingPass,
+    dtype: crate::DType,
+    num_tokens: usize,
+    num_experts: usize,
+    cfg: &TopkGatingConfig,
+    p: &TopkGatingRawPtrs,
+) -> Result<()> {
+    const RAW: &str = "topk_gating_raw";
+    let unused_bias = || check_unused(RAW, "expert_bias", p.expert_bias.unwrap_or_default());
+    let lens = match pass {
+        TopkGatingPass::Forward => {
+            check_unused(RAW, "grad_weights", p.grad_weights)?;
+            check_unused(RAW, "grad_logits", p.grad_logits)?;
+            topk_gating_lens!(p.logits, opt_len(p.expert_bias), p.weights, p.indices)
+        }
+        TopkGatingPass::Replay => {
+            unused_bias()?;
+            check_unused(RAW, "grad_weights", p.grad_weights)?;
+            check_unused(RAW, "grad_logits", p.grad_logits)?;
+            topk_gating_replay_lens!(p.logits, p.indices, p.weights)
+        }
+        TopkGatingPass::Backward => {
+            unused_bias()?;
+            check_unused(RAW, "weights", p.weights)?;
+            topk_gating_backward_lens!(p.logits, p.indices, p.grad_weights, p.grad_logits)
+        }
+    };
+    validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
+    let z = dtype.size_in_bytes();
+    check_buf(RAW, "logits", p.logits, z)?;
+    check_buf(RAW, "indices", p.indices, 4)?;
+    check_buf(RAW, "weights", p.weights, 4)?;
+    check_buf(RAW, "expert_bias", p.expert_bias.unwrap_or_default(), 4)?;
+    check_buf(RAW, "grad_weights", p.grad_weights, 4)?;
+    check_buf(RAW, "grad_logits", p.grad_logits, z)
+}
+
+/// Launch a top-k gating kernel on raw device buffers and a caller-owned stream
 /// (PyTorch's `torch.cuda.current_stream().cuda_stream`), without synchronising.
+/// Every length is checked by the op's validator (the buffers the pass does not use
+/// must be empty) before anything is launched.
 ///
 /// # Safety
 /// 1. `stream` is a live CUDA stream of `backend`'s context (the primary context of
 ///    its device, which is the one PyTorch uses), kept alive during the call.
-/// 2. Every pointer the `pass` reads or writes (see [`TopkGatingPass`]) is a device
-///    address in that context, valid, contiguous and row-major for the documented
-///    shape and element type (`dtype` for logits and grad_logits), and stays valid
-///    until the kernel has finished on `stream`.
+/// 2. Every buffer the `pass` reads or writes (see [`TopkGatingPass`]) holds `len`
+///    elements of its documented type (`dtype` for logits and grad_logits) at `ptr`
+///    in that context, contiguous and row-major, and stays valid until the kernel
+///    has finished on `stream`.
 /// 3. Output buffers do not overlap any other buffer of the call.
 ///
 /// # Errors
-/// Config and size errors as [`topk_gating_cuda`]; [`Error::Compile`],
-/// [`Error::Driver`].
+/// Config and size errors as [`topk_gating_cuda`] ([`Error::InvalidArgument`] for a
+/// non-empty buffer the pass does not use); [`Error::Compile`], [`Error::Driver`].
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn topk_gating_raw(
     backend: &CudaBackend,
@@ -375,35 +379,11 @@ pub unsafe fn topk_gating_raw(
     cfg: &TopkGatingConfig,
     ptrs: TopkGatingRawPtrs,
 ) -> Result<()> {
-    let has_bias = pass == TopkGatingPass::Forward && ptrs.expert_bias != 0;
+    check_raw(pass, dtype, num_tokens, num_experts, cfg, &ptrs)?;
+    let has_bias = pass == TopkGatingPass::Forward && ptrs.expert_bias.is_some();
     let params = GatingParams::new(cfg, num_tokens, num_experts, has_bias)?;
     if num_tokens == 0 {
         return Ok(());
-    }
-    {
-        use super::check_device_ptr as check;
-        const OP: &str = "topk_gating_raw";
-        let (z, n) = (dtype.size_in_bytes(), num_tokens * cfg.topk);
-        check(OP, "logits", ptrs.logits, num_tokens * num_experts, z)?;
-        check(OP, "indices", ptrs.indices, n, 4)?;
-        match pass {
-            TopkGatingPass::Forward | TopkGatingPass::Replay => {
-                check(OP, "weights", ptrs.weights, n, 4)?;
-                if has_bias {
-                    check(OP, "expert_bias", ptrs.expert_bias, num_experts, 4)?;
-                }
-            }
-            TopkGatingPass::Backward => {
-                check(OP, "grad_weights", ptrs.grad_weights, n, 4)?;
-                check(
-                    OP,
-                    "grad_logits",
-                    ptrs.grad_logits,
-                    num_tokens * num_experts,
-                    z,
-                )?;
-            }
-        }
     }
     let root = match pass {
         TopkGatingPass::Forward => "topk_gating_fwd",
@@ -416,30 +396,32 @@ pub unsafe fn topk_gating_raw(
     // context; the wrapper does not own it and is dropped before returning.
     let s = unsafe { backend.context().wrap_borrowed_stream(stream) };
     let mut b = s.launch_builder(&f);
+    let bias = ptrs.expert_bias.unwrap_or_default().ptr;
     match pass {
         TopkGatingPass::Forward => {
-            b.arg(&ptrs.logits)
-                .arg(&ptrs.expert_bias)
+            b.arg(&ptrs.logits.ptr)
+                .arg(&bias)
                 .arg(&params)
-                .arg(&ptrs.weights)
-                .arg(&ptrs.indices);
+                .arg(&ptrs.weights.ptr)
+                .arg(&ptrs.indices.ptr);
         }
         TopkGatingPass::Replay => {
-            b.arg(&ptrs.logits)
-                .arg(&ptrs.indices)
+            b.arg(&ptrs.logits.ptr)
+                .arg(&ptrs.indices.ptr)
                 .arg(&params)
-                .arg(&ptrs.weights);
+                .arg(&ptrs.weights.ptr);
         }
         TopkGatingPass::Backward => {
-            b.arg(&ptrs.logits)
-                .arg(&ptrs.indices)
-                .arg(&ptrs.grad_weights)
+            b.arg(&ptrs.logits.ptr)
+                .arg(&ptrs.indices.ptr)
+                .arg(&ptrs.grad_weights.ptr)
                 .arg(&params)
-                .arg(&ptrs.grad_logits);
+                .arg(&ptrs.grad_logits.ptr);
         }
     }
     // SAFETY: argument lists match the kernels' signatures (pointers are passed as
-    // 64-bit device addresses); the caller guarantees (2) and (3) for the buffers.
+    // 64-bit device addresses); every buffer's length was checked above for these
+    // sizes, and the caller guarantees (2) and (3) for the buffers.
     unsafe { b.launch(lc) }?;
     Ok(())
 }

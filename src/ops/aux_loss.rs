@@ -36,7 +36,9 @@ use crate::cpu;
 use crate::cpu::aux_loss::AuxProblem;
 use crate::dtype::RouterFloat;
 use crate::error::{Error, Result};
-use crate::ops::{as_rows, check_finite, check_len};
+use crate::ops::{
+    as_rows, check_finite, check_len, check_logits, logits_grad, LogitsLens, RouterLogits,
+};
 use ndarray::{Array2, ArrayView2};
 
 pub use crate::ops::topk_gating::ScoreFunction;
@@ -142,50 +144,8 @@ pub struct SeqAuxLossOutput {
     pub valid_tokens: Vec<usize>,
 }
 
-/// `num_tokens * num_experts` elements expected for `arg`, or a Shape error.
-pub(crate) fn check_logits(
-    op: &'static str,
-    arg: &'static str,
-    got: usize,
-    num_tokens: usize,
-    num_experts: usize,
-) -> Result<()> {
-    let shape = format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]");
-    match num_tokens.checked_mul(num_experts) {
-        Some(n) => check_len(op, arg, got, n, shape),
-        None => Err(Error::shape(
-            op,
-            arg,
-            format!("{shape} (more elements than usize can count)"),
-            format!("{got} elements"),
-        )),
-    }
-}
-
-pub(crate) fn check_mask(
-    op: &'static str,
-    padding_mask: Option<&[bool]>,
-    num_tokens: usize,
-) -> Result<()> {
-    if let Some(m) = padding_mask {
-        check_len(
-            op,
-            "padding_mask",
-            m.len(),
-            num_tokens,
-            format_args!("[num_tokens] = [{num_tokens}]"),
-        )?;
-    }
-    Ok(())
-}
-
-fn check_counts(
-    op: &'static str,
-    counts: &[i64],
-    expected: usize,
-    shape: std::fmt::Arguments<'_>,
-) -> Result<()> {
-    check_len(op, "counts", counts.len(), expected, shape)?;
+/// The host-side check of caller counts: `>= 0`.
+fn check_count_values(op: &'static str, counts: &[i64]) -> Result<()> {
     if let Some((i, &c)) = counts.iter().enumerate().find(|(_, &c)| c < 0) {
         return Err(Error::invalid(
             op,
@@ -195,6 +155,85 @@ fn check_counts(
         ));
     }
     Ok(())
+}
+
+/// `arg` holds one row of `num_experts` per segment: `[num_experts]` for the global
+/// loss (`seq_len = None`), `[batch, num_experts]` with `batch = num_tokens / seq_len`
+/// for the sequence-level loss (`seq_len` checked by [`check_seq_len`]). For the
+/// counts, the scores' sums and the backward's per-segment gradient.
+pub(crate) fn check_segment_rows(
+    op: &'static str,
+    arg: &'static str,
+    got: usize,
+    seq_len: Option<usize>,
+    num_tokens: usize,
+    num_experts: usize,
+) -> Result<()> {
+    match seq_len {
+        None => check_len(
+            op,
+            arg,
+            got,
+            num_experts,
+            format_args!("[num_experts] = [{num_experts}]"),
+        ),
+        Some(s) => {
+            let batch = num_tokens / s.max(1);
+            check_len(
+                op,
+                arg,
+                got,
+                batch * num_experts,
+                format_args!("[batch, num_experts] = [{batch}, {num_experts}]"),
+            )
+        }
+    }
+}
+
+/// The op name of the global (`seq_len = None`) or the sequence-level loss.
+pub(crate) fn aux_op(seq_len: Option<usize>) -> &'static str {
+    if seq_len.is_some() {
+        SEQ_OP
+    } else {
+        OP
+    }
+}
+
+/// The single validation of the aux-loss forward (every backend; global with
+/// `seq_len = None`, else sequence-level): the config, `seq_len`, the logits and
+/// mask lengths, and the length of the caller's `counts` if given. The counts'
+/// values (`>= 0`) are checked where the host can read them ([`aux_loss`]).
+pub(crate) fn validate_aux_loss(
+    x: LogitsLens,
+    seq_len: Option<usize>,
+    counts: Option<usize>,
+    cfg: &AuxLossConfig,
+) -> Result<()> {
+    let op = aux_op(seq_len);
+    cfg.validate(op, x.num_experts)?;
+    if let Some(s) = seq_len {
+        check_seq_len(op, s, x.num_tokens)?;
+    }
+    x.check(op)?;
+    if let Some(len) = counts {
+        check_segment_rows(op, "counts", len, seq_len, x.num_tokens, x.num_experts)?;
+    }
+    Ok(())
+}
+
+/// The single validation of the aux-loss backward (every backend): as
+/// [`validate_aux_loss`] with the forward's `counts`, and
+/// `grad_logits [num_tokens, num_experts]`.
+pub(crate) fn validate_aux_loss_backward(
+    x: LogitsLens,
+    seq_len: Option<usize>,
+    counts: usize,
+    cfg: &AuxLossConfig,
+    grad_logits: usize,
+) -> Result<()> {
+    validate_aux_loss(x, seq_len, Some(counts), cfg)?;
+    let op = aux_op(seq_len);
+    check_logits(op, "grad_logits", grad_logits, x.num_tokens, x.num_experts)
 }
 
 /// Why `total_tokens` without `counts` is an error (also for a device value on CUDA).
@@ -238,34 +277,6 @@ pub(crate) fn check_seq_len(op: &'static str, seq_len: usize, num_tokens: usize)
     Ok(())
 }
 
-/// Validation shared by the forward and backward of the global loss.
-fn validate_global<T>(
-    logits: &[T],
-    num_tokens: usize,
-    num_experts: usize,
-    padding_mask: Option<&[bool]>,
-    cfg: &AuxLossConfig,
-) -> Result<()> {
-    cfg.validate(OP, num_experts)?;
-    check_logits(OP, "logits", logits.len(), num_tokens, num_experts)?;
-    check_mask(OP, padding_mask, num_tokens)
-}
-
-/// Validation shared by the forward and backward of the sequence-level loss.
-fn validate_seq<T>(
-    logits: &[T],
-    num_tokens: usize,
-    num_experts: usize,
-    seq_len: usize,
-    padding_mask: Option<&[bool]>,
-    cfg: &AuxLossConfig,
-) -> Result<()> {
-    cfg.validate(SEQ_OP, num_experts)?;
-    check_seq_len(SEQ_OP, seq_len, num_tokens)?;
-    check_logits(SEQ_OP, "logits", logits.len(), num_tokens, num_experts)?;
-    check_mask(SEQ_OP, padding_mask, num_tokens)
-}
-
 /// Switch / GShard auxiliary load-balance loss of router logits
 /// `[num_tokens, num_experts]` (see the [module docs](self) for the formula).
 ///
@@ -302,24 +313,13 @@ pub fn aux_loss<T: RouterFloat>(
     total_tokens: Option<usize>,
     cfg: &AuxLossConfig,
 ) -> Result<AuxLossOutput> {
-    validate_global(logits, num_tokens, num_experts, padding_mask, cfg)?;
+    let x = RouterLogits::new(logits, num_tokens, num_experts).padding_mask(padding_mask);
+    validate_aux_loss(x.lens(), None, counts.map(<[i64]>::len), cfg)?;
     if let Some(c) = counts {
-        check_counts(
-            OP,
-            c,
-            num_experts,
-            format_args!("[num_experts] = [{num_experts}]"),
-        )?;
+        check_count_values(OP, c)?;
     }
     check_total(OP, counts.is_some(), total_tokens)?;
-    let problem = AuxProblem {
-        logits,
-        num_tokens,
-        num_experts,
-        seq_len: num_tokens,
-        padding_mask,
-        score_function: cfg.score_function,
-    };
+    let problem = AuxProblem::new(x, num_tokens, cfg.score_function);
     let stats = cpu::aux_loss::aux_stats(&problem, counts.is_none().then_some(cfg.topk));
     let mut scores_sum = stats.scores_sum;
     scores_sum.resize(num_experts, 0.0); // T = 0: no segment
@@ -341,9 +341,10 @@ pub fn aux_loss<T: RouterFloat>(
     })
 }
 
-/// Gradient of [`aux_loss`] w.r.t. the logits, written into `grad_logits
-/// [num_tokens, num_experts]` (overwritten): `grad_loss · ∂L/∂z` with the counts held
-/// fixed (the gradient flows through `P` only). Padding tokens get 0.
+/// Gradient of [`aux_loss`] w.r.t. the logits `x.logits [num_tokens, num_experts]`
+/// (with `x.padding_mask`), written into `grad_logits [num_tokens, num_experts]`
+/// (overwritten): `grad_loss · ∂L/∂z` with the counts held fixed (the gradient flows
+/// through `P` only). Padding tokens get 0.
 ///
 /// Pass the `counts` and `total_tokens` the forward used ([`AuxLossOutput::counts`],
 /// [`AuxLossOutput::total_tokens`]); `total_tokens` may be 0 only when no token is
@@ -352,34 +353,31 @@ pub fn aux_loss<T: RouterFloat>(
 /// # Errors
 /// As [`aux_loss`], plus [`Error::Shape`] for `grad_logits` of the wrong length and
 /// [`Error::InvalidArgument`] for `total_tokens == 0` with valid tokens present.
-#[allow(clippy::too_many_arguments)]
+///
+/// ```
+/// use moe_router::{aux_loss, aux_loss_backward_into, AuxLossConfig, RouterLogits};
+///
+/// let z = [0.0f32, 0.0, 3f32.ln(), 0.0];
+/// let cfg = AuxLossConfig::new(1);
+/// let out = aux_loss(&z, 2, 2, None, None, None, &cfg).unwrap();
+/// let mut g = [0.0f32; 4];
+/// let x = RouterLogits::new(&z, 2, 2);
+/// aux_loss_backward_into(x, &out.counts, out.total_tokens, &cfg, 1.0, &mut g).unwrap();
+/// assert!(g.iter().all(|v| v.is_finite()));
+/// ```
 pub fn aux_loss_backward_into<T: RouterFloat>(
-    logits: &[T],
-    num_tokens: usize,
-    num_experts: usize,
-    padding_mask: Option<&[bool]>,
+    x: RouterLogits<'_, T>,
     counts: &[i64],
     total_tokens: usize,
     cfg: &AuxLossConfig,
     grad_loss: f32,
     grad_logits: &mut [T],
 ) -> Result<()> {
-    validate_global(logits, num_tokens, num_experts, padding_mask, cfg)?;
-    check_counts(
-        OP,
-        counts,
-        num_experts,
-        format_args!("[num_experts] = [{num_experts}]"),
-    )?;
-    check_logits(
-        OP,
-        "grad_logits",
-        grad_logits.len(),
-        num_tokens,
-        num_experts,
-    )?;
+    validate_aux_loss_backward(x.lens(), None, counts.len(), cfg, grad_logits.len())?;
+    check_count_values(OP, counts)?;
+    let (num_tokens, num_experts) = (x.num_tokens, x.num_experts);
     if total_tokens == 0 {
-        let any_valid = match padding_mask {
+        let any_valid = match x.padding_mask {
             None => num_tokens > 0,
             Some(m) => m.iter().any(|&pad| !pad),
         };
@@ -392,14 +390,7 @@ pub fn aux_loss_backward_into<T: RouterFloat>(
             ));
         }
     }
-    let problem = AuxProblem {
-        logits,
-        num_tokens,
-        num_experts,
-        seq_len: num_tokens,
-        padding_mask,
-        score_function: cfg.score_function,
-    };
+    let problem = AuxProblem::new(x, num_tokens, cfg.score_function);
     let scale = cpu::aux_loss::switch_scale(num_experts, cfg.topk, total_tokens, cfg.coeff)
         * grad_loss as f64;
     let mut g = vec![0.0f32; num_experts];
@@ -423,24 +414,11 @@ pub fn aux_loss_backward<T: RouterFloat>(
 ) -> Result<Array2<T>> {
     let (t, e) = logits.dim();
     let z = as_rows(OP, "logits", &logits)?;
-    validate_global(z, t, e, padding_mask, cfg)?;
-    let mut grad = Array2::from_elem((t, e), T::from_f32(0.0));
-    let out = grad.as_slice_mut().ok_or(Error::Layout {
-        op: OP,
-        arg: "grad_logits",
-    })?;
-    aux_loss_backward_into(
-        z,
-        t,
-        e,
-        padding_mask,
-        counts,
-        total_tokens,
-        cfg,
-        grad_loss,
-        out,
-    )?;
-    Ok(grad)
+    let x = RouterLogits::new(z, t, e).padding_mask(padding_mask);
+    validate_aux_loss(x.lens(), None, None, cfg)?;
+    logits_grad(OP, (t, e), |out| {
+        aux_loss_backward_into(x, counts, total_tokens, cfg, grad_loss, out)
+    })
 }
 
 /// Per-sequence `∂L/∂P` rows `[batch, E]` of the sequence-level loss:
@@ -502,24 +480,12 @@ pub fn seq_aux_loss<T: RouterFloat>(
     counts: Option<&[i64]>,
     cfg: &AuxLossConfig,
 ) -> Result<SeqAuxLossOutput> {
-    validate_seq(logits, num_tokens, num_experts, seq_len, padding_mask, cfg)?;
-    let batch = num_tokens / seq_len;
+    let x = RouterLogits::new(logits, num_tokens, num_experts).padding_mask(padding_mask);
+    validate_aux_loss(x.lens(), Some(seq_len), counts.map(<[i64]>::len), cfg)?;
     if let Some(c) = counts {
-        check_counts(
-            SEQ_OP,
-            c,
-            batch * num_experts,
-            format_args!("[batch, num_experts] = [{batch}, {num_experts}]"),
-        )?;
+        check_count_values(SEQ_OP, c)?;
     }
-    let problem = AuxProblem {
-        logits,
-        num_tokens,
-        num_experts,
-        seq_len,
-        padding_mask,
-        score_function: cfg.score_function,
-    };
+    let problem = AuxProblem::new(x, seq_len, cfg.score_function);
     let stats = cpu::aux_loss::aux_stats(&problem, counts.is_none().then_some(cfg.topk));
     let counts = counts.map_or(stats.counts, <[i64]>::to_vec);
     let mut total = 0.0f64;
@@ -548,50 +514,33 @@ pub fn seq_aux_loss<T: RouterFloat>(
     })
 }
 
-/// Gradient of [`seq_aux_loss`] w.r.t. the logits, written into `grad_logits
-/// [num_tokens, num_experts]` (overwritten), counts held fixed. Pass the `counts
-/// [batch, num_experts]` the forward used ([`SeqAuxLossOutput::counts`]). Padding
-/// tokens get 0.
+/// Gradient of [`seq_aux_loss`] w.r.t. the logits `x.logits [batch * seq_len,
+/// num_experts]` (with `x.padding_mask`), written into `grad_logits [num_tokens,
+/// num_experts]` (overwritten), counts held fixed. Pass the `counts [batch,
+/// num_experts]` the forward used ([`SeqAuxLossOutput::counts`]). Padding tokens
+/// get 0.
 ///
 /// # Errors
 /// As [`seq_aux_loss`], plus [`Error::Shape`] for `grad_logits` of the wrong length.
-#[allow(clippy::too_many_arguments)]
 pub fn seq_aux_loss_backward_into<T: RouterFloat>(
-    logits: &[T],
-    num_tokens: usize,
-    num_experts: usize,
+    x: RouterLogits<'_, T>,
     seq_len: usize,
-    padding_mask: Option<&[bool]>,
     counts: &[i64],
     cfg: &AuxLossConfig,
     grad_loss: f32,
     grad_logits: &mut [T],
 ) -> Result<()> {
-    validate_seq(logits, num_tokens, num_experts, seq_len, padding_mask, cfg)?;
-    let batch = num_tokens / seq_len;
-    check_counts(
-        SEQ_OP,
-        counts,
-        batch * num_experts,
-        format_args!("[batch, num_experts] = [{batch}, {num_experts}]"),
-    )?;
-    check_logits(
-        SEQ_OP,
-        "grad_logits",
+    validate_aux_loss_backward(
+        x.lens(),
+        Some(seq_len),
+        counts.len(),
+        cfg,
         grad_logits.len(),
-        num_tokens,
-        num_experts,
     )?;
-    let valid = cpu::aux_loss::valid_per_segment(padding_mask, num_tokens, seq_len);
-    let g = seq_grad_p(counts, &valid, num_experts, cfg, grad_loss);
-    let problem = AuxProblem {
-        logits,
-        num_tokens,
-        num_experts,
-        seq_len,
-        padding_mask,
-        score_function: cfg.score_function,
-    };
+    check_count_values(SEQ_OP, counts)?;
+    let valid = cpu::aux_loss::valid_per_segment(x.padding_mask, x.num_tokens, seq_len);
+    let g = seq_grad_p(counts, &valid, x.num_experts, cfg, grad_loss);
+    let problem = AuxProblem::new(x, seq_len, cfg.score_function);
     cpu::aux_loss::aux_grad_into(&problem, &g, grad_logits);
     Ok(())
 }
@@ -612,12 +561,9 @@ pub fn seq_aux_loss_backward<T: RouterFloat>(
 ) -> Result<Array2<T>> {
     let (t, e) = logits.dim();
     let z = as_rows(SEQ_OP, "logits", &logits)?;
-    validate_seq(z, t, e, seq_len, padding_mask, cfg)?;
-    let mut grad = Array2::from_elem((t, e), T::from_f32(0.0));
-    let out = grad.as_slice_mut().ok_or(Error::Layout {
-        op: SEQ_OP,
-        arg: "grad_logits",
-    })?;
-    seq_aux_loss_backward_into(z, t, e, seq_len, padding_mask, counts, cfg, grad_loss, out)?;
-    Ok(grad)
+    let x = RouterLogits::new(z, t, e).padding_mask(padding_mask);
+    validate_aux_loss(x.lens(), Some(seq_len), None, cfg)?;
+    logits_grad(SEQ_OP, (t, e), |out| {
+        seq_aux_loss_backward_into(x, seq_len, counts, cfg, grad_loss, out)
+    })
 }

@@ -12,11 +12,12 @@ use crate::ops::check_len;
 
 const OP: &str = "update_expert_bias";
 
-/// The single validation of [`update_expert_bias`]: `bias` non-empty, `counts` of
-/// the same length and `>= 0`, `rate` finite.
+/// The single validation of [`update_expert_bias`] (every backend): `bias`
+/// non-empty, `counts` of the same length, `rate` finite. The values of `counts`
+/// (`>= 0`) are checked where the host can read them ([`update_expert_bias`]).
 pub(crate) fn validate_update_expert_bias(
     bias_len: usize,
-    counts: &[i64],
+    counts_len: usize,
     rate: f32,
 ) -> Result<()> {
     if bias_len == 0 {
@@ -30,7 +31,7 @@ pub(crate) fn validate_update_expert_bias(
     check_len(
         OP,
         "counts",
-        counts.len(),
+        counts_len,
         bias_len,
         format_args!("[num_experts] = [{bias_len}] (the length of `bias`)"),
     )?;
@@ -40,14 +41,6 @@ pub(crate) fn validate_update_expert_bias(
             "rate",
             rate,
             "the bias update rate must be finite",
-        ));
-    }
-    if let Some((e, &c)) = counts.iter().enumerate().find(|(_, &c)| c < 0) {
-        return Err(Error::invalid(
-            OP,
-            "counts",
-            format_args!("{c} at expert {e}"),
-            "token counts must be >= 0",
         ));
     }
     Ok(())
@@ -77,7 +70,15 @@ pub(crate) fn validate_update_expert_bias(
 /// assert_eq!(bias, [0.001, 0.0, -0.001, 0.5]);
 /// ```
 pub fn update_expert_bias(bias: &mut [f32], counts: &[i64], rate: f32) -> Result<()> {
-    validate_update_expert_bias(bias.len(), counts, rate)?;
+    validate_update_expert_bias(bias.len(), counts.len(), rate)?;
+    if let Some((e, &c)) = counts.iter().enumerate().find(|(_, &c)| c < 0) {
+        return Err(Error::invalid(
+            OP,
+            "counts",
+            format_args!("{c} at expert {e}"),
+            "token counts must be >= 0",
+        ));
+    }
     cpu::bias_update::update_expert_bias(bias, counts, rate);
     Ok(())
 }

@@ -3,7 +3,9 @@
 
 use crate::cpu::CHUNK;
 use crate::error::{Error, Result};
-use crate::ops::{as_rows, check_indices, check_len, checked_i32_product, MAX_I32_INDEX};
+use crate::ops::{
+    as_rows, check_indices, check_len, checked_i32_product, lens_struct, MAX_I32_INDEX,
+};
 use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
 
@@ -63,7 +65,7 @@ pub enum DispatchLayout {
 pub struct DispatchConfig {
     /// Number of experts `E`, `>= 1`.
     pub num_experts: usize,
-    /// Assignments each expert may keep (see [`crate::capacity`]); `None` keeps all.
+    /// Assignments each expert may keep (see [`crate::capacity()`]); `None` keeps all.
     pub capacity: Option<usize>,
     /// Which assignments are kept when an expert is over capacity; `None` (the
     /// default) is [`DropPolicy::Position`] (see [`DispatchConfig::effective_drop_policy`]).
@@ -275,71 +277,95 @@ pub fn dispatch_into(
     cfg: &DispatchConfig,
     out: DispatchBuffers<'_>,
 ) -> Result<DispatchCounts> {
-    let max_rows = validate_inputs(indices, weights.len(), num_tokens, topk, cfg)?;
+    validate_dispatch(
+        num_tokens,
+        topk,
+        cfg,
+        &dispatch_lens!(indices, weights, out),
+    )?;
+    check_index_values(indices, num_tokens, topk, cfg.num_experts)?;
+    Ok(crate::cpu::dispatch::dispatch(
+        indices, weights, num_tokens, topk, cfg, out,
+    ))
+}
+
+lens_struct!(
+    /// Element counts of the buffers of a dispatch (every backend; the CUDA backend's
+    /// `counts` and workspace come on top).
+    DispatchLens: indices weights slot row kept_weights tokens_per_expert row_to_token expert_offsets rows_per_rank
+);
+
+/// The [`DispatchLens`] of `indices`, `weights` and the outputs in `out` (a struct with
+/// the fields of [`DispatchBuffers`]: host slices or device views).
+macro_rules! dispatch_lens {
+    ($indices:expr, $weights:expr, $out:expr) => {
+        $crate::ops::lens_of!($crate::ops::dispatch::DispatchLens { indices: $indices, weights: $weights }; $out => slot row kept_weights tokens_per_expert row_to_token expert_offsets rows_per_rank)
+    };
+}
+pub(crate) use dispatch_lens;
+
+/// The single validation of [`dispatch`] (every backend): the config, the sizes and
+/// every buffer's length; returns [`dispatch_max_rows`]. The values of `indices` are
+/// checked where the host can read them ([`dispatch_into`]).
+pub(crate) fn validate_dispatch(
+    num_tokens: usize,
+    topk: usize,
+    cfg: &DispatchConfig,
+    lens: &DispatchLens,
+) -> Result<usize> {
+    let max_rows = cfg.validate(num_tokens, topk)?;
     let e = cfg.num_experts;
     let n = num_tokens * topk; // fits i32: checked by validate
     let tk = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
-    check_len(OP, "slot", out.slot.len(), n, &tk)?;
-    check_len(OP, "row", out.row.len(), n, &tk)?;
-    check_len(OP, "kept_weights", out.kept_weights.len(), n, &tk)?;
+    check_len(OP, "indices", lens.indices, n, &tk)?;
+    check_len(OP, "weights", lens.weights, n, &tk)?;
+    check_len(OP, "slot", lens.slot, n, &tk)?;
+    check_len(OP, "row", lens.row, n, &tk)?;
+    check_len(OP, "kept_weights", lens.kept_weights, n, &tk)?;
     check_len(
         OP,
         "tokens_per_expert",
-        out.tokens_per_expert.len(),
+        lens.tokens_per_expert,
         e,
         format_args!("[num_experts] = [{e}]"),
     )?;
     check_len(
         OP,
         "row_to_token",
-        out.row_to_token.len(),
+        lens.row_to_token,
         max_rows,
         format_args!("[max_rows] = [{max_rows}]"),
     )?;
     check_len(
         OP,
         "expert_offsets",
-        out.expert_offsets.len(),
+        lens.expert_offsets,
         e + 1,
         format_args!("[num_experts + 1] = [{}]", e + 1),
     )?;
     check_len(
         OP,
         "rows_per_rank",
-        out.rows_per_rank.len(),
+        lens.rows_per_rank,
         cfg.ep_size,
         format_args!("[ep_size] = [{}]", cfg.ep_size),
     )?;
-    Ok(crate::cpu::dispatch::dispatch(
-        indices, weights, num_tokens, topk, cfg, out,
-    ))
+    Ok(max_rows)
 }
 
-/// Every check of [`dispatch`] that does not involve an output buffer (the config,
-/// the sizes, `indices` and the length of `weights`), so that the allocating form
-/// runs them all before it allocates anything; returns [`dispatch_max_rows`].
-fn validate_inputs(
+/// The host-side check of `indices [num_tokens, topk]` (length checked): each entry
+/// in `[0, num_experts)` or `-1`, routed entries distinct within a token.
+fn check_index_values(
     indices: &[i32],
-    weights_len: usize,
     num_tokens: usize,
     topk: usize,
-    cfg: &DispatchConfig,
-) -> Result<usize> {
-    let max_rows = cfg.validate(num_tokens, topk)?;
-    let e = cfg.num_experts;
-    let n = num_tokens * topk; // fits i32: checked by validate
-    if indices.len() != n || !indices_valid(indices, topk, e) {
+    num_experts: usize,
+) -> Result<()> {
+    if !indices_valid(indices, topk, num_experts) {
         // The serial check finds the first bad entry and words the error.
-        check_indices(OP, "indices", indices, num_tokens, topk, e, true)?;
+        check_indices(OP, "indices", indices, num_tokens, topk, num_experts, true)?;
     }
-    check_len(
-        OP,
-        "weights",
-        weights_len,
-        n,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {topk}]"),
-    )?;
-    Ok(max_rows)
+    Ok(())
 }
 
 /// Parallel fast path of `check_indices(.., allow_unrouted = true)` for valid input:
@@ -440,8 +466,21 @@ pub fn dispatch(
     let w = as_rows(OP, "weights", &weights)?;
     // Everything is checked before the outputs (`row_to_token` may be E * capacity
     // long) are allocated: a bad index must not cost a large allocation first.
-    let max_rows = validate_inputs(idx, w.len(), num_tokens, topk, cfg)?;
-    let e = cfg.num_experts;
+    let max_rows = cfg.validate(num_tokens, topk)?;
+    let (e, n) = (cfg.num_experts, num_tokens * topk);
+    let lens = DispatchLens {
+        indices: idx.len(),
+        weights: w.len(),
+        slot: n,
+        row: n,
+        kept_weights: n,
+        tokens_per_expert: e,
+        row_to_token: max_rows,
+        expert_offsets: e + 1,
+        rows_per_rank: cfg.ep_size,
+    };
+    validate_dispatch(num_tokens, topk, cfg, &lens)?;
+    check_index_values(idx, num_tokens, topk, e)?;
     let mut slot = Array2::<i32>::zeros((num_tokens, topk));
     let mut row = Array2::<i32>::zeros((num_tokens, topk));
     let mut kept_weights = Array2::<f32>::zeros((num_tokens, topk));
@@ -449,7 +488,7 @@ pub fn dispatch(
     let mut row_to_token = vec![0i32; max_rows];
     let mut expert_offsets = Array1::<i32>::zeros(e + 1);
     let mut rows_per_rank = Array1::<i32>::zeros(cfg.ep_size);
-    let counts = dispatch_into(
+    let counts = crate::cpu::dispatch::dispatch(
         idx,
         w,
         num_tokens,
@@ -464,7 +503,7 @@ pub fn dispatch(
             expert_offsets: slice_mut(&mut expert_offsets),
             rows_per_rank: slice_mut(&mut rows_per_rank),
         },
-    )?;
+    );
     row_to_token.truncate(counts.num_rows);
     Ok(DispatchOutput {
         slot,

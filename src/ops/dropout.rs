@@ -2,7 +2,7 @@
 
 use crate::cpu;
 use crate::error::{Error, Result};
-use crate::ops::{as_rows, check_indices, check_len, checked_i32_product};
+use crate::ops::{as_rows, check_indices, check_len, check_topk, checked_i32_product, lens_struct};
 use ndarray::{Array2, ArrayView2};
 
 /// Rate and random stream of a dropout-like op (expert masking, assignment dropout).
@@ -43,27 +43,6 @@ impl DropoutConfig {
 const OP_MASK: &str = "expert_mask";
 const OP_DROP: &str = "assignment_dropout";
 const OP_DROP_BWD: &str = "assignment_dropout_backward";
-
-/// `num_experts > 0` and `1 <= topk <= num_experts`.
-fn check_topk(op: &'static str, num_experts: usize, topk: usize) -> Result<()> {
-    if num_experts == 0 {
-        return Err(Error::invalid(
-            op,
-            "num_experts",
-            0,
-            "num_experts must be at least 1",
-        ));
-    }
-    if topk == 0 || topk > num_experts {
-        return Err(Error::invalid(
-            op,
-            "topk",
-            topk,
-            format!("topk must be in [1, num_experts] = [1, {num_experts}]"),
-        ));
-    }
-    Ok(())
-}
 
 /// The single validation of [`expert_mask_into`] (every backend): sizes, `topk`,
 /// the rate and the output length.
@@ -176,6 +155,33 @@ pub fn expert_mask(
     })
 }
 
+/// Routed assignments `[num_tokens, topk]` (row-major): expert `indices` (`-1` = not
+/// routed) and their `weights`; the input of [`assignment_dropout_into`] and
+/// [`assignment_dropout_backward_into`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Assignments<'a> {
+    /// `[num_tokens, topk]` expert indices, `-1` where not routed.
+    pub indices: &'a [i32],
+    /// `[num_tokens, topk]` routing weights.
+    pub weights: &'a [f32],
+    /// Tokens (rows).
+    pub num_tokens: usize,
+    /// Assignments per token (columns).
+    pub topk: usize,
+}
+
+impl<'a> Assignments<'a> {
+    /// `indices` and `weights`, both `[num_tokens, topk]`.
+    pub fn new(indices: &'a [i32], weights: &'a [f32], num_tokens: usize, topk: usize) -> Self {
+        Assignments {
+            indices,
+            weights,
+            num_tokens,
+            topk,
+        }
+    }
+}
+
 /// Caller-owned outputs of [`assignment_dropout_into`], each `[num_tokens, topk]`
 /// row-major.
 #[derive(Debug)]
@@ -202,42 +208,53 @@ pub struct AssignmentDropoutOutput {
     pub dropped: usize,
 }
 
-/// The single validation of [`assignment_dropout_into`]: sizes, `topk`, rate,
-/// input lengths and indices (in range or `-1`, distinct per token), output lengths.
-#[allow(clippy::too_many_arguments)]
+lens_struct!(
+    /// Element counts of the buffers of an assignment-dropout forward (every backend).
+    AssignmentDropoutLens: indices weights out_indices out_weights keep
+);
+
+/// The [`AssignmentDropoutLens`] of `input` (the fields of [`Assignments`]) and `out`
+/// (those of [`AssignmentDropoutBuffers`]), host slices or device views.
+macro_rules! assignment_dropout_lens {
+    ($input:expr, $out:expr) => {
+        $crate::ops::lens_of!($crate::ops::dropout::AssignmentDropoutLens {
+            indices: $input.indices,
+            weights: $input.weights,
+            out_indices: $out.indices,
+            out_weights: $out.weights,
+            keep: $out.keep
+        })
+    };
+}
+pub(crate) use assignment_dropout_lens;
+
+/// The single validation of assignment dropout (every backend): sizes, `topk`, the
+/// rate, and every buffer `[num_tokens, topk]`. The values of `indices` (in range
+/// or `-1`, distinct per token) are checked where the host can read them
+/// ([`assignment_dropout_into`]).
 pub(crate) fn validate_assignment_dropout(
-    indices: &[i32],
-    weights_len: usize,
     num_tokens: usize,
     topk: usize,
     num_experts: usize,
     cfg: &DropoutConfig,
-    out_lens: [usize; 3],
+    lens: AssignmentDropoutLens,
 ) -> Result<()> {
     check_topk(OP_DROP, num_experts, topk)?;
     cfg.validate(OP_DROP, "rate")?;
     let n = checked_i32_product(OP_DROP, "num_tokens * topk", num_tokens, topk)?;
-    let shape = || format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
-    check_indices(
-        OP_DROP,
-        "indices",
-        indices,
-        num_tokens,
-        topk,
-        num_experts,
-        true,
-    )?;
-    check_len(OP_DROP, "weights", weights_len, n, shape())?;
-    check_len(OP_DROP, "out.indices", out_lens[0], n, shape())?;
-    check_len(OP_DROP, "out.weights", out_lens[1], n, shape())?;
-    check_len(OP_DROP, "out.keep", out_lens[2], n, shape())
+    let shape = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
+    check_len(OP_DROP, "indices", lens.indices, n, &shape)?;
+    check_len(OP_DROP, "weights", lens.weights, n, &shape)?;
+    check_len(OP_DROP, "out.indices", lens.out_indices, n, &shape)?;
+    check_len(OP_DROP, "out.weights", lens.out_weights, n, &shape)?;
+    check_len(OP_DROP, "out.keep", lens.keep, n, &shape)
 }
 
 /// Assignment dropout (NLLB's expert output masking) after gating, into
 /// caller-owned buffers; returns the number of routed assignments dropped.
 ///
-/// Inputs `indices` and `weights` are `[num_tokens, topk]` row-major; an index of
-/// `-1` marks an assignment that is already unrouted. Routed assignment `(t, j)` is
+/// Inputs `indices` and `weights` ([`Assignments`]) are `[num_tokens, topk]`
+/// row-major; an index of `-1` marks an assignment that is already unrouted. Routed assignment `(t, j)` is
 /// dropped when `uniform(seed, offset, AssignmentDropout, t * topk + j) < rate`: its
 /// output index becomes `-1` (it takes no capacity downstream), its weight `0` and
 /// `keep` `false`. Unrouted entries stay `-1` with weight `0` and `keep = false` and
@@ -256,37 +273,30 @@ pub(crate) fn validate_assignment_dropout(
 /// outside `[0, num_experts)` other than `-1` or an expert twice within a token;
 /// [`Error::Overflow`] if `num_tokens * topk` exceeds `i32::MAX`; [`Error::Shape`]
 /// if any input or output slice is not `num_tokens * topk` long.
-#[allow(clippy::too_many_arguments)]
 pub fn assignment_dropout_into(
-    indices: &[i32],
-    weights: &[f32],
-    num_tokens: usize,
-    topk: usize,
+    input: Assignments<'_>,
     num_experts: usize,
     cfg: &DropoutConfig,
     renormalize: bool,
     out: AssignmentDropoutBuffers<'_>,
 ) -> Result<usize> {
-    let lens = [out.indices.len(), out.weights.len(), out.keep.len()];
-    validate_assignment_dropout(
-        indices,
-        weights.len(),
+    let (num_tokens, topk) = (input.num_tokens, input.topk);
+    let lens = assignment_dropout_lens!(input, out);
+    validate_assignment_dropout(num_tokens, topk, num_experts, cfg, lens)?;
+    check_indices(
+        OP_DROP,
+        "indices",
+        input.indices,
         num_tokens,
         topk,
         num_experts,
-        cfg,
-        lens,
+        true,
     )?;
     Ok(cpu::dropout::assignment_dropout(
-        indices,
-        weights,
-        num_tokens,
-        topk,
+        &input,
         cfg,
         renormalize,
-        out.indices,
-        out.weights,
-        out.keep,
+        out,
     ))
 }
 
@@ -338,21 +348,30 @@ pub fn assignment_dropout(
     }
     let idx = as_rows(OP_DROP, "indices", &indices)?;
     let w = as_rows(OP_DROP, "weights", &weights)?;
+    let input = Assignments::new(idx, w, num_tokens, topk);
     let n = idx.len();
-    validate_assignment_dropout(idx, w.len(), num_tokens, topk, num_experts, cfg, [n; 3])?;
+    let lens = AssignmentDropoutLens {
+        indices: n,
+        weights: w.len(),
+        out_indices: n,
+        out_weights: n,
+        keep: n,
+    };
+    // Every check before the outputs are allocated.
+    validate_assignment_dropout(num_tokens, topk, num_experts, cfg, lens)?;
+    check_indices(OP_DROP, "indices", idx, num_tokens, topk, num_experts, true)?;
     let mut oi = vec![-1i32; n];
     let mut ow = vec![0.0f32; n];
     let mut ok = vec![false; n];
     let dropped = cpu::dropout::assignment_dropout(
-        idx,
-        w,
-        num_tokens,
-        topk,
+        &input,
         cfg,
         renormalize,
-        &mut oi,
-        &mut ow,
-        &mut ok,
+        AssignmentDropoutBuffers {
+            indices: &mut oi,
+            weights: &mut ow,
+            keep: &mut ok,
+        },
     );
     let shape_err = |e: ndarray::ShapeError| {
         Error::shape(
@@ -370,16 +389,34 @@ pub fn assignment_dropout(
     })
 }
 
-/// The single validation of [`assignment_dropout_backward_into`].
-#[allow(clippy::too_many_arguments)]
+lens_struct!(
+    /// Element counts of the buffers of an assignment-dropout backward (every backend).
+    AssignmentDropoutBackwardLens: indices weights keep grad_out grad_weights
+);
+
+/// The [`AssignmentDropoutBackwardLens`] of `input` (the fields of [`Assignments`]) and
+/// the other buffers of the backward, host slices or device views.
+macro_rules! assignment_dropout_backward_lens {
+    ($input:expr, $keep:expr, $grad_out:expr, $grad_weights:expr) => {
+        $crate::ops::lens_of!($crate::ops::dropout::AssignmentDropoutBackwardLens {
+            indices: $input.indices,
+            weights: $input.weights,
+            keep: $keep,
+            grad_out: $grad_out,
+            grad_weights: $grad_weights
+        })
+    };
+}
+pub(crate) use assignment_dropout_backward_lens;
+
+/// The single validation of the assignment-dropout backward (every backend): `topk`,
+/// the size, and every buffer `[num_tokens, topk]`. The values of `indices` and
+/// `keep` are checked where the host can read them
+/// ([`assignment_dropout_backward_into`]).
 pub(crate) fn validate_assignment_dropout_backward(
-    indices: &[i32],
-    weights_len: usize,
-    keep: &[bool],
     num_tokens: usize,
     topk: usize,
-    grad_out_len: usize,
-    grad_weights_len: usize,
+    lens: AssignmentDropoutBackwardLens,
 ) -> Result<()> {
     if topk == 0 {
         return Err(Error::invalid(
@@ -390,12 +427,17 @@ pub(crate) fn validate_assignment_dropout_backward(
         ));
     }
     let n = checked_i32_product(OP_DROP_BWD, "num_tokens * topk", num_tokens, topk)?;
-    let shape = || format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
-    check_len(OP_DROP_BWD, "indices", indices.len(), n, shape())?;
-    check_len(OP_DROP_BWD, "weights", weights_len, n, shape())?;
-    check_len(OP_DROP_BWD, "keep", keep.len(), n, shape())?;
-    check_len(OP_DROP_BWD, "grad_out", grad_out_len, n, shape())?;
-    check_len(OP_DROP_BWD, "grad_weights", grad_weights_len, n, shape())?;
+    let shape = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
+    check_len(OP_DROP_BWD, "indices", lens.indices, n, &shape)?;
+    check_len(OP_DROP_BWD, "weights", lens.weights, n, &shape)?;
+    check_len(OP_DROP_BWD, "keep", lens.keep, n, &shape)?;
+    check_len(OP_DROP_BWD, "grad_out", lens.grad_out, n, &shape)?;
+    check_len(OP_DROP_BWD, "grad_weights", lens.grad_weights, n, &shape)
+}
+
+/// The host-side value checks of the backward: indices `>= -1`, `keep` only where
+/// routed.
+fn check_backward_values(indices: &[i32], keep: &[bool], topk: usize) -> Result<()> {
     for (i, (&e, &k)) in indices.iter().zip(keep).enumerate() {
         if e < -1 {
             return Err(Error::invalid(
@@ -421,8 +463,8 @@ pub(crate) fn validate_assignment_dropout_backward(
 /// gradient with respect to the input weights) from `grad_out [num_tokens, topk]`
 /// (with respect to the output weights).
 ///
-/// Takes the forward's *input* `indices` and `weights` and its `keep` mask (so the
-/// generator is not replayed). The Jacobian is exact:
+/// Takes the forward's *input* `indices` and `weights` ([`Assignments`]) and its
+/// `keep` mask (so the generator is not replayed). The Jacobian is exact:
 /// - without `renormalize`, or for a token that lost nothing: `∂L/∂w_m = keep_m · g_m`;
 /// - with `renormalize`, for a token that lost something, with `S`, `S_keep` as in
 ///   the forward, `D = S_keep + 1e-20`, `r = S / D` and `c = Σ_j keep_j g_j w_j / D`:
@@ -436,36 +478,17 @@ pub(crate) fn validate_assignment_dropout_backward(
 /// [`Error::InvalidArgument`] if `topk == 0`, an index is below `-1`, or `keep` is
 /// `true` where the index is `-1`; [`Error::Overflow`] if `num_tokens * topk`
 /// exceeds `i32::MAX`; [`Error::Shape`] if any slice is not `num_tokens * topk` long.
-#[allow(clippy::too_many_arguments)]
 pub fn assignment_dropout_backward_into(
-    indices: &[i32],
-    weights: &[f32],
+    input: Assignments<'_>,
     keep: &[bool],
-    num_tokens: usize,
-    topk: usize,
     renormalize: bool,
     grad_out: &[f32],
     grad_weights: &mut [f32],
 ) -> Result<()> {
-    validate_assignment_dropout_backward(
-        indices,
-        weights.len(),
-        keep,
-        num_tokens,
-        topk,
-        grad_out.len(),
-        grad_weights.len(),
-    )?;
-    cpu::dropout::assignment_dropout_backward(
-        indices,
-        weights,
-        keep,
-        num_tokens,
-        topk,
-        renormalize,
-        grad_out,
-        grad_weights,
-    );
+    let lens = assignment_dropout_backward_lens!(input, keep, grad_out, grad_weights);
+    validate_assignment_dropout_backward(input.num_tokens, input.topk, lens)?;
+    check_backward_values(input.indices, keep, input.topk)?;
+    cpu::dropout::assignment_dropout_backward(&input, keep, renormalize, grad_out, grad_weights);
     Ok(())
 }
 
@@ -504,18 +527,9 @@ pub fn assignment_dropout_backward(
     let kp = as_rows(OP_DROP_BWD, "keep", &keep)?;
     let g = as_rows(OP_DROP_BWD, "grad_out", &grad_out)?;
     let n = idx.len();
-    validate_assignment_dropout_backward(idx, w.len(), kp, num_tokens, topk, g.len(), n)?;
+    let input = Assignments::new(idx, w, num_tokens, topk);
     let mut gw = vec![0.0f32; n];
-    cpu::dropout::assignment_dropout_backward(
-        idx,
-        w,
-        kp,
-        num_tokens,
-        topk,
-        renormalize,
-        g,
-        &mut gw,
-    );
+    assignment_dropout_backward_into(input, kp, renormalize, g, &mut gw)?;
     Array2::from_shape_vec(dim, gw).map_err(|e| {
         Error::shape(
             OP_DROP_BWD,

@@ -3,7 +3,7 @@
 
 use crate::dtype::RouterFloat;
 use crate::error::{Error, Result};
-use crate::ops::{as_rows, check_len, checked_i32_product, MAX_I32_INDEX};
+use crate::ops::{as_rows, check_len, checked_i32_product, lens_struct, MAX_I32_INDEX};
 use ndarray::{Array1, Array2, ArrayView2};
 
 const OP: &str = "expert_choice";
@@ -49,7 +49,7 @@ pub struct ExpertChoiceBuffers<'a> {
 
 /// Sizes shared by forward and backward: `E >= 1`, `T <= i32::MAX`, `T * E` fits
 /// `usize`; returns `T * E`.
-pub(crate) fn validate_sizes(num_tokens: usize, num_experts: usize) -> Result<usize> {
+fn validate_sizes(num_tokens: usize, num_experts: usize) -> Result<usize> {
     if num_experts == 0 || num_experts > MAX_I32_INDEX {
         return Err(Error::invalid(
             OP,
@@ -72,6 +72,91 @@ pub(crate) fn validate_sizes(num_tokens: usize, num_experts: usize) -> Result<us
         value: num_tokens as u128 * num_experts as u128,
         max: i64::MAX,
     })
+}
+
+lens_struct!(
+    /// Element counts of the buffers of an expert-choice forward (every backend).
+    ExpertChoiceLens: logits weights row row_to_token row_weights tokens_per_expert expert_offsets
+);
+
+/// The [`ExpertChoiceLens`] of `logits` and the outputs in `out` (a struct with the
+/// fields of [`ExpertChoiceBuffers`]: host slices or device views).
+macro_rules! expert_choice_lens {
+    ($logits:expr, $out:expr) => {
+        $crate::ops::lens_of!($crate::ops::expert_choice::ExpertChoiceLens { logits: $logits }; $out => weights row row_to_token row_weights tokens_per_expert expert_offsets)
+    };
+}
+pub(crate) use expert_choice_lens;
+
+/// The single validation of the expert-choice forward (every backend): the sizes and
+/// every buffer's length. Returns `(T * E, E * capacity)`.
+pub(crate) fn validate_expert_choice(
+    num_tokens: usize,
+    num_experts: usize,
+    capacity: usize,
+    lens: ExpertChoiceLens,
+) -> Result<(usize, usize)> {
+    let te = validate_sizes(num_tokens, num_experts)?;
+    let rows = checked_i32_product(OP, "num_experts * capacity", num_experts, capacity)?;
+    let shape = format!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]");
+    check_len(OP, "logits", lens.logits, te, &shape)?;
+    check_len(OP, "weights", lens.weights, te, &shape)?;
+    check_len(OP, "row", lens.row, te, &shape)?;
+    let rshape = format!("[num_experts * capacity] = [{rows}]");
+    check_len(OP, "row_to_token", lens.row_to_token, rows, &rshape)?;
+    check_len(OP, "row_weights", lens.row_weights, rows, &rshape)?;
+    check_len(
+        OP,
+        "tokens_per_expert",
+        lens.tokens_per_expert,
+        num_experts,
+        format_args!("[num_experts] = [{num_experts}]"),
+    )?;
+    check_len(
+        OP,
+        "expert_offsets",
+        lens.expert_offsets,
+        num_experts + 1,
+        format_args!("[num_experts + 1] = [{}]", num_experts + 1),
+    )?;
+    Ok((te, rows))
+}
+
+lens_struct!(
+    /// Element counts of the buffers of an expert-choice backward (every backend).
+    ExpertChoiceBackwardLens: logits row grad_weights grad_logits
+);
+
+/// The [`ExpertChoiceBackwardLens`] of the backward's buffers (host slices or device
+/// views).
+macro_rules! expert_choice_backward_lens {
+    ($logits:expr, $row:expr, $grad_weights:expr, $grad_logits:expr) => {
+        $crate::ops::lens_of!($crate::ops::expert_choice::ExpertChoiceBackwardLens {
+            logits: $logits,
+            row: $row,
+            grad_weights: $grad_weights,
+            grad_logits: $grad_logits
+        })
+    };
+}
+pub(crate) use expert_choice_backward_lens;
+
+/// The single validation of the expert-choice backward (every backend): the sizes
+/// and every buffer `[num_tokens, num_experts]`; returns `T * E`. The values of
+/// `row` (`>= -1`) are checked where the host can read them
+/// ([`expert_choice_backward_into`]).
+pub(crate) fn validate_expert_choice_backward(
+    num_tokens: usize,
+    num_experts: usize,
+    lens: ExpertChoiceBackwardLens,
+) -> Result<usize> {
+    let te = validate_sizes(num_tokens, num_experts)?;
+    let shape = format!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]");
+    check_len(OP, "logits", lens.logits, te, &shape)?;
+    check_len(OP, "row", lens.row, te, &shape)?;
+    check_len(OP, "grad_weights", lens.grad_weights, te, &shape)?;
+    check_len(OP, "grad_logits", lens.grad_logits, te, &shape)?;
+    Ok(te)
 }
 
 /// The number of rows `num_experts * capacity` of [`expert_choice`]'s row buffers
@@ -118,29 +203,8 @@ pub fn expert_choice_into<T: RouterFloat>(
     capacity: usize,
     out: ExpertChoiceBuffers<'_>,
 ) -> Result<()> {
-    let te = validate_sizes(num_tokens, num_experts)?;
-    let rows = expert_choice_num_rows(num_tokens, num_experts, capacity)?;
-    let shape = format!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]");
-    check_len(OP, "logits", logits.len(), te, &shape)?;
-    check_len(OP, "weights", out.weights.len(), te, &shape)?;
-    check_len(OP, "row", out.row.len(), te, &shape)?;
-    let rshape = format!("[num_experts * capacity] = [{rows}]");
-    check_len(OP, "row_to_token", out.row_to_token.len(), rows, &rshape)?;
-    check_len(OP, "row_weights", out.row_weights.len(), rows, &rshape)?;
-    check_len(
-        OP,
-        "tokens_per_expert",
-        out.tokens_per_expert.len(),
-        num_experts,
-        format_args!("[num_experts] = [{num_experts}]"),
-    )?;
-    check_len(
-        OP,
-        "expert_offsets",
-        out.expert_offsets.len(),
-        num_experts + 1,
-        format_args!("[num_experts + 1] = [{}]", num_experts + 1),
-    )?;
+    let lens = expert_choice_lens!(logits, out);
+    validate_expert_choice(num_tokens, num_experts, capacity, lens)?;
     crate::cpu::expert_choice::expert_choice(logits, num_tokens, num_experts, capacity, out);
     Ok(())
 }
@@ -227,12 +291,8 @@ pub fn expert_choice_backward_into<T: RouterFloat>(
     grad_weights: &[f32],
     grad_logits: &mut [T],
 ) -> Result<()> {
-    let te = validate_sizes(num_tokens, num_experts)?;
-    let shape = format!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]");
-    check_len(OP, "logits", logits.len(), te, &shape)?;
-    check_len(OP, "row", row.len(), te, &shape)?;
-    check_len(OP, "grad_weights", grad_weights.len(), te, &shape)?;
-    check_len(OP, "grad_logits", grad_logits.len(), te, &shape)?;
+    let lens = expert_choice_backward_lens!(logits, row, grad_weights, grad_logits);
+    validate_expert_choice_backward(num_tokens, num_experts, lens)?;
     if let Some((i, &r)) = row.iter().enumerate().find(|(_, &r)| r < -1) {
         return Err(Error::invalid(
             OP,

@@ -33,7 +33,7 @@
 use crate::cpu;
 use crate::dtype::RouterFloat;
 use crate::error::{Error, Result};
-use crate::ops::{as_rows, as_vec, checked_i32_product};
+use crate::ops::{as_rows, as_vec, check_len, checked_i32_product};
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
 const OP_PERMUTE: &str = "permute";
@@ -128,153 +128,120 @@ fn check_row_entries(op: &'static str, row: &[i32], k: usize, num_rows: usize) -
     Ok(())
 }
 
-/// Validate the arguments of [`permute_into`]: the single source of its errors for
-/// every backend.
+/// The sizes of a permute-family call: token order `[num_tokens, hidden]`, the
+/// expert-major buffer `[num_rows, hidden]`, and `row [num_tokens, k]` (see the
+/// [module docs](self)).
 ///
-/// # Errors
-/// [`Error::Shape`] if `x_len != num_tokens * hidden` or
-/// `out_len != row_to_token.len() * hidden`; [`Error::Overflow`] if
-/// `row_to_token.len()` exceeds `i32::MAX`; [`Error::InvalidArgument`] if an entry of
-/// `row_to_token` is outside `[-1, num_tokens)`.
-pub fn validate_permute(
-    num_tokens: usize,
-    hidden: usize,
-    x_len: usize,
-    row_to_token: &[i32],
-    out_len: usize,
+/// ```
+/// use moe_router::{unpermute_into, PermuteSizes};
+///
+/// let sizes = PermuteSizes { num_tokens: 2, num_rows: 3, hidden: 1, k: 2 };
+/// let y = [1.0f32, 10.0, 100.0];
+/// let mut out = [0.0f32; 2];
+/// unpermute_into(sizes, &y, &[2, 0, -1, 1], &[1.0, 0.5, 1.0, 2.0], &mut out).unwrap();
+/// assert_eq!(out, [100.5, 20.0]);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PermuteSizes {
+    /// Tokens (rows of `x`, `grad_x`, `out`, `grad_out`, `row`).
+    pub num_tokens: usize,
+    /// Rows of the expert-major buffer (`buf`, `y`, `grad_buf`, `grad_y`,
+    /// `row_to_token`).
+    pub num_rows: usize,
+    /// Hidden size (columns of the hidden states).
+    pub hidden: usize,
+    /// Assignments per token (columns of `row`, `weights`, `grad_weights`); unused by
+    /// the permute forward.
+    pub k: usize,
+}
+
+/// The size checks every function indexed by `row [num_tokens, k]` shares.
+fn check_row_sizes(op: &'static str, s: &PermuteSizes, row_len: usize) -> Result<()> {
+    checked_i32_product(op, "num_rows", s.num_rows, 1)?;
+    checked_i32_product(op, "num_tokens * k", s.num_tokens, s.k)?;
+    check_len2(op, "row", row_len, s.num_tokens, s.k, "num_tokens, k")
+}
+
+/// The single validation of the permute forward (every backend): `num_rows` fits the
+/// `i32` row index, `x [num_tokens, hidden]`, `row_to_token [num_rows]`,
+/// `out [num_rows, hidden]`. The entries of `row_to_token` are checked where the
+/// host can read them ([`permute_into`]).
+pub(crate) fn validate_permute(
+    s: &PermuteSizes,
+    x: usize,
+    row_to_token: usize,
+    out: usize,
 ) -> Result<()> {
     let op = OP_PERMUTE;
-    let num_rows = row_to_token.len();
-    checked_i32_product(op, "num_rows", num_rows, 1)?;
-    check_len2(op, "x", x_len, num_tokens, hidden, "num_tokens, hidden")?;
-    check_len2(op, "out", out_len, num_rows, hidden, "num_rows, hidden")?;
-    check_row_to_token(op, row_to_token, num_tokens)
+    checked_i32_product(op, "num_rows", s.num_rows, 1)?;
+    let r = s.num_rows;
+    check_len(
+        op,
+        "row_to_token",
+        row_to_token,
+        r,
+        format_args!("[num_rows] = [{r}]"),
+    )?;
+    check_len2(op, "x", x, s.num_tokens, s.hidden, "num_tokens, hidden")?;
+    check_len2(op, "out", out, s.num_rows, s.hidden, "num_rows, hidden")
 }
 
-/// Checks shared by the three functions indexed by `row [num_tokens, k]`.
-fn check_row(
-    op: &'static str,
-    row: &[i32],
-    num_tokens: usize,
-    k: usize,
-    num_rows: usize,
-) -> Result<()> {
-    checked_i32_product(op, "num_rows", num_rows, 1)?;
-    checked_i32_product(op, "num_tokens * k", num_tokens, k)?;
-    check_len2(op, "row", row.len(), num_tokens, k, "num_tokens, k")
-}
-
-/// Validate the arguments of [`permute_backward_into`].
-///
-/// # Errors
-/// [`Error::Overflow`] if `num_rows` or `num_tokens * k` exceeds `i32::MAX`;
-/// [`Error::Shape`] if a buffer length does not match its shape
-/// (`grad_buf [num_rows, hidden]`, `row [num_tokens, k]`, `grad_x [num_tokens, hidden]`);
-/// [`Error::InvalidArgument`] if an entry of `row` is outside `[-1, num_rows)` or a row
-/// appears twice.
-pub fn validate_permute_backward(
-    num_rows: usize,
-    hidden: usize,
-    grad_buf_len: usize,
-    row: &[i32],
-    num_tokens: usize,
-    k: usize,
-    grad_x_len: usize,
+/// The single validation of the permute backward (every backend): `num_rows` and
+/// `num_tokens * k` fit the `i32` row index, `grad_buf [num_rows, hidden]`,
+/// `row [num_tokens, k]`, `grad_x [num_tokens, hidden]`. The entries of `row` are
+/// checked where the host can read them ([`permute_backward_into`]).
+pub(crate) fn validate_permute_backward(
+    s: &PermuteSizes,
+    grad_buf: usize,
+    row: usize,
+    grad_x: usize,
 ) -> Result<()> {
     let op = OP_PERMUTE_BACKWARD;
-    check_row(op, row, num_tokens, k, num_rows)?;
-    check_len2(
-        op,
-        "grad_buf",
-        grad_buf_len,
-        num_rows,
-        hidden,
-        "num_rows, hidden",
-    )?;
-    check_len2(
-        op,
-        "grad_x",
-        grad_x_len,
-        num_tokens,
-        hidden,
-        "num_tokens, hidden",
-    )?;
-    check_row_entries(op, row, k, num_rows)
+    check_row_sizes(op, s, row)?;
+    let (r, t, h) = (s.num_rows, s.num_tokens, s.hidden);
+    check_len2(op, "grad_buf", grad_buf, r, h, "num_rows, hidden")?;
+    check_len2(op, "grad_x", grad_x, t, h, "num_tokens, hidden")
 }
 
-/// Validate the arguments of [`unpermute_into`].
-///
-/// # Errors
-/// As [`validate_permute_backward`] for `y [num_rows, hidden]`, `row [num_tokens, k]`,
-/// `out [num_tokens, hidden]`, plus [`Error::Shape`] if `weights` is not
-/// `[num_tokens, k]`.
-#[allow(clippy::too_many_arguments)]
-pub fn validate_unpermute(
-    num_rows: usize,
-    hidden: usize,
-    y_len: usize,
-    row: &[i32],
-    weights_len: usize,
-    num_tokens: usize,
-    k: usize,
-    out_len: usize,
+/// The single validation of unpermute (every backend): as
+/// [`validate_permute_backward`] for `y [num_rows, hidden]`, `row [num_tokens, k]`,
+/// `out [num_tokens, hidden]`, plus `weights [num_tokens, k]`.
+pub(crate) fn validate_unpermute(
+    s: &PermuteSizes,
+    y: usize,
+    row: usize,
+    weights: usize,
+    out: usize,
 ) -> Result<()> {
     let op = OP_UNPERMUTE;
-    check_row(op, row, num_tokens, k, num_rows)?;
-    check_len2(op, "y", y_len, num_rows, hidden, "num_rows, hidden")?;
-    check_len2(op, "weights", weights_len, num_tokens, k, "num_tokens, k")?;
-    check_len2(op, "out", out_len, num_tokens, hidden, "num_tokens, hidden")?;
-    check_row_entries(op, row, k, num_rows)
+    check_row_sizes(op, s, row)?;
+    let (r, t, h, k) = (s.num_rows, s.num_tokens, s.hidden, s.k);
+    check_len2(op, "y", y, r, h, "num_rows, hidden")?;
+    check_len2(op, "weights", weights, t, k, "num_tokens, k")?;
+    check_len2(op, "out", out, t, h, "num_tokens, hidden")
 }
 
-/// Validate the arguments of [`unpermute_backward_into`].
-///
-/// # Errors
-/// As [`validate_unpermute`] for `grad_out [num_tokens, hidden]`,
-/// `y [num_rows, hidden]`, `row`, `weights [num_tokens, k]`, `grad_y [num_rows, hidden]`
-/// and `grad_weights [num_tokens, k]`.
-#[allow(clippy::too_many_arguments)]
-pub fn validate_unpermute_backward(
-    grad_out_len: usize,
-    y_len: usize,
-    num_rows: usize,
-    hidden: usize,
-    row: &[i32],
-    weights_len: usize,
-    num_tokens: usize,
-    k: usize,
-    grad_y_len: usize,
-    grad_weights_len: usize,
+/// The single validation of the unpermute backward (every backend): as
+/// [`validate_unpermute`] for `grad_out [num_tokens, hidden]`, `y [num_rows, hidden]`,
+/// `row`, `weights [num_tokens, k]`, `grad_y [num_rows, hidden]` and
+/// `grad_weights [num_tokens, k]`.
+pub(crate) fn validate_unpermute_backward(
+    s: &PermuteSizes,
+    grad_out: usize,
+    y: usize,
+    row: usize,
+    weights: usize,
+    grad_y: usize,
+    grad_weights: usize,
 ) -> Result<()> {
     let op = OP_UNPERMUTE_BACKWARD;
-    check_row(op, row, num_tokens, k, num_rows)?;
-    check_len2(
-        op,
-        "grad_out",
-        grad_out_len,
-        num_tokens,
-        hidden,
-        "num_tokens, hidden",
-    )?;
-    check_len2(op, "y", y_len, num_rows, hidden, "num_rows, hidden")?;
-    check_len2(op, "weights", weights_len, num_tokens, k, "num_tokens, k")?;
-    check_len2(
-        op,
-        "grad_y",
-        grad_y_len,
-        num_rows,
-        hidden,
-        "num_rows, hidden",
-    )?;
-    check_len2(
-        op,
-        "grad_weights",
-        grad_weights_len,
-        num_tokens,
-        k,
-        "num_tokens, k",
-    )?;
-    check_row_entries(op, row, k, num_rows)
+    check_row_sizes(op, s, row)?;
+    let (r, t, h, k) = (s.num_rows, s.num_tokens, s.hidden, s.k);
+    check_len2(op, "grad_out", grad_out, t, h, "num_tokens, hidden")?;
+    check_len2(op, "y", y, r, h, "num_rows, hidden")?;
+    check_len2(op, "weights", weights, t, k, "num_tokens, k")?;
+    check_len2(op, "grad_y", grad_y, r, h, "num_rows, hidden")?;
+    check_len2(op, "grad_weights", grad_weights, t, k, "num_tokens, k")
 }
 
 /// The element count of an owned `[rows, cols]` output, or an error instead of
@@ -315,7 +282,10 @@ fn out_slice<'a, T>(
 /// bit for bit.
 ///
 /// # Errors
-/// See [`validate_permute`]; `out` is untouched on error.
+/// [`Error::Shape`] if `x.len() != num_tokens * hidden` or
+/// `out.len() != row_to_token.len() * hidden`; [`Error::Overflow`] if
+/// `row_to_token.len()` exceeds `i32::MAX`; [`Error::InvalidArgument`] if an entry of
+/// `row_to_token` is outside `[-1, num_tokens)`. `out` is untouched on error.
 pub fn permute_into<T: RouterFloat>(
     x: &[T],
     num_tokens: usize,
@@ -323,7 +293,15 @@ pub fn permute_into<T: RouterFloat>(
     row_to_token: &[i32],
     out: &mut [T],
 ) -> Result<()> {
-    validate_permute(num_tokens, hidden, x.len(), row_to_token, out.len())?;
+    let num_rows = row_to_token.len();
+    let s = PermuteSizes {
+        num_tokens,
+        num_rows,
+        hidden,
+        k: 0,
+    };
+    validate_permute(&s, x.len(), num_rows, out.len())?;
+    check_row_to_token(OP_PERMUTE, row_to_token, num_tokens)?;
     cpu::permute::permute(x, hidden, row_to_token, out);
     Ok(())
 }
@@ -357,13 +335,15 @@ pub fn permute<T: RouterFloat>(
     let (num_tokens, hidden) = x.dim();
     let xs = as_rows(op, "x", &x)?;
     let rtt = as_vec(op, "row_to_token", &row_to_token)?;
-    validate_permute(
+    let num_rows = rtt.len();
+    let s = PermuteSizes {
         num_tokens,
+        num_rows,
         hidden,
-        xs.len(),
-        rtt,
-        out_len(op, rtt.len(), hidden)?,
-    )?;
+        k: 0,
+    };
+    validate_permute(&s, xs.len(), num_rows, out_len(op, num_rows, hidden)?)?;
+    check_row_to_token(op, rtt, num_tokens)?;
     let mut out = alloc2(op, rtt.len(), hidden, T::default())?;
     cpu::permute::permute(xs, hidden, rtt, out_slice(op, "out", &mut out)?);
     Ok(out)
@@ -373,30 +353,23 @@ pub fn permute<T: RouterFloat>(
 /// `grad_x[t] = Σ_j grad_buf[row[t, j]]` over the `j` with `row[t, j] >= 0`, summed in
 /// `f32` in `j` order and rounded once; a token with no kept assignment gets zeros.
 ///
-/// Shapes: `grad_buf [num_rows, hidden]`, `row [num_tokens, k]`,
+/// Shapes ([`PermuteSizes`]): `grad_buf [num_rows, hidden]`, `row [num_tokens, k]`,
 /// `grad_x [num_tokens, hidden]`.
 ///
 /// # Errors
-/// See [`validate_permute_backward`]; `grad_x` is untouched on error.
+/// [`Error::Overflow`] if `num_rows` or `num_tokens * k` exceeds `i32::MAX`;
+/// [`Error::Shape`] if a buffer length does not match its shape;
+/// [`Error::InvalidArgument`] if an entry of `row` is outside `[-1, num_rows)` or a
+/// row appears twice. `grad_x` is untouched on error.
 pub fn permute_backward_into<T: RouterFloat>(
+    sizes: PermuteSizes,
     grad_buf: &[T],
-    num_rows: usize,
-    hidden: usize,
     row: &[i32],
-    num_tokens: usize,
-    k: usize,
     grad_x: &mut [T],
 ) -> Result<()> {
-    validate_permute_backward(
-        num_rows,
-        hidden,
-        grad_buf.len(),
-        row,
-        num_tokens,
-        k,
-        grad_x.len(),
-    )?;
-    cpu::permute::permute_backward(grad_buf, hidden, row, k, grad_x);
+    validate_permute_backward(&sizes, grad_buf.len(), row.len(), grad_x.len())?;
+    check_row_entries(OP_PERMUTE_BACKWARD, row, sizes.k, sizes.num_rows)?;
+    cpu::permute::permute_backward(grad_buf, sizes.hidden, row, sizes.k, grad_x);
     Ok(())
 }
 
@@ -429,15 +402,14 @@ pub fn permute_backward<T: RouterFloat>(
     let (num_tokens, k) = row.dim();
     let gb = as_rows(op, "grad_buf", &grad_buf)?;
     let rs = as_rows(op, "row", &row)?;
-    validate_permute_backward(
+    let s = PermuteSizes {
+        num_tokens,
         num_rows,
         hidden,
-        gb.len(),
-        rs,
-        num_tokens,
         k,
-        out_len(op, num_tokens, hidden)?,
-    )?;
+    };
+    validate_permute_backward(&s, gb.len(), rs.len(), out_len(op, num_tokens, hidden)?)?;
+    check_row_entries(op, rs, k, num_rows)?;
     let mut grad_x = alloc2(op, num_tokens, hidden, T::default())?;
     cpu::permute::permute_backward(gb, hidden, rs, k, out_slice(op, "grad_x", &mut grad_x)?);
     Ok(grad_x)
@@ -448,33 +420,22 @@ pub fn permute_backward<T: RouterFloat>(
 /// accumulated in `f32` in `j` order and rounded once; a token with no kept assignment
 /// gets zeros.
 ///
-/// Shapes: `y [num_rows, hidden]`, `row [num_tokens, k]`, `weights [num_tokens, k]`,
-/// `out [num_tokens, hidden]`.
+/// Shapes ([`PermuteSizes`]): `y [num_rows, hidden]`, `row [num_tokens, k]`,
+/// `weights [num_tokens, k]`, `out [num_tokens, hidden]`.
 ///
 /// # Errors
-/// See [`validate_unpermute`]; `out` is untouched on error.
-#[allow(clippy::too_many_arguments)]
+/// As [`permute_backward_into`] for `y`, `row` and `out`, plus [`Error::Shape`] if
+/// `weights` is not `[num_tokens, k]`; `out` is untouched on error.
 pub fn unpermute_into<T: RouterFloat>(
+    sizes: PermuteSizes,
     y: &[T],
-    num_rows: usize,
-    hidden: usize,
     row: &[i32],
     weights: &[f32],
-    num_tokens: usize,
-    k: usize,
     out: &mut [T],
 ) -> Result<()> {
-    validate_unpermute(
-        num_rows,
-        hidden,
-        y.len(),
-        row,
-        weights.len(),
-        num_tokens,
-        k,
-        out.len(),
-    )?;
-    cpu::permute::unpermute(y, hidden, row, weights, k, out);
+    validate_unpermute(&sizes, y.len(), row.len(), weights.len(), out.len())?;
+    check_row_entries(OP_UNPERMUTE, row, sizes.k, sizes.num_rows)?;
+    cpu::permute::unpermute(y, sizes.hidden, row, weights, sizes.k, out);
     Ok(())
 }
 
@@ -514,16 +475,15 @@ pub fn unpermute<T: RouterFloat>(
     let ys = as_rows(op, "y", &y)?;
     let rs = as_rows(op, "row", &row)?;
     let ws = weights_rows(op, &weights, num_tokens, k)?;
-    validate_unpermute(
+    let s = PermuteSizes {
+        num_tokens,
         num_rows,
         hidden,
-        ys.len(),
-        rs,
-        ws.len(),
-        num_tokens,
         k,
-        out_len(op, num_tokens, hidden)?,
-    )?;
+    };
+    let out_n = out_len(op, num_tokens, hidden)?;
+    validate_unpermute(&s, ys.len(), rs.len(), ws.len(), out_n)?;
+    check_row_entries(op, rs, k, num_rows)?;
     let mut out = alloc2(op, num_tokens, hidden, T::default())?;
     cpu::permute::unpermute(ys, hidden, rs, ws, k, out_slice(op, "out", &mut out)?);
     Ok(out)
@@ -559,46 +519,51 @@ pub struct UnpermuteGrads<T> {
     pub grad_weights: Array2<f32>,
 }
 
+/// Caller-owned outputs of [`unpermute_backward_into`].
+#[derive(Debug)]
+pub struct UnpermuteBackwardBuffers<'a, T> {
+    /// `[num_rows, hidden]`: `grad_y[row[t, j]] = weights[t, j] · grad_out[t]`; zero
+    /// rows where no assignment points.
+    pub grad_y: &'a mut [T],
+    /// `[num_tokens, k]`: `<grad_out[t], y[row[t, j]]>` in `f32`; zero where
+    /// `row[t, j] = -1`.
+    pub grad_weights: &'a mut [f32],
+}
+
 /// Backward of [`unpermute`], flat-slice form: `grad_y[row[t, j]] = weights[t, j] ·
 /// grad_out[t]` (computed in `f32`, rounded once; rows no assignment points to get
 /// zeros) and `grad_weights[t, j] = <grad_out[t], y[row[t, j]]>` in `f32` (zero where
 /// `row[t, j] = -1`).
 ///
-/// Shapes: `grad_out [num_tokens, hidden]`, `y [num_rows, hidden]`,
-/// `row [num_tokens, k]`, `weights [num_tokens, k]`, `grad_y [num_rows, hidden]`,
-/// `grad_weights [num_tokens, k]`.
+/// Shapes ([`PermuteSizes`]): `grad_out [num_tokens, hidden]`, `y [num_rows, hidden]`,
+/// `row [num_tokens, k]`, `weights [num_tokens, k]`, `out.grad_y [num_rows, hidden]`,
+/// `out.grad_weights [num_tokens, k]`.
 ///
 /// The dot product runs over `hidden` in 32 interleaved `f32` partial sums combined in a
 /// fixed order (deterministic, independent of threads).
 ///
 /// # Errors
-/// See [`validate_unpermute_backward`]; the outputs are untouched on error.
-#[allow(clippy::too_many_arguments)]
+/// As [`unpermute_into`], plus [`Error::Shape`] for `grad_out`, `out.grad_y` or
+/// `out.grad_weights` of the wrong length; the outputs are untouched on error.
 pub fn unpermute_backward_into<T: RouterFloat>(
+    sizes: PermuteSizes,
     grad_out: &[T],
     y: &[T],
-    num_rows: usize,
-    hidden: usize,
     row: &[i32],
     weights: &[f32],
-    num_tokens: usize,
-    k: usize,
-    grad_y: &mut [T],
-    grad_weights: &mut [f32],
+    out: UnpermuteBackwardBuffers<'_, T>,
 ) -> Result<()> {
     validate_unpermute_backward(
+        &sizes,
         grad_out.len(),
         y.len(),
-        num_rows,
-        hidden,
-        row,
+        row.len(),
         weights.len(),
-        num_tokens,
-        k,
-        grad_y.len(),
-        grad_weights.len(),
+        out.grad_y.len(),
+        out.grad_weights.len(),
     )?;
-    cpu::permute::unpermute_backward(grad_out, y, hidden, row, weights, k, grad_y, grad_weights);
+    check_row_entries(OP_UNPERMUTE_BACKWARD, row, sizes.k, sizes.num_rows)?;
+    cpu::permute::unpermute_backward(grad_out, y, sizes.hidden, row, weights, sizes.k, out);
     Ok(())
 }
 
@@ -651,30 +616,29 @@ pub fn unpermute_backward<T: RouterFloat>(
     let ys = as_rows(op, "y", &y)?;
     let rs = as_rows(op, "row", &row)?;
     let ws = weights_rows(op, &weights, num_tokens, k)?;
-    validate_unpermute_backward(
-        gos.len(),
-        ys.len(),
+    let s = PermuteSizes {
+        num_tokens,
         num_rows,
         hidden,
-        rs,
-        ws.len(),
-        num_tokens,
         k,
+    };
+    validate_unpermute_backward(
+        &s,
+        gos.len(),
+        ys.len(),
+        rs.len(),
+        ws.len(),
         ys.len(),
         ws.len(),
     )?;
+    check_row_entries(op, rs, k, num_rows)?;
     let mut grad_y = alloc2(op, num_rows, hidden, T::default())?;
     let mut grad_weights = alloc2(op, num_tokens, k, 0.0f32)?;
-    cpu::permute::unpermute_backward(
-        gos,
-        ys,
-        hidden,
-        rs,
-        ws,
-        k,
-        out_slice(op, "grad_y", &mut grad_y)?,
-        out_slice(op, "grad_weights", &mut grad_weights)?,
-    );
+    let out = UnpermuteBackwardBuffers {
+        grad_y: out_slice(op, "grad_y", &mut grad_y)?,
+        grad_weights: out_slice(op, "grad_weights", &mut grad_weights)?,
+    };
+    cpu::permute::unpermute_backward(gos, ys, hidden, rs, ws, k, out);
     Ok(UnpermuteGrads {
         grad_y,
         grad_weights,
@@ -682,14 +646,14 @@ pub fn unpermute_backward<T: RouterFloat>(
 }
 
 /// Check that `row_to_token [num_rows]` and `row [num_tokens, k]` describe the same
-/// mapping (as [`crate::dispatch`] produces them): every `row[t, j] >= 0` is a distinct row
+/// mapping (as [`crate::dispatch()`] produces them): every `row[t, j] >= 0` is a distinct row
 /// `r` with `row_to_token[r] == t`, and every row with `row_to_token[r] >= 0` is one of
 /// them. [`permute_into`] reads only `row_to_token` and its backward only `row`, so an
 /// inconsistent pair would give a gradient that is not the forward's.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] naming the first disagreement; the checks of
-/// [`validate_permute_backward`] for `row`.
+/// [`permute_backward_into`] for `row`.
 ///
 /// ```
 /// use moe_router::check_permute_maps;
@@ -706,7 +670,13 @@ pub fn check_permute_maps(
 ) -> Result<()> {
     let op = OP_PERMUTE;
     let num_rows = row_to_token.len();
-    check_row(op, row, num_tokens, k, num_rows)?;
+    let s = PermuteSizes {
+        num_tokens,
+        num_rows,
+        hidden: 0,
+        k,
+    };
+    check_row_sizes(op, &s, row.len())?;
     check_row_entries(op, row, k, num_rows)?;
     check_row_to_token(op, row_to_token, num_tokens)?;
     let mut referenced = 0usize;
@@ -747,7 +717,7 @@ pub fn check_permute_maps(
 /// where `row[t, j] = r`, `-1` for rows no assignment points to (padding).
 ///
 /// # Errors
-/// As [`validate_permute_backward`] for `row` and `num_rows`.
+/// As [`permute_backward_into`] for `row` and `num_rows`.
 ///
 /// ```
 /// use moe_router::permute_row_to_token;
@@ -762,7 +732,13 @@ pub fn permute_row_to_token(
     num_rows: usize,
 ) -> Result<Vec<i32>> {
     let op = OP_ROW_TO_TOKEN;
-    check_row(op, row, num_tokens, k, num_rows)?;
+    let s = PermuteSizes {
+        num_tokens,
+        num_rows,
+        hidden: 0,
+        k,
+    };
+    check_row_sizes(op, &s, row.len())?;
     check_row_entries(op, row, k, num_rows)?;
     let mut out = vec![-1i32; num_rows];
     if k == 0 {

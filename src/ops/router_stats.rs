@@ -4,7 +4,10 @@
 use crate::cpu;
 use crate::dtype::RouterFloat;
 use crate::error::{Error, Result};
-use crate::ops::{as_rows, as_vec, check_indices, check_len, checked_i32_product};
+use crate::ops::{
+    as_rows, as_vec, check_indices, check_len, check_topk, checked_i32_product, LogitsLens,
+    RouterLogits,
+};
 use ndarray::{ArrayView1, ArrayView2};
 
 const OP: &str = "router_stats";
@@ -60,90 +63,68 @@ pub struct RouterStats {
     pub nonfinite_logits: u64,
 }
 
-/// The single validation of [`router_stats`] (every backend), before the pass.
-#[allow(clippy::too_many_arguments)]
+/// The single validation of [`router_stats`] (every backend), before the pass: the
+/// sizes, `topk`, and the lengths of `logits [num_tokens, num_experts]`,
+/// `indices [num_tokens, topk]`, `slots [num_tokens, topk]` and
+/// `padding_mask [num_tokens]` (the optional ones when given). The values of
+/// `indices` and `slots` are checked where the host can read them ([`router_stats`]).
 pub(crate) fn validate_router_stats(
-    logits_len: usize,
+    logits: LogitsLens,
+    indices: usize,
+    topk: usize,
+    slots: Option<usize>,
+) -> Result<()> {
+    let (num_tokens, num_experts) = (logits.num_tokens, logits.num_experts);
+    check_topk(OP, num_experts, topk)?;
+    checked_i32_product(OP, "num_tokens * num_experts", num_tokens, num_experts)?;
+    let nk = checked_i32_product(OP, "num_tokens * topk", num_tokens, topk)?;
+    let kshape = format!("[num_tokens, topk] = [{num_tokens}, {topk}]");
+    check_len(OP, "indices", indices, nk, &kshape)?;
+    if let Some(len) = slots {
+        check_len(OP, "slots", len, nk, &kshape)?;
+    }
+    logits.check(OP)
+}
+
+/// The host-side checks of the routing's values: `indices` in range or `-1` and
+/// distinct per token; `slots` `>= -1`, and `-1` where the index is `-1`.
+fn check_routing_values(
+    indices: &[i32],
     num_tokens: usize,
     num_experts: usize,
-    indices: &[i32],
     topk: usize,
     slots: Option<&[i32]>,
-    padding_mask_len: Option<usize>,
 ) -> Result<()> {
-    if num_experts == 0 {
-        return Err(Error::invalid(
-            OP,
-            "num_experts",
-            0,
-            "num_experts must be at least 1",
-        ));
-    }
-    if topk == 0 || topk > num_experts {
-        return Err(Error::invalid(
-            OP,
-            "topk",
-            topk,
-            format!("topk must be in [1, num_experts] = [1, {num_experts}]"),
-        ));
-    }
-    let n = checked_i32_product(OP, "num_tokens * num_experts", num_tokens, num_experts)?;
-    let nk = checked_i32_product(OP, "num_tokens * topk", num_tokens, topk)?;
-    check_len(
-        OP,
-        "logits",
-        logits_len,
-        n,
-        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
-    )?;
     check_indices(OP, "indices", indices, num_tokens, topk, num_experts, true)?;
-    if let Some(slots) = slots {
-        check_len(
-            OP,
-            "slots",
-            slots.len(),
-            nk,
-            format_args!("[num_tokens, topk] = [{num_tokens}, {topk}]"),
-        )?;
-        for (i, (&s, &e)) in slots.iter().zip(indices).enumerate() {
-            if s < -1 {
-                return Err(Error::invalid(
-                    OP,
-                    "slots",
-                    format_args!("{s} at token {}, choice {}", i / topk, i % topk),
-                    "slots must be >= 0 (kept) or -1 (dropped)",
-                ));
-            }
-            if s >= 0 && e < 0 {
-                return Err(Error::invalid(
-                    OP,
-                    "slots",
-                    format_args!(
-                        "{s} at token {}, choice {} whose index is -1",
-                        i / topk,
-                        i % topk
-                    ),
-                    "an unrouted assignment (index -1) must have slot -1",
-                ));
-            }
+    for (i, (&s, &e)) in slots.unwrap_or_default().iter().zip(indices).enumerate() {
+        if s < -1 {
+            return Err(Error::invalid(
+                OP,
+                "slots",
+                format_args!("{s} at token {}, choice {}", i / topk, i % topk),
+                "slots must be >= 0 (kept) or -1 (dropped)",
+            ));
         }
-    }
-    if let Some(len) = padding_mask_len {
-        check_len(
-            OP,
-            "padding_mask",
-            len,
-            num_tokens,
-            format_args!("[num_tokens] = [{num_tokens}]"),
-        )?;
+        if s >= 0 && e < 0 {
+            return Err(Error::invalid(
+                OP,
+                "slots",
+                format_args!(
+                    "{s} at token {}, choice {} whose index is -1",
+                    i / topk,
+                    i % topk
+                ),
+                "an unrouted assignment (index -1) must have slot -1",
+            ));
+        }
     }
     Ok(())
 }
 
-/// Router statistics in one pass over `logits [num_tokens, num_experts]` and the
-/// routing `indices [num_tokens, topk]` (`-1` = not routed), optionally the dispatch
-/// `slots [num_tokens, topk]` (`-1` = dropped) and a `padding_mask [num_tokens]`
-/// (`true` = padding, excluded from every statistic).
+/// Router statistics in one pass over `logits [num_tokens, num_experts]` (with its
+/// optional `padding_mask [num_tokens]`, `true` = padding, excluded from every
+/// statistic) and the routing `indices [num_tokens, topk]` (`-1` = not routed),
+/// optionally the dispatch `slots [num_tokens, topk]` (`-1` = dropped).
 ///
 /// See [`RouterStats`] for the definitions. Per-token math is f32 (logits widened
 /// on load); reductions over tokens are f64 partials over fixed chunks combined in
@@ -167,11 +148,12 @@ pub(crate) fn validate_router_stats(
 /// logits hold NaN or ±Inf.
 ///
 /// ```
-/// use moe_router::{router_stats, RouterStatsConfig};
+/// use moe_router::{router_stats, RouterLogits, RouterStatsConfig};
 ///
 /// // Two tokens, two experts, top-1: both pick expert 0, the second is dropped.
 /// let logits = [0.0f32, 0.0, 3.0f32.ln(), 0.0];
-/// let stats = router_stats(&logits, 2, 2, &[0, 0], 1, Some(&[0, -1]), None, &RouterStatsConfig::new()).unwrap();
+/// let x = RouterLogits::new(&logits, 2, 2);
+/// let stats = router_stats(x, &[0, 0], 1, Some(&[0, -1]), &RouterStatsConfig::new()).unwrap();
 /// assert_eq!(stats.selected_counts, vec![2, 0]);
 /// assert_eq!(stats.kept_counts, Some(vec![1, 0]));
 /// assert_eq!(stats.dropped, 1);
@@ -180,35 +162,16 @@ pub(crate) fn validate_router_stats(
 /// assert!((stats.mean_lse - 1.5 * 2f32.ln()).abs() < 1e-6);
 /// assert!((stats.max_lse - 4f32.ln()).abs() < 1e-6);
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn router_stats<T: RouterFloat>(
-    logits: &[T],
-    num_tokens: usize,
-    num_experts: usize,
+    logits: RouterLogits<'_, T>,
     indices: &[i32],
     topk: usize,
     slots: Option<&[i32]>,
-    padding_mask: Option<&[bool]>,
     cfg: &RouterStatsConfig,
 ) -> Result<RouterStats> {
-    validate_router_stats(
-        logits.len(),
-        num_tokens,
-        num_experts,
-        indices,
-        topk,
-        slots,
-        padding_mask.map(<[bool]>::len),
-    )?;
-    let stats = cpu::router_stats::router_stats(
-        logits,
-        num_tokens,
-        num_experts,
-        indices,
-        topk,
-        slots,
-        padding_mask,
-    );
+    validate_router_stats(logits.lens(), indices.len(), topk, slots.map(<[i32]>::len))?;
+    check_routing_values(indices, logits.num_tokens, logits.num_experts, topk, slots)?;
+    let stats = cpu::router_stats::router_stats(logits, indices, topk, slots);
     if cfg.strict && stats.nonfinite_logits > 0 {
         return Err(Error::NonFinite {
             op: OP,
@@ -266,5 +229,6 @@ pub fn router_stats_view<T: RouterFloat>(
         Some(m) => Some(as_vec(OP, "padding_mask", m)?),
         None => None,
     };
-    router_stats(z, num_tokens, num_experts, idx, topk, sl, pad, cfg)
+    let x = RouterLogits::new(z, num_tokens, num_experts).padding_mask(pad);
+    router_stats(x, idx, topk, sl, cfg)
 }

@@ -22,7 +22,7 @@
 
 use crate::cpu;
 use crate::error::{Error, Result};
-use crate::ops::{as_rows, as_vec, check_indices, check_len, DropoutConfig};
+use crate::ops::{as_rows, as_vec, check_indices, check_len, check_logits, DropoutConfig};
 use crate::RouterFloat;
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
@@ -236,23 +236,172 @@ impl TopkGatingConfig {
             m.validate(OP, "expert_masking")?;
         }
         if let Some(b) = expert_bias {
-            check_len(
-                OP,
-                "expert_bias",
-                b.len(),
-                num_experts,
-                format_args!("[num_experts] = [{num_experts}]"),
-            )?;
-            if let Some((e, v)) = b.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(Error::invalid(
-                    OP,
-                    "expert_bias",
-                    format_args!("{v} at expert {e}"),
-                    "the expert bias must be finite",
-                ));
-            }
+            check_bias_len(num_experts, b.len())?;
+            check_bias_values(b)?;
         }
         Ok(())
+    }
+}
+
+/// `expert_bias [num_experts]`.
+fn check_bias_len(num_experts: usize, len: usize) -> Result<()> {
+    check_len(
+        OP,
+        "expert_bias",
+        len,
+        num_experts,
+        format_args!("[num_experts] = [{num_experts}]"),
+    )
+}
+
+/// The host-side check of the bias values: finite.
+fn check_bias_values(expert_bias: &[f32]) -> Result<()> {
+    if let Some((e, v)) = expert_bias.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::invalid(
+            OP,
+            "expert_bias",
+            format_args!("{v} at expert {e}"),
+            "the expert bias must be finite",
+        ));
+    }
+    Ok(())
+}
+
+/// The host-side check of given `indices [num_tokens, topk]` (replay, backward): in
+/// `[0, num_experts)`, distinct within a token.
+fn check_given_indices(
+    indices: &[i32],
+    num_tokens: usize,
+    num_experts: usize,
+    topk: usize,
+) -> Result<()> {
+    check_indices(OP, "indices", indices, num_tokens, topk, num_experts, false)
+}
+
+/// `[num_tokens, topk] = [t, k]` of `arg`.
+fn check_tk(arg: &'static str, got: usize, num_tokens: usize, k: usize) -> Result<()> {
+    check_len(
+        OP,
+        arg,
+        got,
+        num_tokens * k,
+        format_args!("[num_tokens, topk] = [{num_tokens}, {k}]"),
+    )
+}
+
+/// Element counts of the buffers of a top-k gating pass (every backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TopkGatingLens {
+    /// `logits`, the bias (if given), `weights` and `indices`.
+    Forward {
+        logits: usize,
+        expert_bias: Option<usize>,
+        weights: usize,
+        indices: usize,
+    },
+    /// `logits`, the given `indices`, `weights`.
+    Replay {
+        logits: usize,
+        indices: usize,
+        weights: usize,
+    },
+    /// `logits`, `indices`, `grad_weights`, `grad_logits`.
+    Backward {
+        logits: usize,
+        indices: usize,
+        grad_weights: usize,
+        grad_logits: usize,
+    },
+}
+
+/// The forward's [`TopkGatingLens`]: `expert_bias` is the bias's element count if one
+/// is given; the buffers are host slices, device views or raw device buffers.
+macro_rules! topk_gating_lens {
+    ($logits:expr, $expert_bias:expr, $weights:expr, $indices:expr) => {
+        $crate::ops::topk_gating::TopkGatingLens::Forward {
+            logits: $logits.len(),
+            expert_bias: $expert_bias,
+            weights: $weights.len(),
+            indices: $indices.len(),
+        }
+    };
+}
+pub(crate) use topk_gating_lens;
+
+/// Routing replay's [`TopkGatingLens`].
+macro_rules! topk_gating_replay_lens {
+    ($logits:expr, $indices:expr, $weights:expr) => {
+        $crate::ops::lens_of!($crate::ops::topk_gating::TopkGatingLens::Replay {
+            logits: $logits,
+            indices: $indices,
+            weights: $weights
+        })
+    };
+}
+pub(crate) use topk_gating_replay_lens;
+
+/// The backward's [`TopkGatingLens`].
+macro_rules! topk_gating_backward_lens {
+    ($logits:expr, $indices:expr, $grad_weights:expr, $grad_logits:expr) => {
+        $crate::ops::lens_of!($crate::ops::topk_gating::TopkGatingLens::Backward {
+            logits: $logits,
+            indices: $indices,
+            grad_weights: $grad_weights,
+            grad_logits: $grad_logits
+        })
+    };
+}
+pub(crate) use topk_gating_backward_lens;
+
+/// The single validation of top-k gating, replay and backward (every backend): the
+/// config, and the buffers of the pass: `logits` and `grad_logits`
+/// `[num_tokens, num_experts]`, `expert_bias [num_experts]`, `weights`, `indices` and
+/// `grad_weights [num_tokens, topk]`. The values of the bias (finite) and of given
+/// indices are checked where the host can read them ([`topk_gating_into`],
+/// [`topk_gating_replay_into`], [`topk_gating_backward_into`]).
+pub(crate) fn validate_topk_gating(
+    cfg: &TopkGatingConfig,
+    num_tokens: usize,
+    num_experts: usize,
+    lens: TopkGatingLens,
+) -> Result<()> {
+    cfg.validate(num_experts, None)?;
+    let logits = |arg, got| check_logits(OP, arg, got, num_tokens, num_experts);
+    let tk = |arg, got| check_tk(arg, got, num_tokens, cfg.topk);
+    match lens {
+        TopkGatingLens::Forward {
+            logits: z,
+            expert_bias,
+            weights,
+            indices,
+        } => {
+            if let Some(len) = expert_bias {
+                check_bias_len(num_experts, len)?;
+            }
+            logits("logits", z)?;
+            tk("weights", weights)?;
+            tk("indices", indices)
+        }
+        TopkGatingLens::Replay {
+            logits: z,
+            indices,
+            weights,
+        } => {
+            logits("logits", z)?;
+            tk("indices", indices)?;
+            tk("weights", weights)
+        }
+        TopkGatingLens::Backward {
+            logits: z,
+            indices,
+            grad_weights,
+            grad_logits,
+        } => {
+            logits("logits", z)?;
+            tk("indices", indices)?;
+            tk("grad_weights", grad_weights)?;
+            logits("grad_logits", grad_logits)
+        }
     }
 }
 
@@ -282,23 +431,11 @@ pub fn topk_gating_into<T: RouterFloat>(
     weights: &mut [f32],
     indices: &mut [i32],
 ) -> Result<()> {
-    cfg.validate(num_experts, expert_bias)?;
-    let k = cfg.topk;
-    check_logits(logits, num_tokens, num_experts)?;
-    check_len(
-        OP,
-        "weights",
-        weights.len(),
-        num_tokens * k,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {k}]"),
-    )?;
-    check_len(
-        OP,
-        "indices",
-        indices.len(),
-        num_tokens * k,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {k}]"),
-    )?;
+    let lens = topk_gating_lens!(logits, expert_bias.map(<[f32]>::len), weights, indices);
+    validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
+    if let Some(b) = expert_bias {
+        check_bias_values(b)?;
+    }
     cpu::topk_gating::forward(
         logits,
         num_tokens,
@@ -369,17 +506,9 @@ pub fn topk_gating_replay_into<T: RouterFloat>(
     cfg: &TopkGatingConfig,
     weights: &mut [f32],
 ) -> Result<()> {
-    cfg.validate(num_experts, None)?;
-    let k = cfg.topk;
-    check_logits(logits, num_tokens, num_experts)?;
-    check_indices(OP, "indices", indices, num_tokens, k, num_experts, false)?;
-    check_len(
-        OP,
-        "weights",
-        weights.len(),
-        num_tokens * k,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {k}]"),
-    )?;
+    let lens = topk_gating_replay_lens!(logits, indices, weights);
+    validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
+    check_given_indices(indices, num_tokens, num_experts, cfg.topk)?;
     cpu::topk_gating::replay(logits, num_tokens, num_experts, indices, cfg, weights);
     Ok(())
 }
@@ -436,24 +565,9 @@ pub fn topk_gating_backward_into<T: RouterFloat>(
     cfg: &TopkGatingConfig,
     grad_logits: &mut [T],
 ) -> Result<()> {
-    cfg.validate(num_experts, None)?;
-    let k = cfg.topk;
-    check_logits(logits, num_tokens, num_experts)?;
-    check_indices(OP, "indices", indices, num_tokens, k, num_experts, false)?;
-    check_len(
-        OP,
-        "grad_weights",
-        grad_weights.len(),
-        num_tokens * k,
-        format_args!("[num_tokens, topk] = [{num_tokens}, {k}]"),
-    )?;
-    check_len(
-        OP,
-        "grad_logits",
-        grad_logits.len(),
-        num_tokens * num_experts,
-        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
-    )?;
+    let lens = topk_gating_backward_lens!(logits, indices, grad_weights, grad_logits);
+    validate_topk_gating(cfg, num_tokens, num_experts, lens)?;
+    check_given_indices(indices, num_tokens, num_experts, cfg.topk)?;
     cpu::topk_gating::backward(
         logits,
         num_tokens,
@@ -492,22 +606,4 @@ pub fn topk_gating_backward<T: RouterFloat>(
         g.as_slice_mut().expect("fresh array is contiguous"),
     )?;
     Ok(g)
-}
-
-fn check_logits<T>(logits: &[T], num_tokens: usize, num_experts: usize) -> Result<()> {
-    let n = num_tokens.checked_mul(num_experts).ok_or_else(|| {
-        Error::invalid(
-            OP,
-            "num_tokens",
-            num_tokens,
-            format!("num_tokens * num_experts overflows usize (num_experts = {num_experts})"),
-        )
-    })?;
-    check_len(
-        OP,
-        "logits",
-        logits.len(),
-        n,
-        format_args!("[num_tokens, num_experts] = [{num_tokens}, {num_experts}]"),
-    )
 }

@@ -10,8 +10,7 @@
 use crate::cpu;
 use crate::dtype::RouterFloat;
 use crate::error::{Error, Result};
-use crate::ops::aux_loss::{check_logits, check_mask};
-use crate::ops::{as_rows, check_finite};
+use crate::ops::{as_rows, check_finite, check_logits, logits_grad, LogitsLens, RouterLogits};
 use ndarray::{Array2, ArrayView2};
 
 const OP: &str = "z_loss";
@@ -25,14 +24,10 @@ pub struct ZLossOutput {
     pub valid_tokens: usize,
 }
 
-fn validate<T>(
-    logits: &[T],
-    num_tokens: usize,
-    num_experts: usize,
-    padding_mask: Option<&[bool]>,
-    coeff: f32,
-) -> Result<()> {
-    if num_experts == 0 {
+/// The single validation of the z-loss forward (every backend): `num_experts >= 1`,
+/// `coeff` finite, the logits and mask lengths.
+pub(crate) fn validate_z_loss(x: LogitsLens, coeff: f32) -> Result<()> {
+    if x.num_experts == 0 {
         return Err(Error::invalid(
             OP,
             "num_experts",
@@ -46,8 +41,18 @@ fn validate<T>(
         coeff as f64,
         "the loss coefficient must be finite",
     )?;
-    check_logits(OP, "logits", logits.len(), num_tokens, num_experts)?;
-    check_mask(OP, padding_mask, num_tokens)
+    x.check(OP)
+}
+
+/// The single validation of the z-loss backward (every backend): as
+/// [`validate_z_loss`], and `grad_logits [num_tokens, num_experts]`.
+pub(crate) fn validate_z_loss_backward(
+    x: LogitsLens,
+    coeff: f32,
+    grad_logits: usize,
+) -> Result<()> {
+    validate_z_loss(x, coeff)?;
+    check_logits(OP, "grad_logits", grad_logits, x.num_tokens, x.num_experts)
 }
 
 /// Router z-loss of logits `[num_tokens, num_experts]`:
@@ -76,7 +81,8 @@ pub fn z_loss<T: RouterFloat>(
     padding_mask: Option<&[bool]>,
     coeff: f32,
 ) -> Result<ZLossOutput> {
-    validate(logits, num_tokens, num_experts, padding_mask, coeff)?;
+    let x = RouterLogits::new(logits, num_tokens, num_experts).padding_mask(padding_mask);
+    validate_z_loss(x.lens(), coeff)?;
     let (sum, valid) = cpu::z_loss::z_loss_sums(logits, num_tokens, num_experts, padding_mask);
     let loss = if valid > 0 {
         coeff as f64 * sum / valid as f64
@@ -89,31 +95,22 @@ pub fn z_loss<T: RouterFloat>(
     })
 }
 
-/// Gradient of [`z_loss`] w.r.t. the logits, written into `grad_logits
-/// [num_tokens, num_experts]` (overwritten):
-/// `grad_loss · coeff · 2 · lse_t · softmax(z_t) / T_valid`; padding tokens get 0.
+/// Gradient of [`z_loss`] w.r.t. the logits `x.logits [num_tokens, num_experts]`
+/// (with `x.padding_mask`), written into `grad_logits [num_tokens, num_experts]`
+/// (overwritten): `grad_loss · coeff · 2 · lse_t · softmax(z_t) / T_valid`; padding
+/// tokens get 0.
 ///
 /// # Errors
 /// As [`z_loss`], plus [`Error::Shape`] for `grad_logits` of the wrong length.
 pub fn z_loss_backward_into<T: RouterFloat>(
-    logits: &[T],
-    num_tokens: usize,
-    num_experts: usize,
-    padding_mask: Option<&[bool]>,
+    x: RouterLogits<'_, T>,
     coeff: f32,
     grad_loss: f32,
     grad_logits: &mut [T],
 ) -> Result<()> {
-    validate(logits, num_tokens, num_experts, padding_mask, coeff)?;
-    check_logits(
-        OP,
-        "grad_logits",
-        grad_logits.len(),
-        num_tokens,
-        num_experts,
-    )?;
-    let valid = match padding_mask {
-        None => num_tokens,
+    validate_z_loss_backward(x.lens(), coeff, grad_logits.len())?;
+    let valid = match x.padding_mask {
+        None => x.num_tokens,
         Some(m) => m.iter().filter(|&&pad| !pad).count(),
     };
     let scale = if valid > 0 {
@@ -121,14 +118,8 @@ pub fn z_loss_backward_into<T: RouterFloat>(
     } else {
         0.0
     };
-    cpu::z_loss::z_loss_grad_into(
-        logits,
-        num_tokens,
-        num_experts,
-        padding_mask,
-        scale,
-        grad_logits,
-    );
+    let (z, t, e) = (x.logits, x.num_tokens, x.num_experts);
+    cpu::z_loss::z_loss_grad_into(z, t, e, x.padding_mask, scale, grad_logits);
     Ok(())
 }
 
@@ -145,12 +136,9 @@ pub fn z_loss_backward<T: RouterFloat>(
 ) -> Result<Array2<T>> {
     let (t, e) = logits.dim();
     let z = as_rows(OP, "logits", &logits)?;
-    validate(z, t, e, padding_mask, coeff)?;
-    let mut grad = Array2::from_elem((t, e), T::from_f32(0.0));
-    let out = grad.as_slice_mut().ok_or(Error::Layout {
-        op: OP,
-        arg: "grad_logits",
-    })?;
-    z_loss_backward_into(z, t, e, padding_mask, coeff, grad_loss, out)?;
-    Ok(grad)
+    let x = RouterLogits::new(z, t, e).padding_mask(padding_mask);
+    validate_z_loss(x.lens(), coeff)?;
+    logits_grad(OP, (t, e), |out| {
+        z_loss_backward_into(x, coeff, grad_loss, out)
+    })
 }
