@@ -564,7 +564,7 @@ class TopKRouter(nn.Module):
         if len(shape) == 3:
             return int(shape[0] if self.sequence_first else shape[1])
         raise ValueError(
-            f"load_balancing_type='seq_aux_loss' needs sequences: hidden_states has shape "
+            f"moe_router.TopKRouter: load_balancing_type='seq_aux_loss' needs sequences: hidden_states has shape "
             f"{tuple(shape)}; pass 3-D [batch, seq, hidden] input or seq_len="
         )
 
@@ -818,9 +818,6 @@ class TopKRouter(nn.Module):
         return ", ".join(parts)
 
 
-#: Alias of :class:`TopKRouter` (the spelling ``moe_router.__init__`` exports lazily).
-
-
 @torch.no_grad()
 def update_router_biases(model: nn.Module) -> int:
     """Call :meth:`TopKRouter.update_bias` on every router in ``model``; return how many.
@@ -1043,11 +1040,13 @@ class MoELayer(nn.Module):
             router = TopKRouter(hidden_size, num_experts, topk, device=device, **router_kwargs)
         elif router_kwargs:
             raise ValueError(
-                f"router_kwargs={sorted(router_kwargs)} given together with router=: pass one or the other"
+                f"moe_router.MoELayer: router options {sorted(router_kwargs)} given together with `router`: "
+                "pass one or the other"
             )
         if router.hidden_size != hidden_size or router.num_experts != num_experts:
             raise ValueError(
-                f"router has hidden_size={router.hidden_size}, num_experts={router.num_experts}; "
+                f"moe_router.MoELayer: `router` has hidden_size={router.hidden_size}, "
+                f"num_experts={router.num_experts}; "
                 f"the layer has hidden_size={hidden_size}, num_experts={num_experts}"
             )
         if not router.build_dispatch:

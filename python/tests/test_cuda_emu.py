@@ -14,8 +14,8 @@ CUDA branch for CPU tensors:
   the emulator.
 
 Nothing else on that path touches `torch.cuda` (the functional layer and the modules only go
-through the ops; `router_stats(strict=True)` reads its one value with `int()`, which works
-on CPU tensors). Every result of the patched ("CUDA on the
+through the ops; `router_stats(strict=True)` reads its one value in the native binding,
+which works on CPU tensors). Every result of the patched ("CUDA on the
 emulator") run is compared with the unpatched CPU run: indices, masks, counts and slots
 exactly; float values within `test_cuda.py`'s tolerances.
 
