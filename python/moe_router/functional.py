@@ -21,9 +21,9 @@ Every function checks its arguments before any data reaches the native code: a w
 type, dtype or layout (sparse, nested) raises ``TypeError``, a wrong shape, device mix or
 option value raises ``ValueError``; each message starts with ``moe_router.<op>:`` and
 names the argument, the value and the fix. Non-contiguous tensors (transposed, sliced)
-are accepted and made contiguous inside the op, as PyTorch's own ops do. Errors that depend on tensor *values* (an expert index out of range
-or repeated within a token, strict-mode non-finite logits, ...) come from the native
-code, also as ``ValueError``.
+are accepted and made contiguous inside the op, as PyTorch's own ops do. Errors that
+depend on tensor *values* (an expert index out of range or repeated within a token,
+strict-mode non-finite logits, ...) come from the native code, also as ``ValueError``.
 
 CUDA
 ----
