@@ -20,6 +20,8 @@ PY=.venv/bin/python
 
 echo "== [2/4] cargo test (CPU reference), and every target (benches, examples) type-checks"
 cargo test --locked
+# Time-bounded fuzz of the public Rust API in release mode (tests/fuzz_api.rs, docs/hardening.md).
+MOE_ROUTER_FUZZ_SECONDS=60 cargo test --locked --release --test fuzz_api -- --nocapture
 cargo check --locked --all-targets
 
 echo "== [3/4] CUDA kernels: NVRTC compile for sm_80 / sm_90, GPU tests if a device is present"
