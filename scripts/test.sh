@@ -37,6 +37,8 @@ RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --features cuda -p moe-r
 
 echo "== [3/6] cargo test (CPU reference), every target type-checks, API fuzz (bounded)"
 cargo test --locked
+# Time-bounded fuzz of the public Rust API in release mode (tests/fuzz_api.rs, docs/hardening.md).
+MOE_ROUTER_FUZZ_SECONDS=60 cargo test --locked --release --test fuzz_api -- --nocapture
 cargo check --locked --all-targets
 
 echo "== [4/6] CUDA kernels: NVRTC compile for sm_80 / sm_90, GPU tests if a device is present"

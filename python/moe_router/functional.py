@@ -91,6 +91,9 @@ LAYOUTS = tuple(_native.LAYOUTS)
 _U64 = 2**64
 _I32_MAX = 2**31 - 1
 _I64_MAX = 2**63 - 1
+# The smallest magnitude that rounds to +-inf in float32 (f32::MAX plus half an ulp):
+# options the core takes as f32 must stay below it.
+_F32_OVERFLOW = 2.0**128 - 2.0**103
 
 _moe = torch.ops.moe_router
 
@@ -101,6 +104,11 @@ _moe = torch.ops.moe_router
 
 def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+# Expert indices are int32: at most 2**31 - 1 experts (checked before any [E] output is
+# allocated).
+_E_VALID = "in [1, 2**31 - 1] (expert indices are int32)"
 
 
 def _tensor(
@@ -181,13 +189,16 @@ def _opt_int(op: str, name: str, v, lo: int) -> Optional[int]:
 
 
 def _float(op: str, name: str, v, lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open=False,
-           hi_open=False, valid: str = "") -> float:  # fmt: skip
+           hi_open=False, valid: str = "", f32: bool = False) -> float:  # fmt: skip
     if isinstance(v, bool) or not isinstance(v, (int, float, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"moe_router.{op}: `{name}` must be a float, got {type(v).__name__} {v!r}")
     v = float(v) if isinstance(v, (int, float)) else v
     # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) `v` may be
     # a SymFloat, whose comparisons become guards while math.isfinite breaks the graph.
     bad = not (v == v and -math.inf < v < math.inf)
+    if f32:  # the core takes it as f32: a value that rounds to inf there is not finite
+        bad = bad or v >= _F32_OVERFLOW or v <= -_F32_OVERFLOW
+        valid = valid and f"{valid} (and representable in float32: |x| < 3.4e38)"
     if lo is not None:
         bad = bad or (v <= lo if lo_open else v < lo)
     if hi is not None:
@@ -290,7 +301,7 @@ def topk_gating(
     op = "topk_gating"
     _logits(op, logits)
     e = logits.shape[1]
-    _int(op, "num_experts (logits.shape[1])", e, 1)
+    _int(op, "num_experts (logits.shape[1])", e, 1, _I32_MAX, valid=_E_VALID)
     _int(op, "topk", topk, 1, e, valid=f"in [1, num_experts] = [1, {e}]")
     _choice(op, "score_function", score_function, SCORE_FUNCTIONS)
     _bool(op, "pre_softmax", pre_softmax)
@@ -324,8 +335,8 @@ def topk_gating(
         _tensor(op, "expert_bias", expert_bias, (torch.float32,), 1, "[num_experts]", "pass `expert_bias.float()`")
         _dim(op, "expert_bias", expert_bias, 0, e, "num_experts (columns of `logits`)")
         _same_device(op, "logits", logits, expert_bias=expert_bias)
-    scaling_factor = _float(op, "scaling_factor", scaling_factor, valid="finite")
-    noise_std = _float(op, "noise_std", noise_std, 0.0, valid="finite and >= 0 (0 disables the noise)")
+    scaling_factor = _float(op, "scaling_factor", scaling_factor, valid="finite", f32=True)
+    noise_std = _float(op, "noise_std", noise_std, 0.0, valid="finite and >= 0 (0 disables the noise)", f32=True)
     expert_mask_rate = _float(op, "expert_mask_rate", expert_mask_rate, 0.0, 1.0, hi_open=True)
     seed = _seed(op, "seed", seed)
     offset = _seed(op, "offset", offset)
@@ -364,7 +375,7 @@ def topk_gating_replay(
     op = "topk_gating_replay"
     _logits(op, logits)
     t, e = logits.shape
-    _int(op, "num_experts (logits.shape[1])", e, 1)
+    _int(op, "num_experts (logits.shape[1])", e, 1, _I32_MAX, valid=_E_VALID)
     _index(op, "indices", indices, 2, "[num_tokens, topk]")
     _dim(op, "indices", indices, 0, t, "num_tokens (rows of `logits`)")
     _int(op, "topk (indices.shape[1])", indices.shape[1], 1, e, valid=f"in [1, num_experts] = [1, {e}]")
@@ -377,7 +388,7 @@ def topk_gating_replay(
             "set it to False for 'sigmoid'"
         )
     _bool(op, "normalize", normalize)
-    scaling_factor = _float(op, "scaling_factor", scaling_factor, valid="finite")
+    scaling_factor = _float(op, "scaling_factor", scaling_factor, valid="finite", f32=True)
     return _moe.topk_gating_replay(logits, indices, score_function, pre_softmax, normalize, scaling_factor)
 
 
@@ -421,7 +432,9 @@ def capacity(
     # float(T * k) / float(E): both operands rounded to f64 first, as the core does
     # (Python's int / int would round the exact quotient once instead).
     raw = (float(num_tokens * topk) / float(num_experts)) * capacity_factor
-    if not math.isfinite(raw) or raw > _I32_MAX:
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) `raw` is a
+    # SymFloat, and math.isfinite on it is a graph break (raw >= 0; NaN fails raw == raw).
+    if not (raw == raw and raw <= _I32_MAX):
         raise ValueError(
             f"moe_router.{op}: capacity = ceil({num_tokens} * {topk} / {num_experts} * {capacity_factor}) overflows "
             f"the i32 slot index (max {_I32_MAX}); lower `capacity_factor` or split the batch"
@@ -432,7 +445,8 @@ def capacity(
         cap = -(-cap // capacity_multiple) * capacity_multiple
     if cap > _I32_MAX:
         raise ValueError(
-            f"moe_router.{op}: capacity = {cap} overflows the i32 slot index (max {_I32_MAX}); split the batch"
+            f"moe_router.{op}: capacity = {cap} (after `min_capacity` = {min_capacity} and `capacity_multiple` = "
+            f"{capacity_multiple}) overflows the i32 slot index (max {_I32_MAX}); lower them or split the batch"
         )
     return cap
 
@@ -455,6 +469,13 @@ def dispatch_max_rows(
     Raises:
         TypeError / ValueError: as :func:`dispatch` for the same sizes and options.
     """
+    op = "dispatch_max_rows"
+    _int(op, "num_tokens", num_tokens, 0)
+    _int(op, "topk", topk, 1)
+    _int(op, "num_experts", num_experts, 1)
+    _opt_int(op, "capacity", capacity, 0)
+    _choice(op, "layout", layout, LAYOUTS)
+    _int(op, "align", align, 1)
     return _native.dispatch_max_rows(
         num_tokens, topk, num_experts=num_experts, capacity=capacity, layout=layout, align=align
     )
@@ -639,7 +660,7 @@ def expert_choice(logits: Tensor, capacity: int) -> ExpertChoice:
     """
     op = "expert_choice"
     _logits(op, logits)
-    _int(op, "num_experts (logits.shape[1])", logits.shape[1], 1)
+    _int(op, "num_experts (logits.shape[1])", logits.shape[1], 1, _I32_MAX, valid=_E_VALID)
     _int(op, "capacity", capacity, 0)
     weights, row, r2t, row_weights, tpe, offsets = _moe.expert_choice(logits, capacity)
     return ExpertChoice(weights, row.long(), r2t.long(), tpe.long(), offsets.long(), row_weights)
@@ -710,10 +731,10 @@ def unpermute(y: Tensor, row: Tensor, weights: Tensor) -> Tensor:
 def _loss_common(op: str, logits, topk, score_function, coeff) -> float:
     _logits(op, logits)
     e = logits.shape[1]
-    _int(op, "num_experts (logits.shape[1])", e, 1)
+    _int(op, "num_experts (logits.shape[1])", e, 1, _I32_MAX, valid=_E_VALID)
     _int(op, "topk", topk, 1, e, valid=f"in [1, num_experts] = [1, {e}]")
     _choice(op, "score_function", score_function, SCORE_FUNCTIONS)
-    return _float(op, "coeff", coeff, valid="finite")
+    return _float(op, "coeff", coeff, valid="finite", f32=True)
 
 
 def aux_loss(
@@ -762,10 +783,17 @@ def aux_loss(
     total = None
     if total_tokens is not None:
         if isinstance(total_tokens, Tensor):
-            if total_tokens.dim() != 0 or total_tokens.dtype not in _INTS:
+            dense = total_tokens.layout == torch.strided and not total_tokens.is_nested
+            if not dense or total_tokens.dim() != 0 or total_tokens.dtype not in _INTS:
                 raise TypeError(
-                    f"moe_router.{op}: `total_tokens` must be an int or a 0-d int32 / int64 tensor, got a "
-                    f"{total_tokens.dtype} tensor of shape {tuple(total_tokens.shape)}"
+                    f"moe_router.{op}: `total_tokens` must be an int or a dense 0-d int32 / int64 tensor, got a "
+                    f"{total_tokens.dtype} tensor of shape {tuple(total_tokens.shape)} and layout {total_tokens.layout}"
+                )
+            if total_tokens.device != logits.device and total_tokens.device.type != "cpu":
+                # (a CPU value with CUDA logits is a host scalar, read on the host)
+                raise ValueError(
+                    f"moe_router.{op}: `total_tokens` is on {total_tokens.device} but `logits` is on "
+                    f"{logits.device}; pass it on the logits' device, as a CPU tensor or as an int"
                 )
             total = total_tokens.to(torch.int64)
         else:
@@ -861,8 +889,8 @@ def z_loss(logits: Tensor, *, coeff: float = 1.0, padding_mask: Optional[Tensor]
     """
     op = "z_loss"
     _logits(op, logits)
-    _int(op, "num_experts (logits.shape[1])", logits.shape[1], 1)
-    coeff = _float(op, "coeff", coeff, valid="finite")
+    _int(op, "num_experts (logits.shape[1])", logits.shape[1], 1, _I32_MAX, valid=_E_VALID)
+    coeff = _float(op, "coeff", coeff, valid="finite", f32=True)
     mask = _padding_mask(op, padding_mask, logits.shape[0], logits)
     return _moe.z_loss(logits, mask, coeff)
 
@@ -895,8 +923,29 @@ def expert_mask(
     _int(op, "topk", topk, 1, num_experts, valid=f"in [1, num_experts] = [1, {num_experts}]")
     rate = _float(op, "rate", rate, 0.0, 1.0, hi_open=True)
     return _moe.expert_mask(
-        num_tokens, num_experts, topk, rate, _seed(op, "seed", seed), _seed(op, "offset", offset), torch.device(device)
-    )
+        num_tokens, num_experts, topk, rate, _seed(op, "seed", seed), _seed(op, "offset", offset),
+        _device_arg(op, device),
+    )  # fmt: skip
+
+
+def _device_arg(op: str, device) -> torch.device:
+    """A CPU, CUDA (available) or meta device, or a clear error naming `device`."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(
+            f"moe_router.{op}: `device` must be a str, int or torch.device, got {type(device).__name__} {device!r}"
+        )
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"moe_router.{op}: invalid `device` = {device!r}: pass 'cpu', 'cuda', 'cuda:<i>' or 'meta'")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(
+            f"moe_router.{op}: invalid `device` = {device!r}: no such CUDA device "
+            f"({torch.cuda.device_count()} available)"
+        )
+    return dev
 
 
 def assignment_dropout(
@@ -970,10 +1019,16 @@ def update_expert_bias(bias: Tensor, counts: Tensor, rate: float, *, group=None)
     """
     op = "update_expert_bias"
     _tensor(op, "bias", bias, (torch.float32,), 1, "[num_experts]", "keep the bias in float32")
+    if bias.is_neg() or any(st == 0 and n > 1 for st, n in zip(bias.stride(), bias.shape)):
+        raise ValueError(
+            f"moe_router.{op}: `bias` cannot be updated in place: it is "
+            f"{'a negative-bit view' if bias.is_neg() else 'an expanded tensor whose elements share memory (stride 0)'}"
+            "; pass a tensor that owns its elements (`bias.clone()`, and use the result)"
+        )
     _index(op, "counts", counts, 1, "[num_experts]")
     _dim(op, "counts", counts, 0, bias.shape[0], "num_experts (length of `bias`)")
     _same_device(op, "bias", bias, counts=counts)
-    rate = _float(op, "rate", rate, 0.0, valid="finite and >= 0")
+    rate = _float(op, "rate", rate, 0.0, valid="finite and >= 0", f32=True)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -1039,7 +1094,7 @@ def router_stats(
     op = "router_stats"
     _logits(op, logits)
     t, e = logits.shape
-    _int(op, "num_experts (logits.shape[1])", e, 1)
+    _int(op, "num_experts (logits.shape[1])", e, 1, _I32_MAX, valid=_E_VALID)
     _index(op, "indices", indices, 2, "[num_tokens, topk]")
     _dim(op, "indices", indices, 0, t, "num_tokens (rows of `logits`)")
     if slot is not None:

@@ -169,10 +169,58 @@ def _bad(arg: str, value: Any, valid: str, owner: str = "TopKRouter") -> ValueEr
     return ValueError(f"moe_router.{owner}: invalid `{arg}` = {value!r}: it must be {valid}")
 
 
-def _check_hidden(owner: str, x: Any, hidden_size: int) -> None:
-    """``hidden_states`` is a float32 / float16 / bfloat16 tensor ``[..., hidden_size]``."""
+# The smallest magnitude that rounds to +-inf in float32 (options used in f32 math stay below).
+_F32_OVERFLOW = 2.0**128 - 2.0**103
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
+def _want(owner: str, arg: str, v: Any, kind: str, none_ok: bool = False) -> None:
+    """``TypeError`` naming the argument unless ``v`` is of ``kind`` ("int", "float" or
+    "bool"; ``None`` too if ``none_ok``). Values are checked by the callers."""
+    if v is None and none_ok:
+        return
+    ok = {
+        "int": _is_int(v),
+        "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": isinstance(v, bool),
+    }[kind]
+    if not ok:
+        what = {"int": "an int", "float": "a float", "bool": "a bool"}[kind] + (" or None" if none_ok else "")
+        raise TypeError(f"moe_router.{owner}: `{arg}` must be {what}, got {type(v).__name__} {v!r}")
+
+
+def _check_tensor_arg(owner: str, arg: str, t: Any, device: torch.device) -> None:
+    """A dense (strided, not nested) tensor on ``device``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"moe_router.{owner}: `{arg}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        raise TypeError(
+            f"moe_router.{owner}: `{arg}` has layout {'nested' if t.is_nested else t.layout}; pass a dense tensor"
+        )
+    if t.device != device:
+        raise ValueError(
+            f"moe_router.{owner}: `{arg}` is on {t.device} but the module is on {device}; put them on one device"
+        )
+
+
+def _check_hidden(owner: str, x: Any, hidden_size: int, device: Optional[torch.device] = None) -> None:
+    """``hidden_states`` is a dense float32 / float16 / bfloat16 tensor ``[..., hidden_size]``
+    (on ``device``, the module's, if given)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"moe_router.{owner}: `hidden_states` must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided or x.is_nested:
+        raise TypeError(
+            f"moe_router.{owner}: `hidden_states` has layout {'nested' if x.is_nested else x.layout}; pass a dense "
+            "tensor [..., hidden_size]"
+        )
+    if device is not None and x.device != device:
+        raise ValueError(
+            f"moe_router.{owner}: `hidden_states` is on {x.device} but the module is on {device}; put them on one "
+            "device (`module.to(hidden_states.device)`)"
+        )
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(
             f"moe_router.{owner}: `hidden_states` has dtype {x.dtype}; valid dtypes are float32, float16, bfloat16"
@@ -367,11 +415,44 @@ class TopKRouter(nn.Module):
         device=None,
     ) -> None:
         super().__init__()
-        if not isinstance(hidden_size, int) or hidden_size < 1:
+        if not _is_int(hidden_size) or hidden_size < 1:
             raise _bad("hidden_size", hidden_size, "a positive int")
-        if not isinstance(num_experts, int) or num_experts < 1:
+        if not _is_int(num_experts) or num_experts < 1:
             raise _bad("num_experts", num_experts, "a positive int")
-        if not isinstance(topk, int) or not 1 <= topk <= num_experts:
+        if num_experts > 2**31 - 1:
+            raise _bad("num_experts", num_experts, "at most 2**31 - 1 (expert indices are int32)")
+        owner = "TopKRouter"
+        for name, v, none_ok in (
+            ("topk_scaling_factor", topk_scaling_factor, True), ("bias_update_rate", bias_update_rate, False),
+            ("aux_loss_coeff", aux_loss_coeff, False), ("z_loss_coeff", z_loss_coeff, False),
+            ("input_jitter_eps", input_jitter_eps, True), ("capacity_factor", capacity_factor, True),
+            ("expert_dropout", expert_dropout, False), ("expert_mask_rate", expert_mask_rate, False),
+            ("noise_std", noise_std, False), ("loss_scale", loss_scale, False), ("gate_init_std", gate_init_std, False),
+        ):  # fmt: skip
+            _want(owner, name, v, "float", none_ok)
+        _want(owner, "min_capacity", min_capacity, "int")
+        _want(owner, "capacity_multiple", capacity_multiple, "int", none_ok=True)
+        _want(owner, "normalize", normalize, "bool", none_ok=True)
+        for name, v in (
+            ("pre_softmax", pre_softmax), ("enable_expert_bias", enable_expert_bias),
+            ("pad_expert_input_to_capacity", pad_expert_input_to_capacity),
+            ("renormalize_after_drop", renormalize_after_drop), ("frozen", frozen), ("record", record),
+            ("sequence_first", sequence_first), ("compute_stats", compute_stats), ("dispatch", dispatch),
+        ):  # fmt: skip
+            _want(owner, name, v, "bool")
+        for name, v in (
+            ("topk_scaling_factor", topk_scaling_factor), ("bias_update_rate", bias_update_rate),
+            ("aux_loss_coeff", aux_loss_coeff), ("z_loss_coeff", z_loss_coeff), ("loss_scale", loss_scale),
+        ):  # fmt: skip
+            if v is not None and math.isfinite(v) and abs(v) >= _F32_OVERFLOW:
+                raise _bad(name, v, "representable in float32 (|x| < 3.4e38)")
+        if not (math.isfinite(loss_scale)):
+            raise _bad("loss_scale", loss_scale, "a finite float")
+        if not (0.0 <= gate_init_std < _F32_OVERFLOW):
+            raise _bad("gate_init_std", gate_init_std, "a finite float >= 0 (float32)")
+        if device is not None:
+            F._device_arg(owner, device)  # a CPU, an available CUDA or the meta device, or a clear error
+        if not _is_int(topk) or not 1 <= topk <= num_experts:
             raise _bad("topk", topk, f"an int in [1, num_experts={num_experts}]")
         if score_function not in _SCORE_FUNCTIONS:
             raise _bad("score_function", score_function, f"one of {_SCORE_FUNCTIONS}")
@@ -407,7 +488,7 @@ class TopKRouter(nn.Module):
                 pad_expert_input_to_capacity,
                 "padding to capacity needs capacity_factor",
             )
-        if not isinstance(dropless_align, int) or dropless_align < 1:
+        if not _is_int(dropless_align) or dropless_align < 1:
             raise _bad("dropless_align", dropless_align, "an int >= 1")
         if dropless_align > 1 and capacity_factor is not None:
             raise _bad("dropless_align", dropless_align, "segment alignment applies without capacity_factor only")
@@ -564,7 +645,8 @@ class TopKRouter(nn.Module):
         if len(shape) == 3:
             return int(shape[0] if self.sequence_first else shape[1])
         raise ValueError(
-            f"moe_router.TopKRouter: load_balancing_type='seq_aux_loss' needs sequences: hidden_states has shape "
+            f"moe_router.TopKRouter: `seq_len` is needed: load_balancing_type='seq_aux_loss' needs sequences, and "
+            f"`hidden_states` has shape "
             f"{tuple(shape)}; pass 3-D [batch, seq, hidden] input or seq_len="
         )
 
@@ -597,7 +679,14 @@ class TopKRouter(nn.Module):
             record: override the router's ``record`` flag for this call.
             seq_len: sequence length for ``seq_aux_loss`` with 2-D input.
         """
-        _check_hidden("TopKRouter", hidden_states, self.hidden_size)
+        _check_hidden("TopKRouter", hidden_states, self.hidden_size, self.gate.weight.device)
+        _want("TopKRouter", "record", record, "bool", none_ok=True)
+        if seq_len is not None:
+            _want("TopKRouter", "seq_len", seq_len, "int")
+        if padding_mask is not None:
+            _check_tensor_arg("TopKRouter", "padding_mask", padding_mask, hidden_states.device)
+        if replay_indices is not None:
+            _check_tensor_arg("TopKRouter", "replay_indices", replay_indices, hidden_states.device)
         shape = tuple(hidden_states.shape)
         x = hidden_states.reshape(-1, self.hidden_size)
         num_tokens = x.shape[0]
@@ -825,6 +914,10 @@ def update_router_biases(model: nn.Module) -> int:
     The analogue of Megatron's ``_update_router_expert_bias`` (run after each optimizer
     step, from ``finalize_model_grads``).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"moe_router.update_router_biases: `model` must be a torch.nn.Module, got {type(model).__name__}"
+        )
     n = 0
     for m in model.modules():
         if isinstance(m, TopKRouter) and m.enable_expert_bias:
@@ -957,8 +1050,17 @@ class ExpertMLPs(nn.Module):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise _bad("activation", activation, f"one of {_ACTIVATIONS}", "ExpertMLPs")
-        if ffn_hidden_size < 1:
-            raise _bad("ffn_hidden_size", ffn_hidden_size, "a positive int", "ExpertMLPs")
+        for name, v in (
+            ("num_experts", num_experts),
+            ("hidden_size", hidden_size),
+            ("ffn_hidden_size", ffn_hidden_size),
+        ):
+            if not _is_int(v) or v < 1:
+                raise _bad(name, v, "a positive int", "ExpertMLPs")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(
+                f"moe_router.ExpertMLPs: `dtype` must be a floating-point torch.dtype or None, got {dtype!r}"
+            )
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.ffn_hidden_size = ffn_hidden_size
@@ -1038,16 +1140,17 @@ class MoELayer(nn.Module):
         super().__init__()
         if router is None:
             router = TopKRouter(hidden_size, num_experts, topk, device=device, **router_kwargs)
+        elif not isinstance(router, TopKRouter):
+            raise TypeError(f"moe_router.MoELayer: `router` must be a TopKRouter or None, got {type(router).__name__}")
         elif router_kwargs:
             raise ValueError(
-                f"moe_router.MoELayer: router options {sorted(router_kwargs)} given together with `router`: "
+                f"moe_router.MoELayer: `router_kwargs` = {sorted(router_kwargs)} given together with `router`: "
                 "pass one or the other"
             )
         if router.hidden_size != hidden_size or router.num_experts != num_experts:
             raise ValueError(
-                f"moe_router.MoELayer: `router` has hidden_size={router.hidden_size}, "
-                f"num_experts={router.num_experts}; "
-                f"the layer has hidden_size={hidden_size}, num_experts={num_experts}"
+                f"moe_router.MoELayer: invalid `router`: it has hidden_size={router.hidden_size}, "
+                f"num_experts={router.num_experts}; the layer has hidden_size={hidden_size}, num_experts={num_experts}"
             )
         if not router.build_dispatch:
             raise ValueError(
@@ -1075,7 +1178,7 @@ class MoELayer(nn.Module):
 
         The output has the input's dtype. Keyword arguments go to :meth:`TopKRouter.forward`.
         """
-        _check_hidden("MoELayer", hidden_states, self.hidden_size)
+        _check_hidden("MoELayer", hidden_states, self.hidden_size, self.router.gate.weight.device)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
         r = self.router(
