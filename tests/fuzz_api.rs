@@ -1105,7 +1105,8 @@ fn fz_permute_backward(r: &mut Rng, d: &mut String) -> Outcome {
         let gt: Vec<T> = to(&g);
         let res = if into {
             let mut gx = vec![T::from_f32(f32::NAN); blen(r, prod(t, h))];
-            permute_backward_into(&gt, rows, h, &row, t, k, &mut gx).map(|()| back(&gx))
+            let sizes = PermuteSizes { num_tokens: t, num_rows: rows, hidden: h, k };
+            permute_backward_into(sizes, &gt, &row, &mut gx).map(|()| back(&gx))
         } else {
             let (ga, ra) = (Arr2::new(r, &gt, rows, h), Arr2::new(r, &row, t, k));
             permute_backward(ga.view(), ra.view()).map(|a| back(&a.iter().copied().collect::<Vec<_>>()))
@@ -1225,24 +1226,14 @@ fn fz_permute_maps(r: &mut Rng, d: &mut String) -> Outcome {
     let row = rows_map(r, n, rows.min(1 << 20));
     let nr = if rows <= MAX_BUF { rows } else { r.below(9) };
     write!(d, "T {t} k {k} rows {rows}, row {}", idesc(&row)).unwrap();
-    match r.below(4) {
+    // (The length validators behind permute / permute_backward are crate-private and
+    // reached through those ops' own fuzz targets.)
+    match r.below(2) {
         0 => {
             let r2t = rows_map(r, nr, t.min(1 << 20));
             write!(d, ", row_to_token {}", idesc(&r2t)).unwrap();
             check_permute_maps(&r2t, &row, t, k).map(|()| Ok(()))
         }
-        1 => validate_permute(t, k, blen(r, prod(t, k)), &row, blen(r, prod(row.len(), k)))
-            .map(|()| Ok(())),
-        2 => validate_permute_backward(
-            rows,
-            k,
-            blen(r, prod(rows, k)),
-            &row,
-            t,
-            k,
-            blen(r, prod(t, k)),
-        )
-        .map(|()| Ok(())),
         _ if known("BIG", rows > MAX_BUF && rows <= i32::MAX as usize) => Ok(Ok(())),
         _ => permute_row_to_token(&row, t, k, rows).map(|r2t| {
             ensure(r2t.len() == rows, || {
@@ -1491,7 +1482,8 @@ fn fz_z_loss_backward(r: &mut Rng, d: &mut String) -> Outcome {
         let zt: Vec<T> = to(&z);
         let res = if into {
             let mut gz = vec![T::from_f32(f32::NAN); blen(r, prod(t, e))];
-            z_loss_backward_into(&zt, t, e, m.as_deref(), coeff, gl, &mut gz).map(|()| back(&gz))
+            let x = RouterLogits { logits: &zt, num_tokens: t, num_experts: e, padding_mask: m.as_deref() };
+            z_loss_backward_into(x, coeff, gl, &mut gz).map(|()| back(&gz))
         } else {
             let a = Arr2::new(r, &zt, t, e);
             z_loss_backward(a.view(), m.as_deref(), coeff, gl).map(|g| back(&g.iter().copied().collect::<Vec<_>>()))

@@ -226,6 +226,7 @@ macro_rules! assignment_dropout_lens {
         })
     };
 }
+#[cfg_attr(not(feature = "cuda"), allow(unused_imports))] // used by the CUDA wrappers
 pub(crate) use assignment_dropout_lens;
 
 /// The single validation of assignment dropout (every backend): sizes, `topk`, the
@@ -407,6 +408,7 @@ macro_rules! assignment_dropout_backward_lens {
         })
     };
 }
+#[cfg_attr(not(feature = "cuda"), allow(unused_imports))] // used by the CUDA wrappers
 pub(crate) use assignment_dropout_backward_lens;
 
 /// The single validation of the assignment-dropout backward (every backend): `topk`,

@@ -86,6 +86,7 @@ macro_rules! expert_choice_lens {
         $crate::ops::lens_of!($crate::ops::expert_choice::ExpertChoiceLens { logits: $logits }; $out => weights row row_to_token row_weights tokens_per_expert expert_offsets)
     };
 }
+#[cfg_attr(not(feature = "cuda"), allow(unused_imports))] // used by the CUDA wrappers
 pub(crate) use expert_choice_lens;
 
 /// The single validation of the expert-choice forward (every backend): the sizes and
@@ -139,6 +140,7 @@ macro_rules! expert_choice_backward_lens {
         })
     };
 }
+#[cfg_attr(not(feature = "cuda"), allow(unused_imports))] // used by the CUDA wrappers
 pub(crate) use expert_choice_backward_lens;
 
 /// The single validation of the expert-choice backward (every backend): the sizes

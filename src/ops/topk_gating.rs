@@ -326,6 +326,7 @@ macro_rules! topk_gating_lens {
         }
     };
 }
+#[cfg_attr(not(feature = "cuda"), allow(unused_imports))] // used by the CUDA wrappers
 pub(crate) use topk_gating_lens;
 
 /// Routing replay's [`TopkGatingLens`].
@@ -338,6 +339,7 @@ macro_rules! topk_gating_replay_lens {
         })
     };
 }
+#[cfg_attr(not(feature = "cuda"), allow(unused_imports))] // used by the CUDA wrappers
 pub(crate) use topk_gating_replay_lens;
 
 /// The backward's [`TopkGatingLens`].
@@ -351,6 +353,7 @@ macro_rules! topk_gating_backward_lens {
         })
     };
 }
+#[cfg_attr(not(feature = "cuda"), allow(unused_imports))] // used by the CUDA wrappers
 pub(crate) use topk_gating_backward_lens;
 
 /// The single validation of top-k gating, replay and backward (every backend): the
