@@ -165,13 +165,13 @@ fn overflow() {
         matches!(
             err,
             Error::Overflow {
-                what: "capacity",
+                what: "capacity from num_tokens * topk / num_experts * capacity_factor",
                 ..
             }
         ),
         "{err}"
     );
-    assert!(err.to_string().contains("capacity"));
+    assert!(err.to_string().contains("capacity_factor"));
     let err = capacity(1 << 20, 1 << 12, 1 << 12, &CapacityConfig::new(4096.0)).unwrap_err();
     assert!(matches!(err, Error::Overflow { .. }), "{err}");
     let err = capacity(

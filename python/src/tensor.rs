@@ -214,6 +214,14 @@ impl<'py> Tensor<'py> {
                 obj.get_type().name()?
             )));
         }
+        // DLPack carries no negation bit: a lazily negated view (`x._neg_view()`) would be
+        // read as its un-negated storage. Such views are refused, not misread.
+        if obj.call_method0("is_neg")?.is_truthy()? {
+            return Err(value_error(
+                op,
+                format_args!("`{name}` is a negated view; pass `{name}.resolve_neg()`"),
+            ));
+        }
         let capsule = torch_attr(py, &TO_DLPACK, "_C._to_dlpack")?
             .call1((obj,))
             .map_err(|e| {

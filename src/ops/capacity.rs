@@ -125,9 +125,10 @@ pub fn capacity(
             format!("topk must be >= 1 and topk must be <= num_experts = {num_experts}"),
         ));
     }
-    let overflow = |value: u128| Error::Overflow {
+    // The message names the arguments that made the capacity overflow.
+    let overflow = |what: &'static str, value: u128| Error::Overflow {
         op: OP,
-        what: "capacity",
+        what,
         value,
         max: i32::MAX as i64,
     };
@@ -140,18 +141,24 @@ pub fn capacity(
         } else {
             u128::MAX
         };
-        return Err(overflow(value));
+        return Err(overflow(
+            "capacity from num_tokens * topk / num_experts * capacity_factor",
+            value,
+        ));
     }
     let mut cap = (raw as usize).max(cfg.min_capacity);
     if let Some(m) = cfg.capacity_multiple {
         let rounded = (cap as u128).div_ceil(m as u128) * m as u128;
         if rounded > MAX_I32_INDEX as u128 {
-            return Err(overflow(rounded));
+            return Err(overflow(
+                "capacity rounded up to capacity_multiple",
+                rounded,
+            ));
         }
         cap = rounded as usize;
     }
     if cap > MAX_I32_INDEX {
-        return Err(overflow(cap as u128));
+        return Err(overflow("capacity raised to min_capacity", cap as u128));
     }
     Ok(cap)
 }
