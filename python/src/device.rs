@@ -65,7 +65,8 @@ pub(crate) fn cuda_device_count() -> usize {
 /// `RuntimeError` unless device 0 is that emulator.
 #[pyfunction]
 pub(crate) fn _emulate_cuda_on_cpu(py: Python<'_>, on: &Bound<'_, PyAny>) -> PyResult<()> {
-    let on: bool = crate::tensor::Opts::new("_emulate_cuda_on_cpu", None).arg("on", on, "a bool")?;
+    let on: bool =
+        crate::tensor::Opts::new("_emulate_cuda_on_cpu", None).arg("on", on, "a bool")?;
     if on {
         let _restore = ContextGuard::save("_emulate_cuda_on_cpu")?;
         let be = backend("_emulate_cuda_on_cpu", 0)?;
