@@ -56,9 +56,9 @@ __all__ = [
     "grouped_mlp",
 ]
 
-_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+_SCORE_FUNCTIONS = F.SCORE_FUNCTIONS  # the native module's vocabularies, one list each
 _LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
-_DROP_POLICIES = ("position", "choice_then_position", "probs", "batch_prioritized", "random")
+_DROP_POLICIES = F.DROP_POLICIES
 _LOSS_MODES = ("attach", "return")
 _ACTIVATIONS = ("swiglu", "gelu")
 
