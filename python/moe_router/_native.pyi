@@ -263,11 +263,11 @@ def router_stats(
     scalars: Tensor,
     floats: Tensor,
     *,
-    slots: Optional[Tensor] = None,
+    slot: Optional[Tensor] = None,
     padding_mask: Optional[Tensor] = None,
     strict: bool,
 ) -> None:
-    """``logits`` ``[T, E]`` float32 / float16 / bfloat16, ``indices`` / ``slots`` ``[T, k]`` int32,
+    """``logits`` ``[T, E]`` float32 / float16 / bfloat16, ``indices`` / ``slot`` ``[T, k]`` int32,
     ``padding_mask`` ``[T]`` bool → ``selected_counts`` / ``kept_counts`` ``[E]`` int64 (kept zeros without
     slots), ``scalars`` ``[4]`` int64 = (valid tokens, dropped, non-finite logits, sum selected), ``floats``
     ``[4]`` float32 = (max_violation, mean_entropy, mean_lse, max_lse). ``strict``: ``ValueError`` on

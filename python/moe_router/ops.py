@@ -976,7 +976,7 @@ def router_stats(
     kept = logits.new_empty((e,), dtype=torch.int64)
     scalars = logits.new_empty((4,), dtype=torch.int64)
     floats = logits.new_empty((4,), dtype=torch.float32)
-    _native.router_stats(logits, idx, selected, kept, scalars, floats, slots=sl, padding_mask=mask, strict=strict)
+    _native.router_stats(logits, idx, selected, kept, scalars, floats, slot=sl, padding_mask=mask, strict=strict)
     # scalars = (valid tokens, dropped, non-finite, sum selected): the op returns the first 3.
     return selected, kept, scalars[:3].clone(), floats
 

@@ -23,9 +23,9 @@ fn nonfinite(count: u64) -> PyErr {
 /// Router statistics in one pass over `logits` `[num_tokens, num_experts]` (float32 /
 /// float16 / bfloat16) and the routing `indices` `[num_tokens, topk]` int32. Fills
 /// `selected_counts` and `kept_counts` (`[num_experts]` int64; kept zeros without
-/// `slots`), `scalars` `[4]` int64 = (valid tokens, dropped, non-finite logits,
+/// `slot`), `scalars` `[4]` int64 = (valid tokens, dropped, non-finite logits,
 /// Σ selected) and `floats` `[4]` float32 = (max_violation, mean_entropy, mean_lse,
-/// max_lse). Keyword arguments: the optional input tensors `slots` (`[num_tokens, topk]`
+/// max_lse). Keyword arguments: the optional input tensors `slot` (`[num_tokens, topk]`
 /// int32, -1 = dropped) and `padding_mask` (`[num_tokens]` bool, `True` = padding),
 /// and the option `strict` (`ValueError` when a valid token's logits hold NaN / ±Inf;
 /// on CUDA this reads the non-finite count on the host, one synchronisation).
@@ -42,7 +42,7 @@ pub(crate) fn router_stats<'py>(
 ) -> PyResult<()> {
     let py = logits.py(); // (from a tensor: one parameter fewer)
     let o = Opts::new(OP, opts);
-    let slots: Option<Bound<'py, PyAny>> = o.opt("slots", "a torch.Tensor or None")?;
+    let slots: Option<Bound<'py, PyAny>> = o.opt("slot", "a torch.Tensor or None")?;
     let padding_mask: Option<Bound<'py, PyAny>> =
         o.opt("padding_mask", "a torch.Tensor or None")?;
     let strict: bool = o.req("strict", "a bool")?;
@@ -50,7 +50,7 @@ pub(crate) fn router_stats<'py>(
     let mut a = Args::new(OP);
     let (z, idx) = (a.input("logits", logits)?, a.input("indices", indices)?);
     let (sl, pm) = (
-        a.opt_input("slots", slots.as_ref())?,
+        a.opt_input("slot", slots.as_ref())?,
         a.opt_input("padding_mask", padding_mask.as_ref())?,
     );
     let (sel, kept) = (
@@ -89,7 +89,7 @@ pub(crate) fn router_stats<'py>(
         return float_dispatch!(dt, T => {
             let z = z.slice::<T>(OP, &call)?;
             run(py, OP, || {
-                let s = moe_router::router_stats::<T>(moe_router::RouterLogits::new(z, t, e).padding_mask(pm.as_deref()), idx, k, sl, &cfg).map_err(to_py_err)?;
+                let s = moe_router::router_stats::<T>(moe_router::RouterLogits::new(z, t, e).padding_mask(pm.as_deref()), idx, k, sl, &cfg).map_err(python_names)?;
                 if s.selected_counts.len() != e || s.kept_counts.as_ref().is_some_and(|c| c.len() != e) {
                     return Err(internal_error(OP, "the core returned counts of another length"));
                 }
@@ -124,7 +124,7 @@ pub(crate) fn router_stats<'py>(
         workspace: ws.dev_buf(),
     };
     // SAFETY: every buffer given is the data and element count of a tensor checked
-    // above for its dtype (`logits` of `dt`, `indices` / `slots` int32, `padding_mask`
+    // above for its dtype (`logits` of `dt`, `indices` / `slot` int32, `padding_mask`
     // bool, counts and `scalars` int64, `floats` float32), contiguous, on `call`'s
     // device, outputs overlapping nothing; the workspace is a fresh float64 tensor from
     // torch's allocator on that device. Each is kept alive by its DLPack capsule
@@ -149,4 +149,23 @@ pub(crate) fn router_stats<'py>(
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(router_stats, m)?)?;
     Ok(())
+}
+
+/// The core error with the argument named as Python names it: the core's `slots` is the
+/// `slot` of `moe_router.router_stats`.
+fn python_names(err: moe_router::Error) -> PyErr {
+    match err {
+        moe_router::Error::InvalidArgument {
+            op,
+            arg: "slots",
+            value,
+            valid,
+        } => to_py_err(moe_router::Error::InvalidArgument {
+            op,
+            arg: "slot",
+            value,
+            valid,
+        }),
+        e => to_py_err(e),
+    }
 }

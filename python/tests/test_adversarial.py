@@ -1749,8 +1749,6 @@ KNOWN_NATIVE: Dict[str, str] = {}  # N1, N2, P4 fixed (docs/hardening.md)
 #: Cases that hit a finding not fixed yet (docs/hardening.md, "Findings"): strict xfails.
 KNOWN_FINDINGS: Dict[str, str] = {
     **KNOWN_NATIVE,
-    "router_stats/slot/value--2": "P2: a bad `slot` entry is reported as `slots` (the native argument's name)",
-    "router_stats/slot/value-i32min": "P2: a bad `slot` entry is reported as `slots` (the native argument's name)",
     "aux_loss/limit-empty-logits-E=2147483647": "R1: aux_loss with empty logits allocates [num_experts] counts "
     "(16 GiB here, and the core twice that) for a 0-d loss",
 }
@@ -2456,7 +2454,7 @@ def _nb_stats():
         kept_counts=torch.empty(E, dtype=torch.int64),
         scalars=torch.empty(4, dtype=torch.int64),
         floats=torch.empty(4),
-        slots=_i32(d.slot),
+        slot=_i32(d.slot),
         padding_mask=_mask(),
     ), dict(strict=False)
 
@@ -2568,7 +2566,7 @@ def _nc_stats(a):
     s, f = a["scalars"], a["floats"]
     st = mr.RouterStats(
         a["selected_counts"],
-        a["kept_counts"] if a.get("slots") is not None else None,
+        a["kept_counts"] if a.get("slot") is not None else None,
         s[1],
         f[0],
         f[1],
@@ -2577,7 +2575,7 @@ def _nc_stats(a):
         s[2],
         s[0],
     )
-    chk_router_stats(dict(a, slot=a.get("slots")), st)
+    chk_router_stats(dict(a, slot=a.get("slot")), st)
 
 
 _SF = "str:softmax,sigmoid"
@@ -2788,7 +2786,7 @@ NSPECS: List[NSpec] = [
         ("selected_counts", "kept_counts", "scalars", "floats"),
         {"strict": "bool"},
         _nc_stats,
-        ("slots", "padding_mask"),
+        ("slot", "padding_mask"),
         ("logits",),
     ),
 ]

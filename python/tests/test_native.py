@@ -222,7 +222,7 @@ def _native_calls():
         a = dict(logits=z, indices=idx, selected_counts=torch.empty(e, dtype=torch.int64),
                  kept_counts=torch.empty(e, dtype=torch.int64), scalars=torch.empty(4, dtype=torch.int64),
                  floats=torch.empty(4))  # fmt: skip
-        opts = dict(slots=None, padding_mask=None, strict=False)
+        opts = dict(slot=None, padding_mask=None, strict=False)
         opts.update({o: kw.pop(o) for o in list(kw) if o not in a})
         a.update(kw)
         return lambda: n.router_stats(*a.values(), **opts)
@@ -316,12 +316,12 @@ def _native_calls():
         ),
         ("stats/logits-f64", stats(logits=z.double()), TypeError, "logits"),
         ("stats/indices-rows", stats(indices=idx[:-1]), ValueError, "indices"),
-        ("stats/slots-shape", stats(slots=idx[:, :1]), ValueError, "slots"),
+        ("stats/slot-shape", stats(slot=idx[:, :1]), ValueError, "slot"),
         ("stats/mask-dtype", stats(padding_mask=torch.zeros(t, dtype=torch.uint8)), TypeError, "padding_mask"),
         ("stats/scalars-3", stats(scalars=torch.empty(3, dtype=torch.int64)), ValueError, "scalars"),
         ("stats/floats-f64", stats(floats=torch.empty(4, dtype=torch.float64)), TypeError, "floats"),
         ("stats/device-mix", stats(logits=z.to("meta")), ValueError, "logits"),
-        ("stats/slots-list", stats(slots=[[0]]), TypeError, "slots"),
+        ("stats/slot-list", stats(slot=[[0]]), TypeError, "slot"),
         (
             "stats/strict-missing",
             lambda: n.router_stats(
