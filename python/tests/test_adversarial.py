@@ -1560,6 +1560,31 @@ def _limit_cases() -> List[Case]:
                 isolate=True,
             ),
         ]
+    # no tokens and a number of experts whose multiple by the CPU chunk (256) overflows
+    # (finding R3 of the core: a panic in the native module before the bound of 2**31 - 1)
+    for e in (2**56, 2**63 - 1):
+        cases.append(
+            Case(
+                f"expert_mask/limit-no-tokens-E={e}",
+                (lambda _e=e: mr.expert_mask(0, _e, 1, 0.5)),
+                "error",
+                ("num_experts",),
+                isolate=True,
+            )
+        )
+        cases.append(
+            Case(
+                f"_native.expert_mask/limit-no-tokens-E={e}",
+                (
+                    lambda _e=e: _native.expert_mask(
+                        torch.empty(0, _e, dtype=torch.bool), topk=1, rate=0.5, seed=0, offset=0
+                    )
+                ),
+                "either",
+                ("masked", "num_experts"),
+                isolate=True,
+            )
+        )
     # integers past the int64 schema of the custom ops
     for v in (2**63, 2**64, -(2**63) - 1):
         cases += [
@@ -1846,6 +1871,8 @@ KNOWN_FINDINGS: Dict[str, str] = {
     **KNOWN_NATIVE,
     "router_stats/slot/value--2": "P2: a bad `slot` entry is reported as `slots` (the native argument's name)",
     "router_stats/slot/value-i32min": "P2: a bad `slot` entry is reported as `slots` (the native argument's name)",
+    "_native.expert_mask/limit-no-tokens-E=72057594037927936": "R3: no tokens and 2**56 experts: CHUNK * num_experts "
+    "wraps to 0 in the core (src/cpu/dropout.rs), a panic reported as an internal RuntimeError",
     "aux_loss/limit-empty-logits-E=2147483647": "R1: aux_loss with empty logits allocates [num_experts] counts "
     "(16 GiB here, and the core twice that) for a 0-d loss",
 }
