@@ -919,7 +919,7 @@ def expert_mask(
     """
     op = "expert_mask"
     _int(op, "num_tokens", num_tokens, 0)
-    _int(op, "num_experts", num_experts, 1)
+    _int(op, "num_experts", num_experts, 1, _I32_MAX, valid=_E_VALID)
     _int(op, "topk", topk, 1, num_experts, valid=f"in [1, num_experts] = [1, {num_experts}]")
     rate = _float(op, "rate", rate, 0.0, 1.0, hi_open=True)
     return _moe.expert_mask(

@@ -1560,6 +1560,31 @@ def _limit_cases() -> List[Case]:
                 isolate=True,
             ),
         ]
+    # no tokens and a number of experts whose multiple by the CPU chunk (256) overflows
+    # (finding R3 of the core: a panic in the native module before the bound of 2**31 - 1)
+    for e in (2**56, 2**63 - 1):
+        cases.append(
+            Case(
+                f"expert_mask/limit-no-tokens-E={e}",
+                (lambda _e=e: mr.expert_mask(0, _e, 1, 0.5)),
+                "error",
+                ("num_experts",),
+                isolate=True,
+            )
+        )
+        cases.append(
+            Case(
+                f"_native.expert_mask/limit-no-tokens-E={e}",
+                (
+                    lambda _e=e: _native.expert_mask(
+                        torch.empty(0, _e, dtype=torch.bool), topk=1, rate=0.5, seed=0, offset=0
+                    )
+                ),
+                "either",
+                ("masked", "num_experts"),
+                isolate=True,
+            )
+        )
     # integers past the int64 schema of the custom ops
     for v in (2**63, 2**64, -(2**63) - 1):
         cases += [
@@ -1756,12 +1781,16 @@ KNOWN_FINDINGS: Dict[str, str] = {
 
 def _all_cases() -> List[Case]:
     cases: List[Case] = []
-    for spec in SPECS:
-        cases += _function_cases(spec)
-    cases += _limit_cases()
-    cases += _extra_function_cases()
-    for builder in _MORE_CASES:
-        cases += builder()
+    # Building the tables draws a few tensors and modules: from a fixed seed, and without
+    # changing the global RNG state that the other test files see.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        for spec in SPECS:
+            cases += _function_cases(spec)
+        cases += _limit_cases()
+        cases += _extra_function_cases()
+        for builder in _MORE_CASES:
+            cases += builder()
     ids = [c.id for c in cases]
     dup = {i for i in ids if ids.count(i) > 1}
     assert not dup, f"duplicate case ids: {sorted(dup)[:5]}"
@@ -1810,17 +1839,18 @@ def _router_run(
     kwargs: Dict[str, Any], x=_DEFAULT_X, fw: Optional[Dict[str, Any]] = None, train=True, backward=True, layer=False
 ):
     """Build a TopKRouter (or a MoELayer), run a forward (and a backward) on `x`."""
-    torch.manual_seed(0)
     kwargs = dict(kwargs)
-    if layer:
-        args = [
-            kwargs.pop(n, d)
-            for n, d in (("hidden_size", _MH), ("ffn_hidden_size", _MF), ("num_experts", _ME), ("topk", _MK))
-        ]
-        m = mr.MoELayer(*args, **kwargs)
-    else:
-        args = [kwargs.pop(n, d) for n, d in (("hidden_size", _MH), ("num_experts", _ME), ("topk", _MK))]
-        m = mr.TopKRouter(*args, **kwargs)
+    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the global RNG alone
+        torch.manual_seed(0)
+        if layer:
+            args = [
+                kwargs.pop(n, d)
+                for n, d in (("hidden_size", _MH), ("ffn_hidden_size", _MF), ("num_experts", _ME), ("topk", _MK))
+            ]
+            m = mr.MoELayer(*args, **kwargs)
+        else:
+            args = [kwargs.pop(n, d) for n, d in (("hidden_size", _MH), ("num_experts", _ME), ("topk", _MK))]
+            m = mr.TopKRouter(*args, **kwargs)
     m.train(train)
     x = _mx() if x is _DEFAULT_X else x
     if (
@@ -3332,13 +3362,11 @@ def _compile_cases() -> List[Case]:
             "result",
         )
     )
-    torch.manual_seed(0)
-    layer = mr.MoELayer(16, 8, 8, 2, capacity_factor=1.5, pad_expert_input_to_capacity=True, aux_loss_coeff=0.01)
     for t in (4, 9, 33):
         cases.append(
             Case(
                 f"compile/MoELayer-dynamic-T={t}",
-                (lambda _t=t: _moe_compiled_vs_eager(layer, _t)),
+                (lambda _t=t: _moe_compiled_vs_eager(_moe_layer(), _t)),
                 "result",
                 (),
                 _compare_eager,
@@ -3347,11 +3375,23 @@ def _compile_cases() -> List[Case]:
     cases.append(
         Case(
             "compile/MoELayer-no-recompile-over-sizes",
-            lambda: _no_recompile("moe", lambda: [_moe_compiled_vs_eager(layer, t) for t in (4, 9, 33)]),
+            lambda: _no_recompile("moe", lambda: [_moe_compiled_vs_eager(_moe_layer(), t) for t in (4, 9, 33)]),
             "result",
         )
     )
     return cases
+
+
+def _moe_layer():
+    """The MoELayer of the compile cases (built on first use, seeded without touching the
+    global RNG: collection must not change the state other tests see)."""
+    if "layer" not in _COMPILED:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _COMPILED["layer"] = mr.MoELayer(
+                16, 8, 8, 2, capacity_factor=1.5, pad_expert_input_to_capacity=True, aux_loss_coeff=0.01
+            )
+    return _COMPILED["layer"]
 
 
 def _moe_compiled_vs_eager(layer, t):

@@ -178,6 +178,15 @@ pub(crate) fn check_topk(op: &'static str, num_experts: usize, topk: usize) -> R
             "num_experts must be at least 1",
         ));
     }
+    if num_experts > MAX_I32_INDEX {
+        // Expert indices are i32; beyond this the per-token sizes also overflow.
+        return Err(Error::invalid(
+            op,
+            "num_experts",
+            num_experts,
+            format!("num_experts must be at most {MAX_I32_INDEX} (expert indices are i32)"),
+        ));
+    }
     if topk == 0 || topk > num_experts {
         return Err(Error::invalid(
             op,
